@@ -1,0 +1,14 @@
+"""fusion_engine: training-free dynamic fusion of a subject LoRA and a style LoRA in diffusion models."""
+from .errors import AttachError, FusionEngineError, LoRAFormatError, StepContextError
+from .fusion import Fusion, attach
+from .lora import LoRA, LoRALayer, load_lora, save_lora
+from .pipeline import FusionPipeline, FusionPipelineOutput
+from .policies import POLICIES, make_policy
+from .trace import Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachError", "Fusion", "FusionEngineError", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRAFormatError",
+    "LoRALayer", "POLICIES", "StepContextError", "Trace", "attach", "load_lora", "make_policy", "save_lora",
+]

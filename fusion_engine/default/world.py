@@ -1,0 +1,103 @@
+"""The embedded default: a tiny SD-style pipeline and two LoRA files, built here with fixed seeds.
+
+Random weights for now; a trained world replaces ``build_tiny_pipeline``/``default_loras`` behind the
+same ``load_default_world`` seam.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..lora import LoRA, LoRALayer, load_lora, save_lora
+
+SUBJECT_PROMPT = "a photo of sbu dog"
+STYLE_PROMPT = "a painting in szn style"
+FUSED_PROMPT = "a sbu dog in szn style"
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _config(name: str) -> dict:
+    return json.loads(resources.files(__package__).joinpath("configs", f"{name}.json").read_text())
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline of ~2M random parameters that runs on a CPU in milliseconds a step."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**_config("unet"))
+    vae = AutoencoderKL(**_config("vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(**_config("scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def attention_targets(unet, skip: tuple[str, ...] = ()) -> list[str]:
+    """Module paths of every attention projection (the paper's LoRA targets), minus ``skip`` prefixes."""
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS):
+            if ".attn" in name and not name.startswith(skip):
+                names.append(name)
+    return names
+
+
+def random_lora(unet, targets, rank: int, alpha: float, strength: float, seed: int) -> LoRA:
+    """A LoRA with Gaussian factors whose delta is ``strength`` times the layer's weight scale."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name in targets:
+        weight = unet.get_submodule(name).weight
+        out_features, in_features = weight.shape
+        down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        up = torch.randn(out_features, rank, generator=generator) * (strength * weight.std().item() / rank**0.5)
+        layers[name] = LoRALayer(down=down, up=up * (rank / alpha), alpha=alpha)
+    return LoRA(layers=layers, source="<random>", layout="peft")
+
+
+def default_loras(unet, seed: int = 0) -> tuple[LoRA, LoRA]:
+    """Subject: rank 4 on every attention projection. Style: rank 8, alpha 4 (alpha != rank, as in
+    the wild), on every projection but the mid block's, so some layers fuse with one LoRA absent."""
+    subject = random_lora(unet, attention_targets(unet), rank=4, alpha=4.0, strength=3.0, seed=seed + 1)
+    style = random_lora(unet, attention_targets(unet, skip=("mid_block",)), rank=8, alpha=4.0, strength=3.0,
+                        seed=seed + 2)
+    return subject, style
+
+
+@dataclass
+class DefaultWorld:
+    pipe: object
+    subject_path: Path
+    style_path: Path
+    subject_prompt: str = SUBJECT_PROMPT
+    style_prompt: str = STYLE_PROMPT
+    prompt: str = FUSED_PROMPT
+
+    def subject(self) -> LoRA:
+        return load_lora(self.subject_path)
+
+    def style(self) -> LoRA:
+        return load_lora(self.style_path)
+
+
+def load_default_world(folder, seed: int = 0) -> DefaultWorld:
+    """Build the tiny pipeline and write its LoRAs as real files: subject in the diffusers (PEFT)
+    layout, style in the kohya layout, so the demo loads both through the normal path."""
+    folder = Path(folder)
+    pipe = build_tiny_pipeline(seed)
+    subject, style = default_loras(pipe.unet, seed)
+    subject_path = save_lora(subject, folder / "subject_sbu_dog.safetensors", layout="peft")
+    style_path = save_lora(style, folder / "style_szn_kohya.safetensors", layout="kohya")
+    return DefaultWorld(pipe, subject_path, style_path)

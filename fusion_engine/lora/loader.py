@@ -1,0 +1,164 @@
+"""LoRA files -> ``LoRA``: diffusers (old and PEFT) and kohya/A1111 layouts, via diffusers' own converters."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import LoRAFormatError, preview
+from .weights import LoRA, LoRALayer
+
+_UNET_PREFIX = "unet."
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
+_DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+# Where diffusers' save_lora_weights keeps the PEFT config (alphas of PEFT-layout files).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+def detect_layout(keys) -> str:
+    """Name the file layout from its raw keys (for reporting; conversion is diffusers' job)."""
+    keys = list(keys)
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "kohya"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    if any(".lora.down." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and the PEFT adapter config diffusers stores in the header (``{}`` when absent)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LoRAFormatError(f"{path}: no such LoRA file")
+    if path.suffix != ".safetensors":
+        raise LoRAFormatError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise LoRAFormatError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        config = json.loads(header.get(ADAPTER_METADATA_KEY) or "{}")
+    except json.JSONDecodeError as error:
+        raise LoRAFormatError(f"{path}: header entry {ADAPTER_METADATA_KEY!r} is not JSON ({error})") from error
+    return tensors, config
+
+
+def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str):
+    """Run diffusers' own conversion: kohya/old layouts -> ``unet.<module>.lora_{A,B}`` + alphas."""
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw))
+    except Exception as error:  # diffusers raises bare ValueError/KeyError on foreign layouts
+        raise LoRAFormatError(f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
+    return state, alphas or {}
+
+
+def _to_peft_keys(keys_to_values: Mapping[str, object]) -> dict[str, object]:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    return convert_unet_state_dict_to_peft(dict(keys_to_values))
+
+
+def _alpha_by_module(alphas: Mapping[str, float]) -> dict[str, float]:
+    """Map diffusers' network-alpha keys (``...to_q_lora.down.weight.alpha``) to module paths."""
+    unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v) for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
+    converted = _to_peft_keys(unet_alphas)
+    return {k.split(".lora_A")[0].removesuffix(".alpha"): v for k, v in converted.items()}
+
+
+def _metadata_alpha(module: str, metadata: Mapping[str, object]) -> float | None:
+    """The alpha a PEFT adapter config (safetensors metadata) gives a module, if any."""
+    pattern = metadata.get("alpha_pattern") or {}
+    for key, value in pattern.items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key.lstrip("^"), module):
+            return float(value)
+    alpha = metadata.get("lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def _check_layer(module: str, down: torch.Tensor, up: torch.Tensor, source: str) -> None:
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise LoRAFormatError(
+            f"{source}: layer {module}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a "
+            "Linear (2-D) or Conv2d (4-D) LoRA pair"
+        )
+    if down.shape[0] != up.shape[1]:
+        raise LoRAFormatError(
+            f"{source}: layer {module}: ranks disagree, down {tuple(down.shape)} has rank {down.shape[0]} "
+            f"but up {tuple(up.shape)} has rank {up.shape[1]}"
+        )
+    if down.ndim == 4 and up.shape[2:] != (1, 1):
+        raise LoRAFormatError(f"{source}: layer {module}: conv up factor must be 1x1, got {tuple(up.shape)}")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise LoRAFormatError(f"{source}: layer {module}: unsupported dtype {down.dtype}/{up.dtype}")
+    for part, tensor in (("down", down), ("up", up)):
+        if not torch.isfinite(tensor).all():
+            raise LoRAFormatError(f"{source}: layer {module}: {part} weight holds NaN or Inf")
+
+
+def load_lora(source, scale: float = 1.0) -> LoRA:
+    """Load a LoRA from a ``.safetensors`` path or a state dict.
+
+    Accepts diffusers (old ``lora.down``/``lora.up`` and PEFT ``lora_A``/``lora_B``) and kohya/A1111
+    (``lora_unet_*``, ``lora_down``/``lora_up``, ``.alpha``) layouts for SD1.x and SDXL UNets. The
+    effective per-layer scale is ``alpha / rank * scale`` (alpha = rank when the file has none).
+    Text-encoder parts are listed in ``LoRA.ignored``: the method fuses the denoiser only.
+    """
+    if isinstance(source, LoRA):
+        return source.with_scale(scale)
+    if isinstance(source, Mapping):
+        raw, name, metadata = dict(source), "<state_dict>", {}
+    else:
+        path = Path(source)
+        (raw, metadata), name = _read_safetensors(path), str(path)
+    if not raw:
+        raise LoRAFormatError(f"{name}: holds no tensors")
+    layout = detect_layout(raw)
+    state, alphas = _diffusers_state_dict(raw, name)
+
+    ignored = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
+    unet_state = {k.removeprefix(_UNET_PREFIX): v for k, v in state.items() if not k.startswith(_TEXT_PREFIXES)}
+    if not any("lora_A" in k for k in unet_state):
+        unet_state = _to_peft_keys(unet_state)
+    unet_metadata = {k.removeprefix(_UNET_PREFIX): v for k, v in metadata.items() if k.startswith(_UNET_PREFIX)}
+    module_alphas = _alpha_by_module(alphas)
+
+    downs, ups, foreign = {}, {}, []
+    for key, tensor in unet_state.items():
+        if key.endswith(_DOWN):
+            downs[key[: -len(_DOWN)]] = tensor
+        elif key.endswith(_UP):
+            ups[key[: -len(_UP)]] = tensor
+        else:
+            foreign.append(key)
+    if foreign:
+        raise LoRAFormatError(
+            f"{name}: keys that are not plain LoRA factors (DoRA, LoKr, LoRA bias or an unknown layout): "
+            f"{preview(foreign)}"
+        )
+    unpaired = sorted(set(downs) ^ set(ups))
+    if unpaired:
+        raise LoRAFormatError(f"{name}: layers with only one of down/up: {preview(unpaired)}")
+    if not downs:
+        what = f"only text-encoder layers ({len(ignored)} keys)" if ignored else "no UNet LoRA layers"
+        raise LoRAFormatError(f"{name}: {what}; the fusion needs denoiser (UNet) layers")
+
+    layers = {}
+    for module in sorted(downs):
+        down, up = downs[module], ups[module]
+        _check_layer(module, down, up, name)
+        alpha = module_alphas.get(module)
+        if alpha is None:
+            alpha = _metadata_alpha(module, unet_metadata)
+        layers[module] = LoRALayer(down=down, up=up, alpha=float(down.shape[0] if alpha is None else alpha))
+    return LoRA(layers=layers, source=name, layout=layout, scale=float(scale), ignored=ignored)

@@ -1,0 +1,140 @@
+"""Pure-torch reference of the fused LoRA ops: the CPU path and the oracle for the Triton kernels.
+
+Contract shared with ``csrc_triton`` (both must agree on every point):
+
+* ``x`` is ``(M, K)``; ``weight`` ``(N, K)``; ``bias`` ``(N,)`` or ``None``.
+* A LoRA is ``a`` ``(r, K)`` and ``b`` ``(N, r)``; an absent LoRA has ``r == 0``.
+* ``row_group`` ``(M,)`` int32/int64 maps each row to a decision group in ``[0, num_groups)``.
+* Divergence statistics are float32 whatever the input dtype (float64 for float64 inputs, so the
+  reference can serve as a float64 oracle); a group's score is the mean of its
+  rows' scores. Larger score = "perturbs the base features more":
+  ``kl`` KL(P(y1) || P(y0)), ``js`` JS(P(y1), P(y0)), ``cosine`` 1 - cos(y1, y0), ``dot`` -(y1 . y0),
+  with P = softmax over the last dimension.
+* The subject branch wins ties. A layer where one LoRA is absent always takes the present one.
+* Outputs are accumulated in float32 (float64 for float64 inputs) and rounded once to ``x.dtype``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("kl", "js", "cosine", "dot")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for every model dtype, float64 kept for float64 (the oracle's precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(x A^T) B^T at accumulation precision; zeros for an absent (rank-0) LoRA."""
+    acc = accumulation_dtype(x.dtype)
+    if a.shape[0] == 0:
+        return x.new_zeros(x.shape[0], b.shape[0], dtype=acc)
+    return (x.to(acc) @ a.to(acc).t()) @ b.to(acc).t()
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    acc = accumulation_dtype(x.dtype)
+    y0 = x.to(acc) @ weight.to(acc).t()
+    return y0 if bias is None else y0 + bias.to(acc)
+
+
+def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Per-row perturbation score of y1 against y0 (both float32, rows x channels)."""
+    if divergence == "kl":
+        log_p1 = F.log_softmax(y1, dim=-1)
+        return (log_p1.exp() * (log_p1 - F.log_softmax(y0, dim=-1))).sum(-1)
+    if divergence == "js":
+        log_p1 = F.log_softmax(y1, dim=-1)
+        log_p0 = F.log_softmax(y0, dim=-1)
+        log_m = torch.logaddexp(log_p1, log_p0) - math.log(2.0)
+        kl_1m = (log_p1.exp() * (log_p1 - log_m)).sum(-1)
+        kl_0m = (log_p0.exp() * (log_p0 - log_m)).sum(-1)
+        return 0.5 * (kl_1m + kl_0m)
+    if divergence == "cosine":
+        return 1.0 - F.cosine_similarity(y1, y0, dim=-1, eps=1e-12)
+    if divergence == "dot":
+        return -(y1 * y0).sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+
+
+def group_mean(values: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Mean of per-row values within each group (float32, on the device, no host sync)."""
+    index = row_group.long()
+    sums = values.new_zeros(num_groups).index_add_(0, index, values)
+    counts = values.new_zeros(num_groups).index_add_(0, index, torch.ones_like(values))
+    return sums / counts.clamp_min(1.0)
+
+
+def choose_subject(score_c: torch.Tensor, score_s: torch.Tensor, has_c: bool, has_s: bool) -> torch.Tensor:
+    """Per-group decision, True = subject. Ties go to the subject; an absent LoRA never wins."""
+    if not has_s:
+        return torch.ones_like(score_c, dtype=torch.bool)
+    if not has_c:
+        return torch.zeros_like(score_c, dtype=torch.bool)
+    return score_c >= score_s
+
+
+def select_rows(y0, delta_c, delta_s, choose_c, row_group):
+    """y0 + the chosen delta per row, float32."""
+    take_c = choose_c[row_group.long()].unsqueeze(-1)
+    return y0 + torch.where(take_c, delta_c, delta_s)
+
+
+def fls_select(y0, delta_c, delta_s, row_group, num_groups, divergence, has_c, has_s):
+    """The FLS rule on precomputed float32 base features and deltas (rows x channels).
+
+    Shared by the linear op and the conv module, which only differ in how they get y0 and deltas.
+    """
+    score_c = group_mean(row_divergence(y0 + delta_c, y0, divergence), row_group, num_groups)
+    score_s = group_mean(row_divergence(y0 + delta_s, y0, divergence), row_group, num_groups)
+    choose_c = choose_subject(score_c, score_s, has_c, has_s)
+    return select_rows(y0, delta_c, delta_s, choose_c, row_group), score_c, score_s, choose_c
+
+
+def fls_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_c: torch.Tensor,
+    b_c: torch.Tensor,
+    scale_c: float,
+    a_s: torch.Tensor,
+    b_s: torch.Tensor,
+    scale_s: float,
+    row_group: torch.Tensor,
+    num_groups: int,
+    divergence: str = "kl",
+):
+    """Fused FLS linear. Returns (out, score_c, score_s, choose_c); scores float32 (G,), choose bool (G,)."""
+    y0 = base_linear(x, weight, bias)
+    delta_c = scale_c * lora_delta(x, a_c, b_c)
+    delta_s = scale_s * lora_delta(x, a_s, b_s)
+    out, score_c, score_s, choose_c = fls_select(
+        y0, delta_c, delta_s, row_group, num_groups, divergence, a_c.shape[0] > 0, a_s.shape[0] > 0
+    )
+    return out.to(x.dtype), score_c, score_s, choose_c
+
+
+def mix_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_c: torch.Tensor,
+    b_c: torch.Tensor,
+    a_s: torch.Tensor,
+    b_s: torch.Tensor,
+    coef: torch.Tensor,
+) -> torch.Tensor:
+    """Static-weight linear for direct and schedule policies: y0 + coef[0] dc + coef[1] ds.
+
+    ``coef`` is a float32 device tensor of shape (2,) with the LoRA scales already folded in, so a
+    policy can change it between steps without recompiling or synchronising.
+    """
+    y = base_linear(x, weight, bias)
+    coef = coef.to(y.dtype)
+    y = y + coef[0] * lora_delta(x, a_c, b_c) + coef[1] * lora_delta(x, a_s, b_s)
+    return y.to(x.dtype)

@@ -1,0 +1,147 @@
+"""FusionPipeline: a lean sampler that drives a diffusers SD/SDXL pipeline's parts with fused LoRAs."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import AttachError
+from .fusion import _as_lora, attach
+from .prompts import encode_prompts
+from .trace import Trace
+
+
+@dataclass
+class FusionPipelineOutput:
+    images: list  # PIL images (output_type="pil"), a tensor ("pt"), or latents ("latent")
+    trace: Trace | None
+
+
+class FusionPipeline:
+    """Sample with a subject and a style LoRA fused by ``policy`` in every UNet forward.
+
+    Borrows the text encoder(s), tokenizer(s), VAE and scheduler of a diffusers pipeline; the
+    UNet is fused for the duration of each call and detached afterwards, whatever happens.
+    """
+
+    def __init__(self, pipe, subject=None, style=None, policy="fls", *, divergence: str = "kl",
+                 granularity: str = "image", backend: str = "auto", trace: bool = True, **policy_options):
+        self.pipe = pipe
+        self.subject, self.style = _as_lora(subject, "subject"), _as_lora(style, "style")
+        if self.subject is None and self.style is None:
+            raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both")
+        if policy == "composite" and (self.subject is None or self.style is None):
+            raise AttachError("policy 'composite' averages a subject pass and a style pass: it needs both LoRAs")
+        self.policy = policy
+        self.attach_options = dict(divergence=divergence, granularity=granularity, backend=backend, trace=trace,
+                                   **policy_options)
+
+    @classmethod
+    def from_pipe(cls, pipe, subject=None, style=None, policy="fls", **options) -> "FusionPipeline":
+        return cls(pipe, subject, style, policy, **options)
+
+    @classmethod
+    def from_pretrained(cls, path, subject=None, style=None, policy="fls", *, torch_dtype=None, device=None,
+                        **options) -> "FusionPipeline":
+        """Load a diffusers pipeline folder from local disk (never the network)."""
+        from diffusers import DiffusionPipeline
+
+        folder = Path(path)
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder}: not a local diffusers pipeline folder (no model_index.json)")
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+        if device is not None:
+            pipe.to(device)
+        return cls(pipe, subject, style, policy, **options)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _initial_latents(self, images, height, width, generator, latents):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        return latents.to(self.unet.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+
+    def _noise(self, fusion, latents, t, prompts, guidance_scale, composite):
+        guided = guidance_scale > 1.0
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+
+        def predict():
+            return self.unet(model_input, t, encoder_hidden_states=prompts.embeds,
+                             added_cond_kwargs=prompts.added_cond_kwargs, return_dict=False)[0]
+
+        if composite:  # LoRA Composite: one pass per LoRA, predictions averaged before CFG
+            passes = []
+            for branch in ("subject", "style"):
+                fusion.set_branch(branch)
+                passes.append(predict())
+            fusion.set_branch(None)
+            noise = torch.stack(passes).mean(0)
+        else:
+            noise = predict()
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        return noise
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", progress: bool = True) -> FusionPipelineOutput:
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default_size, width or default_size
+        prompts_list = [prompt] if isinstance(prompt, str) else list(prompt)
+        images = len(prompts_list) * num_images_per_prompt
+        guided = guidance_scale > 1.0
+        prompts = encode_prompts(self.pipe, prompts_list, negative_prompt, num_images_per_prompt, guided, height, width)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
+        timesteps = self.scheduler.timesteps
+        latents = self._initial_latents(images, height, width, generator, latents)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+
+        fusion = attach(self.unet, self.subject, self.style, policy=self.policy, **self.attach_options)
+        try:
+            fusion.set_batch_layout(images, 2 if guided else 1)
+            bar = tqdm(timesteps, desc=f"fusion {fusion.policy.describe()}", disable=not progress, leave=False)
+            for step, t in enumerate(bar):
+                fusion.set_step(step, len(timesteps))
+                noise = self._noise(fusion, latents, t, prompts, guidance_scale, self.policy == "composite")
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        finally:
+            fusion.detach()
+        trace = fusion.trace
+        if trace is not None:
+            trace.gather()
+        return FusionPipelineOutput(self.decode(latents, output_type), trace)
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        if output_type == "latent":
+            return latents
+        config = self.vae.config
+        scaled = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        image = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)

@@ -1,0 +1,39 @@
+"""Fusion policies, one small class each; ``make_policy`` builds one from a name and options."""
+from __future__ import annotations
+
+from .base import Policy
+from .blora import SDXL_BLOCKS, BLoRAPolicy
+from .composite import CompositePolicy
+from .direct import DirectPolicy
+from .fls import FLSPolicy
+from .klora import KLoRAPolicy
+from .switch import SwitchPolicy
+
+POLICIES = {
+    "fls": FLSPolicy,
+    "direct": DirectPolicy,
+    "klora": KLoRAPolicy,
+    "blora": BLoRAPolicy,
+    "switch": SwitchPolicy,
+    "composite": CompositePolicy,
+}
+
+
+def make_policy(policy, **options) -> Policy:
+    """A Policy from a name (``"fls"``, ``"direct"``, ...) and its options, or a ready instance."""
+    if isinstance(policy, Policy):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
+        return policy
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
+    try:
+        return POLICIES[policy](**options)
+    except TypeError as error:
+        raise TypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
+
+
+__all__ = [
+    "POLICIES", "SDXL_BLOCKS", "BLoRAPolicy", "CompositePolicy", "DirectPolicy", "FLSPolicy", "KLoRAPolicy",
+    "Policy", "SwitchPolicy", "make_policy",
+]

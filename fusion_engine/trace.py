@@ -1,0 +1,115 @@
+"""The selection record: per step, layer and decision group, the branch taken and both scores.
+
+Layers record device tensors during sampling (no sync); ``gather`` moves everything to the host once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.
+STYLE, SUBJECT, BOTH, BASE = 0, 1, 2, -1
+CHOICE_NAMES = {STYLE: "style", SUBJECT: "subject", BOTH: "both", BASE: "base"}
+
+
+def choice_code(subject_weight: float, style_weight: float) -> int:
+    if subject_weight and style_weight:
+        return BOTH
+    return SUBJECT if subject_weight else STYLE if style_weight else BASE
+
+
+@dataclass
+class TraceRecord:
+    step: int | None
+    layer: int
+    choice: torch.Tensor  # (groups,) int8, CHOICE codes
+    score_subject: torch.Tensor | None  # (groups,) float32, FLS only
+    score_style: torch.Tensor | None
+
+
+class Trace:
+    def __init__(self, layer_names: list[str], policy: str = ""):
+        self.layer_names = list(layer_names)
+        self.policy = policy
+        self._pending: list[tuple] = []
+        self._records: list[TraceRecord] = []
+
+    def record(self, step, layer_index, choice, score_c=None, score_s=None) -> None:
+        if isinstance(choice, torch.Tensor):
+            choice = choice.detach().to(torch.int8)
+            score_c, score_s = score_c.detach(), score_s.detach()
+        self._pending.append((step, layer_index, choice, score_c, score_s))
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._records.clear()
+
+    def gather(self) -> list[TraceRecord]:
+        """Move pending device tensors to the host (one transfer per dtype) and return all records."""
+        if self._pending:
+            device_rows = [p for p in self._pending if isinstance(p[2], torch.Tensor)]
+            if device_rows:
+                sizes = [row[2].numel() for row in device_rows]
+                choices = torch.cat([row[2].flatten() for row in device_rows]).cpu().split(sizes)
+                scores = torch.cat([torch.stack([row[3], row[4]]).float() for row in device_rows], 1).cpu()
+                scores = scores.split(sizes, dim=1)
+                host = iter(zip(choices, scores))
+            for step, layer, choice, _, _ in self._pending:
+                if isinstance(choice, torch.Tensor):
+                    c, s = next(host)
+                    self._records.append(TraceRecord(step, layer, c, s[0], s[1]))
+                else:
+                    self._records.append(TraceRecord(step, layer, torch.tensor([choice], dtype=torch.int8), None, None))
+            self._pending.clear()
+        return self._records
+
+    def __len__(self) -> int:
+        return len(self._records) + len(self._pending)
+
+    @property
+    def steps(self) -> list:
+        return sorted({r.step for r in self.gather() if r.step is not None})
+
+    def subject_fraction(self) -> torch.Tensor:
+        """(steps, layers) share of decision groups that took the subject (NaN: no record;
+        0.5 for "both", i.e. direct merge). The last record of a (step, layer) wins."""
+        records, steps = self.gather(), self.steps or [None]
+        col = {s: i for i, s in enumerate(steps)}
+        out = torch.full((len(steps), len(self.layer_names)), float("nan"))
+        for r in records:
+            value = torch.where(r.choice == BOTH, 0.5, (r.choice == SUBJECT).float())
+            out[col[r.step], r.layer] = float("nan") if (r.choice == BASE).all() else value.mean().item()
+        return out
+
+    def to_dict(self, max_groups: int = 64) -> dict:
+        """JSON-ready dict. Records with more than ``max_groups`` groups (token granularity) are summarised."""
+        rows = []
+        for r in self.gather():
+            row = {"step": r.step, "layer": self.layer_names[r.layer], "groups": r.choice.numel()}
+            if r.choice.numel() <= max_groups:
+                row["choice"] = [CHOICE_NAMES[int(c)] for c in r.choice]
+                if r.score_subject is not None:
+                    row["score_subject"] = r.score_subject.tolist()
+                    row["score_style"] = r.score_style.tolist()
+            else:
+                row["subject_fraction"] = (r.choice == SUBJECT).float().mean().item()
+                if r.score_subject is not None:
+                    row["mean_score_subject"] = r.score_subject.mean().item()
+                    row["mean_score_style"] = r.score_style.mean().item()
+            rows.append(row)
+        return {"policy": self.policy, "layers": self.layer_names, "steps": self.steps, "records": rows}
+
+    def save_json(self, path, max_groups: int = 64) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(max_groups), indent=1))
+        return path
+
+    def heatmap(self, path, title: str | None = None) -> Path:
+        """Layers x steps picture of the choices (like the paper's Figure 5); PNG via Pillow."""
+        from .visual import draw_heatmap
+
+        return draw_heatmap(self.subject_fraction(), self.layer_names, self.steps, path, title or self.policy)
