@@ -1,0 +1,39 @@
+import copy
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from fusion_engine.default import build_tiny_pipeline, default_loras
+
+
+@pytest.fixture(scope="session")
+def _tiny_pipe_master():
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_pipe(_tiny_pipe_master):
+    """A fresh copy per test, so a test that mutates the model cannot leak into another."""
+    return copy.deepcopy(_tiny_pipe_master)
+
+
+@pytest.fixture
+def loras(tiny_pipe):
+    return default_loras(tiny_pipe.unet, seed=0)
+
+
+def unet_inputs(unet, batch: int, seed: int = 0, tokens: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    sample = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
+    context = torch.randn(batch, tokens, unet.config.cross_attention_dim, generator=generator)
+    return sample, torch.tensor(500), context
+
+
+def unet_out(unet, inputs):
+    with torch.no_grad():
+        sample, t, context = inputs
+        return unet(sample, t, encoder_hidden_states=context).sample

@@ -1,0 +1,98 @@
+"""LoRA files in every layout load to the same factors, alphas and scales; bad files name the fault."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fusion_engine as fe
+from fusion_engine.lora import LoRA, LoRALayer, lora_to_state_dict
+
+
+def _assert_same_lora(loaded: LoRA, original: LoRA):
+    assert set(loaded.layers) == set(original.layers)
+    for name, layer in original.layers.items():
+        got = loaded.layers[name]
+        assert torch.equal(got.down, layer.down) and torch.equal(got.up, layer.up), name
+        assert got.alpha == layer.alpha and loaded.layer_scale(name) == pytest.approx(layer.alpha / layer.rank)
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_roundtrip_keeps_factors_and_alpha(tmp_path, loras, layout):
+    _, style = loras  # rank 8, alpha 4: a scale of 0.5 that a careless loader would lose
+    path = fe.save_lora(style, tmp_path / f"style_{layout}.safetensors", layout=layout)
+    loaded = fe.load_lora(path)
+    assert loaded.layout == layout
+    _assert_same_lora(loaded, style)
+    assert {loaded.layer_scale(n) for n in loaded.layers} == {0.5}
+
+
+def test_old_diffusers_layout_has_scale_one(tmp_path, loras):
+    subject, _ = loras
+    loaded = fe.load_lora(fe.save_lora(subject, tmp_path / "subject_old.safetensors", layout="diffusers"))
+    assert loaded.layout == "diffusers"
+    _assert_same_lora(loaded, subject)
+
+
+def test_user_scale_multiplies_alpha_over_rank(tmp_path, loras):
+    _, style = loras
+    loaded = fe.load_lora(fe.save_lora(style, tmp_path / "s.safetensors", layout="kohya"), scale=0.8)
+    name = next(iter(loaded.layers))
+    assert loaded.layer_scale(name) == pytest.approx(4 / 8 * 0.8)
+
+
+def test_text_encoder_keys_are_reported_and_ignored(tmp_path, loras):
+    subject, _ = loras
+    state = lora_to_state_dict(subject, "kohya")
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    state[f"{te}.lora_down.weight"] = torch.randn(4, 32)
+    state[f"{te}.lora_up.weight"] = torch.randn(32, 4)
+    state[f"{te}.alpha"] = torch.tensor(4.0)
+    save_file(state, tmp_path / "with_te.safetensors")
+    loaded = fe.load_lora(tmp_path / "with_te.safetensors")
+    assert len(loaded.layers) == len(subject.layers)
+    assert loaded.ignored and all(k.startswith("text_encoder") for k in loaded.ignored)
+
+
+def test_state_dict_input_and_different_ranks_per_layer(loras):
+    subject, style = loras
+    mixed = dict(lora_to_state_dict(subject, "kohya"))
+    name = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    key = "lora_unet_" + name.replace(".", "_")
+    mixed[f"{key}.lora_down.weight"] = style.layers[name].down
+    mixed[f"{key}.lora_up.weight"] = style.layers[name].up
+    loaded = fe.load_lora(mixed)
+    assert loaded.layers[name].rank == 8 and loaded.ranks() == [4, 8]
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(fe.LoRAFormatError, match="nope.safetensors"):
+        fe.load_lora(tmp_path / "nope.safetensors")
+
+
+def test_not_safetensors_names_the_file(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"this is not a safetensors header" * 4)
+    with pytest.raises(fe.LoRAFormatError, match="garbage.safetensors"):
+        fe.load_lora(bad)
+
+
+def test_rank_disagreement_names_layer_and_shapes():
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    state = {f"unet.{name}.lora_A.weight": torch.randn(4, 64), f"unet.{name}.lora_B.weight": torch.randn(64, 3)}
+    with pytest.raises(fe.LoRAFormatError, match=r"to_q.*ranks disagree.*\(4, 64\).*\(64, 3\)"):
+        fe.load_lora(state)
+
+
+def test_nan_weights_are_refused():
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    up = torch.randn(64, 4)
+    up[3, 1] = float("nan")
+    with pytest.raises(fe.LoRAFormatError, match="to_q.*NaN"):
+        fe.load_lora({f"unet.{name}.lora_A.weight": torch.randn(4, 64), f"unet.{name}.lora_B.weight": up})
+
+
+def test_conv_lora_loads_as_conv(tmp_path):
+    name = "down_blocks.0.resnets.0.conv1"
+    layer = LoRALayer(down=torch.randn(2, 32, 3, 3), up=torch.randn(32, 2, 1, 1), alpha=1.0)
+    path = fe.save_lora(LoRA({name: layer}), tmp_path / "locon.safetensors", layout="kohya")
+    loaded = fe.load_lora(path)
+    assert loaded.layers[name].is_conv and loaded.layer_scale(name) == pytest.approx(0.5)
