@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Mapping
 
 import torch
@@ -14,6 +15,8 @@ from .weights import LoRA, LoRALayer
 _UNET_PREFIX = "unet."
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+SDXL_UNET_LAYOUT = SimpleNamespace(layers_per_block=2)
 # Where diffusers' save_lora_weights keeps the PEFT config (alphas of PEFT-layout files).
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
@@ -52,12 +55,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str):
+def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config):
     """Run diffusers' own conversion: kohya/old layouts -> ``unet.<module>.lora_{A,B}`` + alphas."""
     from diffusers import StableDiffusionXLPipeline
 
+    if unet_config is None and any(p in k for k in raw for p in _SGM_BLOCKS):
+        unet_config = SDXL_UNET_LAYOUT  # only SDXL ships kohya files in its original (sgm) block naming
     try:
-        state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw))
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=unet_config)
     except Exception as error:  # diffusers raises bare ValueError/KeyError on foreign layouts
         raise LoRAFormatError(f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
     return state, alphas or {}
@@ -106,13 +111,15 @@ def _check_layer(module: str, down: torch.Tensor, up: torch.Tensor, source: str)
             raise LoRAFormatError(f"{source}: layer {module}: {part} weight holds NaN or Inf")
 
 
-def load_lora(source, scale: float = 1.0) -> LoRA:
+def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
     """Load a LoRA from a ``.safetensors`` path or a state dict.
 
     Accepts diffusers (old ``lora.down``/``lora.up`` and PEFT ``lora_A``/``lora_B``) and kohya/A1111
     (``lora_unet_*``, ``lora_down``/``lora_up``, ``.alpha``) layouts for SD1.x and SDXL UNets. The
     effective per-layer scale is ``alpha / rank * scale`` (alpha = rank when the file has none).
     Text-encoder parts are listed in ``LoRA.ignored``: the method fuses the denoiser only.
+    kohya files in SDXL's original block naming (``input_blocks_4_1_...``) are mapped with
+    ``unet_config.layers_per_block`` (SDXL's 2 when not given), as diffusers' own loader does.
     """
     if isinstance(source, LoRA):
         return source.with_scale(scale)
@@ -124,7 +131,7 @@ def load_lora(source, scale: float = 1.0) -> LoRA:
     if not raw:
         raise LoRAFormatError(f"{name}: holds no tensors")
     layout = detect_layout(raw)
-    state, alphas = _diffusers_state_dict(raw, name)
+    state, alphas = _diffusers_state_dict(raw, name, unet_config)
 
     ignored = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
     unet_state = {k.removeprefix(_UNET_PREFIX): v for k, v in state.items() if not k.startswith(_TEXT_PREFIXES)}
