@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     except (FusionEngineError, FileNotFoundError) as error:
         print(f"fusion-engine: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fusion-engine inspect f | head`: the reader left, that is fine
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
