@@ -41,6 +41,7 @@ class FusedLayer(nn.Module):
         self.register_buffer("up_s", up_s, persistent=False)
         self.context = context
         self._coef_cache: dict[tuple, torch.Tensor] = {}
+        self._last_choice: dict[tuple, torch.Tensor] = {}
 
     @property
     def rank_c(self) -> int:
@@ -79,6 +80,18 @@ class FusedLayer(nn.Module):
 
 
 class FusedLoRALinear(FusedLayer):
+    def _speculation_buffer(self, groups: int, device) -> torch.Tensor:
+        """This layer's decisions at its previous call with this many groups (subject at first).
+
+        Decisions barely change between denoising steps, so the kernel writes the guessed branch
+        and only recomputes tiles whose group decided otherwise. A persistent buffer updated in
+        place keeps CUDA-graph replays valid.
+        """
+        key = (groups, str(device))
+        if key not in self._last_choice:
+            self._last_choice[key] = torch.ones(groups, dtype=torch.bool, device=device)
+        return self._last_choice[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
         lead = x.shape[:-1]
@@ -86,10 +99,13 @@ class FusedLoRALinear(FusedLayer):
         backend = ops.resolve_backend(context.backend, x.device)
         if context.policy.uses_divergence:
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
+            guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
             out, score_c, score_s, choose_c = ops.fls_linear(
                 rows, base.weight, base.bias, self.down_c, self.up_c, self.scale_c, self.down_s, self.up_s,
-                self.scale_s, row_group, groups, context.policy.divergence, backend=backend,
+                self.scale_s, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
             )
+            if guess is not None:
+                guess.copy_(choose_c)
             context.record(self.index, choose_c, score_c, score_s)
         else:
             coef = self.static_coefficients(x.device)

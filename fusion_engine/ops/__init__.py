@@ -34,10 +34,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def fls_linear(*args, backend: str = "reference", **kwargs):
-    """See ``reference.fls_linear``; returns (out, score_c, score_s, choose_c)."""
+def fls_linear(*args, backend: str = "reference", prev_choose=None, **kwargs):
+    """See ``reference.fls_linear``; returns (out, score_c, score_s, choose_c).
+
+    ``prev_choose``: the layer's last decisions, the Triton kernel's speculation guess (it never
+    changes the result, only the cost); the reference ignores it.
+    """
     if backend == "triton":
-        return _triton_ops().fls_linear(*args, **kwargs)
+        return _triton_ops().fls_linear(*args, prev_choose=prev_choose, **kwargs)
     return reference.fls_linear(*args, **kwargs)
 
 

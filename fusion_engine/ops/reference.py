@@ -10,7 +10,13 @@ Contract shared with ``csrc_triton`` (both must agree on every point):
   rows' scores. Larger score = "perturbs the base features more":
   ``kl`` KL(P(y1) || P(y0)), ``js`` JS(P(y1), P(y0)), ``cosine`` 1 - cos(y1, y0), ``dot`` -(y1 . y0),
   with P = softmax over the last dimension.
-* The subject branch wins ties. A layer where one LoRA is absent always takes the present one.
+* The subject branch wins ties (equal group scores, both branches present and non-zero).
+* A layer where one LoRA is absent always takes the present one. A branch whose delta is exactly zero
+  on every row of a group counts as absent for that group (an all-zero B, or inputs in A's null
+  space): otherwise ``dot`` (where y0 . y0 can beat (y0 + d) . y0) and ties of shift-invariant
+  divergences (``kl``/``js`` with d constant along channels, ``cosine`` with d parallel to y0) could
+  pick a LoRA that adds nothing over one that does. Both zero: the subject (a no-op either way).
+  Kernels: a per-group "any d != 0" flag per branch, reduced like the scores.
 * Outputs are accumulated in float32 (float64 for float64 inputs) and rounded once to ``x.dtype``.
 """
 from __future__ import annotations
@@ -69,13 +75,27 @@ def group_mean(values: torch.Tensor, row_group: torch.Tensor, num_groups: int) -
     return sums / counts.clamp_min(1.0)
 
 
-def choose_subject(score_c: torch.Tensor, score_s: torch.Tensor, has_c: bool, has_s: bool) -> torch.Tensor:
-    """Per-group decision, True = subject. Ties go to the subject; an absent LoRA never wins."""
+def group_nonzero(delta: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G,) bool: does the delta have any non-zero element in the group (on the device, no host sync)."""
+    row_live = (delta != 0).any(-1).to(torch.float32)
+    return row_live.new_zeros(num_groups).index_add_(0, row_group.long(), row_live) > 0
+
+
+def choose_subject(score_c: torch.Tensor, score_s: torch.Tensor, has_c: bool, has_s: bool,
+                   live_c: torch.Tensor | None = None, live_s: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group decision, True = subject. Ties go to the subject; an absent LoRA never wins.
+
+    ``live_c``/``live_s`` (optional (G,) bool): groups where that branch's delta is non-zero; a
+    branch that is not live is absent for the group (see the module contract).
+    """
     if not has_s:
         return torch.ones_like(score_c, dtype=torch.bool)
     if not has_c:
         return torch.zeros_like(score_c, dtype=torch.bool)
-    return score_c >= score_s
+    choose = score_c >= score_s
+    if live_c is not None and live_s is not None:
+        choose = torch.where(live_c == live_s, choose, live_c)  # exactly one live: it wins
+    return choose
 
 
 def select_rows(y0, delta_c, delta_s, choose_c, row_group):
@@ -91,7 +111,8 @@ def fls_select(y0, delta_c, delta_s, row_group, num_groups, divergence, has_c, h
     """
     score_c = group_mean(row_divergence(y0 + delta_c, y0, divergence), row_group, num_groups)
     score_s = group_mean(row_divergence(y0 + delta_s, y0, divergence), row_group, num_groups)
-    choose_c = choose_subject(score_c, score_s, has_c, has_s)
+    live_c, live_s = (group_nonzero(d, row_group, num_groups) for d in (delta_c, delta_s))
+    choose_c = choose_subject(score_c, score_s, has_c, has_s, live_c, live_s)
     return select_rows(y0, delta_c, delta_s, choose_c, row_group), score_c, score_s, choose_c
 
 

@@ -1,0 +1,172 @@
+"""torch.library registration of the Triton kernels in ``csrc_triton``.
+
+The ops are ``torch.library.custom_op``s with fake (meta) implementations, so
+``torch.compile(fullgraph=True)`` traces a model through them as single graph nodes (and a
+CUDA-graph capture of a compiled or eager step records their launches: grids depend on shapes
+only and nothing synchronises with the host).
+
+Device rule: CUDA tensors run the kernels. CPU tensors run them only under the Triton
+interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is first imported;
+otherwise a RuntimeError says so (use backend="reference" for plain CPU work).
+
+``divergence="js"`` is not fused (it needs each row's LSEs before a second sweep): it runs the
+reference implementation on the same device, which is still free of host synchronisation.
+
+Gradients: the engine's LoRAs and base weights are frozen, so the backward pass returns the
+gradient for ``x`` only (through the chosen branch: the decision itself is piecewise constant),
+which is what latent-level refinement needs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+
+try:
+    import triton  # noqa: F401
+
+    import csrc_triton as _kernels
+
+    _IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    _kernels = None
+    _IMPORT_ERROR = exc
+
+Tensor = torch.Tensor
+
+
+def is_available() -> bool:
+    """True when the kernels can run on CUDA tensors (triton imports and a GPU is visible)."""
+    return _kernels is not None and not _kernels.INTERPRET and torch.cuda.is_available()
+
+
+def _check_device(x: Tensor) -> None:
+    if _kernels is None:
+        raise RuntimeError(f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}")
+    if x.device.type == "cuda":
+        if _kernels.INTERPRET:
+            raise RuntimeError("csrc_triton was imported with TRITON_INTERPRET=1: kernels only take CPU tensors now")
+        return
+    if x.device.type == "cpu":
+        if _kernels.INTERPRET:
+            return
+        hint = "" if os.environ.get("TRITON_INTERPRET") != "1" else (
+            " (TRITON_INTERPRET=1 is set now, but triton was imported before it was)")
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "importing triton / fusion_engine, or use backend='reference'" + hint)
+    raise RuntimeError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), not {x.device}")
+
+
+# --------------------------------------------------------------------------- fls_linear
+
+@torch.library.custom_op("fusion_engine::fls_linear_triton", mutates_args=())
+def _fls_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], a_c: Tensor, b_c: Tensor, scale_c: float,
+    a_s: Tensor, b_s: Tensor, scale_s: float, row_group: Tensor, num_groups: int, divergence: str,
+    prev_choose: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_device(x)
+    return _kernels.fls_linear_fwd(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group,
+                                   num_groups, divergence, prev_choose)
+
+
+@_fls_linear_op.register_fake
+def _(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, num_groups, divergence, prev_choose):
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    scores = x.new_empty((num_groups,), dtype=torch.float32)
+    return out, scores, torch.empty_like(scores), x.new_empty((num_groups,), dtype=torch.bool)
+
+
+def _fls_setup_context(ctx, inputs, output):
+    x, weight, _, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, *_ = inputs
+    ctx.save_for_backward(weight, a_c, b_c, a_s, b_s, row_group, output[3])
+    ctx.scales = (scale_c, scale_s)
+
+
+def _lora_grad(g: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """d/dx of scale * (x A^T) B^T applied to g: scale * (g B) A."""
+    if a.shape[0] == 0:
+        return torch.zeros((g.shape[0], a.shape[1]), dtype=g.dtype, device=g.device)
+    return (g @ b.to(g.dtype)) @ (scale * a).to(g.dtype)
+
+
+def _fls_backward(ctx, grad_out, _gc, _gs, _gch):
+    weight, a_c, b_c, a_s, b_s, row_group, choose = ctx.saved_tensors
+    scale_c, scale_s = ctx.scales
+    gx = grad_out @ weight.to(grad_out.dtype)
+    take_c = choose[row_group.long()].unsqueeze(-1)
+    gx = gx + torch.where(take_c, _lora_grad(grad_out, a_c, b_c, scale_c), _lora_grad(grad_out, a_s, b_s, scale_s))
+    return (gx,) + (None,) * 12
+
+
+_fls_linear_op.register_autograd(_fls_backward, setup_context=_fls_setup_context)
+
+
+def fls_linear(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, num_groups,
+               divergence="kl", prev_choose=None):
+    """Fused FLS linear (see ``reference.fls_linear``): returns (out, score_c, score_s, choose_c).
+
+    ``prev_choose`` (optional, extra to the reference signature): the (G,) bool decisions this
+    layer returned on its previous call (e.g. the last denoising step). It is only the kernel's
+    speculation guess: a stale or wrong guess costs a recompute of the affected tiles, never
+    accuracy. Keep it in a persistent buffer (``buf.copy_(choose_c)``) for CUDA-graph replay.
+    Inputs with more than two dims are flattened to rows; ``row_group`` indexes those rows.
+    """
+    _check_device(x)
+    if divergence not in reference.DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {reference.DIVERGENCES}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if divergence == "js":
+        # JS needs both LSEs before its second sweep: not fused, reference on the same device
+        out, sc, ss, ch = reference.fls_linear(x2, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s,
+                                               row_group, num_groups, divergence)
+    else:
+        out, sc, ss, ch = _fls_linear_op(x2, weight, bias, a_c, b_c, float(scale_c), a_s, b_s, float(scale_s),
+                                         row_group, int(num_groups), divergence, prev_choose)
+    return out.reshape(*lead, out.shape[-1]), sc, ss, ch
+
+
+# --------------------------------------------------------------------------- mix_linear
+
+@torch.library.custom_op("fusion_engine::mix_linear_triton", mutates_args=())
+def _mix_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_c: Tensor, b_c: Tensor,
+                   a_s: Tensor, b_s: Tensor, coef: Tensor) -> Tensor:
+    _check_device(x)
+    return _kernels.mix_linear_fwd(x, weight, bias, a_c, b_c, a_s, b_s, coef)
+
+
+@_mix_linear_op.register_fake
+def _(x, weight, bias, a_c, b_c, a_s, b_s, coef):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _mix_setup_context(ctx, inputs, output):
+    _, weight, _, a_c, b_c, a_s, b_s, coef = inputs
+    ctx.save_for_backward(weight, a_c, b_c, a_s, b_s, coef)
+
+
+def _mix_backward(ctx, grad_out):
+    weight, a_c, b_c, a_s, b_s, coef = ctx.saved_tensors
+    gx = grad_out @ weight.to(grad_out.dtype)
+    gx = gx + _lora_grad(grad_out, a_c, b_c, 1.0) * coef[0].to(grad_out.dtype)
+    gx = gx + _lora_grad(grad_out, a_s, b_s, 1.0) * coef[1].to(grad_out.dtype)
+    return (gx,) + (None,) * 7
+
+
+_mix_linear_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+def mix_linear(x, weight, bias, a_c, b_c, a_s, b_s, coef):
+    """y0 + coef[0] d_c + coef[1] d_s (see ``reference.mix_linear``); coef a float32 (2,) tensor."""
+    _check_device(x)
+    lead = x.shape[:-1]
+    out = _mix_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, a_c, b_c, a_s, b_s, coef)
+    return out.reshape(*lead, out.shape[-1])
+
+
+__all__ = ["fls_linear", "is_available", "mix_linear"]
