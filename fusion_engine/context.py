@@ -3,10 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from .errors import StepContextError
+from .errors import BatchLayoutError, StepContextError, StepRangeError
 from .trace import Trace
 
 GRANULARITIES = ("image", "sample", "token", "batch")
+
+
+def images_in_batch(prompts: list, num_images_per_prompt: int, negative_prompt=None) -> int:
+    """How many images a sampler call makes; a ``BatchLayoutError`` when the prompts cannot form a batch."""
+    if not prompts:
+        raise BatchLayoutError("no prompt given: the prompt list is empty, so there is no image to group")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise BatchLayoutError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt!r}")
+    if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != len(prompts):
+        raise BatchLayoutError(
+            f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts: give one string, or one per prompt"
+        )
+    return len(prompts) * num_images_per_prompt
 
 
 class FusionContext:
@@ -19,7 +32,7 @@ class FusionContext:
 
     def __init__(self, policy, granularity: str, backend: str, trace: Trace | None):
         if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+            raise BatchLayoutError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
         self.policy = policy
         self.granularity = granularity
         self.backend = backend
@@ -34,12 +47,16 @@ class FusionContext:
     # -- sampler-facing -------------------------------------------------------------------------
     def set_step(self, step: int, num_steps: int) -> None:
         if not 0 <= step < num_steps:
-            raise ValueError(f"step {step} is outside [0, {num_steps})")
+            raise StepRangeError(f"step {step} is outside [0, {num_steps})")
         self.step, self.num_steps = int(step), int(num_steps)
 
     def set_batch_layout(self, images: int | None, copies: int = 1) -> None:
         if images is not None and (images < 1 or copies < 1):
-            raise ValueError(f"batch layout needs images >= 1 and copies >= 1, got {images} and {copies}")
+            # images = prompts x num_images_per_prompt: 0 means an empty prompt list or 0 images per prompt
+            raise BatchLayoutError(
+                f"batch layout needs images >= 1 and copies >= 1, got images={images}, copies={copies} "
+                "(an empty prompt list or num_images_per_prompt=0 gives images=0)"
+            )
         self.images, self.copies = images, copies
         self._groups.clear()
 
@@ -62,9 +79,11 @@ class FusionContext:
             return [0] * batch, 1
         if self.granularity == "image" and self.images is not None:
             if batch != self.images * self.copies:
-                raise StepContextError(
+                raise BatchLayoutError(
                     f"granularity 'image': the UNet got a batch of {batch} but the layout says "
-                    f"{self.images} image(s) x {self.copies} copies = {self.images * self.copies}"
+                    f"{self.images} image(s) x {self.copies} copies = {self.images * self.copies}; rows cannot be "
+                    "pooled per image (call fusion.set_batch_layout to match the batch, or use granularity "
+                    "'sample' or 'batch')"
                 )
             return [b % self.images for b in range(batch)], self.images
         return list(range(batch)), batch

@@ -1,4 +1,25 @@
-"""Errors raised by fusion_engine. Each message names the file, key, layer or shape at fault."""
+"""Errors raised by fusion_engine. Each message names the file, key, layer or shape at fault.
+
+Every class also derives from the built-in exception a caller would expect (``ValueError`` for bad
+input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing paths), so existing
+``except`` clauses keep working; ``except FusionEngineError`` catches all of them.
+
+    FusionEngineError
+    ├── LoRAFormatError (ValueError) ........ a file or state dict that is not a usable LoRA
+    │   ├── LoRAFileError ................... not safetensors, truncated, header that lies
+    │   │   └── LoRAFileNotFoundError (FileNotFoundError)
+    │   ├── LoRALayoutError ................. keys in no known layout, unpaired factors
+    │   ├── LoRAShapeError .................. factor shapes that disagree (ranks, ndim, rank 0)
+    │   ├── LoRADtypeError .................. integer, bool, complex or float8 factors
+    │   └── LoRAValueError .................. NaN or Inf in factors or alphas
+    ├── AttachError (ValueError) ............ a LoRA that does not fit the model, a model that cannot take it now
+    │   ├── ModelMismatchError .............. targets missing or shaped differently (another base model)
+    │   └── AlreadyAttachedError ............ the model (or a layer) already holds a fusion or adapters
+    ├── StepContextError (RuntimeError) ..... sampler state a policy needs is missing
+    │   ├── StepRangeError (ValueError) ..... a step outside [0, num_steps)
+    │   └── BatchLayoutError (ValueError) ... a batch/prompt/granularity combination that cannot be grouped
+    └── ModelPathError (FileNotFoundError) .. a pipeline path that is not a local diffusers folder
+"""
 from __future__ import annotations
 
 
@@ -10,12 +31,56 @@ class LoRAFormatError(FusionEngineError, ValueError):
     """A LoRA file or state dict that cannot be read as a LoRA."""
 
 
+class LoRAFileError(LoRAFormatError):
+    """The file itself: not safetensors, truncated, or a header whose shapes/offsets do not add up."""
+
+
+class LoRAFileNotFoundError(LoRAFileError, FileNotFoundError):
+    """No file at the given path (or a folder where a file was expected)."""
+
+
+class LoRALayoutError(LoRAFormatError):
+    """Keys that no known LoRA layout (diffusers, PEFT, kohya) explains, or factors without a partner."""
+
+
+class LoRAShapeError(LoRAFormatError):
+    """Factor shapes that cannot form a LoRA: ranks that disagree, wrong ndim, rank 0."""
+
+
+class LoRADtypeError(LoRAFormatError):
+    """Factors stored in a dtype the fused ops do not compute in (integer, bool, complex, float8)."""
+
+
+class LoRAValueError(LoRAFormatError):
+    """NaN or Inf in a factor or an alpha: it would poison every image."""
+
+
 class AttachError(FusionEngineError, ValueError):
     """A LoRA that does not fit the model, or a model that cannot take a fusion now."""
 
 
+class ModelMismatchError(AttachError):
+    """LoRA targets that the model lacks or shapes differently: usually a LoRA made for another base model."""
+
+
+class AlreadyAttachedError(AttachError):
+    """The model (or one of the target layers) already carries a fusion or PEFT adapters."""
+
+
 class StepContextError(FusionEngineError, RuntimeError):
     """A policy needs sampler state (the step, the batch layout) that nobody provided."""
+
+
+class StepRangeError(StepContextError, ValueError):
+    """A denoising step outside ``[0, num_steps)``."""
+
+
+class BatchLayoutError(StepContextError, ValueError):
+    """A batch layout and granularity that cannot be split into decision groups."""
+
+
+class ModelPathError(FusionEngineError, FileNotFoundError):
+    """A pipeline path that is not a local diffusers folder (hub ids are never downloaded)."""
 
 
 def preview(names, limit: int = 5) -> str:

@@ -6,7 +6,8 @@ import weakref
 import torch.nn as nn
 
 from .context import FusionContext
-from .errors import AttachError, preview
+from .errors import AlreadyAttachedError, AttachError
+from .fit import check_fit, find_module
 from .lora import LoRA, load_lora
 from .modules import FusedLayer, FusedLoRAConv2d, FusedLoRALinear
 from .ops import BACKENDS
@@ -26,49 +27,26 @@ def _as_lora(value, role: str) -> LoRA | None:
         raise AttachError(f"{role}: expected a LoRA, a path or a state dict, got {type(value).__name__}") from error
 
 
-def _expected_shapes(base: nn.Module, rank: int):
-    weight = base.weight
-    if isinstance(base, nn.Linear):
-        return (rank, weight.shape[1]), (weight.shape[0], rank)
-    return (rank, *weight.shape[1:]), (weight.shape[0], rank, 1, 1)
-
-
-def _check_target(name: str, module: nn.Module | None, loras: dict[str, LoRA | None]) -> str | None:
-    """Why ``module`` cannot take the LoRAs at ``name``, or None if it can."""
-    if module is None:
-        return f"{name}: no such module in the model"
-    if isinstance(module, FusedLayer):
-        return f"{name}: already fused (attach was called twice on this model)"
-    if hasattr(module, "lora_A") or hasattr(module, "base_layer"):
-        return f"{name}: holds PEFT adapters already; attach to the base model, not one with LoRAs loaded"
-    if type(module) not in _FUSED_TYPES:
-        return f"{name}: is a {type(module).__name__}; only nn.Linear and nn.Conv2d layers can be fused"
-    for role, lora in loras.items():
-        if lora is None or name not in lora.layers:
-            continue
-        layer = lora.layers[name]
-        down_shape, up_shape = _expected_shapes(module, layer.rank)
-        down, up = tuple(layer.down.shape), tuple(layer.up.shape)
-        if isinstance(module, nn.Linear) and layer.is_conv and layer.down.shape[2:] == (1, 1):
-            down, up = down[:2], up[:2]  # 1x1-conv storage of a Linear LoRA
-        if (down, up) != (down_shape, up_shape):
-            return (
-                f"{name}: {role} LoRA ({lora.source}) has down {down} / up {up}, but the model's "
-                f"{type(module).__name__} with weight {tuple(module.weight.shape)} needs {down_shape} / {up_shape}"
-            )
-    return None
-
-
-def _find(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Put every original back where it is not in place: also the layer whose swap raised half-way."""
+    for name, original in originals.items():
+        if find_module(model, name) is not original:
+            _set_module(model, name, original)
+
+
+def _swap_in(model: nn.Module, layers: list[FusedLayer], originals: dict[str, nn.Module]) -> None:
+    """Swap every fused layer in, or (on any exception, KeyboardInterrupt included) none of them."""
+    try:
+        for layer in layers:
+            _set_module(model, layer.name, layer)
+    except BaseException:
+        _restore(model, originals)
+        raise
 
 
 class Fusion:
@@ -154,7 +132,7 @@ def attach(
     if backend not in BACKENDS:
         raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if model in _ATTACHED:
-        raise AttachError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it first")
+        raise AlreadyAttachedError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it first")
     if policy == "fls":
         policy_options["divergence"] = divergence
     policy = make_policy(policy, **policy_options)
@@ -162,15 +140,7 @@ def attach(
     wanted = set(subject.layers if subject else ()) | set(style.layers if style else ())
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted(wanted, key=lambda n: (order.get(n, len(order)), n))
-    loras = {"subject": subject, "style": style}
-    problems = [p for p in (_check_target(n, _find(model, n), loras) for n in names) if p]
-    if problems:
-        found = sum(_find(model, n) is not None for n in names)
-        raise AttachError(
-            f"cannot attach: {len(problems)} of {len(names)} LoRA targets do not fit this model "
-            f"({found} resolve to modules):\n  " + "\n  ".join(problems[:10])
-            + (f"\n  ... (+{len(problems) - 10} more)" if len(problems) > 10 else "")
-        )
+    check_fit(model, names, {"subject": subject, "style": style})
 
     context = FusionContext(policy, granularity, backend, Trace(names, policy.describe()) if trace else None)
     originals = {name: model.get_submodule(name) for name in names}
@@ -180,15 +150,7 @@ def attach(
     ]
     policy.setup(layers)
 
-    swapped = []
-    try:
-        for layer in layers:
-            _set_module(model, layer.name, layer)
-            swapped.append(layer.name)
-    except BaseException:
-        for name in swapped:
-            _set_module(model, name, originals[name])
-        raise
+    _swap_in(model, layers, originals)
     fusion = Fusion(model, subject, style, context, layers, originals)
     _ATTACHED[model] = fusion
     return fusion

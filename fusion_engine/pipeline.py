@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .context import images_in_batch
 from .errors import AttachError
 from .fusion import _as_lora, attach
+from .model_path import local_pipeline_folder
 from .prompts import encode_prompts
 from .trace import Trace
 
@@ -18,6 +19,7 @@ from .trace import Trace
 class FusionPipelineOutput:
     images: list  # PIL images (output_type="pil"), a tensor ("pt"), or latents ("latent")
     trace: Trace | None
+    references: tuple | None = None  # with refine: (Ic, Is), (B, 3, H, W) tensors in [0, 1]
 
 
 class FusionPipeline:
@@ -25,11 +27,15 @@ class FusionPipeline:
 
     Borrows the text encoder(s), tokenizer(s), VAE and scheduler of a diffusers pipeline; the
     UNet is fused for the duration of each call and detached afterwards, whatever happens.
+    ``refine``: a ``fusion_engine.refine.Refiner`` for Latent-Level Refinement at every step (then each call
+    takes ``subject_prompt``/``style_prompt`` to make the references, or ``reference_images``).
     """
 
     def __init__(self, pipe, subject=None, style=None, policy="fls", *, divergence: str = "kl",
-                 granularity: str = "image", backend: str = "auto", trace: bool = True, **policy_options):
+                 granularity: str = "image", backend: str = "auto", trace: bool = True, refine=None,
+                 **policy_options):
         self.pipe = pipe
+        self.refine = refine
         self.subject, self.style = _as_lora(subject, "subject"), _as_lora(style, "style")
         if self.subject is None and self.style is None:
             raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both")
@@ -41,6 +47,7 @@ class FusionPipeline:
 
     @classmethod
     def from_pipe(cls, pipe, subject=None, style=None, policy="fls", **options) -> "FusionPipeline":
+        """Options as ``__init__`` (``refine=`` included)."""
         return cls(pipe, subject, style, policy, **options)
 
     @classmethod
@@ -49,9 +56,7 @@ class FusionPipeline:
         """Load a diffusers pipeline folder from local disk (never the network)."""
         from diffusers import DiffusionPipeline
 
-        folder = Path(path)
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a local diffusers pipeline folder (no model_index.json)")
+        folder = local_pipeline_folder(path)  # a ModelPathError (FileNotFoundError) names what the path is instead
         pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
         if device is not None:
             pipe.to(device)
@@ -73,7 +78,7 @@ class FusionPipeline:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _initial_latents(self, images, height, width, generator, latents):
+    def _initial_noise(self, images, height, width, generator, latents):
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -81,7 +86,7 @@ class FusionPipeline:
             latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        return latents.to(self.unet.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        return latents.to(self.unet.device, self.unet.dtype)
 
     def _noise(self, fusion, latents, t, prompts, guidance_scale, composite):
         guided = guidance_scale > 1.0
@@ -110,17 +115,27 @@ class FusionPipeline:
     def __call__(self, prompt, negative_prompt=None, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", progress: bool = True) -> FusionPipelineOutput:
+                 output_type: str = "pil", progress: bool = True, subject_prompt=None, style_prompt=None,
+                 reference_images=None) -> FusionPipelineOutput:
+        """``subject_prompt``, ``style_prompt``, ``reference_images=(subject, style)``: LLR only (see ``refine``)."""
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default_size, width or default_size
         prompts_list = [prompt] if isinstance(prompt, str) else list(prompt)
-        images = len(prompts_list) * num_images_per_prompt
+        images = images_in_batch(prompts_list, num_images_per_prompt, negative_prompt)  # BatchLayoutError if not
         guided = guidance_scale > 1.0
         prompts = encode_prompts(self.pipe, prompts_list, negative_prompt, num_images_per_prompt, guided, height, width)
 
+        initial_noise = self._initial_noise(images, height, width, generator, latents)
+        refinement = None
+        if self.refine is not None:  # before set_timesteps: the reference runs share this scheduler
+            refinement = self.refine.start(
+                self, noise=initial_noise, generator=generator, subject_prompt=subject_prompt,
+                style_prompt=style_prompt, reference_images=reference_images, negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images_per_prompt, height=height, width=width)
         self.scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
         timesteps = self.scheduler.timesteps
-        latents = self._initial_latents(images, height, width, generator, latents)
+        latents = initial_noise * self.scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
         fusion = attach(self.unet, self.subject, self.style, policy=self.policy, **self.attach_options)
@@ -129,14 +144,20 @@ class FusionPipeline:
             bar = tqdm(timesteps, desc=f"fusion {fusion.policy.describe()}", disable=not progress, leave=False)
             for step, t in enumerate(bar):
                 fusion.set_step(step, len(timesteps))
-                noise = self._noise(fusion, latents, t, prompts, guidance_scale, self.policy == "composite")
+                composite = self.policy == "composite"
+                if refinement is not None and refinement.active(step, len(timesteps)):
+                    predict = lambda x: self._noise(fusion, x, t, prompts, guidance_scale, composite)  # noqa: E731
+                    latents = refinement.step(fusion, latents, t, predict, step_kwargs)
+                    continue
+                noise = self._noise(fusion, latents, t, prompts, guidance_scale, composite)
                 latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         finally:
             fusion.detach()
         trace = fusion.trace
         if trace is not None:
             trace.gather()
-        return FusionPipelineOutput(self.decode(latents, output_type), trace)
+        references = refinement.reference_images if refinement is not None else None
+        return FusionPipelineOutput(self.decode(latents, output_type), trace, references)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         if output_type == "latent":

@@ -2,11 +2,27 @@ import copy
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton reads TRITON_INTERPRET once, when triton.language is first imported, and some test
+# dependencies (peft, via its imports) import it at collection time: so the interpreter is switched
+# on here, before anything else, for the whole run on machines without an NVIDIA driver.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 
 from fusion_engine.default import build_tiny_pipeline, default_loras
+
+try:  # fuzz profiles: "ci" (default, small and reproducible) and "deep" (HYPOTHESIS_PROFILE=deep, outside CI)
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, database=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("deep", max_examples=3000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test extra; only tests/test_fuzz.py needs it
+    pass
 
 
 @pytest.fixture(scope="session")

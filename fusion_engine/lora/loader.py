@@ -9,7 +9,9 @@ from typing import Mapping
 
 import torch
 
-from ..errors import LoRAFormatError, preview
+from ..errors import LoRAFileError, LoRAFileNotFoundError, LoRAFormatError, LoRALayoutError, preview
+from .checks import check_alpha, check_layer, check_raw_tensors
+from .safetensors_header import check_safetensors_file
 from .weights import LoRA, LoRALayer
 
 _UNET_PREFIX = "unet."
@@ -38,21 +40,37 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    if path.is_dir():
+        raise LoRAFileNotFoundError(f"{path}: is a folder; pass the .safetensors file inside it "
+                                    "(diffusers saves pytorch_lora_weights.safetensors)")
     if not path.is_file():
-        raise LoRAFormatError(f"{path}: no such LoRA file")
+        raise LoRAFileNotFoundError(f"{path}: no such LoRA file")
     if path.suffix != ".safetensors":
-        raise LoRAFormatError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
+        raise LoRAFileError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
     try:
+        check_safetensors_file(path)
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise LoRAFormatError(f"{path}: not a readable safetensors file ({error})") from error
+    except OSError as error:
+        raise LoRAFileError(f"{path}: cannot be read ({error})") from error
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        if isinstance(error, LoRAFormatError):
+            raise
+        raise LoRAFileError(f"{path}: not a readable safetensors file ({error})") from error
+    return tensors, _adapter_config(path, header)
+
+
+def _adapter_config(path: Path, header: dict) -> dict:
+    """The PEFT adapter config diffusers keeps in the safetensors metadata, checked to be a JSON object."""
     try:
         config = json.loads(header.get(ADAPTER_METADATA_KEY) or "{}")
     except json.JSONDecodeError as error:
-        raise LoRAFormatError(f"{path}: header entry {ADAPTER_METADATA_KEY!r} is not JSON ({error})") from error
-    return tensors, config
+        raise LoRAFileError(f"{path}: header entry {ADAPTER_METADATA_KEY!r} is not JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise LoRAFileError(f"{path}: header entry {ADAPTER_METADATA_KEY!r} is a JSON {type(config).__name__}, "
+                            "not an object")
+    return config
 
 
 def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config):
@@ -64,51 +82,49 @@ def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config
     try:
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=unet_config)
     except Exception as error:  # diffusers raises bare ValueError/KeyError on foreign layouts
-        raise LoRAFormatError(f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
+        raise LoRALayoutError(f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
     return state, alphas or {}
 
 
-def _to_peft_keys(keys_to_values: Mapping[str, object]) -> dict[str, object]:
+def _to_peft_keys(keys_to_values: Mapping[str, object], source: str = "<state_dict>") -> dict[str, object]:
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    return convert_unet_state_dict_to_peft(dict(keys_to_values))
+    try:
+        return convert_unet_state_dict_to_peft(dict(keys_to_values))
+    except Exception as error:  # same as above: diffusers' converters raise bare errors on odd keys
+        raise LoRALayoutError(f"{source}: diffusers cannot map these keys to UNet modules "
+                              f"({type(error).__name__}: {error})") from error
 
 
-def _alpha_by_module(alphas: Mapping[str, float]) -> dict[str, float]:
+def _alpha_by_module(alphas: Mapping[str, float], source: str = "<state_dict>") -> dict[str, float]:
     """Map diffusers' network-alpha keys (``...to_q_lora.down.weight.alpha``) to module paths."""
     unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v) for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
-    converted = _to_peft_keys(unet_alphas)
+    converted = _to_peft_keys(unet_alphas, source)
     return {k.split(".lora_A")[0].removesuffix(".alpha"): v for k, v in converted.items()}
 
 
-def _metadata_alpha(module: str, metadata: Mapping[str, object]) -> float | None:
+def _metadata_alpha(module: str, metadata: Mapping[str, object], source: str) -> float | None:
     """The alpha a PEFT adapter config (safetensors metadata) gives a module, if any."""
     pattern = metadata.get("alpha_pattern") or {}
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key.lstrip("^"), module):
-            return float(value)
+    for key, value in (pattern.items() if isinstance(pattern, dict) else ()):
+        if module == key or module.endswith("." + key) or _pattern_matches(key, module):
+            return _as_alpha(value, f"alpha_pattern[{key!r}]", source)
     alpha = metadata.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+    return None if alpha is None else _as_alpha(alpha, "lora_alpha", source)
 
 
-def _check_layer(module: str, down: torch.Tensor, up: torch.Tensor, source: str) -> None:
-    if down.ndim not in (2, 4) or up.ndim != down.ndim:
-        raise LoRAFormatError(
-            f"{source}: layer {module}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a "
-            "Linear (2-D) or Conv2d (4-D) LoRA pair"
-        )
-    if down.shape[0] != up.shape[1]:
-        raise LoRAFormatError(
-            f"{source}: layer {module}: ranks disagree, down {tuple(down.shape)} has rank {down.shape[0]} "
-            f"but up {tuple(up.shape)} has rank {up.shape[1]}"
-        )
-    if down.ndim == 4 and up.shape[2:] != (1, 1):
-        raise LoRAFormatError(f"{source}: layer {module}: conv up factor must be 1x1, got {tuple(up.shape)}")
-    if not (down.is_floating_point() and up.is_floating_point()):
-        raise LoRAFormatError(f"{source}: layer {module}: unsupported dtype {down.dtype}/{up.dtype}")
-    for part, tensor in (("down", down), ("up", up)):
-        if not torch.isfinite(tensor).all():
-            raise LoRAFormatError(f"{source}: layer {module}: {part} weight holds NaN or Inf")
+def _pattern_matches(pattern: str, module: str) -> bool:
+    try:
+        return re.fullmatch(pattern.lstrip("^"), module) is not None
+    except re.error:  # a pattern from the file's metadata that is not a regex: only literal matches count
+        return False
+
+
+def _as_alpha(value, where: str, source: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise LoRAFormatError(f"{source}: adapter metadata {where} = {value!r:.60} is not a number") from None
 
 
 def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
@@ -129,16 +145,22 @@ def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
         path = Path(source)
         (raw, metadata), name = _read_safetensors(path), str(path)
     if not raw:
-        raise LoRAFormatError(f"{name}: holds no tensors")
+        raise LoRALayoutError(f"{name}: holds no tensors")
+    check_raw_tensors(raw, name)
     layout = detect_layout(raw)
+    if layout == "unknown":
+        raise LoRALayoutError(
+            f"{name}: unknown key layout: none of its {len(raw)} keys follows diffusers ('...lora.down.weight'), "
+            f"PEFT ('...lora_A.weight') or kohya ('lora_unet_...lora_down.weight') naming; keys: {preview(sorted(raw))}"
+        )
     state, alphas = _diffusers_state_dict(raw, name, unet_config)
 
     ignored = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
     unet_state = {k.removeprefix(_UNET_PREFIX): v for k, v in state.items() if not k.startswith(_TEXT_PREFIXES)}
     if not any("lora_A" in k for k in unet_state):
-        unet_state = _to_peft_keys(unet_state)
+        unet_state = _to_peft_keys(unet_state, name)
     unet_metadata = {k.removeprefix(_UNET_PREFIX): v for k, v in metadata.items() if k.startswith(_UNET_PREFIX)}
-    module_alphas = _alpha_by_module(alphas)
+    module_alphas = _alpha_by_module(alphas, name)
 
     downs, ups, foreign = {}, {}, []
     for key, tensor in unet_state.items():
@@ -149,23 +171,25 @@ def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
         else:
             foreign.append(key)
     if foreign:
-        raise LoRAFormatError(
+        raise LoRALayoutError(
             f"{name}: keys that are not plain LoRA factors (DoRA, LoKr, LoRA bias or an unknown layout): "
             f"{preview(foreign)}"
         )
     unpaired = sorted(set(downs) ^ set(ups))
     if unpaired:
-        raise LoRAFormatError(f"{name}: layers with only one of down/up: {preview(unpaired)}")
+        raise LoRALayoutError(f"{name}: layers with only one of down/up: {preview(unpaired)}")
     if not downs:
         what = f"only text-encoder layers ({len(ignored)} keys)" if ignored else "no UNet LoRA layers"
-        raise LoRAFormatError(f"{name}: {what}; the fusion needs denoiser (UNet) layers")
+        raise LoRALayoutError(f"{name}: {what}; the fusion needs denoiser (UNet) layers")
 
     layers = {}
     for module in sorted(downs):
         down, up = downs[module], ups[module]
-        _check_layer(module, down, up, name)
+        check_layer(module, down, up, name)
         alpha = module_alphas.get(module)
         if alpha is None:
-            alpha = _metadata_alpha(module, unet_metadata)
-        layers[module] = LoRALayer(down=down, up=up, alpha=float(down.shape[0] if alpha is None else alpha))
+            alpha = _metadata_alpha(module, unet_metadata, name)
+        alpha = float(down.shape[0] if alpha is None else alpha)
+        check_alpha(module, alpha, name)
+        layers[module] = LoRALayer(down=down, up=up, alpha=alpha)
     return LoRA(layers=layers, source=name, layout=layout, scale=float(scale), ignored=ignored)

@@ -1,0 +1,84 @@
+"""Validation of LoRA tensors: raw keys before diffusers converts them, then each (down, up, alpha) layer.
+
+Raw checks run first so a message can name the key exactly as it is in the user's file.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import LoRADtypeError, LoRAFormatError, LoRAShapeError, LoRAValueError
+
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ALPHA_DTYPES = FACTOR_DTYPES + (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_ALPHA_SUFFIX = ".alpha"
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _first_bad_index(bad: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in bad.nonzero()[0]) if bad.ndim else ()
+
+
+def _check_finite(source: str, key: str, tensor: torch.Tensor) -> None:
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        nans = int(torch.isnan(tensor).sum())
+        infs = int((~finite).sum()) - nans
+        raise LoRAValueError(
+            f"{source}: key {key!r} {_describe(tensor)} holds {nans} NaN and {infs} Inf value(s) "
+            f"(first at index {_first_bad_index(~finite)})"
+        )
+
+
+def _check_alpha(source: str, key: str, tensor: torch.Tensor) -> None:
+    if tensor.numel() != 1:
+        raise LoRAShapeError(f"{source}: key {key!r} {_describe(tensor)}: an alpha must be one number")
+    if tensor.dtype not in ALPHA_DTYPES:
+        raise LoRADtypeError(f"{source}: key {key!r} {_describe(tensor)}: an alpha must be a float or integer number")
+    _check_finite(source, key, tensor)
+
+
+def check_raw_tensors(raw: dict, source: str) -> None:
+    """Every key a string, every value a tensor of a supported dtype with finite values."""
+    for key, tensor in raw.items():
+        if not isinstance(key, str):
+            raise LoRAFormatError(f"{source}: key {key!r} is a {type(key).__name__}, not a string")
+        if not isinstance(tensor, torch.Tensor):
+            raise LoRAFormatError(f"{source}: key {key!r} holds a {type(tensor).__name__}, not a tensor")
+        if key.endswith(_ALPHA_SUFFIX):
+            _check_alpha(source, key, tensor)
+            continue
+        if tensor.dtype not in FACTOR_DTYPES:
+            raise LoRADtypeError(
+                f"{source}: key {key!r} {_describe(tensor)}: unsupported dtype; LoRA factors must be float16, "
+                "bfloat16, float32 or float64 (dequantize int8/float8 LoRAs first)"
+            )
+        _check_finite(source, key, tensor)
+
+
+def check_layer(module: str, down: torch.Tensor, up: torch.Tensor, source: str) -> None:
+    """(down, up) must form a Linear or Conv2d LoRA of rank >= 1 in a float dtype."""
+    shapes = f"down {tuple(down.shape)} and up {tuple(up.shape)}"
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise LoRAShapeError(f"{source}: layer {module}: {shapes} are not a Linear (2-D) or Conv2d (4-D) LoRA pair")
+    if down.shape[0] != up.shape[1]:
+        raise LoRAShapeError(
+            f"{source}: layer {module}: ranks disagree, down {tuple(down.shape)} has rank {down.shape[0]} "
+            f"but up {tuple(up.shape)} has rank {up.shape[1]}"
+        )
+    if down.shape[0] == 0 or 0 in down.shape or 0 in up.shape:
+        raise LoRAShapeError(f"{source}: layer {module}: {shapes}: an empty factor (rank or a dimension is 0)")
+    if down.ndim == 4 and up.shape[2:] != (1, 1):
+        raise LoRAShapeError(f"{source}: layer {module}: conv up factor must be 1x1, got {tuple(up.shape)}")
+    if not (down.dtype in FACTOR_DTYPES and up.dtype in FACTOR_DTYPES):  # state dicts converted in memory
+        raise LoRADtypeError(f"{source}: layer {module}: unsupported dtype {down.dtype}/{up.dtype}")
+
+
+def check_alpha(module: str, alpha: float, source: str) -> None:
+    """Alphas from adapter metadata bypass the raw-tensor checks: NaN or Inf would poison every image."""
+    if not math.isfinite(alpha):
+        raise LoRAValueError(f"{source}: layer {module}: alpha is {alpha}")
