@@ -4,11 +4,12 @@ from .fusion import Fusion, attach
 from .lora import LoRA, LoRALayer, load_lora, save_lora
 from .pipeline import FusionPipeline, FusionPipelineOutput
 from .policies import POLICIES, make_policy
+from .refine import Refiner
 from .trace import Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttachError", "Fusion", "FusionEngineError", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRAFormatError",
-    "LoRALayer", "POLICIES", "StepContextError", "Trace", "attach", "load_lora", "make_policy", "save_lora",
+    "LoRALayer", "POLICIES", "Refiner", "StepContextError", "Trace", "attach", "load_lora", "make_policy", "save_lora",
 ]

@@ -1,4 +1,4 @@
-"""fusion-engine generate | demo | inspect"""
+"""fusion-engine generate | demo | eval | inspect"""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +103,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from fusion_engine.evaluate import run_eval
+
+    try:
+        return run_eval(args)
+    except ValueError as error:  # a bad pairs.toml, policy name or encoder choice
+        print(f"fusion-engine: error: {error}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
+
+    evaluation = sub.add_parser("eval", help="pairs x policies x seeds -> images, per-image scores, report.md")
+    from fusion_engine.evaluate import add_arguments
+
+    add_arguments(evaluation)
+    evaluation.set_defaults(run=cmd_eval)
 
     insp = sub.add_parser("inspect", help="print a LoRA file's format, ranks, alphas and targets")
     insp.add_argument("file")

@@ -1,0 +1,95 @@
+"""Per-image score rows (one CSV per process) and the markdown report built from all of them."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from .metrics import METRICS
+
+COLUMNS = ("pair", "policy", "seed", *METRICS, "wall_s", "peak_mem_mb", "mem_kind", "device", "rank", "image")
+METRIC_TITLES = {"style_sim": "Style Sim", "clip_score": "CLIP Score", "dino_score": "DINO Score"}
+SCORES_HEADING = "## Scores (mean ± std over images, %)"
+
+
+def shard_csv(out: Path, rank: int) -> Path:
+    return Path(out) / "scores" / f"scores.rank{rank}.csv"
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line per write, flushed and synced: a crash loses at most the image being made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({key: row[key] for key in COLUMNS})
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_rows(out: Path) -> dict[tuple, dict]:
+    """Every complete row of every shard file, keyed by (pair, policy, seed); a later row replaces an earlier one."""
+    rows = {}
+    for path in sorted((Path(out) / "scores").glob("scores.rank*.csv")):
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if any(row.get(key) in (None, "") for key in COLUMNS) or not row["image"].endswith(".png"):
+                    continue  # a line still being written by another process
+                rows[(row["pair"], row["policy"], int(row["seed"]))] = row
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def scores_table(rows: dict, policies: list[str]) -> list[str]:
+    """The paper's Table 1 layout: one line per method, mean ± std (sample std) in percent."""
+    lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | images |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for policy in policies:
+        picked = [row for row in rows.values() if row["policy"] == policy]
+        if not picked:
+            continue
+        cells = []
+        for metric in METRICS:
+            mean, std = _mean_std([100 * float(row[metric]) for row in picked])
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")
+    return lines
+
+
+def cost_table(rows: dict, policies: list[str]) -> list[str]:
+    lines = ["| method | wall s / image (mean ± std) | total wall s | peak memory MB (max) | memory measured as |",
+             "|---|---|---|---|---|"]
+    for policy in policies:
+        picked = [row for row in rows.values() if row["policy"] == policy]
+        if not picked:
+            continue
+        walls = [float(row["wall_s"]) for row in picked]
+        mean, std = _mean_std(walls)
+        peak = max(float(row["peak_mem_mb"]) for row in picked)
+        kinds = ", ".join(sorted({row["mem_kind"] for row in picked}))
+        lines.append(f"| {policy} | {mean:.2f} ± {std:.2f} | {sum(walls):.1f} | {peak:.0f} | {kinds} |")
+    return lines
+
+
+def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes: list[str]) -> Path:
+    """out/report.md: the scores table (comparable across runs and shardings), then the cost table."""
+    missing = planned - len(rows)
+    scored = f"- images scored: {len(rows)} of {planned} planned" + (f" (**{missing} missing**)" if missing else "")
+    lines = ["# fusion-engine eval", "", *[f"- {note}" for note in notes], scored,
+             "", SCORES_HEADING, "", *scores_table(rows, policies), "",
+             "## Cost (per image, generation only; the +llr rows include making the two references)", "",
+             *cost_table(rows, policies), ""]
+    path = Path(out) / "report.md"
+    scratch = path.with_suffix(f".md.{os.getpid()}")
+    scratch.write_text("\n".join(lines))
+    os.replace(scratch, path)
+    return path
