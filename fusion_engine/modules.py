@@ -118,23 +118,27 @@ class FusedLoRALinear(FusedLayer):
 class FusedLoRAConv2d(FusedLayer):
     """LoCon layers: the same rule with the channel dimension per pixel (reference path only)."""
 
+    def _conv(self, x, weight, bias=None):
+        """The base layer's convolution (stride, padding and padding mode) with another weight."""
+        return self.base._conv_forward(x, weight, bias)
+
     def _raw_delta(self, x, y0, down, up):
-        """Unscaled (B * (A * x)) at y0's precision; zeros for an absent LoRA."""
+        """Unscaled B * (A * x) at y0's precision; zeros for an absent LoRA."""
         if down.shape[0] == 0:
             return torch.zeros_like(y0)
-        base = self.base
-        hidden = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)
-        return F.conv2d(hidden, up).to(y0.dtype)
+        return F.conv2d(self._conv(x, down.to(x.dtype)), up.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        context = self.context
-        y0 = self.base(x).to(accumulation_dtype(x.dtype))
+        # Everything at accumulation precision (as the linear ops): fp16 deltas cannot overflow here.
+        context, base, dtype = self.context, self.base, x.dtype
+        x = x.to(accumulation_dtype(dtype))
+        y0 = self._conv(x, base.weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
         raw_c = self._raw_delta(x, y0, self.down_c, self.up_c)
         raw_s = self._raw_delta(x, y0, self.down_s, self.up_s)
         if not context.policy.uses_divergence:
             coef = self.static_coefficients(x.device)
             coef = coef.to(y0.dtype)
-            return (y0 + coef[0] * raw_c + coef[1] * raw_s).to(x.dtype)
+            return (y0 + coef[0] * raw_c + coef[1] * raw_s).to(dtype)
         batch, channels, height, width = y0.shape
 
         def to_rows(t):
@@ -146,4 +150,4 @@ class FusedLoRAConv2d(FusedLayer):
             context.policy.divergence, self.has_subject, self.has_style,
         )
         context.record(self.index, choose_c, score_c, score_s)
-        return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(x.dtype)
+        return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype)

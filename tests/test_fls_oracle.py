@@ -103,3 +103,40 @@ def test_fls_matches_float64_oracle(tiny_pipe, loras, divergence, granularity):
         assert torch.equal(record.choice.bool(), oracle.expand_as(record.choice)), name
     flat = torch.cat([r.choice for r in records if r.score_subject is not None])
     assert flat.min() == 0 and flat.max() == 1, "the test needs layers choosing each branch"
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js", "cosine", "dot"])
+def test_locon_conv_fls_matches_float64_oracle(divergence):
+    """Conv layers (kohya LoCon): the channel dimension per pixel, pixels of one image pooled."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(6, 10, 3, padding=1, stride=2)).double()
+    conv = model[0]
+
+    def locon(rank, alpha, seed):
+        g = torch.Generator().manual_seed(seed)
+        return fe.LoRA({"0": fe.LoRALayer(torch.randn(rank, 6, 3, 3, generator=g, dtype=torch.float64) * 0.3,
+                                          torch.randn(10, rank, 1, 1, generator=g, dtype=torch.float64), alpha)})
+
+    subject, style = locon(2, 2.0, 1), locon(3, 3.0, 2)
+    x = torch.randn(4, 6, 9, 9, dtype=torch.float64)
+    y0 = conv(x)
+
+    def delta(lora):
+        layer = lora.layers["0"]
+        hidden = torch.nn.functional.conv2d(x, layer.down, stride=2, padding=1)
+        return layer.alpha / layer.rank * torch.nn.functional.conv2d(hidden, layer.up)
+
+    d_c, d_s = delta(subject), delta(style)
+    channels_last = lambda t: t.permute(0, 2, 3, 1).reshape(4, -1, 10)  # noqa: E731
+    s_c = oracle_score(channels_last(y0 + d_c), channels_last(y0), divergence).mean(1)
+    s_s = oracle_score(channels_last(y0 + d_s), channels_last(y0), divergence).mean(1)
+    take_subject = s_c >= s_s
+    expected = torch.where(take_subject[:, None, None, None], y0 + d_c, y0 + d_s)
+
+    with fe.attach(model, subject, style, policy="fls", divergence=divergence, granularity="sample") as fusion:
+        with torch.no_grad():
+            got = model(x)
+        record = fusion.trace.gather()[0]
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert torch.equal(record.choice.bool(), take_subject)
+    assert 0 < int(take_subject.sum()) < 4 or divergence == "dot", "want both branches chosen somewhere"
