@@ -13,8 +13,8 @@ GRID_POLICIES = (  # (label, policy, which LoRAs)
     ("klora", "klora", "both"),
     ("blora", "blora", "both"),
     ("switch", "switch", "both"),
-    ("composite", "composite", "both"),
     ("fls (kl)", "fls", "both"),
+    ("fls+llr", "fls+llr", "both"),
 )
 
 
@@ -58,23 +58,40 @@ def cmd_demo(args) -> int:
     from fusion_engine.default import load_default_world
     from fusion_engine.visual import image_grid
 
+    from fusion_engine.default.world import resolve_world
+    from fusion_engine.refine import Refiner
+
     out = Path(args.out)
-    world = load_default_world(out / "loras", seed=args.seed)
+    kind = resolve_world(args.world)
+    world = load_default_world(out / "loras", seed=args.seed, world=kind)
     subject, style = world.subject(), world.style()
-    print(f"default world: tiny random SD pipeline; subject {subject}; style {style}")
+    if kind == "toy":
+        from fusion_engine.toy.world import load_judges
+
+        clip, dino = load_judges()
+        print(f"default world: the trained toy world (fusion_engine/toy); subject {subject}; style {style}")
+    else:
+        from fusion_engine.encoders import tiny_dino, tiny_openclip
+
+        clip, dino = tiny_openclip(0), tiny_dino(1)
+        print(f"default world: tiny random SD pipeline; subject {subject}; style {style}")
     rows, labels, fls_trace = [], [], None
     for label, policy, which in GRID_POLICIES:
+        llr = policy.endswith("+llr")
+        policy = policy.removesuffix("+llr")
         pipe = fe.FusionPipeline.from_pipe(
             world.pipe, subject=subject if which != "style" else None, style=style if which != "subject" else None,
             policy=policy, **({"weights": (1.0, 1.0)} if policy == "direct" else {}), backend=args.backend,
+            refine=Refiner(clip, dino) if llr else None,
         )
         prompt = {"subject": world.subject_prompt, "style": world.style_prompt}.get(which, world.prompt)
+        extra = {"subject_prompt": world.subject_prompt, "style_prompt": world.style_prompt} if llr else {}
         result = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       num_images_per_prompt=args.images, generator=torch.Generator().manual_seed(args.seed),
-                      progress=not args.quiet)
+                      progress=not args.quiet, **extra)
         rows.append(result.images)
         labels.append(label)
-        if policy == "fls":
+        if policy == "fls" and not llr:
             fls_trace = result.trace
         print(f"  {label:<13} done")
     grid = image_grid(rows, labels, out / "grid.png", title=f"{world.prompt!r}, {args.steps} steps, seed {args.seed}")
@@ -143,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     fusion_flags(gen, ["fls", "direct", "klora", "blora", "switch", "composite"])
     gen.set_defaults(run=cmd_generate)
 
-    demo = sub.add_parser("demo", help="every policy on the embedded tiny default (no downloads, CPU)")
+    demo = sub.add_parser("demo", help="every policy on the embedded default world (no downloads, CPU)")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--images", type=int, default=4)
@@ -151,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--world", default="auto", choices=["auto", "toy", "random"],
+                      help="auto: the trained toy world when its weights ship, else the random one")
     demo.set_defaults(run=cmd_demo)
 
     evaluation = sub.add_parser("eval", help="pairs x policies x seeds -> images, per-image scores, report.md")

@@ -8,8 +8,13 @@ from pathlib import Path
 
 from .metrics import METRICS
 
-COLUMNS = ("pair", "policy", "seed", *METRICS, "wall_s", "peak_mem_mb", "mem_kind", "device", "rank", "image")
-METRIC_TITLES = {"style_sim": "Style Sim", "clip_score": "CLIP Score", "dino_score": "DINO Score"}
+# Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
+EXTRA_METRICS = ("subject_iou", "style_fid")
+COLUMNS = ("pair", "policy", "seed", *METRICS, *EXTRA_METRICS, "wall_s", "peak_mem_mb", "mem_kind", "device", "rank",
+           "image")
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in EXTRA_METRICS)
+METRIC_TITLES = {"style_sim": "Style Sim", "clip_score": "CLIP Score", "dino_score": "DINO Score",
+                 "subject_iou": "Subject IoU", "style_fid": "Style Fid"}
 SCORES_HEADING = "## Scores (mean ± std over images, %)"
 
 
@@ -21,11 +26,15 @@ def append_row(path: Path, row: dict) -> None:
     """One line per write, flushed and synced: a crash loses at most the image being made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    fields = COLUMNS
+    if not new:  # keep the header the file was started with (a file from before EXTRA_METRICS lacks them)
+        with path.open(newline="") as handle:
+            fields = next(csv.reader(handle))
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerow({key: row[key] for key in COLUMNS})
+        writer.writerow({key: row.get(key, "") for key in fields})
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -36,7 +45,7 @@ def read_rows(out: Path) -> dict[tuple, dict]:
     for path in sorted((Path(out) / "scores").glob("scores.rank*.csv")):
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                if any(row.get(key) in (None, "") for key in COLUMNS) or not row["image"].endswith(".png"):
+                if any(row.get(key) in (None, "") for key in REQUIRED_COLUMNS) or not row["image"].endswith(".png"):
                     continue  # a line still being written by another process
                 rows[(row["pair"], row["policy"], int(row["seed"]))] = row
     return rows
@@ -50,15 +59,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def scores_table(rows: dict, policies: list[str]) -> list[str]:
-    """The paper's Table 1 layout: one line per method, mean ± std (sample std) in percent."""
-    lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | images |",
-             "|---|" + "---|" * (len(METRICS) + 1)]
+    """The paper's Table 1 layout: one line per method, mean ± std (sample std) in percent; the extra
+    metrics get a column when every row has them."""
+    extra = [m for m in EXTRA_METRICS if rows and all(row.get(m) not in (None, "") for row in rows.values())]
+    metrics = [*METRICS, *extra]
+    lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | images |",
+             "|---|" + "---|" * (len(metrics) + 1)]
     for policy in policies:
         picked = [row for row in rows.values() if row["policy"] == policy]
         if not picked:
             continue
         cells = []
-        for metric in METRICS:
+        for metric in metrics:
             mean, std = _mean_std([100 * float(row[metric]) for row in picked])
             cells.append(f"{mean:.1f} ± {std:.1f}")
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")

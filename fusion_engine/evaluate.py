@@ -55,6 +55,7 @@ class EvalSettings:
     through_unet: bool = True
     wait_timeout: float = 3600.0
     progress: bool = False
+    extra_scores: object = None  # optional: PIL image -> {metric: (1,) array}, e.g. the toy world's measures
 
 
 def shard_from_env(environ=os.environ) -> tuple[int, int]:
@@ -175,6 +176,8 @@ class Evaluator:
             subject_ref, style_ref = self.references(item.pair, item.seed)
             with Image.open(path) as saved:  # score the saved (8-bit) image: reruns and shards see the same
                 scores = score_images(self.clip, self.dino, saved.convert("RGB"), subject_ref, style_ref)
+                if self.settings.extra_scores is not None:
+                    scores.update({k: torch.as_tensor(v) for k, v in self.settings.extra_scores(saved).items()})
             append_row(shard_csv(out, self.rank), {
                 "pair": item.pair.name, "policy": item.policy, "seed": item.seed,
                 **{metric: f"{value.item():.6f}" for metric, value in scores.items()},
@@ -212,6 +215,9 @@ def resolve_pairs(pairs_path, out: Path, default_pairs: int, unet=None) -> list[
 
 # -- command line -------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
+    parser.add_argument("--world", default=None, choices=["toy", "random"],
+                        help="toy: the trained toy world's model, LoRA pair, judges and transparent measures "
+                             "(--model/--pairs/--clip/--dino then stay unset)")
     parser.add_argument("--pairs", default=None, help="pairs.toml (default: N random pairs on the tiny default)")
     parser.add_argument("--default-pairs", type=int, default=2, help="pairs made when --pairs is not given")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
@@ -250,6 +256,10 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load_pipe(args, device: torch.device):
+    if getattr(args, "world", None) == "toy":
+        from .toy.world import build_toy_pipeline
+
+        return build_toy_pipeline().to(device)
     if args.model is None:
         from .default import build_tiny_pipeline
 
@@ -271,6 +281,10 @@ def _load_encoders(args, device: torch.device):
 
     from .encoders import load_dino, load_openclip, tiny_dino, tiny_openclip
 
+    if getattr(args, "world", None) == "toy":
+        from .toy.world import load_judges
+
+        return load_judges(device=device)
     if args.clip is None and args.dino is None:
         return tiny_openclip(0, device), tiny_dino(1, device)
     if args.clip is None or args.dino is None:
@@ -281,6 +295,8 @@ def _load_encoders(args, device: torch.device):
 
 
 def _describe_encoders(args) -> str:
+    if getattr(args, "world", None) == "toy":
+        return "the toy world's trained judges (open_clip CLIP, timm ViT shape classifier in the DINO slot)"
     if args.clip is None and args.dino is None:
         return "tiny random encoders (scores are meaningless)"
     return f"OpenCLIP {args.clip} ({args.clip_checkpoint}), DINO {args.dino} ({args.dino_checkpoint})"
@@ -293,18 +309,32 @@ def run_eval(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     device = _device(args.device)
+    toy = getattr(args, "world", None) == "toy"
+    if toy and (args.model or args.pairs or args.clip or args.dino):
+        raise ValueError("--world toy brings its own model, pairs and judges: drop --model/--pairs/--clip/--dino")
+    if toy:
+        from .toy.world import write_toy_pairs
+
+        args.pairs = str(write_toy_pairs(out / "toy_pairs"))
     pipe = None if args.report_only and args.pairs else _load_pipe(args, device)
     pairs = resolve_pairs(args.pairs, out, args.default_pairs, pipe.unet if pipe is not None else None)
     items = plan(pairs, policies, args.seeds)
-    notes = [f"model: {args.model or 'tiny random default world'}", f"pairs: {len(pairs)}, seeds: {args.seeds}",
+    model = "the trained toy world (fusion_engine/toy)" if toy else args.model or "tiny random default world"
+    notes = [f"model: {model}", f"pairs: {len(pairs)}, seeds: {args.seeds}",
              f"sampler: {args.steps} steps, CFG {args.guidance:g}, policies: {', '.join(policies)}",
              f"LLR: m={args.m:g}, {'noise prediction constant' if args.llr_constant_noise else 'through the UNet'}",
              f"encoders: {_describe_encoders(args)}"]
+    if toy:
+        notes.append("Subject IoU / Style Fid: the toy world's transparent measures (fusion_engine/toy/measures.py)")
     if not args.report_only:
         clip, dino = _load_encoders(args, device)
         settings = EvalSettings(out, policies, args.seeds, args.steps, args.guidance, args.height, args.width,
                                 args.backend, args.divergence, args.m, not args.llr_constant_noise,
                                 args.wait_timeout, progress=not args.quiet)
+        if toy:
+            from .toy.measures import transparent_scores
+
+            settings.extra_scores = transparent_scores
         mine = items[rank::world]
         made = Evaluator(pipe, clip, dino, settings, rank).run(mine, set(read_rows(out)))
         print(f"[rank {rank}/{world}] made {made} image(s); {len(mine) - made} were already done")

@@ -9,7 +9,7 @@ from fusion_engine.cli import GRID_POLICIES, main
 
 
 def test_demo_writes_grid_heatmap_and_trace(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--images", "2", "--quiet"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--images", "2", "--quiet", "--world", "random"]) == 0
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size[1] >= len(GRID_POLICIES) * 128
     assert (tmp_path / "heatmap.png").stat().st_size > 0

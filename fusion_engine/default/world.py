@@ -1,7 +1,11 @@
-"""The embedded default: a tiny SD-style pipeline and two LoRA files, built here with fixed seeds.
+"""The embedded defaults behind one seam, ``load_default_world``:
 
-Random weights for now; a trained world replaces ``build_tiny_pipeline``/``default_loras`` behind the
-same ``load_default_world`` seam.
+* ``"toy"``: the trained toy world shipped in ``fusion_engine/toy/weights`` (a tiny text-to-image model of
+  16x16 shapes x styles, a trained subject LoRA and a trained style LoRA; see ``fusion_engine.toy``);
+* ``"random"``: a tiny SD-style pipeline and two LoRA files of random weights, built here with fixed seeds
+  (what the unit tests use: fast, and no file needed).
+
+``"auto"`` (the default) is the toy world when its weights are present, else the random one.
 """
 from __future__ import annotations
 
@@ -92,9 +96,24 @@ class DefaultWorld:
         return load_lora(self.style_path)
 
 
-def load_default_world(folder, seed: int = 0) -> DefaultWorld:
-    """Build the tiny pipeline and write its LoRAs as real files: subject in the diffusers (PEFT)
-    layout, style in the kohya layout, so the demo loads both through the normal path."""
+def resolve_world(world: str = "auto") -> str:
+    if world not in ("auto", "toy", "random"):
+        raise ValueError(f"unknown default world {world!r}: use 'auto', 'toy' or 'random'")
+    if world == "auto":
+        from ..toy.world import toy_weights_present
+
+        return "toy" if toy_weights_present() else "random"
+    return world
+
+
+def load_default_world(folder, seed: int = 0, world: str = "auto") -> DefaultWorld:
+    """The toy world (its LoRA files are read where they ship; ``folder`` is unused), or the random one:
+    build the tiny pipeline and write its LoRAs as real files, subject in the diffusers (PEFT) layout,
+    style in the kohya layout, so the demo loads both through the normal path."""
+    if resolve_world(world) == "toy":
+        from ..toy.world import load_toy_world
+
+        return load_toy_world()
     folder = Path(folder)
     pipe = build_tiny_pipeline(seed)
     subject, style = default_loras(pipe.unet, seed)

@@ -1,0 +1,84 @@
+"""Load the toy world from the weights shipped in ``fusion_engine/toy/weights`` (no download, no training)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
+
+WEIGHTS = Path(__file__).parent / "weights"
+SUBJECT_FILE = "subject_sks_star_peft.safetensors"
+STYLE_FILE = "style_zzt_kohya.safetensors"
+CLIP_FILE, DINO_FILE = "judge_clip.safetensors", "judge_dino.safetensors"
+BASE_FILES = ("base_config.json", "vae.safetensors", "unet.safetensors", "text_encoder.safetensors")
+
+
+def toy_weights_present(folder=WEIGHTS) -> bool:
+    folder = Path(folder)
+    return all((folder / name).is_file() for name in (*BASE_FILES, SUBJECT_FILE, STYLE_FILE))
+
+
+def build_toy_pipeline(folder=WEIGHTS):
+    """The trained StableDiffusionPipeline (16x16 images, Euler sampler)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..default.tokenizer import clip_tokenizer
+
+    folder = Path(folder)
+    config = json.loads((folder / "base_config.json").read_text())
+    vae = AutoencoderKL(**config["vae"])
+    unet = UNet2DConditionModel(**config["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        model.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        model.eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(**config["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
+    """A ``DefaultWorld`` over the shipped files: the LoRAs are read from where they ship."""
+    from ..default.world import DefaultWorld
+
+    folder = Path(folder)
+    if require_loras and not toy_weights_present(folder):
+        raise FileNotFoundError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
+    return DefaultWorld(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
+                        subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
+
+
+def load_judges(folder=WEIGHTS, device="cpu"):
+    """(clip, dino): the trained judges, loaded through ``fusion_engine.encoders`` like the big backbones."""
+    from ..encoders import IMAGENET_MEAN, IMAGENET_STD, load_dino, load_openclip
+    from . import configs
+
+    folder = Path(folder)
+    clip = load_openclip(configs.CLIP, folder / CLIP_FILE, device=device)
+    dino = load_dino(configs.DINO_NAME, folder / DINO_FILE, device=device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     **configs.DINO_OPTIONS)
+    return clip, dino
+
+
+def write_toy_pairs(folder, weights=WEIGHTS) -> Path:
+    """pairs.toml for ``fusion-engine eval``: the toy world's one subject-style pair, LoRAs where they ship."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = Path(weights).resolve()
+    lines = ["[[pair]]", 'name = "sks-star_zzt"', f'subject = "{weights / SUBJECT_FILE}"',
+             f'style = "{weights / STYLE_FILE}"', f'prompt = "{FUSED_PROMPT}"',
+             f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
+    path = folder / "pairs.toml"
+    scratch = path.with_name(f".pairs.{os.getpid()}.toml")
+    scratch.write_text("\n".join(lines))
+    os.replace(scratch, path)
+    return path
