@@ -28,24 +28,30 @@ def _config(name: str) -> dict:
     return json.loads(resources.files(__package__).joinpath("configs", f"{name}.json").read_text())
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """A StableDiffusionPipeline of ~2M random parameters that runs on a CPU in milliseconds a step."""
+def assemble_pipeline(configs: dict):
+    """A StableDiffusionPipeline (Euler, offline CLIP tokenizer) from ``vae``/``unet``/``text_encoder``/
+    ``scheduler`` config dicts; the models are freshly initialised (load weights into them afterwards)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tokenizer import clip_tokenizer
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**_config("unet"))
-    vae = AutoencoderKL(**_config("vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=EulerDiscreteScheduler(**_config("scheduler")),
+        scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline of ~2M random parameters that runs on a CPU in milliseconds a step."""
+    torch.manual_seed(seed)
+    return assemble_pipeline({name: _config(name) for name in ("unet", "vae", "text_encoder", "scheduler")})
 
 
 def attention_targets(unet, skip: tuple[str, ...] = ()) -> list[str]:

@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 
@@ -23,26 +22,15 @@ def toy_weights_present(folder=WEIGHTS) -> bool:
 
 def build_toy_pipeline(folder=WEIGHTS):
     """The trained StableDiffusionPipeline (16x16 images, Euler sampler)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..default.tokenizer import clip_tokenizer
+    from ..default.world import assemble_pipeline
 
     folder = Path(folder)
-    config = json.loads((folder / "base_config.json").read_text())
-    vae = AutoencoderKL(**config["vae"])
-    unet = UNet2DConditionModel(**config["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
-    for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
-        model.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
-        model.eval().requires_grad_(False)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=EulerDiscreteScheduler(**config["scheduler"]),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(json.loads((folder / "base_config.json").read_text()))
+    for name in ("vae", "unet", "text_encoder"):
+        getattr(pipe, name).load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        getattr(pipe, name).eval().requires_grad_(False)
     return pipe
 
 
