@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-
 from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 
 WEIGHTS = Path(__file__).parent / "weights"
