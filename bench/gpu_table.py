@@ -136,17 +136,17 @@ class Layer:
         self.w = rnd(N, K, std=K ** -0.5)
         self.b = rnd(N, std=0.5) if bias else None
         # deltas about 20% of y0, the style one a little larger (so decisions are not all equal)
-        self.a_c, self.b_c = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.2 * r ** -0.5)
-        self.a_s, self.b_s = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.25 * r ** -0.5)
+        self.subject_a, self.subject_b = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.2 * r ** -0.5)
+        self.style_a, self.style_b = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.25 * r ** -0.5)
         self.s_c = self.s_s = 1.0  # alpha = rank
         self.groups = groups
         self.row_group = (torch.arange(M, device=DEVICE) * groups // M).to(torch.int64)
-        self.w_merged = (self.w.float() + self.s_c * self.b_c.float() @ self.a_c.float()).to(dtype)
+        self.w_merged = (self.w.float() + self.s_c * self.subject_b.float() @ self.subject_a.float()).to(dtype)
         self.coef = torch.tensor([self.s_c, self.s_s], device=DEVICE)
         self.prev = torch.ones(groups, dtype=torch.bool, device=DEVICE)  # speculation state
 
     def args(self, x=None):
-        return (self.x if x is None else x, self.w, self.b, self.a_c, self.b_c, self.s_c, self.a_s, self.b_s,
+        return (self.x if x is None else x, self.w, self.b, self.subject_a, self.subject_b, self.s_c, self.style_a, self.style_b,
                 self.s_s, self.row_group, self.groups)
 
     # --- the methods of the table
@@ -155,23 +155,23 @@ class Layer:
 
     def klora(self, x=None):  # K-LoRA with its choice cached at attach: one unmerged delta
         x = self.x if x is None else x
-        return F.linear(x, self.w, self.b) + F.linear(F.linear(x, self.a_c), self.b_c) * self.s_c
+        return F.linear(x, self.w, self.b) + F.linear(F.linear(x, self.subject_a), self.subject_b) * self.s_c
 
     def two_adapter(self, x=None):  # peft's Linear.forward with two active adapters
         x = self.x if x is None else x
         out = F.linear(x, self.w, self.b)
-        out = out + F.linear(F.linear(x, self.a_c), self.b_c) * self.s_c
-        return out + F.linear(F.linear(x, self.a_s), self.b_s) * self.s_s
+        out = out + F.linear(F.linear(x, self.subject_a), self.subject_b) * self.s_c
+        return out + F.linear(F.linear(x, self.style_a), self.style_b) * self.s_s
 
     def naive(self, x=None):
         x = self.x if x is None else x
         y0 = F.linear(x, self.w, self.b)
-        y_c = y0 + F.linear(F.linear(x, self.a_c), self.b_c) * self.s_c
-        y_s = y0 + F.linear(F.linear(x, self.a_s), self.b_s) * self.s_s
+        y_subject = y0 + F.linear(F.linear(x, self.subject_a), self.subject_b) * self.s_c
+        y_style = y0 + F.linear(F.linear(x, self.style_a), self.style_b) * self.s_s
         log_p0 = F.log_softmax(y0.float(), -1)
-        d_c = F.kl_div(log_p0, F.log_softmax(y_c.float(), -1), log_target=True, reduction="batchmean")
-        d_s = F.kl_div(log_p0, F.log_softmax(y_s.float(), -1), log_target=True, reduction="batchmean")
-        return y_c if d_c.item() >= d_s.item() else y_s  # host sync: not capturable
+        subject_delta = F.kl_div(log_p0, F.log_softmax(y_subject.float(), -1), log_target=True, reduction="batchmean")
+        style_delta = F.kl_div(log_p0, F.log_softmax(y_style.float(), -1), log_target=True, reduction="batchmean")
+        return y_subject if subject_delta.item() >= style_delta.item() else y_style  # host sync: not capturable
 
     def fused(self, x=None, prev=None):
         out, sc, ss, ch = triton_ops.fls_linear(*self.args(x), "kl", prev_choose=self.prev if prev is None else prev)
@@ -187,7 +187,7 @@ class Layer:
 
     def mix(self, x=None):
         x = self.x if x is None else x
-        return triton_ops.mix_linear(x, self.w, self.b, self.a_c, self.b_c, self.a_s, self.b_s, self.coef)
+        return triton_ops.mix_linear(x, self.w, self.b, self.subject_a, self.subject_b, self.style_a, self.style_b, self.coef)
 
 
 def _err(a, b) -> float:
@@ -202,8 +202,8 @@ def verify_layer(L: Layer, tag: str) -> None:
     _, rsc, rss, rch = R.fls_linear(*a64, "kl")
     # the same computation eagerly in the input dtype
     y0e = F.linear(L.x, L.w, L.b)
-    yce = y0e + F.linear(F.linear(L.x, L.a_c), L.b_c) * L.s_c
-    yse = y0e + F.linear(F.linear(L.x, L.a_s), L.b_s) * L.s_s
+    yce = y0e + F.linear(F.linear(L.x, L.subject_a), L.subject_b) * L.s_c
+    yse = y0e + F.linear(F.linear(L.x, L.style_a), L.style_b) * L.s_s
     esc = R.group_mean(R.row_divergence(yce.float(), y0e.float(), "kl"), L.row_group, L.groups)
     ess = R.group_mean(R.row_divergence(yse.float(), y0e.float(), "kl"), L.row_group, L.groups)
     s_tol = 2 * max(_err(esc, rsc), _err(ess, rss)) + ATOL[L.dtype] * max(1.0, rsc.abs().max().item())
@@ -215,7 +215,7 @@ def verify_layer(L: Layer, tag: str) -> None:
     o_tol = 2 * _err(eager_out, ref_out) + ATOL[L.dtype] * max(1.0, ref_out.abs().max().item())
     wrong_guess = L.fused(prev=~ch)
     mix = L.mix()
-    mix_ref = R.mix_linear(*[d(t) for t in (L.x, L.w, L.b, L.a_c, L.b_c, L.a_s, L.b_s)], L.coef)
+    mix_ref = R.mix_linear(*[d(t) for t in (L.x, L.w, L.b, L.subject_a, L.subject_b, L.style_a, L.style_b)], L.coef)
     mix_eager = L.two_adapter()
     m_tol = 2 * _err(mix_eager, mix_ref) + ATOL[L.dtype] * max(1.0, mix_ref.abs().max().item())
     checks = {

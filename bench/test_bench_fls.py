@@ -34,14 +34,14 @@ def _layer(M, K, N, r, seed=0):
 
 
 def naive_fls(x, w, b, lora, scale=(1.0, 1.0)):
-    (a_c, b_c), (a_s, b_s) = lora
+    (subject_a, subject_b), (style_a, style_b) = lora
     y0 = F.linear(x, w, b)
-    y_c = y0 + scale[0] * F.linear(F.linear(x, a_c), b_c)
-    y_s = y0 + scale[1] * F.linear(F.linear(x, a_s), b_s)
+    y_subject = y0 + scale[0] * F.linear(F.linear(x, subject_a), subject_b)
+    y_style = y0 + scale[1] * F.linear(F.linear(x, style_a), style_b)
     log_p0 = F.log_softmax(y0.float(), -1)
-    d_c = F.kl_div(log_p0, F.log_softmax(y_c.float(), -1), log_target=True, reduction="batchmean")
-    d_s = F.kl_div(log_p0, F.log_softmax(y_s.float(), -1), log_target=True, reduction="batchmean")
-    return y_c if d_c.item() >= d_s.item() else y_s  # host sync
+    subject_delta = F.kl_div(log_p0, F.log_softmax(y_subject.float(), -1), log_target=True, reduction="batchmean")
+    style_delta = F.kl_div(log_p0, F.log_softmax(y_style.float(), -1), log_target=True, reduction="batchmean")
+    return y_subject if subject_delta.item() >= style_delta.item() else y_style  # host sync
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -49,13 +49,13 @@ def naive_fls(x, w, b, lora, scale=(1.0, 1.0)):
 def test_fls_cpu(benchmark, record_median, case, method):
     M, K, N, r = CASES[case]
     x, w, b, lora, row_group = _layer(M, K, N, r)
-    (a_c, b_c), (a_s, b_s) = lora
+    (subject_a, subject_b), (style_a, style_b) = lora
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if method == "merged":
-        w_merged = w + b_c @ a_c
+        w_merged = w + subject_b @ subject_a
         fn = lambda: F.linear(x, w_merged, b)  # noqa: E731
     elif method == "reference":
-        fn = lambda: R.fls_linear(x, w, b, a_c, b_c, 1.0, a_s, b_s, 1.0, row_group, 2, "kl")  # noqa: E731
+        fn = lambda: R.fls_linear(x, w, b, subject_a, subject_b, 1.0, style_a, style_b, 1.0, row_group, 2, "kl")  # noqa: E731
     else:
         fn = lambda: naive_fls(x, w, b, lora)  # noqa: E731
     with torch.inference_mode():

@@ -37,23 +37,23 @@ GACC = 5  # per group: sum score_c, sum score_s, rows, rows with d_c != 0, rows 
 
 
 @triton.jit
-def _fls_tile(x_ptr, w_ptr, bias_ptr, xa_ptr, bc_ptr, bs_ptr, offs_am, offs_n, mask_n,
-              K, rc, rs, scale_c, scale_s, stride_xm, stride_wn, stride_xam, S_OFF,
+def _fls_tile(x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n,
+              K, rc, rs, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, S_OFF,
               HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr,
               RC_PAD: tl.constexpr, RS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     y0 = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
                       HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
     if HAS_C:
-        dc = scale_c * _expand_tile(xa_ptr, bc_ptr, offs_am, offs_n, mask_n, rc, stride_xam, 0, RC_PAD, DOT_PRECISION)
+        subject_delta = subject_scale * _expand_tile(xa_ptr, subject_b_ptr, offs_am, offs_n, mask_n, rc, stride_xam, 0, RC_PAD, DOT_PRECISION)
     else:
-        dc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        subject_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_S:
-        ds = scale_s * _expand_tile(xa_ptr, bs_ptr, offs_am, offs_n, mask_n, rs, stride_xam, S_OFF, RS_PAD,
+        style_delta = style_scale * _expand_tile(xa_ptr, style_b_ptr, offs_am, offs_n, mask_n, rs, stride_xam, S_OFF, RS_PAD,
                                     DOT_PRECISION)
     else:
-        ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    return y0, dc, ds
+        style_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return y0, subject_delta, style_delta
 
 
 @triton.jit
@@ -75,23 +75,23 @@ def _merge_lse(m, s, t, m_new_tile, s_tile, t_tile):
 
 
 @triton.jit
-def _decide(score_c, score_s, live_c, live_s, HAS_C: tl.constexpr, HAS_S: tl.constexpr):
+def _decide(subject_score, style_score, subject_live, style_live, HAS_C: tl.constexpr, HAS_S: tl.constexpr):
     """True = subject. Ties go to the subject; an absent LoRA never wins, and a branch whose delta
     is exactly zero on every row of the group counts as absent for that group (both zero: subject)."""
     if HAS_C and HAS_S:
-        take = tl.where(live_c == live_s, score_c >= score_s, live_c)
+        take = tl.where(subject_live == style_live, subject_score >= style_score, subject_live)
     elif HAS_S:
-        take = tl.zeros_like(score_c) != 0.0  # subject absent: always style
+        take = tl.zeros_like(subject_score) != 0.0  # subject absent: always style
     else:
-        take = tl.zeros_like(score_c) == 0.0  # style absent (or both): always subject
+        take = tl.zeros_like(subject_score) == 0.0  # style absent (or both): always subject
     return take
 
 
 @triton.jit
 def _fls_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, xa_ptr, bc_ptr, bs_ptr, row_group_ptr, guess_ptr,
+    x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, row_group_ptr, guess_ptr,
     out_ptr, part_ptr, ticket_ptr, gacc_ptr, score_c_ptr, score_s_ptr, choose_ptr,
-    M, N, K, rc, rs, num_groups, num_pid_n, scale_c, scale_s,
+    M, N, K, rc, rs, num_groups, num_pid_n, subject_scale, style_scale,
     stride_xm, stride_wn, stride_xam, stride_om, S_OFF,
     PHASE: tl.constexpr, DIV: tl.constexpr, LIVE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr,
     HAS_S: tl.constexpr, HAS_GUESS: tl.constexpr, RC_PAD: tl.constexpr, RS_PAD: tl.constexpr,
@@ -122,11 +122,11 @@ def _fls_linear_kernel(
         guess = tl.full((BLOCK_M,), True, tl.int1)
 
     if PHASE == 0:
-        y0, dc, ds = _fls_tile(x_ptr, w_ptr, bias_ptr, xa_ptr, bc_ptr, bs_ptr, offs_am, offs_n, mask_n,
-                               K, rc, rs, scale_c, scale_s, stride_xm, stride_wn, stride_xam, S_OFF,
+        y0, subject_delta, style_delta = _fls_tile(x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n,
+                               K, rc, rs, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, S_OFF,
                                HAS_BIAS, HAS_C, HAS_S, RC_PAD, RS_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                                DOT_PRECISION)
-        out = tl.where(guess[:, None], y0 + dc, y0 + ds)
+        out = tl.where(guess[:, None], y0 + subject_delta, y0 + style_delta)
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
         # ---- per-row partial statistics of this N-tile, layout (stat, n_tile, row): coalesced ----
@@ -136,8 +136,8 @@ def _fls_linear_kernel(
             y0m = tl.where(mask_n[None, :], y0, float("-inf"))
             m0 = tl.max(y0m, axis=1)
             s0 = tl.sum(tl.exp(y0m - m0[:, None]), axis=1)
-            m1c, s1c, t1c = _kl_tile_stats(y0m, dc, mask_n)
-            m1s, s1s, t1s = _kl_tile_stats(y0m, ds, mask_n)
+            m1c, s1c, t1c = _kl_tile_stats(y0m, subject_delta, mask_n)
+            m1s, s1s, t1s = _kl_tile_stats(y0m, style_delta, mask_n)
             tl.store(part_ptrs + 0 * stat_stride, m0, mask=mask_m)
             tl.store(part_ptrs + 1 * stat_stride, s0, mask=mask_m)
             tl.store(part_ptrs + 2 * stat_stride, m1c, mask=mask_m)
@@ -147,8 +147,8 @@ def _fls_linear_kernel(
             tl.store(part_ptrs + 6 * stat_stride, s1s, mask=mask_m)
             tl.store(part_ptrs + 7 * stat_stride, t1s, mask=mask_m)
         else:  # cosine / dot: plain sums (masked columns of y0, d are exact zeros)
-            y1c = y0 + dc
-            y1s = y0 + ds
+            y1c = y0 + subject_delta
+            y1s = y0 + style_delta
             tl.store(part_ptrs + 0 * stat_stride, tl.sum(y1c * y0, axis=1), mask=mask_m)
             tl.store(part_ptrs + 1 * stat_stride, tl.sum(y1s * y0, axis=1), mask=mask_m)
             if DIV == 1:
@@ -156,10 +156,10 @@ def _fls_linear_kernel(
                 tl.store(part_ptrs + 3 * stat_stride, tl.sum(y1c * y1c, axis=1), mask=mask_m)
                 tl.store(part_ptrs + 4 * stat_stride, tl.sum(y1s * y1s, axis=1), mask=mask_m)
         if HAS_C and HAS_S:  # does the row's delta have a non-zero element in this tile
-            live_c = tl.max(tl.where(mask_n[None, :] & (dc != 0.0), 1.0, 0.0), axis=1)
-            live_s = tl.max(tl.where(mask_n[None, :] & (ds != 0.0), 1.0, 0.0), axis=1)
-            tl.store(part_ptrs + LIVE * stat_stride, live_c, mask=mask_m)
-            tl.store(part_ptrs + (LIVE + 1) * stat_stride, live_s, mask=mask_m)
+            subject_live = tl.max(tl.where(mask_n[None, :] & (subject_delta != 0.0), 1.0, 0.0), axis=1)
+            style_live = tl.max(tl.where(mask_n[None, :] & (style_delta != 0.0), 1.0, 0.0), axis=1)
+            tl.store(part_ptrs + LIVE * stat_stride, subject_live, mask=mask_m)
+            tl.store(part_ptrs + (LIVE + 1) * stat_stride, style_live, mask=mask_m)
 
         # ---- the last N-tile of this row tile to arrive reduces the row (split-K style ticket) ----
         tl.debug_barrier()  # all threads' partial stores are issued before the release below
@@ -217,14 +217,14 @@ def _fls_linear_kernel(
                     row_s = -ps
             row_c = tl.where(mask_m, row_c, 0.0)
             row_s = tl.where(mask_m, row_s, 0.0)
-            live_c = tl.zeros((BLOCK_M,), tl.float32)
-            live_s = tl.zeros((BLOCK_M,), tl.float32)
+            subject_live = tl.zeros((BLOCK_M,), tl.float32)
+            style_live = tl.zeros((BLOCK_M,), tl.float32)
             if HAS_C and HAS_S:
                 for t in range(0, num_pid_n):
                     p = row_ptrs + t * M
-                    live_c = tl.maximum(live_c, tl.load(p + LIVE * stat_stride, mask=mask_m, other=0.0,
+                    subject_live = tl.maximum(subject_live, tl.load(p + LIVE * stat_stride, mask=mask_m, other=0.0,
                                                         cache_modifier=".cg"))
-                    live_s = tl.maximum(live_s, tl.load(p + (LIVE + 1) * stat_stride, mask=mask_m, other=0.0,
+                    style_live = tl.maximum(style_live, tl.load(p + (LIVE + 1) * stat_stride, mask=mask_m, other=0.0,
                                                         cache_modifier=".cg"))
             # group sums: one scalar atomic per stat when the tile lies in one group (the usual
             # case: groups are images, contiguous runs of rows), else one atomic per row
@@ -235,15 +235,15 @@ def _fls_linear_kernel(
                 tl.atomic_add(gacc_ptr + g_lo * 5 + 1, tl.sum(row_s, axis=0))
                 tl.atomic_add(gacc_ptr + g_lo * 5 + 2, tl.sum(mask_m.to(tl.float32), axis=0))
                 if HAS_C and HAS_S:
-                    tl.atomic_add(gacc_ptr + g_lo * 5 + 3, tl.sum(live_c, axis=0))
-                    tl.atomic_add(gacc_ptr + g_lo * 5 + 4, tl.sum(live_s, axis=0))
+                    tl.atomic_add(gacc_ptr + g_lo * 5 + 3, tl.sum(subject_live, axis=0))
+                    tl.atomic_add(gacc_ptr + g_lo * 5 + 4, tl.sum(style_live, axis=0))
             else:
                 tl.atomic_add(gacc_ptr + group * 5 + 0, row_c, mask=mask_m)
                 tl.atomic_add(gacc_ptr + group * 5 + 1, row_s, mask=mask_m)
                 tl.atomic_add(gacc_ptr + group * 5 + 2, mask_m.to(tl.float32), mask=mask_m)
                 if HAS_C and HAS_S:
-                    tl.atomic_add(gacc_ptr + group * 5 + 3, live_c, mask=mask_m)
-                    tl.atomic_add(gacc_ptr + group * 5 + 4, live_s, mask=mask_m)
+                    tl.atomic_add(gacc_ptr + group * 5 + 3, subject_live, mask=mask_m)
+                    tl.atomic_add(gacc_ptr + group * 5 + 4, style_live, mask=mask_m)
     else:
         # ---- PHASE 1: the decision is final; fix up rows whose guess was wrong ----
         g_sum_c = tl.load(gacc_ptr + group * 5 + 0)
@@ -254,11 +254,11 @@ def _fls_linear_kernel(
         take = _decide(g_sum_c / g_cnt, g_sum_s / g_cnt, g_live_c, g_live_s, HAS_C, HAS_S)
         wrong = (take != guess) & mask_m
         if tl.max(wrong.to(tl.int32), axis=0) > 0:
-            y0, dc, ds = _fls_tile(x_ptr, w_ptr, bias_ptr, xa_ptr, bc_ptr, bs_ptr, offs_am, offs_n, mask_n,
-                                   K, rc, rs, scale_c, scale_s, stride_xm, stride_wn, stride_xam, S_OFF,
+            y0, subject_delta, style_delta = _fls_tile(x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n,
+                                   K, rc, rs, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, S_OFF,
                                    HAS_BIAS, HAS_C, HAS_S, RC_PAD, RS_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                                    DOT_PRECISION)
-            out = tl.where(take[:, None], y0 + dc, y0 + ds)
+            out = tl.where(take[:, None], y0 + subject_delta, y0 + style_delta)
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=wrong[:, None] & mask_n[None, :])
         if pid == 0:
             for g0 in range(0, num_groups, BLOCK_G):
@@ -274,42 +274,42 @@ def _fls_linear_kernel(
                 tl.store(choose_ptr + offs_g, _decide(sc, ss, lc, ls, HAS_C, HAS_S).to(tl.uint8), mask=mask_g)
 
 
-def fls_linear_fwd(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, num_groups,
+def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups,
                    divergence="kl", prev_choose=None):
     """Launch the fused FLS linear. Same contract as reference.fls_linear (kl, cosine, dot).
 
     ``prev_choose``: optional (G,) bool/uint8 device tensor, the decisions of the previous call of
     this layer; used only as the speculation guess (a wrong guess costs time, never accuracy).
-    Returns (out, score_c, score_s, choose_c): out (M, N) in x.dtype, scores float32 (G,), bool (G,).
+    Returns (out, subject_score, style_score, choose_subject): out (M, N) in x.dtype, scores float32 (G,), bool (G,).
     """
     if divergence not in DIV_CODES:
         raise ValueError(f"the fused kernel supports {tuple(DIV_CODES)}, not {divergence!r}")
     div = DIV_CODES[divergence]
     M, K = x.shape
     N = weight.shape[0]
-    rc, rs = a_c.shape[0], a_s.shape[0]
+    rc, rs = subject_a.shape[0], style_a.shape[0]
     dev = x.device
     G = int(num_groups)
 
     out = new_empty((M, N), x.dtype, dev)
-    score_c = new_empty((G,), torch.float32, dev)
-    score_s = new_empty((G,), torch.float32, dev)
+    subject_score = new_empty((G,), torch.float32, dev)
+    style_score = new_empty((G,), torch.float32, dev)
     choose = new_empty((G,), torch.uint8, dev)
     if M == 0 or G == 0:
         # nothing to reduce: every group is empty, its mean 0 (as reference.group_mean)
-        score_c.zero_()
-        score_s.zero_()
+        subject_score.zero_()
+        style_score.zero_()
         choose.fill_(0 if (rs > 0 and rc == 0) else 1)
-        return out, score_c, score_s, choose.view(torch.bool)
+        return out, subject_score, style_score, choose.view(torch.bool)
 
     # parameters in x's dtype (no-ops in the usual case); contiguous so strides are implicit
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.to(x.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    a_c, b_c = a_c.to(x.dtype).contiguous(), b_c.to(x.dtype).contiguous()
-    a_s, b_s = a_s.to(x.dtype).contiguous(), b_s.to(x.dtype).contiguous()
+    subject_a, subject_b = subject_a.to(x.dtype).contiguous(), subject_b.to(x.dtype).contiguous()
+    style_a, style_b = style_a.to(x.dtype).contiguous(), style_b.to(x.dtype).contiguous()
     row_group = row_group.contiguous()
-    xa, s_off = lora_shrink(x, a_c, a_s)
+    xa, s_off = lora_shrink(x, subject_a, style_a)
 
     cfg = gemm_config(M, N, K, rank_pad(rc) + rank_pad(rs))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -321,10 +321,10 @@ def fls_linear_fwd(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_gr
     guess = prev_choose.view(torch.uint8) if prev_choose is not None and prev_choose.dtype == torch.bool else prev_choose
 
     args = (
-        x, weight, bias if bias is not None else x, xa if xa is not None else x, b_c, b_s, row_group,
+        x, weight, bias if bias is not None else x, xa if xa is not None else x, subject_b, style_b, row_group,
         guess if guess is not None else choose,
-        out, part, ticket, gacc, score_c, score_s, choose,
-        M, N, K, rc, rs, G, num_n, float(scale_c), float(scale_s),
+        out, part, ticket, gacc, subject_score, style_score, choose,
+        M, N, K, rc, rs, G, num_n, float(subject_scale), float(style_scale),
         x.stride(0), weight.stride(0), xa.stride(0) if xa is not None else 0, out.stride(0), s_off,
     )
     meta = dict(
@@ -336,4 +336,4 @@ def fls_linear_fwd(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_gr
     grid = (num_m * num_n,)
     _fls_linear_kernel[grid](*args, PHASE=0, **meta)
     _fls_linear_kernel[grid](*args, PHASE=1, **meta)
-    return out, score_c, score_s, choose.view(torch.bool)
+    return out, subject_score, style_score, choose.view(torch.bool)

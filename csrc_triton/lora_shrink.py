@@ -15,7 +15,7 @@ from .utils import INTERPRET, dot_precision, new_empty, rank_pad
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, ac_ptr, as_ptr, xa_ptr,
+    x_ptr, subject_a_ptr, style_a_ptr, xa_ptr,
     M, K, rc, rs, stride_xm, stride_xam,
     S_OFF,  # first column of the style block in xa (= padded subject rank)
     HAS_C: tl.constexpr, HAS_S: tl.constexpr, RC_PAD: tl.constexpr, RS_PAD: tl.constexpr,
@@ -30,8 +30,8 @@ def _lora_shrink_kernel(
     offs_rs = tl.arange(0, RS_PAD)
 
     x_ptrs = x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :]
-    ac_ptrs = ac_ptr + offs_rc[None, :] * K + offs_k[:, None]  # (BLOCK_K, RC_PAD) view of A_c^T
-    as_ptrs = as_ptr + offs_rs[None, :] * K + offs_k[:, None]
+    ac_ptrs = subject_a_ptr + offs_rc[None, :] * K + offs_k[:, None]  # (BLOCK_K, RC_PAD) view of A_c^T
+    as_ptrs = style_a_ptr + offs_rs[None, :] * K + offs_k[:, None]
     acc_c = tl.zeros((BLOCK_M, RC_PAD), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -59,13 +59,13 @@ def _lora_shrink_kernel(
         tl.store(out_ptrs + S_OFF + offs_rs[None, :], acc_s.to(xa_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def lora_shrink(x: torch.Tensor, a_c: torch.Tensor, a_s: torch.Tensor):
+def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor):
     """xa (M, pad(r_c) + pad(r_s)) in x.dtype, or None when both LoRAs are absent.
 
     Returns (xa, pad(r_c)); the subject block is xa[:, :pad(r_c)], the style block follows.
     """
     M, K = x.shape
-    rc, rs = a_c.shape[0], a_s.shape[0]
+    rc, rs = subject_a.shape[0], style_a.shape[0]
     rc_pad, rs_pad = rank_pad(rc), rank_pad(rs)
     if rc_pad + rs_pad == 0 or M == 0:
         return None, rc_pad
@@ -74,7 +74,7 @@ def lora_shrink(x: torch.Tensor, a_c: torch.Tensor, a_s: torch.Tensor):
     block_k = 32 if INTERPRET else 64
     grid = (triton.cdiv(M, block_m),)
     _lora_shrink_kernel[grid](
-        x, a_c, a_s, xa,
+        x, subject_a, style_a, xa,
         M, K, rc, rs, x.stride(0), xa.stride(0), rc_pad,
         HAS_C=rc > 0, HAS_S=rs > 0, RC_PAD=max(rc_pad, 16), RS_PAD=max(rs_pad, 16),
         BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT_PRECISION=dot_precision(x.dtype),

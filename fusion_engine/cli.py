@@ -116,7 +116,7 @@ def cmd_inspect(args) -> int:
         print(f"ignored: {len(lora.ignored)} text-encoder keys (the fusion adapts the denoiser only)")
     print("targets:")
     for name, layer in lora.layers.items():
-        print(f"  {name}  rank={layer.rank} alpha={layer.alpha:g} down={tuple(layer.down.shape)}")
+        print(f"  {name}  rank={layer.rank} alpha={layer.alpha:g} A={tuple(layer.lora_a.shape)}")
     return 0
 
 

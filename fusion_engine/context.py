@@ -105,6 +105,6 @@ class FusionContext:
             self._groups[key] = (row_group, groups)
         return self._groups[key]
 
-    def record(self, layer_index: int, choice, score_c=None, score_s=None) -> None:
+    def record(self, layer_index: int, choice, subject_score=None, style_score=None) -> None:
         if self.trace is not None:
-            self.trace.record(self.step, layer_index, choice, score_c, score_s)
+            self.trace.record(self.step, layer_index, choice, subject_score, style_score)

@@ -18,7 +18,8 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     ├── StepContextError (RuntimeError) ..... sampler state a policy needs is missing
     │   ├── StepRangeError (ValueError) ..... a step outside [0, num_steps)
     │   └── BatchLayoutError (ValueError) ... a batch/prompt/granularity combination that cannot be grouped
-    └── ModelPathError (FileNotFoundError) .. a pipeline path that is not a local diffusers folder
+    ├── ModelPathError (FileNotFoundError) .. a pipeline path that is not a local diffusers folder
+    └── OptionError (ValueError) ............ an argument or option the caller gave that cannot be used
 """
 from __future__ import annotations
 
@@ -81,6 +82,10 @@ class BatchLayoutError(StepContextError, ValueError):
 
 class ModelPathError(FusionEngineError, FileNotFoundError):
     """A pipeline path that is not a local diffusers folder (hub ids are never downloaded)."""
+
+
+class OptionError(FusionEngineError, ValueError):
+    """A bad argument or option (an unknown policy, divergence, backend; a value out of range)."""
 
 
 def preview(names, limit: int = 5) -> str:

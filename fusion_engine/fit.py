@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .errors import AlreadyAttachedError, ModelMismatchError, preview
-from .modules import FusedLayer
+from .modules import DynamicLoRALayer
 
 FUSABLE_TYPES = (nn.Linear, nn.Conv2d)  # exact types: subclasses may change forward in ways we cannot fuse
 _CROSS_ATTENTION_INPUTS = ("attn2.to_k", "attn2.to_v")
@@ -39,20 +39,20 @@ def _module_problem(name: str, module: nn.Module | None) -> str | None:
 def _shape_problem(name: str, module: nn.Module, role: str, lora) -> str | None:
     layer = lora.layers[name]
     down_shape, up_shape = expected_shapes(module, layer.rank)
-    down, up = tuple(layer.down.shape), tuple(layer.up.shape)
-    if isinstance(module, nn.Linear) and layer.is_conv and layer.down.shape[2:] == (1, 1):
-        down, up = down[:2], up[:2]  # 1x1-conv storage of a Linear LoRA
-    if (down, up) == (down_shape, up_shape):
+    lora_a, lora_b = tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)
+    if isinstance(module, nn.Linear) and layer.is_conv and layer.lora_a.shape[2:] == (1, 1):
+        lora_a, lora_b = lora_a[:2], lora_b[:2]  # 1x1-conv storage of a Linear LoRA
+    if (lora_a, lora_b) == (down_shape, up_shape):
         return None
     return (
-        f"{name}: {role} LoRA ({lora.source}) has down {down} / up {up}, but the model's "
+        f"{name}: {role} LoRA ({lora.source}) has A {lora_a} / B {lora_b}, but the model's "
         f"{type(module).__name__} with weight {tuple(module.weight.shape)} needs {down_shape} / {up_shape}"
     )
 
 
 def _refuse_attached(model: nn.Module, modules: dict[str, nn.Module | None]) -> None:
     """A model that already carries a fusion (or PEFT adapters) at a target cannot take another one."""
-    fused = [name for name, module in model.named_modules() if isinstance(module, FusedLayer)]
+    fused = [name for name, module in model.named_modules() if isinstance(module, DynamicLoRALayer)]
     if fused:
         raise AlreadyAttachedError(
             f"this model already holds {len(fused)} fused layer(s) from an earlier attach (e.g. {preview(fused, 3)}); "
@@ -68,7 +68,7 @@ def _refuse_attached(model: nn.Module, modules: dict[str, nn.Module | None]) -> 
 
 def _context_width_note(model: nn.Module, lora) -> str:
     """'the LoRA's cross-attention takes 768-wide text features, this model's 2048' (SD1.5 vs SDXL), if known."""
-    widths = sorted({int(layer.down.shape[1]) for name, layer in lora.layers.items()
+    widths = sorted({int(layer.lora_a.shape[1]) for name, layer in lora.layers.items()
                      if name.endswith(_CROSS_ATTENTION_INPUTS)})
     model_width = getattr(getattr(model, "config", None), "cross_attention_dim", None)
     if not widths or not isinstance(model_width, int) or widths == [model_width]:

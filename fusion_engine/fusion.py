@@ -9,13 +9,13 @@ from .context import FusionContext
 from .errors import AlreadyAttachedError, AttachError
 from .fit import check_fit, find_module
 from .lora import LoRA, load_lora
-from .modules import FusedLayer, FusedLoRAConv2d, FusedLoRALinear
+from .modules import DynamicLoRALayer, DynamicLoRAConv2d, DynamicLoRALinear
 from .ops import BACKENDS
 from .policies import make_policy
 from .trace import Trace
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Fusion]" = weakref.WeakKeyDictionary()
-_FUSED_TYPES = {nn.Linear: FusedLoRALinear, nn.Conv2d: FusedLoRAConv2d}
+_DYNAMIC_TYPES = {nn.Linear: DynamicLoRALinear, nn.Conv2d: DynamicLoRAConv2d}
 
 
 def _as_lora(value, role: str) -> LoRA | None:
@@ -39,7 +39,7 @@ def _restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
             _set_module(model, name, original)
 
 
-def _swap_in(model: nn.Module, layers: list[FusedLayer], originals: dict[str, nn.Module]) -> None:
+def _swap_in(model: nn.Module, layers: list[DynamicLoRALayer], originals: dict[str, nn.Module]) -> None:
     """Swap every fused layer in, or (on any exception, KeyboardInterrupt included) none of them."""
     try:
         for layer in layers:
@@ -58,7 +58,7 @@ class Fusion:
     def __init__(self, model, subject, style, context: FusionContext, layers, originals):
         self.model, self.subject, self.style = model, subject, style
         self.context = context
-        self.layers: list[FusedLayer] = layers
+        self.layers: list[DynamicLoRALayer] = layers
         self._originals: dict[str, nn.Module] = originals
 
     @property
@@ -145,7 +145,7 @@ def attach(
     context = FusionContext(policy, granularity, backend, Trace(names, policy.describe()) if trace else None)
     originals = {name: model.get_submodule(name) for name in names}
     layers = [
-        _FUSED_TYPES[type(module)](module, name, index, subject, style, context)
+        _DYNAMIC_TYPES[type(module)](module, name, index, subject, style, context)
         for index, (name, module) in enumerate(originals.items())
     ]
     policy.setup(layers)

@@ -37,11 +37,11 @@ class Trace:
         self._pending: list[tuple] = []
         self._records: list[TraceRecord] = []
 
-    def record(self, step, layer_index, choice, score_c=None, score_s=None) -> None:
+    def record(self, step, layer_index, choice, subject_score=None, style_score=None) -> None:
         if isinstance(choice, torch.Tensor):
             choice = choice.detach().to(torch.int8)
-            score_c, score_s = score_c.detach(), score_s.detach()
-        self._pending.append((step, layer_index, choice, score_c, score_s))
+            subject_score, style_score = subject_score.detach(), style_score.detach()
+        self._pending.append((step, layer_index, choice, subject_score, style_score))
 
     def clear(self) -> None:
         self._pending.clear()

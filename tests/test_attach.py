@@ -4,7 +4,7 @@ import torch
 from conftest import unet_inputs, unet_out
 
 import fusion_engine as fe
-from fusion_engine.modules import FusedLayer
+from fusion_engine.modules import DynamicLoRALayer
 
 
 def _snapshot(unet):
@@ -17,7 +17,7 @@ def _assert_untouched(unet, snapshot, inputs, expected):
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], state[k]) for k in state)
     assert all(m is modules[n] for n, m in unet.named_modules())
-    assert not any(isinstance(m, FusedLayer) for m in unet.modules())
+    assert not any(isinstance(m, DynamicLoRALayer) for m in unet.modules())
     assert torch.equal(unet_out(unet, inputs), expected)
 
 
@@ -28,7 +28,7 @@ def test_detach_restores_model_bit_for_bit(tiny_pipe, loras, policy):
     expected, snapshot = unet_out(unet, inputs), _snapshot(unet)
     fusion = fe.attach(unet, *loras, policy=policy)
     fusion.set_step(0, 10)
-    assert sum(isinstance(m, FusedLayer) for m in unet.modules()) == 32
+    assert sum(isinstance(m, DynamicLoRALayer) for m in unet.modules()) == 32
     assert not torch.equal(unet_out(unet, inputs), expected)
     fusion.detach()
     _assert_untouched(unet, snapshot, inputs, expected)
@@ -86,7 +86,7 @@ def test_unknown_options_are_refused(tiny_pipe, loras):
         fe.attach(tiny_pipe.unet, *loras, policy="ziplora")
     with pytest.raises(TypeError, match="'switch' does not take options"):
         fe.attach(tiny_pipe.unet, *loras, policy="switch", pattern="s")
-    assert not any(isinstance(m, FusedLayer) for m in tiny_pipe.unet.modules())
+    assert not any(isinstance(m, DynamicLoRALayer) for m in tiny_pipe.unet.modules())
 
 
 def test_step_policies_need_the_step(tiny_pipe, loras):

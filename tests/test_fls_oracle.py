@@ -46,26 +46,26 @@ class OracleHooks:
                 return None
             layer = lora.layers[name]
             scale = layer.alpha / layer.rank
-            return scale * (x @ layer.down.double().T @ layer.up.double().T)
+            return scale * (x @ layer.lora_a.double().T @ layer.lora_b.double().T)
 
         def hook(module, inputs, y0):
             x = inputs[0]
-            d_c, d_s = delta(subject, x), delta(style, x)
-            if d_s is None or d_c is None:  # one LoRA absent: the present one is the answer
-                chosen = d_c if d_s is None else d_s
-                self.decisions[name] = torch.tensor([d_s is None])
+            subject_delta, style_delta = delta(subject, x), delta(style, x)
+            if style_delta is None or subject_delta is None:  # one LoRA absent: the present one is the answer
+                chosen = subject_delta if style_delta is None else style_delta
+                self.decisions[name] = torch.tensor([style_delta is None])
                 return y0 + chosen
             batch, rows_per_sample = x.shape[0], x[0].numel() // x.shape[-1]
             groups = oracle_groups(batch, rows_per_sample, granularity)
             flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-            s_c = oracle_score(flat(y0 + d_c), flat(y0), divergence)
-            s_s = oracle_score(flat(y0 + d_s), flat(y0), divergence)
+            s_c = oracle_score(flat(y0 + subject_delta), flat(y0), divergence)
+            s_s = oracle_score(flat(y0 + style_delta), flat(y0), divergence)
             n = int(groups.max()) + 1
             mean = lambda s: torch.stack([s[groups == g].mean() for g in range(n)])  # noqa: E731
             take_subject = mean(s_c) >= mean(s_s)
             self.decisions[name] = take_subject
             rows = take_subject[groups].reshape(*y0.shape[:-1], 1)
-            return torch.where(rows, y0 + d_c, y0 + d_s)
+            return torch.where(rows, y0 + subject_delta, y0 + style_delta)
 
         return hook
 
@@ -123,15 +123,15 @@ def test_locon_conv_fls_matches_float64_oracle(divergence):
 
     def delta(lora):
         layer = lora.layers["0"]
-        hidden = torch.nn.functional.conv2d(x, layer.down, stride=2, padding=1)
-        return layer.alpha / layer.rank * torch.nn.functional.conv2d(hidden, layer.up)
+        hidden = torch.nn.functional.conv2d(x, layer.lora_a, stride=2, padding=1)
+        return layer.alpha / layer.rank * torch.nn.functional.conv2d(hidden, layer.lora_b)
 
-    d_c, d_s = delta(subject), delta(style)
+    subject_delta, style_delta = delta(subject), delta(style)
     channels_last = lambda t: t.permute(0, 2, 3, 1).reshape(4, -1, 10)  # noqa: E731
-    s_c = oracle_score(channels_last(y0 + d_c), channels_last(y0), divergence).mean(1)
-    s_s = oracle_score(channels_last(y0 + d_s), channels_last(y0), divergence).mean(1)
+    s_c = oracle_score(channels_last(y0 + subject_delta), channels_last(y0), divergence).mean(1)
+    s_s = oracle_score(channels_last(y0 + style_delta), channels_last(y0), divergence).mean(1)
     take_subject = s_c >= s_s
-    expected = torch.where(take_subject[:, None, None, None], y0 + d_c, y0 + d_s)
+    expected = torch.where(take_subject[:, None, None, None], y0 + subject_delta, y0 + style_delta)
 
     with fe.attach(model, subject, style, policy="fls", divergence=divergence, granularity="sample") as fusion:
         with torch.no_grad():

@@ -54,7 +54,7 @@ def _assert_valid_or_library_error(path):
         return
     assert lora.layers
     for name, layer in lora.layers.items():
-        down, up = layer.down, layer.up
+        down, up = layer.lora_a, layer.lora_b
         assert down.dtype in FACTOR_DTYPES and up.dtype in FACTOR_DTYPES, name
         assert down.ndim in (2, 4) and up.ndim == down.ndim and down.shape[0] == up.shape[1] > 0, name
         assert torch.isfinite(down).all() and torch.isfinite(up).all(), name

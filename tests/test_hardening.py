@@ -16,7 +16,7 @@ import fusion_engine as fe
 from fusion_engine import errors
 from fusion_engine.default import attention_targets, random_lora
 from fusion_engine.lora import lora_to_state_dict
-from fusion_engine.modules import FusedLayer
+from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.ops import reference
 from fusion_engine.policies import Policy
 
@@ -103,7 +103,7 @@ def test_unknown_key_layout_lists_keys():
 
 
 def test_rank_zero_and_rank_disagreement_are_shape_errors():
-    with pytest.raises(errors.LoRAShapeError, match=r"to_q: down \(0, 64\) and up \(64, 0\): an empty factor"):
+    with pytest.raises(errors.LoRAShapeError, match=r"to_q: A \(0, 64\) and B \(64, 0\): an empty factor"):
         fe.load_lora(_peft(torch.randn(0, 64), torch.randn(64, 0)))
     with pytest.raises(errors.LoRAShapeError, match="ranks disagree"):
         fe.load_lora(_peft(torch.randn(4, 64), torch.randn(64, 3)))
@@ -166,7 +166,7 @@ def test_lora_for_another_base_model_reads_well(tiny_pipe, loras):
     assert f"of {total} targets match" in message and "missing (e.g. " in message
     assert "looks made for another base model" in message and "64-wide text features, this model's 32" in message
     assert "subject LoRA" not in message  # the subject fits: only the culprit is summarised
-    assert not any(isinstance(m, FusedLayer) for m in sd_unet.modules())
+    assert not any(isinstance(m, DynamicLoRALayer) for m in sd_unet.modules())
 
     with pytest.raises(errors.ModelMismatchError, match=r"subject LoRA \(<random>\): \d+ of 32 targets match.*"
                                                         r"32-wide text features, this model's 64"):
@@ -343,7 +343,7 @@ def _python_heap(filters) -> int:
 
 def test_fifty_attach_detach_cycles_leak_nothing(tiny_pipe, loras):
     unet = tiny_pipe.unet
-    subject, style = (fe.LoRA({n: fe.LoRALayer(l.down.double(), l.up.double(), l.alpha) for n, l in lora.layers.items()})
+    subject, style = (fe.LoRA({n: fe.LoRALayer(l.lora_a.double(), l.lora_b.double(), l.alpha) for n, l in lora.layers.items()})
                       for lora in loras)  # float64 factors: every attach allocates fresh float32 buffers
     tokens = torch.randn(2, 64, 64)
 
@@ -392,19 +392,19 @@ def _fls_case(dtype, scale, seed=0, m=24, k=40, n=48, rank=4):
 
     x = (rand(m, k) * scale).to(dtype)
     weight, bias = (rand(n, k) / k**0.5).to(dtype), rand(n).to(dtype)
-    a_c, b_c, a_s, b_s = rand(rank, k).to(dtype), rand(n, rank).to(dtype), rand(rank, k).to(dtype), rand(n, rank).to(dtype)
+    subject_a, subject_b, style_a, style_b = rand(rank, k).to(dtype), rand(n, rank).to(dtype), rand(rank, k).to(dtype), rand(n, rank).to(dtype)
     row_group = torch.arange(m) // 6
-    return x, weight, bias, a_c, b_c, a_s, b_s, row_group, 4
+    return x, weight, bias, subject_a, subject_b, style_a, style_b, row_group, 4
 
 
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 def test_fp16_large_activations_give_finite_scores_and_the_fp64_decisions(divergence):
-    x, w, bias, a_c, b_c, a_s, b_s, rg, groups = _fls_case(torch.float16, scale=300.0)  # |y0| up to ~2e3, |d| ~1e4
-    out, score_c, score_s, choose = reference.fls_linear(x, w, bias, a_c, b_c, 0.05, a_s, b_s, 0.04, rg, groups,
+    x, w, bias, subject_a, subject_b, style_a, style_b, rg, groups = _fls_case(torch.float16, scale=300.0)  # |y0| up to ~2e3, |d| ~1e4
+    out, subject_score, style_score, choose = reference.fls_linear(x, w, bias, subject_a, subject_b, 0.05, style_a, style_b, 0.04, rg, groups,
                                                         divergence)
-    assert torch.isfinite(score_c).all() and torch.isfinite(score_s).all() and choose.dtype == torch.bool
-    assert score_c.dtype == torch.float32 and out.dtype == torch.float16
-    as64 = [t.double() if t.is_floating_point() else t for t in (x, w, bias, a_c, b_c, a_s, b_s)]
+    assert torch.isfinite(subject_score).all() and torch.isfinite(style_score).all() and choose.dtype == torch.bool
+    assert subject_score.dtype == torch.float32 and out.dtype == torch.float16
+    as64 = [t.double() if t.is_floating_point() else t for t in (x, w, bias, subject_a, subject_b, style_a, style_b)]
     _, oc, os_, ochoose = reference.fls_linear(*as64[:5], 0.05, *as64[5:], 0.04, rg, groups, divergence)
     clear = (oc - os_).abs() > 1e-3 * (oc.abs() + os_.abs())  # only compare decisions that are not near-ties
     assert clear.any() and torch.equal(choose[clear], ochoose[clear])
@@ -431,8 +431,8 @@ def test_all_zero_delta_never_wins_over_a_non_zero_one(divergence, zero_role):
     row_group = torch.arange(12) // 4
     for kind, delta in _adversarial_deltas(y0).items():
         zero = torch.zeros_like(y0)
-        delta_c, delta_s = (zero, delta) if zero_role == "subject" else (delta, zero)
-        _, _, _, choose = reference.fls_select(y0, delta_c, delta_s, row_group, 3, divergence, True, True)
+        subject_delta, style_delta = (zero, delta) if zero_role == "subject" else (delta, zero)
+        _, _, _, choose = reference.fls_select(y0, subject_delta, style_delta, row_group, 3, divergence, True, True)
         assert torch.equal(choose, torch.full((3,), zero_role == "style")), (kind, choose)
 
 
@@ -440,7 +440,7 @@ def test_all_zero_delta_never_wins_over_a_non_zero_one(divergence, zero_role):
 def test_zero_b_lora_is_never_chosen_through_attach(tiny_pipe, loras, divergence):
     unet = tiny_pipe.unet
     subject, style = loras
-    silent = fe.LoRA({n: fe.LoRALayer(l.down, torch.zeros_like(l.up), l.alpha) for n, l in subject.layers.items()})
+    silent = fe.LoRA({n: fe.LoRALayer(l.lora_a, torch.zeros_like(l.lora_b), l.alpha) for n, l in subject.layers.items()})
     with fe.attach(unet, silent, style, divergence=divergence) as fusion:
         unet_out(unet, unet_inputs(unet, batch=2))
         records = fusion.trace.gather()
@@ -453,8 +453,8 @@ def test_zero_b_lora_is_never_chosen_through_attach(tiny_pipe, loras, divergence
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 def test_exact_ties_go_to_the_subject(divergence):
     x, w, bias, a, b, _, _, rg, groups = _fls_case(torch.float32, scale=1.0)
-    out, score_c, score_s, choose = reference.fls_linear(x, w, bias, a, b, 0.5, a, b, 0.5, rg, groups, divergence)
-    assert torch.equal(score_c, score_s) and choose.all()
+    out, subject_score, style_score, choose = reference.fls_linear(x, w, bias, a, b, 0.5, a, b, 0.5, rg, groups, divergence)
+    assert torch.equal(subject_score, style_score) and choose.all()
     zero = torch.zeros_like(b)  # both deltas zero: a tie too (a no-op either way)
     _, _, _, choose = reference.fls_linear(x, w, bias, a, zero, 0.5, a, zero, 0.5, rg, groups, divergence)
     assert choose.all()

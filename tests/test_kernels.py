@@ -64,8 +64,8 @@ def _make(shape, dtype, presence, bias, seed, interleave=False):
         row_group = row_group[torch.randperm(M, generator=g)]
     return dict(
         x=rnd(M, K), weight=rnd(N, K, std=K ** -0.5), bias=rnd(N) if bias else None,
-        a_c=rnd(rc, K, std=K ** -0.5), b_c=rnd(N, rc, std=0.5), scale_c=0.8,
-        a_s=rnd(rs, K, std=K ** -0.5), b_s=rnd(N, rs, std=0.5), scale_s=1.25,
+        subject_a=rnd(rc, K, std=K ** -0.5), subject_b=rnd(N, rc, std=0.5), subject_scale=0.8,
+        style_a=rnd(rs, K, std=K ** -0.5), style_b=rnd(N, rs, std=0.5), style_scale=1.25,
         row_group=row_group, num_groups=len(sizes),
     )
 
@@ -81,7 +81,7 @@ def _eager_branches(a):
     def branch(a_, b_, s):
         return y0 if a_.shape[0] == 0 else y0 + F.linear(F.linear(a["x"], a_), b_) * s
 
-    return y0, branch(a["a_c"], a["b_c"], a["scale_c"]), branch(a["a_s"], a["b_s"], a["scale_s"])
+    return y0, branch(a["subject_a"], a["subject_b"], a["subject_scale"]), branch(a["style_a"], a["style_b"], a["style_scale"])
 
 
 def _max_err(got, ref):
@@ -107,17 +107,17 @@ def _check_fls(a, divergence, dtype, prev_choose=None):
     assert _max_err(ss, rss) <= tol, (_max_err(ss, rss), tol)
 
     # decisions: exact except where the float64 scores are within the tolerance of each other
-    has_c, has_s = a["a_c"].shape[0] > 0, a["b_s"].shape[1] > 0
-    if not (has_c and has_s):
-        assert torch.equal(ch, R.choose_subject(sc, ss, has_c, has_s)), "absent LoRA must never win"
+    has_subject, has_style = a["subject_a"].shape[0] > 0, a["style_b"].shape[1] > 0
+    if not (has_subject and has_style):
+        assert torch.equal(ch, R.decide(sc, ss, has_subject, has_style)), "absent LoRA must never win"
     close = (rsc - rss).abs() <= 2 * tol
     assert torch.equal(ch[~close], rch[~close]), (sc, ss, rsc, rss)
 
     # output: against float64 with the decision the kernel reported
     y0 = R.base_linear(a64["x"], a64["weight"], a64["bias"])
-    dc = a["scale_c"] * R.lora_delta(a64["x"], a64["a_c"], a64["b_c"]).double()
-    ds = a["scale_s"] * R.lora_delta(a64["x"], a64["a_s"], a64["b_s"]).double()
-    ref_out = R.select_rows(y0, dc, ds, ch, rg)
+    subject_delta = a["subject_scale"] * R.lora_delta(a64["x"], a64["subject_a"], a64["subject_b"]).double()
+    style_delta = a["style_scale"] * R.lora_delta(a64["x"], a64["style_a"], a64["style_b"]).double()
+    ref_out = R.select_rows(y0, subject_delta, style_delta, ch, rg)
     eager_out = torch.where(ch[rg.long()].unsqueeze(-1), yce, yse)
     out_tol = 2 * _max_err(eager_out, ref_out) + ATOL[dtype] * max(1.0, ref_out.abs().max().item())
     assert _max_err(out, ref_out) <= out_tol, (_max_err(out, ref_out), out_tol)
@@ -158,12 +158,12 @@ def test_fls_zero_delta_counts_as_absent_per_group(divergence):
     a = _make("odd", torch.float32, (True, True), bias=True, seed=12)
     K = a["x"].shape[1]
     half = K // 2
-    a["a_c"][:, :half] = 0  # A_c reads only the second half of the channels ...
+    a["subject_a"][:, :half] = 0  # A_c reads only the second half of the channels ...
     rows0 = a["row_group"] == 0
     a["x"][rows0, half:] = 0  # ... so group 0's subject delta is exactly zero (its x rows stay non-zero)
     out, sc, ss, ch = _check_fls(a, divergence, torch.float32)
     assert not bool(ch[0]), "an all-zero subject delta must lose group 0 to the live style delta"
-    a["b_s"] = torch.zeros_like(a["b_s"])  # style delta zero everywhere: the subject wins wherever it lives
+    a["style_b"] = torch.zeros_like(a["style_b"])  # style delta zero everywhere: the subject wins wherever it lives
     out, sc, ss, ch = _check_fls(a, divergence, torch.float32)
     assert ch.all(), "group 0: both zero -> subject; others: only the subject is live"
 
@@ -173,7 +173,7 @@ def test_fls_speculation_is_exact(divergence):
     """Whatever the guess (right, wrong, mixed, none), the output is bitwise the same."""
     a = _make("odd", torch.float16, (True, True), bias=True, seed=5)
     # a larger style delta on some rows makes the groups disagree, so guesses are partly wrong
-    a["b_s"] = a["b_s"] * torch.tensor(2.0, dtype=torch.float16)
+    a["style_b"] = a["style_b"] * torch.tensor(2.0, dtype=torch.float16)
     base, sc, ss, ch = triton_ops.fls_linear(**a, divergence=divergence)
     G = a["num_groups"]
     guesses = [ch, ~ch, torch.ones(G, dtype=torch.bool), torch.zeros(G, dtype=torch.bool),
@@ -190,12 +190,12 @@ def test_fls_speculation_is_exact(divergence):
 def test_mix_linear_matches_float64_reference(shape, dtype, presence):
     a = _make(shape, dtype, PRESENCE[presence], bias=presence != "no_style", seed=21)
     coef = torch.tensor([0.7, -1.3])  # the scales folded in, as the policies pass them
-    args = (a["x"], a["weight"], a["bias"], a["a_c"], a["b_c"], a["a_s"], a["b_s"], coef)
+    args = (a["x"], a["weight"], a["bias"], a["subject_a"], a["subject_b"], a["style_a"], a["style_b"], coef)
     out = triton_ops.mix_linear(*args)
     ref = R.mix_linear(*(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in args))
     y0 = F.linear(a["x"], a["weight"], a["bias"])
     eager = y0
-    for a_, b_, c in ((a["a_c"], a["b_c"], coef[0]), (a["a_s"], a["b_s"], coef[1])):
+    for a_, b_, c in ((a["subject_a"], a["subject_b"], coef[0]), (a["style_a"], a["style_b"], coef[1])):
         if a_.shape[0]:
             eager = eager + F.linear(F.linear(a["x"], a_), b_) * c.to(dtype)
     tol = 2 * _max_err(eager, ref) + ATOL[dtype] * max(1.0, ref.abs().max().item())
@@ -220,7 +220,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
 
     def f(x):
         out, sc, ss, ch = triton_ops.fls_linear(**{**a, "x": x}, divergence="kl")
-        mix = triton_ops.mix_linear(x, a["weight"], a["bias"], a["a_c"], a["b_c"], a["a_s"], a["b_s"], coef)
+        mix = triton_ops.mix_linear(x, a["weight"], a["bias"], a["subject_a"], a["subject_b"], a["style_a"], a["style_b"], coef)
         return out + mix, sc - ss, ch
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -236,9 +236,9 @@ def test_backward_flows_to_x_through_the_chosen_branch():
     a64 = _f64(a)
     x64 = a64["x"].clone().requires_grad_()
     y0 = R.base_linear(x64, a64["weight"], a64["bias"])
-    dc = a["scale_c"] * R.lora_delta(x64, a64["a_c"], a64["b_c"])
-    ds = a["scale_s"] * R.lora_delta(x64, a64["a_s"], a64["b_s"])
-    ref = R.select_rows(y0, dc.double(), ds.double(), ch, a["row_group"])
+    subject_delta = a["subject_scale"] * R.lora_delta(x64, a64["subject_a"], a64["subject_b"])
+    style_delta = a["style_scale"] * R.lora_delta(x64, a64["style_a"], a64["style_b"])
+    ref = R.select_rows(y0, subject_delta.double(), style_delta.double(), ch, a["row_group"])
     (ref * ref).sum().backward()
     assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
 

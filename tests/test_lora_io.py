@@ -11,7 +11,7 @@ def _assert_same_lora(loaded: LoRA, original: LoRA):
     assert set(loaded.layers) == set(original.layers)
     for name, layer in original.layers.items():
         got = loaded.layers[name]
-        assert torch.equal(got.down, layer.down) and torch.equal(got.up, layer.up), name
+        assert torch.equal(got.lora_a, layer.lora_a) and torch.equal(got.lora_b, layer.lora_b), name
         assert got.alpha == layer.alpha and loaded.layer_scale(name) == pytest.approx(layer.alpha / layer.rank)
 
 
@@ -57,8 +57,8 @@ def test_state_dict_input_and_different_ranks_per_layer(loras):
     mixed = dict(lora_to_state_dict(subject, "kohya"))
     name = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     key = "lora_unet_" + name.replace(".", "_")
-    mixed[f"{key}.lora_down.weight"] = style.layers[name].down
-    mixed[f"{key}.lora_up.weight"] = style.layers[name].up
+    mixed[f"{key}.lora_down.weight"] = style.layers[name].lora_a
+    mixed[f"{key}.lora_up.weight"] = style.layers[name].lora_b
     loaded = fe.load_lora(mixed)
     assert loaded.layers[name].rank == 8 and loaded.ranks() == [4, 8]
 
@@ -92,7 +92,7 @@ def test_nan_weights_are_refused():
 
 def test_conv_lora_loads_as_conv(tmp_path):
     name = "down_blocks.0.resnets.0.conv1"
-    layer = LoRALayer(down=torch.randn(2, 32, 3, 3), up=torch.randn(32, 2, 1, 1), alpha=1.0)
+    layer = LoRALayer(lora_a=torch.randn(2, 32, 3, 3), lora_b=torch.randn(32, 2, 1, 1), alpha=1.0)
     path = fe.save_lora(LoRA({name: layer}), tmp_path / "locon.safetensors", layout="kohya")
     loaded = fe.load_lora(path)
     assert loaded.layers[name].is_conv and loaded.layer_scale(name) == pytest.approx(0.5)

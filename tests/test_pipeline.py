@@ -74,7 +74,7 @@ def test_pipeline_detaches_even_when_sampling_fails(tiny_pipe, loras):
         pipe("a dog", num_inference_steps=STEPS, progress=False)
     tiny_pipe.scheduler.step = original_step
     assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
-    assert all(type(m).__name__ != "FusedLoRALinear" for m in tiny_pipe.unet.modules())
+    assert all(type(m).__name__ != "DynamicLoRALinear" for m in tiny_pipe.unet.modules())
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler"])

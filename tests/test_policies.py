@@ -19,11 +19,11 @@ def test_klora_scores_gamma_and_schedule(tiny_pipe, loras):
     shared = [n for n in subject.layers if n in style.layers]
     ratios, expected_scores = [], {}
     for name in shared:
-        dc = subject.layer_scale(name) * (subject.layers[name].up.double() @ subject.layers[name].down.double())
-        ds = style.layer_scale(name) * (style.layers[name].up.double() @ style.layers[name].down.double())
+        subject_delta = subject.layer_scale(name) * (subject.layers[name].lora_b.double() @ subject.layers[name].lora_a.double())
+        style_delta = style.layer_scale(name) * (style.layers[name].lora_b.double() @ style.layers[name].lora_a.double())
         k = subject.layers[name].rank * style.layers[name].rank
-        expected_scores[name] = (dc.abs().flatten().topk(k).values.sum(), ds.abs().flatten().topk(k).values.sum())
-        ratios.append(float(dc.abs().sum() / ds.abs().sum()))
+        expected_scores[name] = (subject_delta.abs().flatten().topk(k).values.sum(), style_delta.abs().flatten().topk(k).values.sum())
+        ratios.append(float(subject_delta.abs().sum() / style_delta.abs().sum()))
     mean = sum(ratios) / len(ratios)
     kept = [r for r in ratios if r < 3 * mean]
     assert policy.gamma == pytest.approx(sum(kept) / len(kept), rel=1e-5)

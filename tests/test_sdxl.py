@@ -58,7 +58,7 @@ def test_sdxl_kohya_sgm_names_match_diffusers_and_sample(tmp_path, sdxl_pipe):
     state = {}
     for name, layer in lora.layers.items():
         key = sgm_name(name)
-        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = layer.down, layer.up
+        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = layer.lora_a, layer.lora_b
         state[f"{key}.alpha"] = torch.tensor(layer.alpha)
     path = tmp_path / "sdxl_kohya.safetensors"
     save_file(state, path)

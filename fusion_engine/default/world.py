@@ -71,9 +71,9 @@ def random_lora(unet, targets, rank: int, alpha: float, strength: float, seed: i
     for name in targets:
         weight = unet.get_submodule(name).weight
         out_features, in_features = weight.shape
-        down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        up = torch.randn(out_features, rank, generator=generator) * (strength * weight.std().item() / rank**0.5)
-        layers[name] = LoRALayer(down=down, up=up * (rank / alpha), alpha=alpha)
+        lora_a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        lora_b = torch.randn(out_features, rank, generator=generator) * (strength * weight.std().item() / rank**0.5)
+        layers[name] = LoRALayer(lora_a=lora_a, lora_b=lora_b * (rank / alpha), alpha=alpha)
     return LoRA(layers=layers, source="<random>", layout="peft")
 
 

@@ -60,22 +60,22 @@ def check_raw_tensors(raw: dict, source: str) -> None:
         _check_finite(source, key, tensor)
 
 
-def check_layer(module: str, down: torch.Tensor, up: torch.Tensor, source: str) -> None:
-    """(down, up) must form a Linear or Conv2d LoRA of rank >= 1 in a float dtype."""
-    shapes = f"down {tuple(down.shape)} and up {tuple(up.shape)}"
-    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+def check_layer(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, source: str) -> None:
+    """(A, B) must form a Linear or Conv2d LoRA of rank >= 1 in a float dtype."""
+    shapes = f"A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)}"
+    if lora_a.ndim not in (2, 4) or lora_b.ndim != lora_a.ndim:
         raise LoRAShapeError(f"{source}: layer {module}: {shapes} are not a Linear (2-D) or Conv2d (4-D) LoRA pair")
-    if down.shape[0] != up.shape[1]:
+    if lora_a.shape[0] != lora_b.shape[1]:
         raise LoRAShapeError(
-            f"{source}: layer {module}: ranks disagree, down {tuple(down.shape)} has rank {down.shape[0]} "
-            f"but up {tuple(up.shape)} has rank {up.shape[1]}"
+            f"{source}: layer {module}: ranks disagree, A {tuple(lora_a.shape)} has rank {lora_a.shape[0]} "
+            f"but B {tuple(lora_b.shape)} has rank {lora_b.shape[1]}"
         )
-    if down.shape[0] == 0 or 0 in down.shape or 0 in up.shape:
+    if lora_a.shape[0] == 0 or 0 in lora_a.shape or 0 in lora_b.shape:
         raise LoRAShapeError(f"{source}: layer {module}: {shapes}: an empty factor (rank or a dimension is 0)")
-    if down.ndim == 4 and up.shape[2:] != (1, 1):
-        raise LoRAShapeError(f"{source}: layer {module}: conv up factor must be 1x1, got {tuple(up.shape)}")
-    if not (down.dtype in FACTOR_DTYPES and up.dtype in FACTOR_DTYPES):  # state dicts converted in memory
-        raise LoRADtypeError(f"{source}: layer {module}: unsupported dtype {down.dtype}/{up.dtype}")
+    if lora_a.ndim == 4 and lora_b.shape[2:] != (1, 1):
+        raise LoRAShapeError(f"{source}: layer {module}: conv B factor must be 1x1, got {tuple(lora_b.shape)}")
+    if not (lora_a.dtype in FACTOR_DTYPES and lora_b.dtype in FACTOR_DTYPES):  # state dicts converted in memory
+        raise LoRADtypeError(f"{source}: layer {module}: unsupported dtype {lora_a.dtype}/{lora_b.dtype}")
 
 
 def check_alpha(module: str, alpha: float, source: str) -> None:

@@ -184,12 +184,12 @@ def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
 
     layers = {}
     for module in sorted(downs):
-        down, up = downs[module], ups[module]
-        check_layer(module, down, up, name)
+        lora_a, lora_b = downs[module], ups[module]
+        check_layer(module, lora_a, lora_b, name)
         alpha = module_alphas.get(module)
         if alpha is None:
             alpha = _metadata_alpha(module, unet_metadata, name)
-        alpha = float(down.shape[0] if alpha is None else alpha)
+        alpha = float(lora_a.shape[0] if alpha is None else alpha)
         check_alpha(module, alpha, name)
-        layers[module] = LoRALayer(down=down, up=up, alpha=alpha)
+        layers[module] = LoRALayer(lora_a=lora_a, lora_b=lora_b, alpha=alpha)
     return LoRA(layers=layers, source=name, layout=layout, scale=float(scale), ignored=ignored)

@@ -1,4 +1,4 @@
-"""In-memory LoRA: per target layer the down (A) and up (B) factors and the alpha."""
+"""In-memory LoRA: per target layer the factors A (``lora_a``, kohya's "down") and B (``lora_b``, "up") and alpha."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,26 +11,26 @@ import torch
 class LoRALayer:
     """One adapted layer: delta W = (alpha / rank) * B @ A (times the LoRA's user scale).
 
-    ``down`` is (r, in) for a Linear or (r, in, kh, kw) for a Conv2d; ``up`` is (out, r) or (out, r, 1, 1).
+    ``lora_a`` is (r, in) for a Linear or (r, in, kh, kw) for a Conv2d; ``lora_b`` is (out, r) or (out, r, 1, 1).
     """
 
-    down: torch.Tensor
-    up: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
     alpha: float
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        return int(self.lora_a.shape[0])
 
     @property
     def is_conv(self) -> bool:
-        return self.down.ndim == 4
+        return self.lora_a.ndim == 4
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A reshaped like the base weight, without any scale."""
-        down = self.down.flatten(1).float()
-        up = self.up.flatten(1).float()
-        return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
+        lora_a = self.lora_a.flatten(1).float()
+        lora_b = self.lora_b.flatten(1).float()
+        return (lora_b @ lora_a).reshape(self.lora_b.shape[0], *self.lora_a.shape[1:])
 
 
 @dataclass

@@ -34,14 +34,14 @@ def lora_to_state_dict(lora: LoRA, layout: str = "peft") -> dict[str, torch.Tens
         raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
     out = {}
     for name, layer in lora.layers.items():
-        down, up = layer.down.contiguous(), layer.up.contiguous()
+        lora_a, lora_b = layer.lora_a.contiguous(), layer.lora_b.contiguous()
         if layout == "peft":
-            out[f"unet.{name}.lora_A.weight"], out[f"unet.{name}.lora_B.weight"] = down, up
+            out[f"unet.{name}.lora_A.weight"], out[f"unet.{name}.lora_B.weight"] = lora_a, lora_b
         elif layout == "diffusers":
-            out[f"unet.{name}.lora.down.weight"], out[f"unet.{name}.lora.up.weight"] = down, up
+            out[f"unet.{name}.lora.down.weight"], out[f"unet.{name}.lora.up.weight"] = lora_a, lora_b
         else:
             key = "lora_unet_" + name.replace(".", "_")
-            out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
+            out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = lora_a, lora_b
             out[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
     return out
 

@@ -35,7 +35,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def fls_linear(*args, backend: str = "reference", prev_choose=None, **kwargs):
-    """See ``reference.fls_linear``; returns (out, score_c, score_s, choose_c).
+    """See ``reference.fls_linear``; returns (out, subject_score, style_score, choose_subject).
 
     ``prev_choose``: the layer's last decisions, the Triton kernel's speculation guess (it never
     changes the result, only the cost); the reference ignores it.

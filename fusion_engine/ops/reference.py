@@ -81,73 +81,73 @@ def group_nonzero(delta: torch.Tensor, row_group: torch.Tensor, num_groups: int)
     return row_live.new_zeros(num_groups).index_add_(0, row_group.long(), row_live) > 0
 
 
-def choose_subject(score_c: torch.Tensor, score_s: torch.Tensor, has_c: bool, has_s: bool,
-                   live_c: torch.Tensor | None = None, live_s: torch.Tensor | None = None) -> torch.Tensor:
+def decide(subject_score: torch.Tensor, style_score: torch.Tensor, has_subject: bool, has_style: bool,
+                   subject_live: torch.Tensor | None = None, style_live: torch.Tensor | None = None) -> torch.Tensor:
     """Per-group decision, True = subject. Ties go to the subject; an absent LoRA never wins.
 
-    ``live_c``/``live_s`` (optional (G,) bool): groups where that branch's delta is non-zero; a
+    ``subject_live``/``style_live`` (optional (G,) bool): groups where that branch's delta is non-zero; a
     branch that is not live is absent for the group (see the module contract).
     """
-    if not has_s:
-        return torch.ones_like(score_c, dtype=torch.bool)
-    if not has_c:
-        return torch.zeros_like(score_c, dtype=torch.bool)
-    choose = score_c >= score_s
-    if live_c is not None and live_s is not None:
-        choose = torch.where(live_c == live_s, choose, live_c)  # exactly one live: it wins
+    if not has_style:
+        return torch.ones_like(subject_score, dtype=torch.bool)
+    if not has_subject:
+        return torch.zeros_like(subject_score, dtype=torch.bool)
+    choose = subject_score >= style_score
+    if subject_live is not None and style_live is not None:
+        choose = torch.where(subject_live == style_live, choose, subject_live)  # exactly one live: it wins
     return choose
 
 
-def select_rows(y0, delta_c, delta_s, choose_c, row_group):
+def select_rows(y0, subject_delta, style_delta, choose_subject, row_group):
     """y0 + the chosen delta per row, float32."""
-    take_c = choose_c[row_group.long()].unsqueeze(-1)
-    return y0 + torch.where(take_c, delta_c, delta_s)
+    take_subject = choose_subject[row_group.long()].unsqueeze(-1)
+    return y0 + torch.where(take_subject, subject_delta, style_delta)
 
 
-def fls_select(y0, delta_c, delta_s, row_group, num_groups, divergence, has_c, has_s):
+def fls_select(y0, subject_delta, style_delta, row_group, num_groups, divergence, has_subject, has_style):
     """The FLS rule on precomputed float32 base features and deltas (rows x channels).
 
     Shared by the linear op and the conv module, which only differ in how they get y0 and deltas.
     """
-    score_c = group_mean(row_divergence(y0 + delta_c, y0, divergence), row_group, num_groups)
-    score_s = group_mean(row_divergence(y0 + delta_s, y0, divergence), row_group, num_groups)
-    live_c, live_s = (group_nonzero(d, row_group, num_groups) for d in (delta_c, delta_s))
-    choose_c = choose_subject(score_c, score_s, has_c, has_s, live_c, live_s)
-    return select_rows(y0, delta_c, delta_s, choose_c, row_group), score_c, score_s, choose_c
+    subject_score = group_mean(row_divergence(y0 + subject_delta, y0, divergence), row_group, num_groups)
+    style_score = group_mean(row_divergence(y0 + style_delta, y0, divergence), row_group, num_groups)
+    subject_live, style_live = (group_nonzero(d, row_group, num_groups) for d in (subject_delta, style_delta))
+    choose_subject = decide(subject_score, style_score, has_subject, has_style, subject_live, style_live)
+    return select_rows(y0, subject_delta, style_delta, choose_subject, row_group), subject_score, style_score, choose_subject
 
 
 def fls_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    a_c: torch.Tensor,
-    b_c: torch.Tensor,
-    scale_c: float,
-    a_s: torch.Tensor,
-    b_s: torch.Tensor,
-    scale_s: float,
+    subject_a: torch.Tensor,
+    subject_b: torch.Tensor,
+    subject_scale: float,
+    style_a: torch.Tensor,
+    style_b: torch.Tensor,
+    style_scale: float,
     row_group: torch.Tensor,
     num_groups: int,
     divergence: str = "kl",
 ):
-    """Fused FLS linear. Returns (out, score_c, score_s, choose_c); scores float32 (G,), choose bool (G,)."""
+    """Fused FLS linear. Returns (out, subject_score, style_score, choose_subject); scores float32 (G,), choose bool (G,)."""
     y0 = base_linear(x, weight, bias)
-    delta_c = scale_c * lora_delta(x, a_c, b_c)
-    delta_s = scale_s * lora_delta(x, a_s, b_s)
-    out, score_c, score_s, choose_c = fls_select(
-        y0, delta_c, delta_s, row_group, num_groups, divergence, a_c.shape[0] > 0, a_s.shape[0] > 0
+    subject_delta = subject_scale * lora_delta(x, subject_a, subject_b)
+    style_delta = style_scale * lora_delta(x, style_a, style_b)
+    out, subject_score, style_score, choose_subject = fls_select(
+        y0, subject_delta, style_delta, row_group, num_groups, divergence, subject_a.shape[0] > 0, style_a.shape[0] > 0
     )
-    return out.to(x.dtype), score_c, score_s, choose_c
+    return out.to(x.dtype), subject_score, style_score, choose_subject
 
 
 def mix_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    a_c: torch.Tensor,
-    b_c: torch.Tensor,
-    a_s: torch.Tensor,
-    b_s: torch.Tensor,
+    subject_a: torch.Tensor,
+    subject_b: torch.Tensor,
+    style_a: torch.Tensor,
+    style_b: torch.Tensor,
     coef: torch.Tensor,
 ) -> torch.Tensor:
     """Static-weight linear for direct and schedule policies: y0 + coef[0] dc + coef[1] ds.
@@ -157,5 +157,5 @@ def mix_linear(
     """
     y = base_linear(x, weight, bias)
     coef = coef.to(y.dtype)
-    y = y + coef[0] * lora_delta(x, a_c, b_c) + coef[1] * lora_delta(x, a_s, b_s)
+    y = y + coef[0] * lora_delta(x, subject_a, subject_b) + coef[1] * lora_delta(x, style_a, style_b)
     return y.to(x.dtype)

@@ -65,26 +65,26 @@ def _check_device(x: Tensor) -> None:
 
 @torch.library.custom_op("fusion_engine::fls_linear_triton", mutates_args=())
 def _fls_linear_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], a_c: Tensor, b_c: Tensor, scale_c: float,
-    a_s: Tensor, b_s: Tensor, scale_s: float, row_group: Tensor, num_groups: int, divergence: str,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], subject_a: Tensor, subject_b: Tensor, subject_scale: float,
+    style_a: Tensor, style_b: Tensor, style_scale: float, row_group: Tensor, num_groups: int, divergence: str,
     prev_choose: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_device(x)
-    return _kernels.fls_linear_fwd(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group,
+    return _kernels.fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group,
                                    num_groups, divergence, prev_choose)
 
 
 @_fls_linear_op.register_fake
-def _(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, num_groups, divergence, prev_choose):
+def _(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups, divergence, prev_choose):
     out = x.new_empty((x.shape[0], weight.shape[0]))
     scores = x.new_empty((num_groups,), dtype=torch.float32)
     return out, scores, torch.empty_like(scores), x.new_empty((num_groups,), dtype=torch.bool)
 
 
 def _fls_setup_context(ctx, inputs, output):
-    x, weight, _, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, *_ = inputs
-    ctx.save_for_backward(weight, a_c, b_c, a_s, b_s, row_group, output[3])
-    ctx.scales = (scale_c, scale_s)
+    x, weight, _, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, *_ = inputs
+    ctx.save_for_backward(weight, subject_a, subject_b, style_a, style_b, row_group, output[3])
+    ctx.scales = (subject_scale, style_scale)
 
 
 def _lora_grad(g: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -95,25 +95,25 @@ def _lora_grad(g: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
 
 
 def _fls_backward(ctx, grad_out, _gc, _gs, _gch):
-    weight, a_c, b_c, a_s, b_s, row_group, choose = ctx.saved_tensors
-    scale_c, scale_s = ctx.scales
+    weight, subject_a, subject_b, style_a, style_b, row_group, choose = ctx.saved_tensors
+    subject_scale, style_scale = ctx.scales
     gx = grad_out @ weight.to(grad_out.dtype)
-    take_c = choose[row_group.long()].unsqueeze(-1)
-    gx = gx + torch.where(take_c, _lora_grad(grad_out, a_c, b_c, scale_c), _lora_grad(grad_out, a_s, b_s, scale_s))
+    take_subject = choose[row_group.long()].unsqueeze(-1)
+    gx = gx + torch.where(take_subject, _lora_grad(grad_out, subject_a, subject_b, subject_scale), _lora_grad(grad_out, style_a, style_b, style_scale))
     return (gx,) + (None,) * 12
 
 
 _fls_linear_op.register_autograd(_fls_backward, setup_context=_fls_setup_context)
 
 
-def fls_linear(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group, num_groups,
+def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups,
                divergence="kl", prev_choose=None):
-    """Fused FLS linear (see ``reference.fls_linear``): returns (out, score_c, score_s, choose_c).
+    """Fused FLS linear (see ``reference.fls_linear``): returns (out, subject_score, style_score, choose_subject).
 
     ``prev_choose`` (optional, extra to the reference signature): the (G,) bool decisions this
     layer returned on its previous call (e.g. the last denoising step). It is only the kernel's
     speculation guess: a stale or wrong guess costs a recompute of the affected tiles, never
-    accuracy. Keep it in a persistent buffer (``buf.copy_(choose_c)``) for CUDA-graph replay.
+    accuracy. Keep it in a persistent buffer (``buf.copy_(choose_subject)``) for CUDA-graph replay.
     Inputs with more than two dims are flattened to rows; ``row_group`` indexes those rows.
     """
     _check_device(x)
@@ -123,10 +123,10 @@ def fls_linear(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group,
     x2 = x.reshape(-1, x.shape[-1])
     if divergence == "js":
         # JS needs both LSEs before its second sweep: not fused, reference on the same device
-        out, sc, ss, ch = reference.fls_linear(x2, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s,
+        out, sc, ss, ch = reference.fls_linear(x2, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale,
                                                row_group, num_groups, divergence)
     else:
-        out, sc, ss, ch = _fls_linear_op(x2, weight, bias, a_c, b_c, float(scale_c), a_s, b_s, float(scale_s),
+        out, sc, ss, ch = _fls_linear_op(x2, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b, float(style_scale),
                                          row_group, int(num_groups), divergence, prev_choose)
     return out.reshape(*lead, out.shape[-1]), sc, ss, ch
 
@@ -134,38 +134,38 @@ def fls_linear(x, weight, bias, a_c, b_c, scale_c, a_s, b_s, scale_s, row_group,
 # --------------------------------------------------------------------------- mix_linear
 
 @torch.library.custom_op("fusion_engine::mix_linear_triton", mutates_args=())
-def _mix_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_c: Tensor, b_c: Tensor,
-                   a_s: Tensor, b_s: Tensor, coef: Tensor) -> Tensor:
+def _mix_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], subject_a: Tensor, subject_b: Tensor,
+                   style_a: Tensor, style_b: Tensor, coef: Tensor) -> Tensor:
     _check_device(x)
-    return _kernels.mix_linear_fwd(x, weight, bias, a_c, b_c, a_s, b_s, coef)
+    return _kernels.mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef)
 
 
 @_mix_linear_op.register_fake
-def _(x, weight, bias, a_c, b_c, a_s, b_s, coef):
+def _(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _mix_setup_context(ctx, inputs, output):
-    _, weight, _, a_c, b_c, a_s, b_s, coef = inputs
-    ctx.save_for_backward(weight, a_c, b_c, a_s, b_s, coef)
+    _, weight, _, subject_a, subject_b, style_a, style_b, coef = inputs
+    ctx.save_for_backward(weight, subject_a, subject_b, style_a, style_b, coef)
 
 
 def _mix_backward(ctx, grad_out):
-    weight, a_c, b_c, a_s, b_s, coef = ctx.saved_tensors
+    weight, subject_a, subject_b, style_a, style_b, coef = ctx.saved_tensors
     gx = grad_out @ weight.to(grad_out.dtype)
-    gx = gx + _lora_grad(grad_out, a_c, b_c, 1.0) * coef[0].to(grad_out.dtype)
-    gx = gx + _lora_grad(grad_out, a_s, b_s, 1.0) * coef[1].to(grad_out.dtype)
+    gx = gx + _lora_grad(grad_out, subject_a, subject_b, 1.0) * coef[0].to(grad_out.dtype)
+    gx = gx + _lora_grad(grad_out, style_a, style_b, 1.0) * coef[1].to(grad_out.dtype)
     return (gx,) + (None,) * 7
 
 
 _mix_linear_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
-def mix_linear(x, weight, bias, a_c, b_c, a_s, b_s, coef):
+def mix_linear(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
     """y0 + coef[0] d_c + coef[1] d_s (see ``reference.mix_linear``); coef a float32 (2,) tensor."""
     _check_device(x)
     lead = x.shape[:-1]
-    out = _mix_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, a_c, b_c, a_s, b_s, coef)
+    out = _mix_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, subject_a, subject_b, style_a, style_b, coef)
     return out.reshape(*lead, out.shape[-1])
 
 

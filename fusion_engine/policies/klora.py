@@ -48,11 +48,11 @@ class KLoRAPolicy(Policy):
             if not (layer.has_subject and layer.has_style):
                 continue
             with torch.no_grad():
-                delta_c = layer.scale_c * layer.delta_weight("subject")
-                delta_s = layer.scale_s * layer.delta_weight("style")
-            k = layer.rank_c * layer.rank_s
-            self.scores[layer.name] = (topk_abs_sum(delta_c, k), topk_abs_sum(delta_s, k))
-            ratios.append(delta_abs_sum(delta_c) / max(delta_abs_sum(delta_s), 1e-30))
+                subject_delta = layer.subject_scale * layer.delta_weight("subject")
+                style_delta = layer.style_scale * layer.delta_weight("style")
+            k = layer.subject_rank * layer.style_rank
+            self.scores[layer.name] = (topk_abs_sum(subject_delta, k), topk_abs_sum(style_delta, k))
+            ratios.append(delta_abs_sum(subject_delta) / max(delta_abs_sum(style_delta), 1e-30))
         self.gamma = robust_gamma(ratios)
 
     def time_scale(self, progress: float) -> float:
@@ -65,8 +65,8 @@ class KLoRAPolicy(Policy):
             return 1.0, 0.0
         if not layer.has_subject:
             return 0.0, 1.0
-        score_c, score_s = self.scores[layer.name]
-        subject = score_c / self.gamma > score_s * self.time_scale(context.progress())
+        subject_score, style_score = self.scores[layer.name]
+        subject = subject_score / self.gamma > style_score * self.time_scale(context.progress())
         return (1.0, 0.0) if subject else (0.0, 1.0)
 
     def describe(self) -> str:
