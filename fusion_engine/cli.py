@@ -55,15 +55,13 @@ def cmd_demo(args) -> int:
     import torch
 
     import fusion_engine as fe
-    from fusion_engine.default import load_default_world
-    from fusion_engine.visual import image_grid
-
-    from fusion_engine.default.world import resolve_world
     from fusion_engine.refine import Refiner
+    from fusion_engine.visual import image_grid
+    from fusion_engine.worlds import load_world, resolve_world
 
     out = Path(args.out)
     kind = resolve_world(args.world)
-    world = load_default_world(out / "loras", seed=args.seed, world=kind)
+    world = load_world(kind, folder=out / "loras", seed=args.seed)
     subject, style = world.subject(), world.style()
     if kind == "toy":
         from fusion_engine.toy.world import load_judges
@@ -120,17 +118,61 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _eval_settings(args):
+    """EvalSettings from the flags: --world picks the model, pairs and judges; else --model/--pairs/--clip/--dino,
+    each defaulting to the random world (the tiny pipeline, random LoRA pairs, tiny random encoders)."""
+    from functools import partial
+
+    from fusion_engine.errors import OptionError
+    from fusion_engine.eval import EvalSettings
+    from fusion_engine.eval.loading import resolve_device
+
+    out = Path(args.out)
+    options = dict(
+        out=out, pairs=args.pairs, model=args.model, device=args.device,
+        dtype=_torch_dtype(args.dtype) if args.dtype else None,
+        clip_model=args.clip, clip_checkpoint=args.clip_checkpoint, dino_model=args.dino,
+        dino_checkpoint=args.dino_checkpoint, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+        seeds=args.seeds, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+        backend=args.backend, divergence=args.divergence, m=args.m, through_unet=not args.llr_constant_noise,
+        wait_timeout=args.wait_timeout, report_only=args.report_only, progress=not args.quiet,
+    )
+    if args.world == "toy":
+        if args.model or args.pairs or args.clip or args.dino:
+            raise OptionError("--world toy brings its own model, pairs and judges: drop --model/--pairs/--clip/--dino")
+        from fusion_engine.toy.measures import transparent_scores
+        from fusion_engine.toy.world import build_toy_pipeline, load_judges, write_toy_pairs
+
+        options.update(
+            pairs=write_toy_pairs(out / "toy_pairs"), pipe=build_toy_pipeline() if not args.report_only else None,
+            extra_scores=transparent_scores,
+            model_label="the trained toy world (fusion_engine/toy)",
+            encoders_label="the toy world's trained judges (open_clip CLIP, timm ViT shape classifier in the DINO slot)",
+            notes=["Subject IoU / Style Fid: the toy world's transparent measures (fusion_engine/toy/measures.py)"])
+        if not args.report_only:
+            options["clip"], options["dino"] = load_judges(device=resolve_device(args.device))
+        return EvalSettings(**options)
+    from fusion_engine.worlds.random import build_tiny_pipeline, write_random_pairs
+
+    options["make_pairs"] = partial(write_random_pairs, count=args.default_pairs)
+    if args.model is None:
+        options.update(pipe=build_tiny_pipeline(0) if not (args.report_only and args.pairs) else None, model_label="tiny random default world")
+    return EvalSettings(**options)
+
+
 def cmd_eval(args) -> int:
-    from fusion_engine.evaluate import run_eval
+    from fusion_engine.eval import run
 
     try:
-        return run_eval(args)
+        return run(_eval_settings(args))
     except ValueError as error:  # a bad pairs.toml, policy name or encoder choice
         print(f"fusion-engine: error: {error}", file=sys.stderr)
         return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusion_engine.worlds import WORLDS
+
     parser = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -168,20 +210,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--world", default="auto", choices=["auto", "toy", "random"],
+    demo.add_argument("--world", default="auto", choices=WORLDS,
                       help="auto: the trained toy world when its weights ship, else the random one")
     demo.set_defaults(run=cmd_demo)
 
     evaluation = sub.add_parser("eval", help="pairs x policies x seeds -> images, per-image scores, report.md")
-    from fusion_engine.evaluate import add_arguments
-
-    add_arguments(evaluation)
+    _eval_flags(evaluation)
     evaluation.set_defaults(run=cmd_eval)
 
     insp = sub.add_parser("inspect", help="print a LoRA file's format, ranks, alphas and targets")
     insp.add_argument("file")
     insp.set_defaults(run=cmd_inspect)
     return parser
+
+
+def _eval_flags(parser) -> None:
+    from fusion_engine.eval import DEFAULT_POLICIES
+
+    parser.add_argument("--world", default=None, choices=["toy", "random"],
+                        help="toy: the trained toy world's model, LoRA pair, judges and transparent measures "
+                             "(--model/--pairs/--clip/--dino then stay unset)")
+    parser.add_argument("--pairs", default=None, help="pairs.toml (default: N random pairs on the tiny default)")
+    parser.add_argument("--default-pairs", type=int, default=2, help="pairs made when --pairs is not given")
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                        help="comma-separated; any policy, '+llr' adds Latent-Level Refinement")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 per pair and policy")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the tiny world)")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    parser.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"])
+    parser.add_argument("--m", type=float, default=10.0, help="LLR step size")
+    parser.add_argument("--llr-constant-noise", action="store_true",
+                        help="LLR without the UNet backward (noise prediction treated as a constant)")
+    parser.add_argument("--clip", default=None, help="OpenCLIP architecture name, or a JSON model config file")
+    parser.add_argument("--clip-checkpoint", default=None, help="local OpenCLIP checkpoint (.safetensors, .bin)")
+    parser.add_argument("--dino", default=None, help="timm model name, e.g. vit_base_patch16_224.dino")
+    parser.add_argument("--dino-checkpoint", default=None, help="local DINO checkpoint (.safetensors, .pth)")
+    parser.add_argument("--report-only", action="store_true", help="only build OUT/report.md from the CSV files")
+    parser.add_argument("--wait-timeout", type=float, default=3600.0,
+                        help="sharded runs: how long rank 0 waits for the other shards before reporting")
+    parser.add_argument("--quiet", action="store_true")
 
 
 def _cuda() -> bool:

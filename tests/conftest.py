@@ -11,7 +11,7 @@ if not os.path.exists("/dev/nvidiactl"):
 import pytest
 import torch
 
-from fusion_engine.default import build_tiny_pipeline, default_loras
+from fusion_engine.worlds.random import build_tiny_pipeline, default_loras
 
 try:  # fuzz profiles: "ci" (default, small and reproducible) and "deep" (HYPOTHESIS_PROFILE=deep, outside CI)
     from hypothesis import HealthCheck, settings

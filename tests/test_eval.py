@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from fusion_engine.cli import main
-from fusion_engine.eval_report import SCORES_HEADING
-from fusion_engine.evaluate import parse_policy, shard_from_env
+from fusion_engine.eval.report import SCORES_HEADING
+from fusion_engine.eval import parse_policy, shard_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--policies", "direct,fls+llr", "--seeds", "1", "--steps", "2", "--default-pairs", "2", "--quiet"]

@@ -14,7 +14,7 @@ from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fusion_engine as fe  # noqa: E402
-from fusion_engine.default import default_loras  # noqa: E402
+from fusion_engine.worlds.random import default_loras  # noqa: E402
 from fusion_engine.errors import FusionEngineError  # noqa: E402
 from fusion_engine.lora import lora_to_state_dict  # noqa: E402
 from fusion_engine.lora.checks import FACTOR_DTYPES  # noqa: E402

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import fusion_engine as fe
 from fusion_engine import errors
-from fusion_engine.default import attention_targets, random_lora
+from fusion_engine.worlds.random import attention_targets, random_lora
 from fusion_engine.lora import lora_to_state_dict
 from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.ops import reference

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fusion_engine as fe
-from fusion_engine.default import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
+from fusion_engine.worlds.random import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 from fusion_engine.encoders import tiny_dino, tiny_openclip
 from fusion_engine.refine import ReferenceEmbeddings, Refiner, llr_objective
 from fusion_engine.refine.compiled import CompiledOrEager

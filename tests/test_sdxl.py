@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import fusion_engine as fe
-from fusion_engine.default import attention_targets, random_lora
-from fusion_engine.default.tokenizer import clip_tokenizer
+from fusion_engine.worlds.random import attention_targets, random_lora
+from fusion_engine.worlds.tokenizer import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,12 @@ def test_style_fidelity_prefers_the_held_out_style_whatever_the_shape():
 # -- the shipped world ------------------------------------------------------------------------------------
 @shipped
 def test_world_loads_from_the_shipped_files():
-    from fusion_engine.default import load_default_world
+    from fusion_engine.worlds import load_world
     from fusion_engine.toy.world import load_judges
 
     total = sum(f.stat().st_size for f in WEIGHTS.iterdir() if f.suffix == ".safetensors")
     assert total <= 20 * 2**20
-    world = load_default_world("unused", world="toy")
+    world = load_world("toy")
     subject, style = world.subject(), world.style()
     assert subject.layout == "peft" and style.layout == "kohya"
     assert all(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in subject.layers)

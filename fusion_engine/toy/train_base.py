@@ -62,7 +62,7 @@ def train_unet(latents, captions, steps: int, seed: int, batch: int = 32, lr: fl
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..default.tokenizer import clip_tokenizer
+    from ..worlds.tokenizer import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**configs.UNET)

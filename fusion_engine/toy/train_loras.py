@@ -38,7 +38,7 @@ class LoRALinear(nn.Module):
 
 
 def inject(unet, rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
-    from ..default.world import attention_targets
+    from ..worlds.random import attention_targets
 
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}

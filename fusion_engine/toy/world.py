@@ -23,7 +23,7 @@ def build_toy_pipeline(folder=WEIGHTS):
     """The trained StableDiffusionPipeline (16x16 images, Euler sampler)."""
     from safetensors.torch import load_file
 
-    from ..default.world import assemble_pipeline
+    from ..worlds.base import assemble_pipeline
 
     folder = Path(folder)
     pipe = assemble_pipeline(json.loads((folder / "base_config.json").read_text()))
@@ -34,14 +34,14 @@ def build_toy_pipeline(folder=WEIGHTS):
 
 
 def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
-    """A ``DefaultWorld`` over the shipped files: the LoRAs are read from where they ship."""
-    from ..default.world import DefaultWorld
+    """A ``World`` over the shipped files: the LoRAs are read from where they ship."""
+    from ..worlds.base import World
 
     folder = Path(folder)
     if require_loras and not toy_weights_present(folder):
         raise FileNotFoundError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
-    return DefaultWorld(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
-                        subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
+    return World(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
+                 subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
 
 
 def load_judges(folder=WEIGHTS, device="cpu"):

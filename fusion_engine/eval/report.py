@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from .metrics import METRICS
+from ..metrics import METRICS
 
 # Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
 EXTRA_METRICS = ("subject_iou", "style_fid")

@@ -1,4 +1,4 @@
-"""Subject-style pairs for ``fusion-engine eval``: read from pairs.toml, or made on the tiny default world.
+"""Subject-style pairs for ``fusion-engine eval``, read from pairs.toml.
 
 pairs.toml (paths relative to the file):
 
@@ -15,9 +15,7 @@ pairs.toml (paths relative to the file):
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,30 +69,3 @@ def load_pairs(path) -> list[Pair]:
                           entry["style_prompt"], resolve("subject_image"), resolve("style_image")))
     return pairs
 
-
-def write_default_pairs(folder, count: int, unet=None) -> Path:
-    """``count`` pairs of random LoRAs for the tiny default world, and their pairs.toml.
-
-    Sharded runs call this in every process: files are written aside and moved in atomically (their bytes
-    are deterministic), so no process ever reads a half-written file.
-    """
-    from .default import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT, build_tiny_pipeline, default_loras
-    from .lora import save_lora
-
-    folder = Path(folder)
-    scratch = folder / f".writing-{os.getpid()}"
-    scratch.mkdir(parents=True, exist_ok=True)
-    unet = unet if unet is not None else build_tiny_pipeline(0).unet
-    lines = []
-    for index in range(count):
-        subject, style = default_loras(unet, seed=10 * index)
-        save_lora(subject, scratch / f"subject_{index}.safetensors", layout="peft")
-        save_lora(style, scratch / f"style_{index}.safetensors", layout="kohya")
-        lines += ["[[pair]]", f'name = "tiny{index}"', f'subject = "subject_{index}.safetensors"',
-                  f'style = "style_{index}.safetensors"', f'prompt = "{FUSED_PROMPT}"',
-                  f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
-    (scratch / "pairs.toml").write_text("\n".join(lines))
-    for file in sorted(scratch.iterdir(), key=lambda f: f.name == "pairs.toml"):  # pairs.toml last
-        os.replace(file, folder / file.name)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return folder / "pairs.toml"

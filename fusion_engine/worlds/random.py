@@ -1,22 +1,18 @@
-"""The embedded defaults behind one seam, ``load_default_world``:
-
-* ``"toy"``: the trained toy world shipped in ``fusion_engine/toy/weights`` (a tiny text-to-image model of
-  16x16 shapes x styles, a trained subject LoRA and a trained style LoRA; see ``fusion_engine.toy``);
-* ``"random"``: a tiny SD-style pipeline and two LoRA files of random weights, built here with fixed seeds
-  (what the unit tests use: fast, and no file needed).
-
-``"auto"`` (the default) is the toy world when its weights are present, else the random one.
+"""The random world: a tiny SD-style pipeline (~2M parameters, configs in ``configs/``) and LoRAs of random
+weights, all built here with fixed seeds. Fast, and no file needed: what the unit tests use.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from ..lora import LoRA, LoRALayer, load_lora, save_lora
+from ..lora import LoRA, LoRALayer, save_lora
+from .base import World, assemble_pipeline
 
 SUBJECT_PROMPT = "a photo of sbu dog"
 STYLE_PROMPT = "a painting in szn style"
@@ -26,26 +22,6 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def _config(name: str) -> dict:
     return json.loads(resources.files(__package__).joinpath("configs", f"{name}.json").read_text())
-
-
-def assemble_pipeline(configs: dict):
-    """A StableDiffusionPipeline (Euler, offline CLIP tokenizer) from ``vae``/``unet``/``text_encoder``/
-    ``scheduler`` config dicts; the models are freshly initialised (load weights into them afterwards)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tokenizer import clip_tokenizer
-
-    unet = UNet2DConditionModel(**configs["unet"])
-    vae = AutoencoderKL(**configs["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -86,43 +62,38 @@ def default_loras(unet, seed: int = 0) -> tuple[LoRA, LoRA]:
     return subject, style
 
 
-@dataclass
-class DefaultWorld:
-    pipe: object
-    subject_path: Path
-    style_path: Path
-    subject_prompt: str = SUBJECT_PROMPT
-    style_prompt: str = STYLE_PROMPT
-    prompt: str = FUSED_PROMPT
-
-    def subject(self) -> LoRA:
-        return load_lora(self.subject_path)
-
-    def style(self) -> LoRA:
-        return load_lora(self.style_path)
-
-
-def resolve_world(world: str = "auto") -> str:
-    if world not in ("auto", "toy", "random"):
-        raise ValueError(f"unknown default world {world!r}: use 'auto', 'toy' or 'random'")
-    if world == "auto":
-        from ..toy.world import toy_weights_present
-
-        return "toy" if toy_weights_present() else "random"
-    return world
-
-
-def load_default_world(folder, seed: int = 0, world: str = "auto") -> DefaultWorld:
-    """The toy world (its LoRA files are read where they ship; ``folder`` is unused), or the random one:
-    build the tiny pipeline and write its LoRAs as real files, subject in the diffusers (PEFT) layout,
+def load_random_world(folder, seed: int = 0) -> World:
+    """Build the tiny pipeline and write its LoRAs as real files, subject in the diffusers (PEFT) layout,
     style in the kohya layout, so the demo loads both through the normal path."""
-    if resolve_world(world) == "toy":
-        from ..toy.world import load_toy_world
-
-        return load_toy_world()
     folder = Path(folder)
     pipe = build_tiny_pipeline(seed)
     subject, style = default_loras(pipe.unet, seed)
     subject_path = save_lora(subject, folder / "subject_sbu_dog.safetensors", layout="peft")
     style_path = save_lora(style, folder / "style_szn_kohya.safetensors", layout="kohya")
-    return DefaultWorld(pipe, subject_path, style_path)
+    return World(pipe, subject_path, style_path, SUBJECT_PROMPT, STYLE_PROMPT, FUSED_PROMPT)
+
+
+def write_random_pairs(folder, count: int, unet=None) -> Path:
+    """``count`` pairs of random LoRAs (for ``unet``, default: the tiny pipeline's) and their pairs.toml, for
+    ``fusion-engine eval`` when no pairs are given.
+
+    Sharded runs call this in every process: files are written aside and moved in atomically (their bytes
+    are deterministic), so no process ever reads a half-written file.
+    """
+    folder = Path(folder)
+    scratch = folder / f".writing-{os.getpid()}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    unet = unet if unet is not None else build_tiny_pipeline(0).unet
+    lines = []
+    for index in range(count):
+        subject, style = default_loras(unet, seed=10 * index)
+        save_lora(subject, scratch / f"subject_{index}.safetensors", layout="peft")
+        save_lora(style, scratch / f"style_{index}.safetensors", layout="kohya")
+        lines += ["[[pair]]", f'name = "tiny{index}"', f'subject = "subject_{index}.safetensors"',
+                  f'style = "style_{index}.safetensors"', f'prompt = "{FUSED_PROMPT}"',
+                  f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
+    (scratch / "pairs.toml").write_text("\n".join(lines))
+    for file in sorted(scratch.iterdir(), key=lambda f: f.name == "pairs.toml"):  # pairs.toml last
+        os.replace(file, folder / file.name)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return folder / "pairs.toml"
