@@ -147,7 +147,8 @@ def _eval_settings(args):
             pairs=write_toy_pairs(out / "toy_pairs"), pipe=build_toy_pipeline() if not args.report_only else None,
             extra_scores=transparent_scores,
             model_label="the trained toy world (fusion_engine/toy)",
-            encoders_label="the toy world's trained judges (open_clip CLIP, timm ViT shape classifier in the DINO slot)",
+            encoders_label=("the toy world's trained judges (open_clip CLIP, timm ViT shape classifier "
+                            "in the DINO slot)"),
             notes=["Subject IoU / Style Fid: the toy world's transparent measures (fusion_engine/toy/measures.py)"])
         if not args.report_only:
             options["clip"], options["dino"] = load_judges(device=resolve_device(args.device))
@@ -156,7 +157,8 @@ def _eval_settings(args):
 
     options["make_pairs"] = partial(write_random_pairs, count=args.default_pairs)
     if args.model is None:
-        options.update(pipe=build_tiny_pipeline(0) if not (args.report_only and args.pairs) else None, model_label="tiny random default world")
+        needs_pipe = not (args.report_only and args.pairs)  # a report from existing rows needs no model
+        options.update(pipe=build_tiny_pipeline(0) if needs_pipe else None, model_label="tiny random default world")
     return EvalSettings(**options)
 
 

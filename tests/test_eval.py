@@ -11,7 +11,8 @@ from PIL import Image
 
 from fusion_engine.cli import main
 from fusion_engine.eval.report import SCORES_HEADING
-from fusion_engine.eval import parse_policy, shard_from_env
+from fusion_engine.errors import OptionError
+from fusion_engine.eval import EvalSettings, parse_policy, run, shard_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--policies", "direct,fls+llr", "--seeds", "1", "--steps", "2", "--default-pairs", "2", "--quiet"]
@@ -125,3 +126,21 @@ def test_bad_inputs_are_clean_errors(tmp_path, capsys):
     assert shard_from_env({}) == (0, 1)
     with pytest.raises(ValueError, match="outside"):
         shard_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_run_from_python_with_settings(single_run, tmp_path, capsys):
+    """``run(EvalSettings(...))`` without the CLI: keyword-only settings, a clear error when the model or the
+    pairs are not given, and a report rebuilt from existing rows with no model at all."""
+    with pytest.raises(TypeError):
+        EvalSettings(tmp_path)  # keyword-only
+    with pytest.raises(OptionError, match="pairs="):
+        run(EvalSettings(out=tmp_path / "no_pairs"))
+    with pytest.raises(OptionError, match="model="):
+        run(EvalSettings(out=tmp_path / "no_model", pairs=single_run / "default_pairs" / "pairs.toml"))
+    out = tmp_path / "report_only"
+    shutil.copytree(single_run / "scores", out / "scores")
+    settings = EvalSettings(out=out, pairs=single_run / "default_pairs" / "pairs.toml", report_only=True,
+                            policies=["direct", "fls+llr"], seeds=1, steps=2)
+    assert run(settings) == 0
+    assert "images scored: 4 of 4 planned" in (out / "report.md").read_text()
+    assert _scores_section(out) == _scores_section(single_run)
