@@ -37,6 +37,8 @@ def load_world(name: str = "auto", folder=None, seed: int = 0) -> World:
         seed: the random world's seed.
 
     Example:
+        >>> from fusion_engine import FusionPipeline
+        >>> from fusion_engine.worlds import load_world
         >>> world = load_world("random", folder="demo_out/loras")
         >>> pipe = FusionPipeline.from_pipe(world.pipe, world.subject(), world.style())
     """
