@@ -8,7 +8,9 @@ import torch.nn as nn
 from .context import FusionContext
 from .errors import AlreadyAttachedError, AttachError
 from .fit import check_fit, find_module
+from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .lora import LoRA, load_lora
+from .lora.align import align_to_model
 from .modules import DynamicLoRALayer, DynamicLoRAConv2d, DynamicLoRALinear
 from .ops import BACKENDS
 from .policies import make_policy
@@ -113,18 +115,30 @@ def attach(
     subject=None,
     style=None,
     *,
-    policy="fls",
+    policy=None,
     divergence: str = "kl",
-    granularity: str = "image",
+    granularity: str | None = None,
     backend: str = "auto",
     trace: bool = True,
     **policy_options,
 ) -> Fusion:
-    """Fuse ``subject`` and ``style`` LoRAs into ``model`` (any diffusers UNet or nn.Module).
+    """Fuse ``subject`` and ``style`` LoRAs into ``model`` (any diffusers UNet, text encoder or nn.Module).
 
     Every layer either LoRA targets is swapped for a fused module; a layer targeted by one LoRA fuses
     with the other absent. Nothing is changed unless every target resolves and fits. Policy options:
     ``weights=(wc, ws)`` (direct), ``pattern`` (klora), ``blocks`` (blora), ``tau`` (switch).
+
+    Text encoders take the text-encoder parts of LoRA files (``lora.for_component("text_encoder")``).
+    There the defaults are ``policy="direct"`` (both deltas added, as diffusers' ``set_adapters``
+    does: the paper selects in the denoiser only, and each LoRA's trigger words need its own text
+    delta) and ``granularity="sample"`` (FLS decides once per prompt, over its tokens); ``fls`` and
+    ``direct`` are the policies a text encoder can run (it has no denoising step). Elsewhere the
+    defaults are ``"fls"`` and ``"image"``. A LoRA whose file also has parts for other components
+    warns that this attach leaves them out.
+
+    Example:
+        >>> fusion = fe.attach(pipe.unet, subject.for_component("unet"), style.for_component("unet"))
+        >>> te = fe.attach(pipe.text_encoder, subject.for_component("text_encoder"), style.for_component("text_encoder"))
     """
     subject, style = _as_lora(subject, "subject"), _as_lora(style, "style")
     if subject is None and style is None:
@@ -133,6 +147,10 @@ def attach(
         raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if model in _ATTACHED:
         raise AlreadyAttachedError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it first")
+    policy, granularity = component_defaults(subject, style, policy, granularity)
+    refuse_unsupported_backend(subject, style, backend)
+    warn_unapplied_components(subject, style)
+    subject, style = align_to_model(subject, model), align_to_model(style, model)
     if policy == "fls":
         policy_options["divergence"] = divergence
     policy = make_policy(policy, **policy_options)

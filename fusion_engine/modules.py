@@ -6,23 +6,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .ops.reference import accumulation_dtype, fls_select
+from .ops.reference import accumulation_dtype, base_linear, fls_select, lora_delta
 from .trace import choice_code
 
 
 def _factors(lora, name: str, base: nn.Module):
-    """(lora_a, lora_b, scale) of ``lora`` at ``name`` cast to the base weight, or rank-0 factors if absent."""
+    """(lora_a, lora_b, scale, dora_gain) of ``lora`` at ``name`` cast to the base weight; rank-0 factors if absent.
+
+    ``dora_gain`` is empty unless the layer is DoRA (see ``dora_gain``).
+    """
     weight = base.weight
+    no_gain = weight.new_zeros(0, dtype=accumulation_dtype(weight.dtype))
     if lora is None or name not in lora.layers:
         lora_a = weight.new_zeros(0, *weight.shape[1:])
         lora_b = weight.new_zeros(weight.shape[0], 0, *([1, 1] if weight.ndim == 4 else []))
-        return lora_a, lora_b, 0.0
+        return lora_a, lora_b, 0.0, no_gain
     layer = lora.layers[name]
     lora_a = layer.lora_a.to(device=weight.device, dtype=weight.dtype)
     lora_b = layer.lora_b.to(device=weight.device, dtype=weight.dtype)
     if weight.ndim == 2 and lora_a.ndim == 4:  # kohya stores some Linear LoRAs as 1x1 convs
         lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
-    return lora_a, lora_b, lora.layer_scale(name)
+    scale = lora.layer_scale(name)
+    gain = no_gain if layer.magnitude is None else dora_gain(weight, layer.lora_a, layer.lora_b, scale, layer.magnitude)
+    return lora_a, lora_b, scale, gain
+
+
+def dora_gain(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+              magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output-row factor ``m / ||W + s B A||`` (PEFT's ``mag_norm_scale``), a constant.
+
+    As in PEFT the norm is over each output row of the merged weight (all input dims of a conv),
+    with ``s`` the full LoRA scale (alpha / rank times the user's), and detached: it is data, not
+    a function of the factors. Computed once at attach, at accumulation precision.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    base = weight.detach().to(acc).flatten(1)
+    merged = base + scale * (lora_b.flatten(1).to(base) @ lora_a.flatten(1).to(base))
+    return magnitude.detach().to(base).reshape(-1) / torch.linalg.norm(merged, dim=1)
 
 
 class DynamicLoRALayer(nn.Module):
@@ -32,13 +52,15 @@ class DynamicLoRALayer(nn.Module):
         super().__init__()
         self.base = base
         self.name, self.index = name, index
-        subject_a, subject_b, self.subject_scale = _factors(subject, name, base)
-        style_a, style_b, self.style_scale = _factors(style, name, base)
+        subject_a, subject_b, self.subject_scale, subject_gain = _factors(subject, name, base)
+        style_a, style_b, self.style_scale, style_gain = _factors(style, name, base)
         # Non-persistent: an attached model's state_dict stays the base model's plus "base." paths.
         self.register_buffer("subject_a", subject_a, persistent=False)
         self.register_buffer("subject_b", subject_b, persistent=False)
         self.register_buffer("style_a", style_a, persistent=False)
         self.register_buffer("style_b", style_b, persistent=False)
+        self.register_buffer("subject_gain", subject_gain, persistent=False)  # DoRA: (out,); empty otherwise
+        self.register_buffer("style_gain", style_gain, persistent=False)
         self.context = context
         self._coef_cache: dict[tuple, torch.Tensor] = {}
         self._last_choice: dict[tuple, torch.Tensor] = {}
@@ -59,16 +81,39 @@ class DynamicLoRALayer(nn.Module):
     def has_style(self) -> bool:
         return self.style_rank > 0
 
+    @property
+    def has_dora(self) -> bool:
+        return self.subject_gain.numel() > 0 or self.style_gain.numel() > 0
+
+    def branch_delta(self, branch: str, base_out: torch.Tensor, raw_delta: torch.Tensor) -> torch.Tensor:
+        """What one branch adds to the base output, at ``raw_delta``'s precision.
+
+        LoRA: ``s * raw_delta``. DoRA: the DoRA layer's output minus the base output, i.e. PEFT's
+        ``(g - 1) * base_out + g * s * raw_delta`` with ``g = dora_gain(...)`` per output channel and
+        ``base_out`` the base output without its bias. FLS scores and selects this delta like any other.
+        ``raw_delta`` is the unscaled ``(x A^T) B^T``; channels are the last dim (linear) or dim 1 (conv).
+        """
+        scale, gain = (self.subject_scale, self.subject_gain) if branch == "subject" else (self.style_scale, self.style_gain)
+        if gain.numel() == 0:
+            return scale * raw_delta
+        gain = gain.to(raw_delta.dtype).reshape(-1, *([1] * (raw_delta.ndim - 2)))
+        return (gain - 1) * base_out + gain * (scale * raw_delta)
+
     def delta_weight(self, branch: str) -> torch.Tensor:
         """Unscaled B @ A of one branch, shaped like the base weight (float32)."""
         lora_a, lora_b = (self.subject_a, self.subject_b) if branch == "subject" else (self.style_a, self.style_b)
         return (lora_b.flatten(1).float() @ lora_a.flatten(1).float()).reshape(self.base.weight.shape)
 
-    def static_coefficients(self, device) -> torch.Tensor:
-        """Policy weights times LoRA scales as a (2,) float32 device tensor; cached per value."""
+    def policy_weights(self) -> tuple[float, float]:
+        """The static policy's (subject, style) weights for this call, recorded in the trace."""
         context = self.context
         weights = context.policy.weights(self, context)
         context.record(self.index, choice_code(weights[0] * self.has_subject, weights[1] * self.has_style))
+        return weights
+
+    def static_coefficients(self, device) -> torch.Tensor:
+        """Policy weights times LoRA scales as a (2,) float32 device tensor; cached per value."""
+        weights = self.policy_weights()
         key = (weights, str(device))
         if key not in self._coef_cache:
             values = [weights[0] * self.subject_scale, weights[1] * self.style_scale]
@@ -76,7 +121,8 @@ class DynamicLoRALayer(nn.Module):
         return self._coef_cache[key]
 
     def extra_repr(self) -> str:
-        return f"{self.name}, subject_rank={self.subject_rank}, style_rank={self.style_rank}"
+        dora = ", dora" if self.has_dora else ""
+        return f"{self.name}, subject_rank={self.subject_rank}, style_rank={self.style_rank}{dora}"
 
 
 class DynamicLoRALinear(DynamicLoRALayer):
@@ -92,10 +138,30 @@ class DynamicLoRALinear(DynamicLoRALayer):
             self._last_choice[key] = torch.ones(groups, dtype=torch.bool, device=device)
         return self._last_choice[key]
 
+    def _dora_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A layer with a DoRA branch: the reference path (the fused kernels take plain LoRA only)."""
+        context, base = self.context, self.base
+        y0 = base_linear(rows, base.weight, base.bias)
+        base_out = y0 if base.bias is None else y0 - base.bias.to(y0.dtype)
+        subject_delta = self.branch_delta("subject", base_out, lora_delta(rows, self.subject_a, self.subject_b))
+        style_delta = self.branch_delta("style", base_out, lora_delta(rows, self.style_a, self.style_b))
+        if not context.policy.uses_divergence:
+            subject_weight, style_weight = self.policy_weights()
+            return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
+        row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
+        out, subject_score, style_score, choose_subject = fls_select(
+            y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject, self.has_style
+        )
+        context.record(self.index, choose_subject, subject_score, style_score)
+        return out.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
+        if self.has_dora:
+            out = self._dora_forward(x, rows)
+            return out.reshape(*lead, out.shape[-1])
         backend = ops.resolve_backend(context.backend, x.device)
         if context.policy.uses_divergence:
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
@@ -135,6 +201,12 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         y0 = self._conv(x, base.weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
         subject_raw = self._raw_delta(x, y0, self.subject_a, self.subject_b)
         style_raw = self._raw_delta(x, y0, self.style_a, self.style_b)
+        base_out = y0 if base.bias is None or not self.has_dora else y0 - base.bias.to(y0.dtype).reshape(-1, 1, 1)
+        subject_delta = self.branch_delta("subject", base_out, subject_raw)
+        style_delta = self.branch_delta("style", base_out, style_raw)
+        if not context.policy.uses_divergence and self.has_dora:
+            subject_weight, style_weight = self.policy_weights()
+            return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(dtype)
         if not context.policy.uses_divergence:
             coef = self.static_coefficients(x.device)
             coef = coef.to(y0.dtype)
@@ -146,7 +218,7 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
 
         row_group, groups = context.row_groups(batch, height * width, x.device)
         out, subject_score, style_score, choose_subject = fls_select(
-            to_rows(y0), to_rows(self.subject_scale * subject_raw), to_rows(self.style_scale * style_raw), row_group, groups,
+            to_rows(y0), to_rows(subject_delta), to_rows(style_delta), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
         context.record(self.index, choose_subject, subject_score, style_score)

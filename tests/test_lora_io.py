@@ -39,17 +39,25 @@ def test_user_scale_multiplies_alpha_over_rank(tmp_path, loras):
     assert loaded.layer_scale(name) == pytest.approx(4 / 8 * 0.8)
 
 
-def test_text_encoder_keys_are_reported_and_ignored(tmp_path, loras):
+def test_text_encoder_keys_load_as_a_component_or_are_listed_when_left_out(tmp_path, loras):
     subject, _ = loras
     state = lora_to_state_dict(subject, "kohya")
     te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    state[f"{te}.lora_down.weight"] = torch.randn(4, 32)
-    state[f"{te}.lora_up.weight"] = torch.randn(32, 4)
-    state[f"{te}.alpha"] = torch.tensor(4.0)
+    lora_a, lora_b = torch.randn(4, 32), torch.randn(32, 4)
+    state[f"{te}.lora_down.weight"], state[f"{te}.lora_up.weight"] = lora_a, lora_b
+    state[f"{te}.alpha"] = torch.tensor(2.0)
     save_file(state, tmp_path / "with_te.safetensors")
     loaded = fe.load_lora(tmp_path / "with_te.safetensors")
-    assert len(loaded.layers) == len(subject.layers)
-    assert loaded.ignored and all(k.startswith("text_encoder") for k in loaded.ignored)
+    assert len(loaded.layers) == len(subject.layers) and not loaded.ignored
+    text = loaded.for_component("text_encoder")
+    assert list(text.layers) == ["text_model.encoder.layers.0.self_attn.q_proj"] and text.component == "text_encoder"
+    layer = text.layers["text_model.encoder.layers.0.self_attn.q_proj"]
+    assert torch.equal(layer.lora_a, lora_a) and torch.equal(layer.lora_b, lora_b) and layer.alpha == 2.0
+    assert loaded.for_component("text_encoder_2") is None and loaded.for_component("unet").layers == loaded.layers
+
+    left_out = fe.load_lora(tmp_path / "with_te.safetensors", text_encoder=False)
+    assert set(left_out.components) == {"unet"}
+    assert left_out.ignored and all(k.startswith("text_encoder.") for k in left_out.ignored)
 
 
 def test_state_dict_input_and_different_ranks_per_layer(loras):

@@ -9,14 +9,18 @@ from typing import Mapping
 
 import torch
 
-from ..errors import LoRAFileError, LoRAFileNotFoundError, LoRAFormatError, LoRALayoutError, preview
+from ..errors import LoRAFileError, LoRAFileNotFoundError, LoRAFormatError, LoRALayoutError, LoRAShapeError, preview
 from .checks import check_alpha, check_layer, check_raw_tensors
+from .lycoris import refuse_lycoris
 from .safetensors_header import check_safetensors_file
-from .weights import LoRA, LoRALayer
+from .weights import COMPONENTS, DENOISER, TEXT_ENCODERS, LoRA, LoRALayer
 
 _UNET_PREFIX = "unet."
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+_MAGNITUDE, _DORA_SCALE, _ALPHA = ".lora_magnitude_vector", ".dora_scale", ".alpha"
+_FOREIGN = "<foreign>"  # text-encoder keys under a prefix no SD/SDXL loader maps
+_UNMAPPED_TEXT_PREFIXES = ("te", "te1", "te2")
 _SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 SDXL_UNET_LAYOUT = SimpleNamespace(layers_per_block=2)
 # Where diffusers' save_lora_weights keeps the PEFT config (alphas of PEFT-layout files).
@@ -127,15 +131,155 @@ def _as_alpha(value, where: str, source: str) -> float:
         raise LoRAFormatError(f"{source}: adapter metadata {where} = {value!r:.60} is not a number") from None
 
 
-def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
+def _split_components(state: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """``{"unet.x": v, "text_encoder.y": w}`` -> ``{"unet": {"x": v}, "text_encoder": {"y": w}}``.
+
+    Keys without a component prefix are the UNet's (old diffusers attention-processor files);
+    ``te.``/``te1.``/``te2.`` text-encoder keys, which SD/SDXL loaders do not map, go to ``_FOREIGN``.
+    """
+    parts: dict[str, dict[str, object]] = {}
+    for key, value in state.items():
+        component, _, rest = key.partition(".")
+        if component in _UNMAPPED_TEXT_PREFIXES:
+            component, rest = _FOREIGN, key
+        elif component not in COMPONENTS or not rest:
+            component, rest = DENOISER, key
+        parts.setdefault(component, {})[rest] = value
+    return parts
+
+
+def _text_encoder_peft_keys(state: dict[str, object], source: str, component: str) -> dict[str, object]:
+    """A text encoder's keys -> ``<module>.lora_A.weight``, as diffusers' ``_load_lora_into_text_encoder`` does."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    if all(k.endswith((_DOWN, _UP)) or _MAGNITUDE in k or k.endswith(_ALPHA) for k in state) \
+            and any(k.endswith(_DOWN) for k in state):
+        return state  # already PEFT keys: diffusers' round trip would leave them as they are
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    # diffusers infers the old layout from "to_out_lora" alone; kohya files adapting only q/k/v have none
+    old = any(f".{p}_lora." in k for k in state for p in ("to_q", "to_k", "to_v", "to_out"))
+    try:
+        state = convert_state_dict_to_diffusers(dict(state), original_type=StateDictType.DIFFUSERS_OLD if old else None)
+        return convert_state_dict_to_peft(state)
+    except Exception as error:  # diffusers raises bare ValueErrors on key sets it cannot classify
+        raise LoRALayoutError(f"{source}: diffusers cannot map the {component} keys to modules "
+                              f"({type(error).__name__}: {error}); keys: {preview(sorted(state))}") from error
+
+
+def _kohya_magnitudes(raw: dict[str, torch.Tensor], source: str) -> dict[int, tuple[str, torch.Tensor]]:
+    """Pop kohya ``dora_scale`` keys; key each by the identity of its layer's down factor.
+
+    diffusers' SD/SDXL ``lora_state_dict`` drops ``dora_scale`` (with a warning). Its converters move
+    tensors to new keys without copying them, so following the down factor's identity through them
+    finds each magnitude's module without parsing any key here.
+    """
+    magnitudes = {}
+    for key in [k for k in raw if k.endswith(_DORA_SCALE)]:
+        down = key[: -len(_DORA_SCALE)] + ".lora_down.weight"
+        if down not in raw:
+            raise LoRALayoutError(f"{source}: key {key!r} is a DoRA magnitude without its factors ({down!r} is missing)")
+        magnitudes[id(raw[down])] = (key, raw.pop(key))
+    return magnitudes
+
+
+def _magnitude(module: str, key: str, tensor: torch.Tensor, lora_b: torch.Tensor, source: str, kohya: bool):
+    """A DoRA magnitude as an (out,) vector: PEFT stores (out,) or (1, out, 1, 1), kohya (out, 1[, 1, 1])."""
+    out = lora_b.shape[0]
+    rows = tensor.shape[0] == out and tensor.numel() == out if kohya else tensor.numel() == out
+    if rows:
+        return tensor.reshape(out)
+    if kohya and tensor.ndim >= 2 and tensor.shape[0] == 1:
+        raise LoRALayoutError(
+            f"{source}: layer {module}: key {key!r} {tuple(tensor.shape)} is a DoRA magnitude per input column "
+            "(LyCORIS wd_on_out=False); only magnitudes per output row (PEFT/diffusers DoRA, LyCORIS "
+            "wd_on_out=True) are supported"
+        )
+    raise LoRAShapeError(f"{source}: layer {module}: DoRA magnitude {key!r} has shape {tuple(tensor.shape)}, "
+                         f"but B {tuple(lora_b.shape)} has {out} output rows")
+
+
+def _component_layers(state, module_alphas, metadata, kohya_magnitudes, source: str, component: str):
+    """PEFT-keyed factors (``<module>.lora_A.weight``, ...) of one component -> ``{module: LoRALayer}``."""
+    downs, ups, magnitudes, foreign = {}, {}, {}, []
+    for key, tensor in state.items():
+        if key.endswith(_DOWN):
+            downs[key[: -len(_DOWN)]] = tensor
+        elif key.endswith(_UP):
+            ups[key[: -len(_UP)]] = tensor
+        elif key.endswith(_MAGNITUDE) or key.endswith(_MAGNITUDE + ".weight"):
+            magnitudes[key.split(_MAGNITUDE)[0]] = (key, tensor)
+        else:
+            foreign.append(key)
+    if foreign:
+        raise LoRALayoutError(
+            f"{source}: {component} keys that are not LoRA factors or DoRA magnitudes (LoRA bias, or an unknown "
+            f"layout): {preview(foreign)}"
+        )
+    unpaired = sorted(set(downs) ^ set(ups))
+    if unpaired:
+        raise LoRALayoutError(f"{source}: {component} layers with only one of down/up: {preview(unpaired)}")
+    stray = sorted(set(magnitudes) - set(downs))
+    if stray:
+        raise LoRALayoutError(f"{source}: {component} DoRA magnitudes without LoRA factors: {preview(stray)}")
+
+    layers = {}
+    for module in sorted(downs):
+        lora_a, lora_b = downs[module], ups[module]
+        check_layer(module, lora_a, lora_b, source)
+        alpha = module_alphas.get(module)
+        if alpha is None:
+            alpha = _metadata_alpha(module, metadata, source)
+        alpha = float(lora_a.shape[0] if alpha is None else alpha)
+        check_alpha(module, alpha, source)
+        magnitude = None
+        if module in magnitudes:
+            magnitude = _magnitude(module, *magnitudes[module], lora_b, source, kohya=False)
+        elif id(lora_a) in kohya_magnitudes:
+            magnitude = _magnitude(module, *kohya_magnitudes[id(lora_a)], lora_b, source, kohya=True)
+        layers[module] = LoRALayer(lora_a=lora_a, lora_b=lora_b, alpha=alpha, magnitude=magnitude)
+    return layers
+
+
+def _unet_layers(state, alphas, metadata, kohya_magnitudes, source: str):
+    if not any("lora_A" in k for k in state):
+        state = _to_peft_keys(state, source)
+    return _component_layers(state, _alpha_by_module(alphas, source), metadata, kohya_magnitudes, source, DENOISER)
+
+
+def _text_encoder_layers(state, alphas, metadata, kohya_magnitudes, source: str, component: str):
+    """diffusers names kohya alphas after the converted down key (``<down key>.alpha``): convert them alongside."""
+    prefix = component + "."
+    alpha_keys = {k.removeprefix(prefix): float(v) for k, v in alphas.items() if k.startswith(prefix)}
+    converted = _text_encoder_peft_keys({**state, **alpha_keys}, source, component)
+    module_alphas = {k.split(_DOWN)[0]: v for k, v in converted.items() if k.endswith(_DOWN + _ALPHA)}
+    factors = {k: v for k, v in converted.items() if not k.endswith(_ALPHA)}
+    return _component_layers(factors, module_alphas, metadata, kohya_magnitudes, source, component)
+
+
+def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool = True) -> LoRA:
     """Load a LoRA from a ``.safetensors`` path or a state dict.
 
     Accepts diffusers (old ``lora.down``/``lora.up`` and PEFT ``lora_A``/``lora_B``) and kohya/A1111
-    (``lora_unet_*``, ``lora_down``/``lora_up``, ``.alpha``) layouts for SD1.x and SDXL UNets. The
-    effective per-layer scale is ``alpha / rank * scale`` (alpha = rank when the file has none).
-    Text-encoder parts are listed in ``LoRA.ignored``: the method fuses the denoiser only.
-    kohya files in SDXL's original block naming (``input_blocks_4_1_...``) are mapped with
-    ``unet_config.layers_per_block`` (SDXL's 2 when not given), as diffusers' own loader does.
+    (``lora_unet_*``, ``lora_te*``, ``lora_down``/``lora_up``, ``.alpha``) layouts for SD1.x and SDXL, with
+    DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya ``dora_scale``). The effective per-layer
+    scale is ``alpha / rank * scale`` (alpha = rank when the file has none). kohya files in SDXL's
+    original block naming (``input_blocks_4_1_...``) are mapped with ``unet_config.layers_per_block``
+    (SDXL's 2 when not given), as diffusers' own loader does.
+
+    Args:
+        source: a ``.safetensors`` path, a state dict, or a ``LoRA`` (rescaled).
+        scale: the user's strength, multiplied into every layer's scale.
+        unet_config: the UNet's config, for kohya SDXL files in the original block naming.
+        text_encoder: ``False`` leaves the text-encoder parts out (listed in ``LoRA.ignored``).
+
+    Returns:
+        A ``LoRA`` whose ``layers`` are the UNet's; ``components`` / ``for_component`` hold the
+        text-encoder parts (``"text_encoder"``, ``"text_encoder_2"``).
+
+    Example:
+        >>> lora = fe.load_lora("dog.safetensors", scale=0.8)
+        >>> lora.for_component("text_encoder")  # None when the file adapts the UNet only
     """
     if isinstance(source, LoRA):
         return source.with_scale(scale)
@@ -147,49 +291,35 @@ def load_lora(source, scale: float = 1.0, unet_config=None) -> LoRA:
     if not raw:
         raise LoRALayoutError(f"{name}: holds no tensors")
     check_raw_tensors(raw, name)
+    refuse_lycoris(raw, name)
     layout = detect_layout(raw)
     if layout == "unknown":
         raise LoRALayoutError(
             f"{name}: unknown key layout: none of its {len(raw)} keys follows diffusers ('...lora.down.weight'), "
             f"PEFT ('...lora_A.weight') or kohya ('lora_unet_...lora_down.weight') naming; keys: {preview(sorted(raw))}"
         )
+    kohya_magnitudes = _kohya_magnitudes(raw, name)
     state, alphas = _diffusers_state_dict(raw, name, unet_config)
-
-    ignored = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
-    unet_state = {k.removeprefix(_UNET_PREFIX): v for k, v in state.items() if not k.startswith(_TEXT_PREFIXES)}
-    if not any("lora_A" in k for k in unet_state):
-        unet_state = _to_peft_keys(unet_state, name)
-    unet_metadata = {k.removeprefix(_UNET_PREFIX): v for k, v in metadata.items() if k.startswith(_UNET_PREFIX)}
-    module_alphas = _alpha_by_module(alphas, name)
-
-    downs, ups, foreign = {}, {}, []
-    for key, tensor in unet_state.items():
-        if key.endswith(_DOWN):
-            downs[key[: -len(_DOWN)]] = tensor
-        elif key.endswith(_UP):
-            ups[key[: -len(_UP)]] = tensor
-        else:
-            foreign.append(key)
+    parts = _split_components(state)
+    foreign = parts.pop(_FOREIGN, {})
     if foreign:
-        raise LoRALayoutError(
-            f"{name}: keys that are not plain LoRA factors (DoRA, LoKr, LoRA bias or an unknown layout): "
-            f"{preview(foreign)}"
-        )
-    unpaired = sorted(set(downs) ^ set(ups))
-    if unpaired:
-        raise LoRALayoutError(f"{name}: layers with only one of down/up: {preview(unpaired)}")
-    if not downs:
-        what = f"only text-encoder layers ({len(ignored)} keys)" if ignored else "no UNet LoRA layers"
-        raise LoRALayoutError(f"{name}: {what}; the fusion needs denoiser (UNet) layers")
+        raise LoRALayoutError(f"{name}: text-encoder keys under a prefix diffusers' SD/SDXL loaders do not map "
+                              f"(expected {', '.join(COMPONENTS)}): {preview(sorted(foreign))}")
+    ignored = []
+    if not text_encoder:
+        ignored = sorted(f"{c}.{k}" for c in TEXT_ENCODERS for k in parts.pop(c, {}))
+
+    def part_metadata(component):
+        return {k.removeprefix(component + "."): v for k, v in metadata.items() if k.startswith(component + ".")}
 
     layers = {}
-    for module in sorted(downs):
-        lora_a, lora_b = downs[module], ups[module]
-        check_layer(module, lora_a, lora_b, name)
-        alpha = module_alphas.get(module)
-        if alpha is None:
-            alpha = _metadata_alpha(module, unet_metadata, name)
-        alpha = float(lora_a.shape[0] if alpha is None else alpha)
-        check_alpha(module, alpha, name)
-        layers[module] = LoRALayer(lora_a=lora_a, lora_b=lora_b, alpha=alpha)
-    return LoRA(layers=layers, source=name, layout=layout, scale=float(scale), ignored=ignored)
+    if parts.get(DENOISER):
+        layers = _unet_layers(parts[DENOISER], alphas, part_metadata(DENOISER), kohya_magnitudes, name)
+    others = {c: _text_encoder_layers(parts[c], alphas, part_metadata(c), kohya_magnitudes, name, c)
+              for c in TEXT_ENCODERS if parts.get(c)}
+    if not layers and not any(others.values()):
+        what = f"only text-encoder layers ({len(ignored)} keys, left out by text_encoder=False)" if ignored \
+            else "no LoRA layers"
+        raise LoRALayoutError(f"{name}: {what}")
+    return LoRA(layers=layers, source=name, layout=layout, scale=float(scale), ignored=ignored,
+                other_components=others)

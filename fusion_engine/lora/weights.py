@@ -6,17 +6,24 @@ from pathlib import Path
 
 import torch
 
+DENOISER = "unet"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = (DENOISER, *TEXT_ENCODERS)
+
 
 @dataclass(frozen=True)
 class LoRALayer:
     """One adapted layer: delta W = (alpha / rank) * B @ A (times the LoRA's user scale).
 
     ``lora_a`` is (r, in) for a Linear or (r, in, kh, kw) for a Conv2d; ``lora_b`` is (out, r) or (out, r, 1, 1).
+    ``magnitude`` (out,) makes it a DoRA layer (PEFT's ``lora_magnitude_vector``, kohya's ``dora_scale``):
+    the adapted weight is ``magnitude * (W + s B A) / ||W + s B A||`` with the norm taken per output row.
     """
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -25,6 +32,10 @@ class LoRALayer:
     @property
     def is_conv(self) -> bool:
         return self.lora_a.ndim == 4
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A reshaped like the base weight, without any scale."""
@@ -35,10 +46,19 @@ class LoRALayer:
 
 @dataclass
 class LoRA:
-    """A loaded LoRA file, reduced to the denoiser layers it adapts.
+    """A loaded LoRA file: the denoiser layers it adapts, and the text-encoder layers if it has any.
 
-    ``layers`` maps a module path inside the UNet (``down_blocks.0...attn1.to_q``) to its factors.
+    ``layers`` maps a module path inside ``component`` (the UNet unless said otherwise:
+    ``down_blocks.0...attn1.to_q``) to its factors. ``other_components`` holds the rest of the file by
+    component (``"text_encoder"``, ``"text_encoder_2"``); ``components`` shows all of them and
+    ``for_component(name)`` gives one as a LoRA of its own, ready for ``fe.attach``.
     ``scale`` is the user's strength; the effective per-layer scale is ``alpha / rank * scale``.
+
+    Example:
+        >>> lora = fe.load_lora("dreambooth_dog.safetensors")
+        >>> sorted(lora.components)
+        ['text_encoder', 'unet']
+        >>> fe.attach(pipe.text_encoder, subject=lora.for_component("text_encoder"))
     """
 
     layers: dict[str, LoRALayer]
@@ -46,6 +66,8 @@ class LoRA:
     layout: str = "unknown"
     scale: float = 1.0
     ignored: list[str] = field(default_factory=list)
+    component: str = DENOISER
+    other_components: dict[str, dict[str, LoRALayer]] = field(default_factory=dict)
 
     def layer_scale(self, name: str) -> float:
         layer = self.layers[name]
@@ -55,6 +77,23 @@ class LoRA:
     def name(self) -> str:
         return Path(self.source).stem if self.source != "<state_dict>" else self.source
 
+    @property
+    def components(self) -> dict[str, dict[str, LoRALayer]]:
+        """Component name -> {module path inside that component: layer}, for every non-empty part."""
+        parts = {self.component: self.layers, **self.other_components}
+        return {name: layers for name, layers in parts.items() if layers}
+
+    @property
+    def is_dora(self) -> bool:
+        return any(layer.is_dora for layers in self.components.values() for layer in layers.values())
+
+    def for_component(self, name: str) -> "LoRA | None":
+        """The part of this LoRA that adapts component ``name`` (``None`` when the file has none)."""
+        layers = self.components.get(name)
+        if not layers:
+            return None
+        return LoRA(dict(layers), self.source, self.layout, self.scale, component=name)
+
     def ranks(self) -> list[int]:
         return sorted({layer.rank for layer in self.layers.values()})
 
@@ -62,10 +101,12 @@ class LoRA:
         return sorted({layer.alpha for layer in self.layers.values()})
 
     def with_scale(self, scale: float) -> "LoRA":
-        return LoRA(dict(self.layers), self.source, self.layout, scale, list(self.ignored))
+        return LoRA(dict(self.layers), self.source, self.layout, scale, list(self.ignored), self.component,
+                    dict(self.other_components))
 
     def __repr__(self) -> str:
+        others = "".join(f", {name}={len(layers)}" for name, layers in self.other_components.items() if layers)
         return (
-            f"LoRA({self.name!r}, layout={self.layout}, layers={len(self.layers)}, "
+            f"LoRA({self.name!r}, layout={self.layout}, layers={len(self.layers)}{others}, "
             f"ranks={self.ranks()}, alphas={self.alphas()}, scale={self.scale})"
         )

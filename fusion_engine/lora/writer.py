@@ -1,4 +1,7 @@
-"""``LoRA`` -> safetensors file in a layout other tools read: PEFT (diffusers), old diffusers, kohya."""
+"""``LoRA`` -> safetensors file in a layout other tools read: PEFT (diffusers), old diffusers, kohya.
+
+Every component is written (UNet and text encoders), and DoRA magnitudes with their layers.
+"""
 from __future__ import annotations
 
 import json
@@ -9,51 +12,87 @@ import torch
 from safetensors.torch import save_file
 
 from .loader import ADAPTER_METADATA_KEY
-from .weights import LoRA
+from .weights import DENOISER, LoRA, LoRALayer
 
 LAYOUTS = ("peft", "diffusers", "kohya")
 
 
-def _peft_config(lora: LoRA) -> dict:
+def _peft_config(component: str, layers: dict[str, LoRALayer]) -> dict:
     """The adapter config diffusers writes beside PEFT-layout weights (it carries the alphas)."""
-    ranks = {name: layer.rank for name, layer in lora.layers.items()}
-    alphas = {name: layer.alpha for name, layer in lora.layers.items()}
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    alphas = {name: layer.alpha for name, layer in layers.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {
-        "unet.r": r,
-        "unet.lora_alpha": alpha,
-        "unet.rank_pattern": {k: v for k, v in ranks.items() if v != r},
-        "unet.alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
-        "unet.target_modules": sorted(lora.layers),
+    config = {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
+        "target_modules": sorted(layers),
     }
+    if any(layer.is_dora for layer in layers.values()):
+        config["use_dora"] = True
+    return {f"{component}.{key}": value for key, value in config.items()}
+
+
+def _kohya_prefix(lora: LoRA, component: str, name: str) -> str:
+    """kohya's key for a module: ``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_`` + the path with ``_``.
+
+    kohya names CLIP layers from the ``text_model`` level, which transformers 5 flattened away.
+    """
+    if component == DENOISER:
+        return "lora_unet_" + name.replace(".", "_")
+    if component == "text_encoder":
+        prefix = "lora_te1_" if "text_encoder_2" in lora.components else "lora_te_"
+    else:
+        prefix = "lora_te2_"
+    if not name.startswith(("text_model.", "text_projection")):
+        name = "text_model." + name
+    return prefix + name.replace(".", "_")
+
+
+def _layer_keys(lora: LoRA, component: str, name: str, layer: LoRALayer, layout: str) -> dict[str, torch.Tensor]:
+    lora_a, lora_b = layer.lora_a.contiguous(), layer.lora_b.contiguous()
+    out = {}
+    if layout == "kohya":
+        key = _kohya_prefix(lora, component, name)
+        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = lora_a, lora_b
+        out[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
+        if layer.is_dora:  # kohya/LyCORIS: one magnitude per output row, shaped like a weight's first dim
+            out[f"{key}.dora_scale"] = layer.magnitude.reshape(-1, *([1] * (lora_a.ndim - 1))).contiguous()
+        return out
+    key = f"{component}.{name}"
+    if layout == "peft":
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = lora_a, lora_b
+    elif component == DENOISER:
+        out[f"{key}.lora.down.weight"], out[f"{key}.lora.up.weight"] = lora_a, lora_b
+    else:
+        out[f"{key}.lora_linear_layer.down.weight"], out[f"{key}.lora_linear_layer.up.weight"] = lora_a, lora_b
+    if layer.is_dora:
+        out[f"{key}.lora_magnitude_vector"] = layer.magnitude.contiguous()
+    return out
 
 
 def lora_to_state_dict(lora: LoRA, layout: str = "peft") -> dict[str, torch.Tensor]:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
     out = {}
-    for name, layer in lora.layers.items():
-        lora_a, lora_b = layer.lora_a.contiguous(), layer.lora_b.contiguous()
-        if layout == "peft":
-            out[f"unet.{name}.lora_A.weight"], out[f"unet.{name}.lora_B.weight"] = lora_a, lora_b
-        elif layout == "diffusers":
-            out[f"unet.{name}.lora.down.weight"], out[f"unet.{name}.lora.up.weight"] = lora_a, lora_b
-        else:
-            key = "lora_unet_" + name.replace(".", "_")
-            out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = lora_a, lora_b
-            out[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
+    for component, layers in lora.components.items():
+        for name, layer in layers.items():
+            out.update(_layer_keys(lora, component, name, layer, layout))
     return out
 
 
 def save_lora(lora: LoRA, path, layout: str = "peft") -> Path:
     """Write ``lora`` as a ``.safetensors`` file. The old diffusers layout has no alpha: it needs alpha == rank."""
     path = Path(path)
-    if layout == "diffusers" and any(layer.alpha != layer.rank for layer in lora.layers.values()):
+    layers = [layer for part in lora.components.values() for layer in part.values()]
+    if layout == "diffusers" and any(layer.alpha != layer.rank for layer in layers):
         raise ValueError(f"{path}: the old diffusers layout stores no alpha; use 'peft' or 'kohya' for alpha != rank")
     metadata = {"format": "pt"}
     if layout == "peft":
-        metadata[ADAPTER_METADATA_KEY] = json.dumps(_peft_config(lora), sort_keys=True)
+        config = {k: v for component, part in lora.components.items() for k, v in _peft_config(component, part).items()}
+        metadata[ADAPTER_METADATA_KEY] = json.dumps(config, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora_to_state_dict(lora, layout), str(path), metadata=metadata)
     return path
