@@ -111,10 +111,13 @@ def cmd_inspect(args) -> int:
     scales = sorted({lora.layer_scale(n) for n in lora.layers})
     print(f"scale:   {', '.join(f'{s:g}' for s in scales)} (alpha / rank)")
     if lora.ignored:
-        print(f"ignored: {len(lora.ignored)} text-encoder keys (the fusion adapts the denoiser only)")
-    print("targets:")
-    for name, layer in lora.layers.items():
-        print(f"  {name}  rank={layer.rank} alpha={layer.alpha:g} A={tuple(layer.lora_a.shape)}")
+        print(f"ignored: {len(lora.ignored)} text-encoder keys (left out by text_encoder=False)")
+    for component, layers in lora.components.items():
+        dora = sum(layer.is_dora for layer in layers.values())
+        print(f"{component}: {len(layers)} layers" + (f" ({dora} DoRA)" if dora else ""))
+        for name, layer in layers.items():
+            print(f"  {name}  rank={layer.rank} alpha={layer.alpha:g} A={tuple(layer.lora_a.shape)}"
+                  + (" dora" if layer.is_dora else ""))
     return 0
 
 

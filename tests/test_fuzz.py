@@ -52,13 +52,16 @@ def _assert_valid_or_library_error(path):
         lora = fe.load_lora(path)
     except FusionEngineError:
         return
-    assert lora.layers
-    for name, layer in lora.layers.items():
-        down, up = layer.lora_a, layer.lora_b
-        assert down.dtype in FACTOR_DTYPES and up.dtype in FACTOR_DTYPES, name
-        assert down.ndim in (2, 4) and up.ndim == down.ndim and down.shape[0] == up.shape[1] > 0, name
-        assert torch.isfinite(down).all() and torch.isfinite(up).all(), name
-        assert math.isfinite(layer.alpha) and math.isfinite(lora.layer_scale(name)), name
+    assert lora.components  # UNet and/or text-encoder layers
+    for component in lora.components:
+        part = lora.for_component(component)
+        for name, layer in part.layers.items():
+            down, up = layer.lora_a, layer.lora_b
+            assert down.dtype in FACTOR_DTYPES and up.dtype in FACTOR_DTYPES, name
+            assert down.ndim in (2, 4) and up.ndim == down.ndim and down.shape[0] == up.shape[1] > 0, name
+            assert torch.isfinite(down).all() and torch.isfinite(up).all(), name
+            assert math.isfinite(layer.alpha) and math.isfinite(part.layer_scale(name)), name
+            assert layer.magnitude is None or layer.magnitude.shape == (up.shape[0],), name
 
 
 def _split(data: bytes):
