@@ -42,8 +42,12 @@ def _shape_problem(name: str, module: nn.Module, role: str, lora) -> str | None:
     lora_a, lora_b = tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)
     if isinstance(module, nn.Linear) and layer.is_conv and layer.lora_a.shape[2:] == (1, 1):
         lora_a, lora_b = lora_a[:2], lora_b[:2]  # 1x1-conv storage of a Linear LoRA
+    magnitude = layer.magnitude
     if (lora_a, lora_b) == (down_shape, up_shape):
-        return None
+        if magnitude is None or tuple(magnitude.shape) == (module.weight.shape[0],):
+            return None
+        return (f"{name}: {role} LoRA ({lora.source}) has a DoRA magnitude of shape {tuple(magnitude.shape)}, but the "
+                f"model's {type(module).__name__} has {module.weight.shape[0]} output rows")
     return (
         f"{name}: {role} LoRA ({lora.source}) has A {lora_a} / B {lora_b}, but the model's "
         f"{type(module).__name__} with weight {tuple(module.weight.shape)} needs {down_shape} / {up_shape}"

@@ -181,3 +181,13 @@ def test_lycoris_kinds_are_refused_by_name(tmp_path, kind, keys):
             as error:
         fe.load_lora(tmp_path / f"{kind}.safetensors")
     assert "renamed" not in str(error.value)  # not diffusers' key dump
+
+
+def test_a_magnitude_that_does_not_fit_the_model_fails_at_attach(tiny_pipe, loras):
+    subject = with_magnitudes(loras[0], tiny_pipe.unet, seed=2)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = subject.layers[name]
+    subject.layers[name] = fe.LoRALayer(layer.lora_a, layer.lora_b, layer.alpha, magnitude=layer.magnitude[:-3])
+    with pytest.raises(fe.errors.ModelMismatchError, match=f"{name}: subject LoRA .* DoRA magnitude of shape \\(61,\\)"):
+        fe.attach(tiny_pipe.unet, subject)
+    assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
