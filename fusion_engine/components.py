@@ -11,7 +11,7 @@ import warnings
 
 from .errors import AttachError, OptionError, preview
 from .lora import LoRA
-from .lora.weights import DENOISER, TEXT_ENCODERS
+from .lora.weights import TEXT_ENCODERS
 
 # Text encoders run once per prompt, before the first denoising step: no step-dependent policy.
 TEXT_ENCODER_POLICIES = ("direct", "fls")
@@ -75,4 +75,4 @@ def refuse_unsupported_backend(subject: LoRA | None, style: LoRA | None, backend
         )
 
 
-__all__ = ["DENOISER", "component_defaults", "refuse_unsupported_backend", "warn_unapplied_components"]
+__all__ = ["component_defaults", "refuse_unsupported_backend", "warn_unapplied_components"]

@@ -5,10 +5,10 @@ import weakref
 
 import torch.nn as nn
 
+from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .context import FusionContext
 from .errors import AlreadyAttachedError, AttachError
 from .fit import check_fit, find_module
-from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .lora import LoRA, load_lora
 from .lora.align import align_to_model
 from .modules import DynamicLoRALayer, DynamicLoRAConv2d, DynamicLoRALinear

@@ -1,4 +1,8 @@
-"""LoRA files -> ``LoRA``: diffusers (old and PEFT) and kohya/A1111 layouts, via diffusers' own converters."""
+"""LoRA files -> ``LoRA``: diffusers (old and PEFT) and kohya/A1111 layouts, via diffusers' own converters.
+
+Every part of a file is kept: the UNet's layers, each text encoder's (``LoRA.components``) and
+DoRA magnitudes; what cannot be applied (LyCORIS kinds, foreign keys) raises, naming the keys.
+"""
 from __future__ import annotations
 
 import json
@@ -151,11 +155,10 @@ def _split_components(state: Mapping[str, object]) -> dict[str, dict[str, object
 def _text_encoder_peft_keys(state: dict[str, object], source: str, component: str) -> dict[str, object]:
     """A text encoder's keys -> ``<module>.lora_A.weight``, as diffusers' ``_load_lora_into_text_encoder`` does."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-
-    if all(k.endswith((_DOWN, _UP)) or _MAGNITUDE in k or k.endswith(_ALPHA) for k in state) \
-            and any(k.endswith(_DOWN) for k in state):
-        return state  # already PEFT keys: diffusers' round trip would leave them as they are
     from diffusers.utils.state_dict_utils import StateDictType
+
+    if all(k.endswith((_DOWN, _UP, _ALPHA)) or _MAGNITUDE in k for k in state) and any(k.endswith(_DOWN) for k in state):
+        return state  # already PEFT keys: diffusers' round trip would leave them as they are
 
     # diffusers infers the old layout from "to_out_lora" alone; kohya files adapting only q/k/v have none
     old = any(f".{p}_lora." in k for k in state for p in ("to_q", "to_k", "to_v", "to_out"))
@@ -207,7 +210,7 @@ def _component_layers(state, module_alphas, metadata, kohya_magnitudes, source: 
             downs[key[: -len(_DOWN)]] = tensor
         elif key.endswith(_UP):
             ups[key[: -len(_UP)]] = tensor
-        elif key.endswith(_MAGNITUDE) or key.endswith(_MAGNITUDE + ".weight"):
+        elif key.endswith((_MAGNITUDE, _MAGNITUDE + ".weight")):
             magnitudes[key.split(_MAGNITUDE)[0]] = (key, tensor)
         else:
             foreign.append(key)
