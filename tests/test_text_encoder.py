@@ -21,14 +21,14 @@ def text_targets(text_encoder):
     return [n for n, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(TEXT_TARGETS)]
 
 
-def lora_with_text_parts(pipe, seed=3):
+def lora_with_text_parts(pipe, seed=3, alphas=(2.0, 3.0)):
     """A DreamBooth-style file: UNet attention (rank 4, alpha 2) and every text-encoder linear (rank 4, alpha 3)."""
-    unet = random_lora(pipe.unet, attention_targets(pipe.unet), rank=4, alpha=2.0, strength=3.0, seed=seed)
+    unet = random_lora(pipe.unet, attention_targets(pipe.unet), rank=4, alpha=alphas[0], strength=3.0, seed=seed)
     others = {}
     for i, component in enumerate(("text_encoder", "text_encoder_2")):
         model = getattr(pipe, component, None)
         if model is not None:
-            others[component] = random_lora(model, text_targets(model), rank=4, alpha=3.0, strength=2.0,
+            others[component] = random_lora(model, text_targets(model), rank=4, alpha=alphas[1], strength=2.0,
                                             seed=seed + 10 + i).layers
     return fe.LoRA(unet.layers, other_components=others)
 
@@ -44,11 +44,13 @@ def attach_every_part(pipe, lora):
             for component in lora.components]
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+@pytest.mark.parametrize("layout", ["kohya", "peft", "diffusers"])
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_lora_with_text_parts_matches_load_lora_weights(tmp_path, tiny_pipe, sdxl_pipe, family, layout):  # noqa: F811
     pipe = tiny_pipe if family == "sd15" else copy.deepcopy(sdxl_pipe)
-    path = fe.save_lora(lora_with_text_parts(pipe), tmp_path / f"dreambooth_{layout}.safetensors", layout=layout)
+    alphas = (4.0, 4.0) if layout == "diffusers" else (2.0, 3.0)  # the old diffusers layout has no alpha
+    lora = lora_with_text_parts(pipe, alphas=alphas)
+    path = fe.save_lora(lora, tmp_path / f"dreambooth_{layout}.safetensors", layout=layout)
     lora = fe.load_lora(path)
     assert set(lora.components) == {"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set())
 
