@@ -21,6 +21,7 @@ LAYERS = {
     "fusion_engine.trace": 2,
     "fusion_engine.context": 2,
     "fusion_engine.fit": 2,
+    "fusion_engine.components": 2,  # what an attach does with a LoRA's parts (text encoders, DoRA)
     "fusion_engine.visual": 2,
     "fusion_engine.metrics": 2,
     "fusion_engine.encoders": 2,

@@ -9,7 +9,7 @@ from test_sdxl import sdxl_pipe  # noqa: F401  (fixture)
 
 import fusion_engine as fe
 from fusion_engine.cli import main
-from fusion_engine.default import attention_targets, random_lora
+from fusion_engine.worlds.random import attention_targets, random_lora
 from fusion_engine.lora import lora_to_state_dict
 
 pytest.importorskip("peft")
