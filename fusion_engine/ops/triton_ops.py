@@ -43,6 +43,19 @@ def is_available() -> bool:
     return _kernels is not None and not _kernels.INTERPRET and torch.cuda.is_available()
 
 
+def unsupported(dtype: torch.dtype, ranks) -> str:
+    """Why the kernels cannot run a linear layer with this weight dtype and these LoRA ranks ("" if they can)."""
+    if _kernels is None:
+        return f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}"
+    if dtype not in _kernels.SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in _kernels.SUPPORTED_DTYPES)
+        return f"dtype {str(dtype).replace('torch.', '')} is not one the Triton kernels take ({names})"
+    too_large = [r for r in ranks if r > _kernels.MAX_RANK]
+    if too_large:
+        return f"LoRA rank {max(too_large)} exceeds the Triton kernels' limit of {_kernels.MAX_RANK}"
+    return ""
+
+
 def _check_device(x: Tensor) -> None:
     if _kernels is None:
         raise RuntimeError(f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}")
@@ -169,4 +182,4 @@ def mix_linear(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
     return out.reshape(*lead, out.shape[-1])
 
 
-__all__ = ["fls_linear", "is_available", "mix_linear"]
+__all__ = ["fls_linear", "is_available", "mix_linear", "unsupported"]
