@@ -49,7 +49,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from fls_baselines import naive_fls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +181,8 @@ class Layer:
                                            "style_a", "style_b", "style_scale")))
 
     def fused(self, x=None, prev=None):
-        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=self.prev if prev is None else prev)[0]
+        guess = self.prev if prev is None else prev
+        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=guess)[0]
 
     def fused_step(self, x):  # with the per-layer speculation state updated on the device
         out, _, _, choose = RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=self.prev)
@@ -404,7 +404,6 @@ def step_table(rank: int, dtype):
             gcell = "n/a | -" if graph is None or fg is None else f"{graph:.2f} | {graph / fg:.2f}x"
             emit(f"| {label} | {eager:.2f} | {eager / fe:.2f}x | {gcell} |")
         emit()
-    del S
 
 
 # ----------------------------------------------------------------------------- main

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fls_baselines import naive_fls
+
 from fusion_engine.ops import reference as R
 
 pytest.importorskip("pytest_benchmark")

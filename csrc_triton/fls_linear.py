@@ -30,8 +30,18 @@ import triton
 import triton.language as tl
 
 from .lora_shrink import lora_shrink
-from .utils import (ROW_GROUP_DTYPES, _expand_tile, _linear_tile, check_lora_linear_inputs, dot_pad, dot_precision,
-                    gemm_config, new_empty, require)
+from .utils import (
+    ROW_GROUP_DTYPES,
+    _expand_tile,
+    _linear_tile,
+    as_operands,
+    check_lora_linear_inputs,
+    dot_pad,
+    dot_precision,
+    gemm_config,
+    new_empty,
+    require,
+)
 
 # ---- divergence modes (a constexpr: one compiled variant each)
 _DIVERGENCE_KL = tl.constexpr(0)
@@ -469,12 +479,8 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         choose_subject.fill_(0 if (style_rank > 0 and subject_rank == 0) else 1)
         return out, subject_score, style_score, choose_subject.view(torch.bool)
 
-    # parameters in x's dtype (no-ops in the usual case); contiguous so strides are implicit
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight.to(x.dtype).contiguous()
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
-    subject_a, subject_b = subject_a.to(x.dtype).contiguous(), subject_b.to(x.dtype).contiguous()
-    style_a, style_b = style_a.to(x.dtype).contiguous(), style_b.to(x.dtype).contiguous()
+    x, weight, bias, subject_a, subject_b, style_a, style_b = as_operands(
+        x, weight, bias, subject_a, subject_b, style_a, style_b)
     row_group = row_group.contiguous()
     xa, style_offset = lora_shrink(x, subject_a, style_a)
 
@@ -485,7 +491,9 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     # one memset for the tickets (int32) and the group sums (float32 zeros are zero bits)
     workspace = torch.zeros((num_pid_m + GROUP_SLOTS * G,), dtype=torch.int32, device=dev)
     ticket, gacc = workspace[:num_pid_m], workspace[num_pid_m:].view(torch.float32)
-    guess = prev_choose.view(torch.uint8) if prev_choose is not None and prev_choose.dtype == torch.bool else prev_choose
+    guess = prev_choose
+    if guess is not None and guess.dtype == torch.bool:
+        guess = guess.view(torch.uint8)
 
     shared = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa if xa is not None else x,

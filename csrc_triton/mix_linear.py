@@ -15,8 +15,17 @@ import triton
 import triton.language as tl
 
 from .lora_shrink import lora_shrink
-from .utils import (_expand_tile, _linear_tile, check_lora_linear_inputs, dot_pad, dot_precision, gemm_config,
-                    new_empty, require)
+from .utils import (
+    _expand_tile,
+    _linear_tile,
+    as_operands,
+    check_lora_linear_inputs,
+    dot_pad,
+    dot_precision,
+    gemm_config,
+    new_empty,
+    require,
+)
 
 
 @triton.jit
@@ -77,11 +86,8 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
     out = new_empty((M, N), x.dtype, x.device)
     if M == 0:
         return out
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight.to(x.dtype).contiguous()
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
-    subject_a, subject_b = subject_a.to(x.dtype).contiguous(), subject_b.to(x.dtype).contiguous()
-    style_a, style_b = style_a.to(x.dtype).contiguous(), style_b.to(x.dtype).contiguous()
+    x, weight, bias, subject_a, subject_b, style_a, style_b = as_operands(
+        x, weight, bias, subject_a, subject_b, style_a, style_b)
     coef = coef.to(torch.float32).contiguous()
     xa, style_offset = lora_shrink(x, subject_a, style_a)
 

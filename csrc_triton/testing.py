@@ -175,7 +175,8 @@ def check_mix_linear(out, inputs: dict, reference) -> KernelCheck:
     dtype, coef = inputs["x"].dtype, inputs["coef"]
     ref = reference.mix_linear(**to_float64(inputs))
     eager = F.linear(inputs["x"], inputs["weight"], inputs["bias"])
-    for a, b, c in ((inputs["subject_a"], inputs["subject_b"], coef[0]), (inputs["style_a"], inputs["style_b"], coef[1])):
+    for role, c in (("subject", coef[0]), ("style", coef[1])):
+        a, b = inputs[f"{role}_a"], inputs[f"{role}_b"]
         if a.shape[0]:
             eager = eager + F.linear(F.linear(inputs["x"], a), b) * c.to(dtype)
     check.out_tol = 2 * max_error(eager, ref) + ATOL[dtype] * max(1.0, ref.abs().max().item())

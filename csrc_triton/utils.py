@@ -90,6 +90,17 @@ def check_lora_linear_inputs(op: str, x, weight, bias, subject_a, subject_b, sty
         require(t.is_floating_point(), f"{op}: {name} must be floating point, got {t.dtype}")
 
 
+def as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b):
+    """The launchers' operands: x with unit stride along K, every parameter contiguous in x's dtype
+    (no-ops in the usual case), so the kernels take strides from x, xa and out only."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+
+    def cast(t):
+        return None if t is None else t.to(x.dtype).contiguous()
+
+    return (x, *(cast(t) for t in (weight, bias, subject_a, subject_b, style_a, style_b)))
+
+
 def gemm_config(M: int, N: int) -> dict:
     """Fixed block sizes, chosen by shape only (a tuned table, not autotune: autotune does not run
     under the interpreter, and re-running a kernel that accumulates with atomics would need reset

@@ -285,7 +285,7 @@ def test_torch_compile_fullgraph_traces_the_ops():
 
     def f(x):
         out, sc, ss, ch = triton_ops.fls_linear(**{**a, "x": x}, divergence="kl")
-        mix = triton_ops.mix_linear(x, a["weight"], a["bias"], a["subject_a"], a["subject_b"], a["style_a"], a["style_b"], coef)
+        mix = triton_ops.mix_linear(**kt.mix_inputs({**a, "x": x}, coef))
         return out + mix, sc - ss, ch
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

@@ -88,4 +88,5 @@ def mix_linear(*args, backend: str = "reference", **kwargs):
     return reference.mix_linear(*args, **kwargs)
 
 
-__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "resolve_backend", "reference"]
+__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "resolve_backend",
+           "reference"]
