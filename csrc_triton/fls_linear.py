@@ -309,21 +309,21 @@ def _accumulate_groups(gacc_ptr, group, mask_m, row_subject, row_style, subject_
     g_lo = tl.min(tl.where(mask_m, group, num_groups), axis=0)
     g_hi = tl.max(tl.where(mask_m, group, -1), axis=0)
     if g_lo == g_hi:
-        g = gacc_ptr + g_lo * _GROUP_SLOTS
-        tl.atomic_add(g + _GROUP_SUBJECT_SUM, tl.sum(row_subject, axis=0))
-        tl.atomic_add(g + _GROUP_STYLE_SUM, tl.sum(row_style, axis=0))
-        tl.atomic_add(g + _GROUP_ROWS, tl.sum(mask_m.to(tl.float32), axis=0))
+        sums = gacc_ptr + g_lo * _GROUP_SLOTS  # one group's slots
+        tl.atomic_add(sums + _GROUP_SUBJECT_SUM, tl.sum(row_subject, axis=0))
+        tl.atomic_add(sums + _GROUP_STYLE_SUM, tl.sum(row_style, axis=0))
+        tl.atomic_add(sums + _GROUP_ROWS, tl.sum(mask_m.to(tl.float32), axis=0))
         if HAS_SUBJECT and HAS_STYLE:
-            tl.atomic_add(g + _GROUP_SUBJECT_LIVE, tl.sum(subject_live, axis=0))
-            tl.atomic_add(g + _GROUP_STYLE_LIVE, tl.sum(style_live, axis=0))
+            tl.atomic_add(sums + _GROUP_SUBJECT_LIVE, tl.sum(subject_live, axis=0))
+            tl.atomic_add(sums + _GROUP_STYLE_LIVE, tl.sum(style_live, axis=0))
     else:
-        g = gacc_ptr + group * _GROUP_SLOTS
-        tl.atomic_add(g + _GROUP_SUBJECT_SUM, row_subject, mask=mask_m)
-        tl.atomic_add(g + _GROUP_STYLE_SUM, row_style, mask=mask_m)
-        tl.atomic_add(g + _GROUP_ROWS, mask_m.to(tl.float32), mask=mask_m)
+        row_sums = gacc_ptr + group * _GROUP_SLOTS  # each row's group's slots
+        tl.atomic_add(row_sums + _GROUP_SUBJECT_SUM, row_subject, mask=mask_m)
+        tl.atomic_add(row_sums + _GROUP_STYLE_SUM, row_style, mask=mask_m)
+        tl.atomic_add(row_sums + _GROUP_ROWS, mask_m.to(tl.float32), mask=mask_m)
         if HAS_SUBJECT and HAS_STYLE:
-            tl.atomic_add(g + _GROUP_SUBJECT_LIVE, subject_live, mask=mask_m)
-            tl.atomic_add(g + _GROUP_STYLE_LIVE, style_live, mask=mask_m)
+            tl.atomic_add(row_sums + _GROUP_SUBJECT_LIVE, subject_live, mask=mask_m)
+            tl.atomic_add(row_sums + _GROUP_STYLE_LIVE, style_live, mask=mask_m)
 
 
 # ============================================================================ the two kernels

@@ -344,7 +344,7 @@ jit.JITFunction.run = lambda self, *a, grid, warmup, **k: _run(self, *a, grid=gr
 
 from csrc_triton import fls_linear_fwd, mix_linear_fwd
 dt = torch.bfloat16
-for (M, K, N), (rc, rs) in (((8192, 640, 640), (64, 64)), ((41, 61, 77), (0, 5))):
+for (M, K, N), (rc, rs) in (((8192, 640, 640), (64, 64)), ((41, 61, 77), (0, 5)), ((4608, 3072, 12288), (128, 16))):
     x, w, b = torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
     ac, bc, as_, bs = (torch.empty(s, dtype=dt) for s in ((rc, K), (N, rc), (rs, K), (N, rs)))
     rg = torch.zeros(M, dtype=torch.long)
