@@ -258,7 +258,7 @@ def test_gpu_table_imports_with_torch_and_triton_only():
         "sys.path.insert(0, 'bench')\n"
         "import torch, gpu_table\n"
         "gpu_table.setup(smoke=True)\n"
-        "row = gpu_table.verify_layer(gpu_table.Layer(40, 48, 32, 4, torch.float32, seed=1), 'tiny')\n"
+        "row = gpu_table.verify_layer(gpu_table.Layer(16, 32, 32, 4, torch.float32, seed=1), 'tiny')\n"
         "print(row)\n"
         "print('STUB' if not hasattr(sys.modules['fusion_engine'], 'attach') else 'FULL')\n"
     )
