@@ -1,24 +1,31 @@
-"""GPU benchmark table of the fused FLS linear: one command, torch + triton only, < 5 min on an H100.
+"""GPU benchmark table of the fused FLS linear: one command, torch + triton only, a few minutes on an H100.
 
     python bench/gpu_table.py                 # full run on the visible GPU; prints markdown
     python bench/gpu_table.py --out bench/RESULTS.md   # ... and appends the tables there
     python bench/gpu_table.py --smoke         # CPU, Triton interpreter, tiny shapes: checks the
                                               # script's logic only, its timings mean nothing
 
-1. Verification, before any timing: at every benchmarked shape, rank and dtype (bf16 and fp16),
-   the Triton op is compared with a float64 run of the reference (fusion_engine.ops.reference):
-   output and per-group scores within 2x the error of the same computation done eagerly in the
-   input dtype (FlashAttention's rule) + a small atol; decisions equal except where the two
-   float64 scores are closer than that tolerance; a wrong speculation guess gives the same output.
-2. Layer table, SDXL shapes (M=8192,K=N=640; M=2048,K=N=1280; M=154,K=2048,N=1280), ranks 16
-   and 64, bf16 and fp16, `triton.testing.do_bench(..., quantiles=[0.5, 0.2, 0.8])` medians of:
+1. Verification, before any timing: at every benchmarked shape, rank and dtype, the Triton ops are
+   checked against a float64 run of the reference (fusion_engine.ops.reference) by the checks
+   tests/test_kernels.py uses (csrc_triton/testing.py): output and per-group scores within 2x the
+   error of the same computation done eagerly in the input dtype (FlashAttention's rule) + a small
+   atol; decisions equal except where the two float64 scores are closer than that tolerance; a
+   wrong speculation guess gives the same output bit for bit; the mix op likewise.
+2. SDXL layer table (M=8192,K=N=640; M=2048,K=N=1280; M=154,K=2048,N=1280), ranks 16 and 64,
+   bf16 and fp16, `triton.testing.do_bench(..., quantiles=[0.5, 0.2, 0.8])` medians of:
    merged-weight linear (the floor), naive eager FLS (three branch outputs, F.kl_div, `.item()`),
    K-LoRA with its scores cached at attach (one chosen delta, unmerged), a diffusers/peft-style
    two-adapter unmerged forward, the fused FLS op with a correct guess (decisions stable from the
    last step) and with a wrong guess (every tile fixed up: the worst case), and the mix op
    (direct merge). Each as a ratio to the floor. Two timings per method: the eager call (Python
    launch overhead included) and the same call replayed from a CUDA graph (the kernels alone).
-3. Step table: NOT the diffusers UNet (no diffusers here). A self-contained approximation of the
+3. FLUX table (bf16, ranks 16, 64, 128, M=4608 tokens = 4096 image + 512 text at 1024x1024): the
+   distinct LoRA-targeted linears of a double block (attention q/k/v/out K=N=3072, feed-forward
+   up 3072->12288 and down 12288->3072; the image and text streams' linears together modelled as
+   one M=4608 linear) and of a single block (q/k/v 3072->3072, proj_mlp 3072->12288, proj_out
+   15360->3072), the same methods and ratios as table 2; then each block's set of linears summed
+   with its multiplicities, as a ratio to the merged-weight sum.
+4. Step table: NOT the diffusers UNet (no diffusers here). A self-contained approximation of the
    attention part of one SDXL UNet step at 1024x1024 with CFG (batch 2, one image, so one
    decision group): the 70 SDXL transformer blocks (down 2x2 @64x64/640ch, down 2x10 @32x32/1280,
    mid 10, up 3x10 @32x32, up 3x2 @64x64), each with self-attention (q, k, v, out) and
@@ -40,51 +47,65 @@ import time
 import types
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from fls_baselines import naive_fls
+
 REPO = Path(__file__).resolve().parents[1]
 
+SDXL_SHAPES = [(8192, 640, 640), (2048, 1280, 1280), (154, 2048, 1280)]
+SDXL_RANKS = [16, 64]
+FLUX_TOKENS = 4608
+FLUX_SHAPES = {  # distinct LoRA-targeted linears: name -> (M, K, N)
+    "attn q/k/v/out": (FLUX_TOKENS, 3072, 3072),
+    "ff up / proj_mlp": (FLUX_TOKENS, 3072, 12288),
+    "ff down": (FLUX_TOKENS, 12288, 3072),
+    "single proj_out": (FLUX_TOKENS, 15360, 3072),
+}
+FLUX_BLOCKS = {  # block -> {linear: how many per block}
+    "double block": {"attn q/k/v/out": 4, "ff up / proj_mlp": 1, "ff down": 1},
+    "single block": {"attn q/k/v/out": 3, "ff up / proj_mlp": 1, "single proj_out": 1},
+}
+FLUX_RANKS = [16, 64, 128]
+LAYER_METHODS = [("merged", "merged (floor)"), ("naive", "naive eager FLS"), ("klora", "K-LoRA cached"),
+                 ("two_adapter", "2-adapter unmerged"), ("fused", "fused FLS, stable"),
+                 ("fused_flip", "fused FLS, guess wrong"), ("mix", "mix (direct)")]
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (logic check only)")
-    p.add_argument("--out", type=Path, help="append the markdown tables to this file")
-    p.add_argument("--skip-step", action="store_true", help="layer table only")
-    p.add_argument("--step-ranks", type=int, nargs="+", default=[64], help="LoRA ranks of the step table")
-    return p.parse_args()
+# filled by setup(): the run's mode and the modules loaded for it
+RUN = types.SimpleNamespace(smoke=False, device="cuda", triton=None, reference=None, ops=None, checks=None,
+                            lines=[], failures=[])
 
 
-ARGS = parse_args()
-if ARGS.smoke:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+def import_ops():
+    """(fusion_engine.ops.reference, fusion_engine.ops.triton_ops, csrc_triton.testing) with torch
+    and triton only: fusion_engine/__init__.py (which pulls diffusers) is bypassed by registering a
+    bare package module for ``fusion_engine`` first, so only its ``ops`` subpackage (torch,
+    triton, fusion_engine/errors.py) is imported. A full import made earlier is used as it is."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if "fusion_engine" not in sys.modules:
+        package = types.ModuleType("fusion_engine")
+        package.__path__ = [str(REPO / "fusion_engine")]
+        sys.modules["fusion_engine"] = package
+    from csrc_triton import testing
+    from fusion_engine.ops import reference, triton_ops
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
+    return reference, triton_ops, testing
 
-# import the ops subpackage only: the package __init__ pulls in diffusers, which this script avoids
-sys.path.insert(0, str(REPO))
-_pkg = types.ModuleType("fusion_engine")
-_pkg.__path__ = [str(REPO / "fusion_engine")]
-sys.modules.setdefault("fusion_engine", _pkg)
-from fusion_engine.ops import reference as R  # noqa: E402
-from fusion_engine.ops import triton_ops  # noqa: E402
 
-DEVICE = "cpu" if ARGS.smoke else "cuda"
-if ARGS.smoke:
-    SHAPES = [(64, 32, 64), (40, 48, 32)]
-    RANKS = [4, 8]
-    DTYPES = [torch.float32, torch.float16]
-else:
-    SHAPES = [(8192, 640, 640), (2048, 1280, 1280), (154, 2048, 1280)]
-    RANKS = [16, 64]
-    DTYPES = [torch.bfloat16, torch.float16]
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # relative to the output scale
-LINES: list[str] = []
-FAILURES: list[str] = []
+def setup(smoke: bool) -> None:
+    """Switch the interpreter on for a smoke run (before triton is imported) and load the ops."""
+    if smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    RUN.smoke, RUN.device, RUN.triton = smoke, "cpu" if smoke else "cuda", triton
+    RUN.reference, RUN.ops, RUN.checks = import_ops()
 
 
 def emit(line: str = "") -> None:
     print(line, flush=True)
-    LINES.append(line)
+    RUN.lines.append(line)
 
 
 def dtype_name(dt) -> str:
@@ -95,18 +116,16 @@ def dtype_name(dt) -> str:
 
 def bench(fn) -> float:
     """Median milliseconds (do_bench on GPU; a plain timer in smoke mode)."""
-    if ARGS.smoke:
+    if RUN.smoke:
         fn()
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
+    return RUN.triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
 
 
 def capture(fn):
     """CUDA graph of fn (warmed up on a side stream first, as torch.cuda.graph's docs ask)."""
-    if ARGS.smoke:
-        return None
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -125,165 +144,164 @@ def capture(fn):
 class Layer:
     """One LoRA-targeted linear: base W (N, K), optional bias, two LoRAs, its merged weight."""
 
-    def __init__(self, M, K, N, r, dtype, bias=True, seed=0, groups=1, make_x=True):
-        g = torch.Generator(device=DEVICE).manual_seed(seed)  # on the device: the step has ~1e9 weights
-
-        def rnd(*s, std=1.0):
-            return (torch.randn(*s, generator=g, device=DEVICE) * std).to(dtype)
-
+    def __init__(self, M, K, N, r, dtype, bias=True, seed=0, with_x=True):
+        # deltas about 20% of y0, the style one a little larger (so decisions are not all equal); on
+        # the device: the step has ~1e9 weights
+        self.inputs = RUN.checks.make_fls_inputs(
+            M, K, N, r, r, (M,), dtype, seed, bias=bias, device=RUN.device, bias_std=0.5,
+            b_std=(0.2 * r ** -0.5, 0.25 * r ** -0.5), scales=(1.0, 1.0), with_x=with_x)  # scale: alpha = rank
         self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
-        self.x = rnd(M, K) if make_x else None
-        self.w = rnd(N, K, std=K ** -0.5)
-        self.b = rnd(N, std=0.5) if bias else None
-        # deltas about 20% of y0, the style one a little larger (so decisions are not all equal)
-        self.subject_a, self.subject_b = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.2 * r ** -0.5)
-        self.style_a, self.style_b = rnd(r, K, std=K ** -0.5), rnd(N, r, std=0.25 * r ** -0.5)
-        self.s_c = self.s_s = 1.0  # alpha = rank
-        self.groups = groups
-        self.row_group = (torch.arange(M, device=DEVICE) * groups // M).to(torch.int64)
-        self.w_merged = (self.w.float() + self.s_c * self.subject_b.float() @ self.subject_a.float()).to(dtype)
-        self.coef = torch.tensor([self.s_c, self.s_s], device=DEVICE)
-        self.prev = torch.ones(groups, dtype=torch.bool, device=DEVICE)  # speculation state
+        a = self.inputs
+        self.w_merged = (a["weight"].float() + a["subject_scale"] * a["subject_b"].float() @ a["subject_a"].float()
+                         ).to(dtype)
+        self.coef = torch.tensor([a["subject_scale"], a["style_scale"]], device=RUN.device)
+        self.prev = torch.ones(1, dtype=torch.bool, device=RUN.device)  # speculation state
 
-    def args(self, x=None):
-        return (self.x if x is None else x, self.w, self.b, self.subject_a, self.subject_b, self.s_c, self.style_a, self.style_b,
-                self.s_s, self.row_group, self.groups)
+    def inputs_for(self, x=None) -> dict:
+        return self.inputs if x is None else {**self.inputs, "x": x}
 
     # --- the methods of the table
     def merged(self, x=None):
-        return F.linear(self.x if x is None else x, self.w_merged, self.b)
+        a = self.inputs_for(x)
+        return F.linear(a["x"], self.w_merged, a["bias"])
 
     def klora(self, x=None):  # K-LoRA with its choice cached at attach: one unmerged delta
-        x = self.x if x is None else x
-        return F.linear(x, self.w, self.b) + F.linear(F.linear(x, self.subject_a), self.subject_b) * self.s_c
+        a = self.inputs_for(x)
+        return F.linear(a["x"], a["weight"], a["bias"]) + F.linear(F.linear(a["x"], a["subject_a"]),
+                                                                   a["subject_b"]) * a["subject_scale"]
 
     def two_adapter(self, x=None):  # peft's Linear.forward with two active adapters
-        x = self.x if x is None else x
-        out = F.linear(x, self.w, self.b)
-        out = out + F.linear(F.linear(x, self.subject_a), self.subject_b) * self.s_c
-        return out + F.linear(F.linear(x, self.style_a), self.style_b) * self.s_s
+        a = self.inputs_for(x)
+        out = self.klora(x)
+        return out + F.linear(F.linear(a["x"], a["style_a"]), a["style_b"]) * a["style_scale"]
 
     def naive(self, x=None):
-        x = self.x if x is None else x
-        y0 = F.linear(x, self.w, self.b)
-        y_subject = y0 + F.linear(F.linear(x, self.subject_a), self.subject_b) * self.s_c
-        y_style = y0 + F.linear(F.linear(x, self.style_a), self.style_b) * self.s_s
-        log_p0 = F.log_softmax(y0.float(), -1)
-        subject_delta = F.kl_div(log_p0, F.log_softmax(y_subject.float(), -1), log_target=True, reduction="batchmean")
-        style_delta = F.kl_div(log_p0, F.log_softmax(y_style.float(), -1), log_target=True, reduction="batchmean")
-        return y_subject if subject_delta.item() >= style_delta.item() else y_style  # host sync: not capturable
+        a = self.inputs_for(x)
+        return naive_fls(*(a[k] for k in ("x", "weight", "bias", "subject_a", "subject_b", "subject_scale",
+                                           "style_a", "style_b", "style_scale")))
 
     def fused(self, x=None, prev=None):
-        out, sc, ss, ch = triton_ops.fls_linear(*self.args(x), "kl", prev_choose=self.prev if prev is None else prev)
-        return out
+        guess = self.prev if prev is None else prev
+        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=guess)[0]
 
     def fused_step(self, x):  # with the per-layer speculation state updated on the device
-        out, sc, ss, ch = triton_ops.fls_linear(*self.args(x), "kl", prev_choose=self.prev)
-        self.prev.copy_(ch)
+        out, _, _, choose = RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=self.prev)
+        self.prev.copy_(choose)
         return out
 
     def reference(self, x=None):
-        return R.fls_linear(*self.args(x), "kl")[0]
+        return RUN.reference.fls_linear(**self.inputs_for(x), divergence="kl")[0]
 
     def mix(self, x=None):
-        x = self.x if x is None else x
-        return triton_ops.mix_linear(x, self.w, self.b, self.subject_a, self.subject_b, self.style_a, self.style_b, self.coef)
+        return RUN.ops.mix_linear(**RUN.checks.mix_inputs(self.inputs_for(x), self.coef))
 
 
-def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
+VERIFY_HEADER = ["| layer | out err / tol | score err / tol | decision | speculation | mix err / tol | |",
+                 "|---|---|---|---|---|---|---|"]
 
 
-def verify_layer(L: Layer, tag: str) -> None:
-    """Kernel vs float64 reference, FlashAttention rule; decisions; exact speculation; mix op."""
-    out, sc, ss, ch = triton_ops.fls_linear(*L.args(), "kl")
-    d = lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
-    a64 = [d(t) for t in L.args()]
-    _, rsc, rss, rch = R.fls_linear(*a64, "kl")
-    # the same computation eagerly in the input dtype
-    y0e = F.linear(L.x, L.w, L.b)
-    yce = y0e + F.linear(F.linear(L.x, L.subject_a), L.subject_b) * L.s_c
-    yse = y0e + F.linear(F.linear(L.x, L.style_a), L.style_b) * L.s_s
-    esc = R.group_mean(R.row_divergence(yce.float(), y0e.float(), "kl"), L.row_group, L.groups)
-    ess = R.group_mean(R.row_divergence(yse.float(), y0e.float(), "kl"), L.row_group, L.groups)
-    s_tol = 2 * max(_err(esc, rsc), _err(ess, rss)) + ATOL[L.dtype] * max(1.0, rsc.abs().max().item())
-    close = (rsc - rss).abs() <= 2 * s_tol
-    y0 = R.base_linear(a64[0], a64[1], a64[2])
-    ref_out = R.select_rows(y0, L.s_c * R.lora_delta(a64[0], a64[3], a64[4]),
-                            L.s_s * R.lora_delta(a64[0], a64[6], a64[7]), ch, L.row_group)
-    eager_out = torch.where(ch[L.row_group].unsqueeze(-1), yce, yse)
-    o_tol = 2 * _err(eager_out, ref_out) + ATOL[L.dtype] * max(1.0, ref_out.abs().max().item())
-    wrong_guess = L.fused(prev=~ch)
-    mix = L.mix()
-    mix_ref = R.mix_linear(*[d(t) for t in (L.x, L.w, L.b, L.subject_a, L.subject_b, L.style_a, L.style_b)], L.coef)
-    mix_eager = L.two_adapter()
-    m_tol = 2 * _err(mix_eager, mix_ref) + ATOL[L.dtype] * max(1.0, mix_ref.abs().max().item())
-    checks = {
-        "out": _err(out, ref_out) <= o_tol,
-        "scores": _err(sc, rsc) <= s_tol and _err(ss, rss) <= s_tol,
-        "decisions": bool(torch.equal(ch[~close], rch[~close])),
-        "wrong guess": _err(wrong_guess, out) <= o_tol,
-        "mix": _err(mix, mix_ref) <= m_tol,
-    }
-    bitwise = "bitwise" if torch.equal(wrong_guess, out) else "not bitwise"
-    status = "ok" if all(checks.values()) else "FAIL " + ",".join(k for k, v in checks.items() if not v)
-    if not all(checks.values()):
-        FAILURES.append(tag)
-    emit(f"| {tag} | {_err(out, ref_out):.2e} / {o_tol:.2e} | {max(_err(sc, rsc), _err(ss, rss)):.2e} / {s_tol:.2e} "
-         f"| {int(ch.sum())}/{L.groups} subject | wrong guess {bitwise} | {_err(mix, mix_ref):.2e} / {m_tol:.2e} "
-         f"| {status} |")
+def verify_layer(L: Layer, tag: str) -> str:
+    """The shared kernel checks at this layer's shape; returns the table row (failures recorded)."""
+    checks, reference, ops = RUN.checks, RUN.reference, RUN.ops
+    result = ops.fls_linear(**L.inputs, divergence="kl")
+    fls = checks.check_fls_linear(result, L.inputs, "kl", reference)
+    speculation = checks.check_speculation(ops.fls_linear, L.inputs, "kl", [~result[3]])
+    mix_inputs = checks.mix_inputs(L.inputs, L.coef)
+    mix = checks.check_mix_linear(ops.mix_linear(**mix_inputs), mix_inputs, reference)
+    problems = fls.problems + speculation.problems + [f"mix: {p}" for p in mix.problems]
+    if problems:
+        RUN.failures.append(tag)
+    status = "ok" if not problems else "FAIL " + "; ".join(problems)
+    return (f"| {tag} | {fls.out_error:.2e} / {fls.out_tol:.2e} | {fls.score_error:.2e} / {fls.score_tol:.2e} "
+            f"| {int(result[3].sum())}/{L.inputs['num_groups']} subject "
+            f"| wrong guess {'bitwise' if speculation.ok else 'DIFFERS'} | {mix.out_error:.2e} / {mix.out_tol:.2e} "
+            f"| {status} |")
 
 
-# ----------------------------------------------------------------------------- layer table
+def time_layer(L: Layer) -> dict:
+    """{mode: {method: median ms or None}} for the eager call and (on a GPU) the CUDA-graph replay."""
+    with torch.no_grad():
+        choose = RUN.ops.fls_linear(**L.inputs, divergence="kl")[3]
+        fns = {"merged": L.merged, "naive": L.naive, "klora": L.klora, "two_adapter": L.two_adapter,
+               "fused": lambda: L.fused(prev=choose), "fused_flip": lambda: L.fused(prev=~choose), "mix": L.mix}
+        times = {"eager call": {key: bench(fns[key]) for key, _ in LAYER_METHODS}}
+        if not RUN.smoke:
+            graph_times = {}
+            for key, _ in LAYER_METHODS:
+                if key == "naive":
+                    graph_times[key] = None  # host sync inside: cannot be captured
+                    continue
+                g = capture(fns[key])
+                graph_times[key] = bench(g.replay)
+                del g
+            times["CUDA-graph replay"] = graph_times
+    return times
 
-LAYER_METHODS = [("merged", "merged (floor)"), ("naive", "naive eager FLS"), ("klora", "K-LoRA cached"),
-                 ("two_adapter", "2-adapter unmerged"), ("fused", "fused FLS, stable"),
-                 ("fused_flip", "fused FLS, guess wrong"), ("mix", "mix (direct)")]
+
+def ratio_row(tag: str, times: dict) -> str:
+    floor = times["merged"]
+    cells = [f"{floor * 1e3:.1f} us"] + [
+        "n/a" if times[k] is None else f"{times[k] / floor:.2f}x" for k, _ in LAYER_METHODS[1:]]
+    return f"| {tag} | " + " | ".join(cells) + " |"
 
 
-def layer_tables():
-    layers = {}
-    emit("## Verification against the float64 reference (kl)")
+def layer_section(title: str, layers) -> dict:
+    """Verify then time each (tag, make_layer) one at a time (so large layers never coexist), then
+    print the verification table and one ratio table per timing mode. Returns {tag: times}."""
+    verify_rows, all_times = [], {}
+    for tag, make_layer in layers:
+        L = make_layer()
+        verify_rows.append(verify_layer(L, tag))
+        all_times[tag] = time_layer(L)
+        del L
+    emit(f"## {title}: verification against the float64 reference (kl)")
     emit()
-    emit("| layer | out err / tol | score err / tol | decision | speculation | mix err / tol | |")
-    emit("|---|---|---|---|---|---|---|")
-    for dt in DTYPES:
-        for (M, K, N) in SHAPES:
-            for r in RANKS:
-                tag = f"M={M} K={K} N={N} r={r} {dtype_name(dt)}"
-                L = Layer(M, K, N, r, dt, bias=True, seed=M + K + N + r, groups=1)
-                verify_layer(L, tag)
-                layers[tag] = L
+    for line in VERIFY_HEADER + verify_rows:
+        emit(line)
     emit()
-    for mode in ("eager call", "CUDA-graph replay"):
-        if mode != "eager call" and ARGS.smoke:
-            continue
-        emit(f"## Layer times ({mode}; median of do_bench, x = ratio to the merged-weight linear)")
+    for mode in next(iter(all_times.values())):
+        emit(f"## {title}: layer times ({mode}; median of do_bench, x = ratio to the merged-weight linear)")
         emit()
         emit("| layer | " + " | ".join(name for _, name in LAYER_METHODS) + " |")
         emit("|---|" + "---|" * len(LAYER_METHODS))
-        for tag, L in layers.items():
-            with torch.no_grad():
-                ch = triton_ops.fls_linear(*L.args(), "kl")[3]
-                fns = {"merged": L.merged, "naive": L.naive, "klora": L.klora, "two_adapter": L.two_adapter,
-                       "fused": lambda L=L, ch=ch: L.fused(prev=ch), "fused_flip": lambda L=L, ch=~ch: L.fused(prev=ch),
-                       "mix": L.mix}
-                times = {}
-                for key, _ in LAYER_METHODS:
-                    if mode == "eager call":
-                        times[key] = bench(fns[key])
-                    elif key == "naive":
-                        times[key] = None  # host sync inside: cannot be captured
-                    else:
-                        g = capture(fns[key])
-                        times[key] = bench(g.replay)
-                        del g
-            floor = times["merged"]
-            cells = [f"{floor * 1e3:.1f} us"] + [
-                "n/a" if times[k] is None else f"{times[k] / floor:.2f}x" for k, _ in LAYER_METHODS[1:]]
-            emit(f"| {tag} | " + " | ".join(cells) + " |")
+        for tag, times in all_times.items():
+            emit(ratio_row(tag, times[mode]))
         emit()
-    return layers
+    return all_times
+
+
+def sdxl_tables():
+    shapes, ranks = ([(64, 32, 64), (40, 48, 32)], [4, 8]) if RUN.smoke else (SDXL_SHAPES, SDXL_RANKS)
+    dtypes = [torch.float32, torch.float16] if RUN.smoke else [torch.bfloat16, torch.float16]
+    layers = [(f"M={M} K={K} N={N} r={r} {dtype_name(dt)}",
+               lambda M=M, K=K, N=N, r=r, dt=dt: Layer(M, K, N, r, dt, seed=M + K + N + r))
+              for dt in dtypes for (M, K, N) in shapes for r in ranks]
+    layer_section("SDXL", layers)
+
+
+def flux_tables():
+    # smoke: the same structure at 1/96 of the width (the interpreter cannot run the real shapes)
+    shapes = {name: ((48, K // 96, N // 96) if RUN.smoke else (M, K, N)) for name, (M, K, N) in FLUX_SHAPES.items()}
+    ranks, dtype = ([4, 8] if RUN.smoke else FLUX_RANKS), (torch.float16 if RUN.smoke else torch.bfloat16)
+    layers = [(f"{name} M={M} K={K} N={N} r={r} {dtype_name(dtype)}",
+               lambda M=M, K=K, N=N, r=r: Layer(M, K, N, r, dtype, seed=M + K + N + r))
+              for r in ranks for name, (M, K, N) in shapes.items()]
+    all_times = layer_section("FLUX", layers)
+    for mode in next(iter(all_times.values())):
+        emit(f"## FLUX block sets ({mode}; each block's linears summed with their multiplicities, "
+             "x = ratio to the merged-weight sum)")
+        emit()
+        emit("| block, rank | " + " | ".join(name for _, name in LAYER_METHODS) + " |")
+        emit("|---|" + "---|" * len(LAYER_METHODS))
+        for r in ranks:
+            for block, counts in FLUX_BLOCKS.items():
+                total = {}
+                for key, _ in LAYER_METHODS:
+                    parts = [n * all_times[f"{name} M={shapes[name][0]} K={shapes[name][1]} N={shapes[name][2]} "
+                                           f"r={r} {dtype_name(dtype)}"][mode][key] for name, n in counts.items()]
+                    total[key] = None if None in parts else sum(parts)
+                emit(ratio_row(f"{block} ({sum(counts.values())} linears) r={r}", total))
+        emit()
 
 
 # ----------------------------------------------------------------------------- step table
@@ -303,10 +321,10 @@ class AttentionStack:
         self.ctx_dim, self.ctx_len, self.batch = (48, 7, 2) if smoke else (2048, 77, 2)
         self.head_dim = 16 if smoke else 64
         channels = {res: C for res, C in sdxl_blocks(smoke)}
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        self.h = {res: torch.randn(self.batch, t, channels[res], generator=g, device=DEVICE).to(dtype)
+        g = torch.Generator(device=RUN.device).manual_seed(0)
+        self.h = {res: torch.randn(self.batch, t, channels[res], generator=g, device=RUN.device).to(dtype)
                   for res, t in tokens.items()}
-        self.ctx = torch.randn(self.batch, self.ctx_len, self.ctx_dim, generator=g, device=DEVICE).to(dtype)
+        self.ctx = torch.randn(self.batch, self.ctx_len, self.ctx_dim, generator=g, device=RUN.device).to(dtype)
         self.blocks = []
         seed = 0
         for res, C in sdxl_blocks(smoke):
@@ -317,7 +335,7 @@ class AttentionStack:
             layers = []
             for M, K, N, bias in specs:
                 seed += 1
-                layers.append(Layer(M, K, N, rank, dtype, bias=bias, seed=seed, groups=1, make_x=False))
+                layers.append(Layer(M, K, N, rank, dtype, bias=bias, seed=seed, with_x=False))
             self.blocks.append((res, C, layers))
         self.num_linears = sum(len(b[2]) for b in self.blocks)
 
@@ -347,22 +365,23 @@ class AttentionStack:
 
 def step_table(rank: int, dtype):
     torch.manual_seed(0)
-    S = AttentionStack(rank, dtype, ARGS.smoke)
+    S = AttentionStack(rank, dtype, RUN.smoke)
     emit(f"## Step: {S.num_linears} attention linears, SDXL shapes, rank {rank}, {dtype_name(dtype)} "
          "(attention-only approximation; see the script docstring)")
     emit()
+    err = RUN.checks.max_error
     with torch.no_grad():
         ref = S.step("reference")
         fused = S.step("fused_step")  # also fills each layer's speculation state
         fused2 = S.step("fused_step")  # second step: guesses from the first
-        rel = max(_err(fused[k], ref[k]) / max(ref[k].abs().max().item(), 1e-6) for k in ref)
+        rel = max(err(fused[k], ref[k]) / max(ref[k].abs().max().item(), 1e-6) for k in ref)
         same = all(torch.equal(fused[k], fused2[k]) for k in ref)
         ok = rel < 5e-2
         emit(f"fused step vs reference-op step: max relative error {rel:.2e} ({'ok' if ok else 'FAIL'}); "
              f"speculated second step {'bitwise equal' if same else 'differs (atomics order)'}; "
              f"{int(S.decisions().sum())}/{S.num_linears} layers chose the subject")
         if not ok:
-            FAILURES.append(f"step r={rank} {dtype_name(dtype)}")
+            RUN.failures.append(f"step r={rank} {dtype_name(dtype)}")
         emit()
         emit("| mode | eager (ms) | x merged | CUDA graph (ms) | x merged |")
         emit("|---|---|---|---|---|")
@@ -371,48 +390,64 @@ def step_table(rank: int, dtype):
                             ("reference", "reference FLS (torch)"), ("naive", "naive eager FLS")):
             eager = bench(lambda mode=mode: S.step(mode))
             graph = None
-            if mode != "naive" and not ARGS.smoke:
+            if mode != "naive" and not RUN.smoke:
                 try:
                     g = capture(lambda mode=mode: S.step(mode))
                     graph = bench(g.replay)
                     del g
                 except Exception as exc:  # report, keep going: capture success is one of the targets
                     emit(f"capture of {mode} FAILED: {exc!r}")
-                    FAILURES.append(f"capture {mode}")
+                    RUN.failures.append(f"capture {mode}")
             rows[mode] = (label, eager, graph)
         fe, fg = rows["merged"][1], rows["merged"][2]
         for label, eager, graph in rows.values():
             gcell = "n/a | -" if graph is None or fg is None else f"{graph:.2f} | {graph / fg:.2f}x"
             emit(f"| {label} | {eager:.2f} | {eager / fe:.2f}x | {gcell} |")
         emit()
-    del S
 
 
-def main():
-    if not ARGS.smoke and not torch.cuda.is_available():
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (logic check only)")
+    p.add_argument("--out", type=Path, help="append the markdown tables to this file")
+    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step"], default=["sdxl", "flux", "step"],
+                   help="which tables to run (default: all)")
+    p.add_argument("--step-ranks", type=int, nargs="+", default=[64], help="LoRA ranks of the step table")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or use --smoke for a CPU logic check")
+    setup(args.smoke)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    gpu = "CPU (smoke, Triton interpreter)" if ARGS.smoke else torch.cuda.get_device_name()
+    gpu = "CPU (smoke, Triton interpreter)" if args.smoke else torch.cuda.get_device_name()
     emit(f"# FLS kernel benchmark: {gpu}")
     emit()
     emit(f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
-         f"torch {torch.__version__}, triton {triton.__version__}")
+         f"torch {torch.__version__}, triton {RUN.triton.__version__}")
     emit()
     t0 = time.time()
-    layer_tables()
-    if not ARGS.skip_step:
-        for rank in ARGS.step_ranks:
-            step_table(rank if not ARGS.smoke else min(rank, 8), DTYPES[0])
-    emit(f"total {time.time() - t0:.0f} s; verification failures: {FAILURES or 'none'}")
-    if ARGS.out:
-        with open(ARGS.out, "a") as f:
-            f.write("\n" + "\n".join(LINES) + "\n")
-    sys.exit(1 if FAILURES else 0)
+    if "sdxl" in args.tables:
+        sdxl_tables()
+    if "flux" in args.tables:
+        flux_tables()
+    if "step" in args.tables:
+        for rank in args.step_ranks:
+            step_table(rank if not args.smoke else min(rank, 8), torch.float32 if args.smoke else torch.bfloat16)
+    emit(f"total {time.time() - t0:.0f} s; verification failures: {RUN.failures or 'none'}")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + "\n".join(RUN.lines) + "\n")
+    return 1 if RUN.failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

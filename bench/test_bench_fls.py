@@ -4,7 +4,7 @@ Three ways to compute one FLS layer on CPU, at shapes that finish in seconds:
 * merged  - one F.linear with the chosen delta merged into the weight (the floor);
 * reference - fusion_engine.ops.reference.fls_linear (the engine's CPU path: one base GEMM, both
   rank-r deltas, float32 statistics, per-group device-side choice, no host sync);
-* naive   - three full branch outputs (y0, y0 + d_c, y0 + d_s), F.kl_div on each, and a Python
+* naive   - three full branch outputs (y0, y0 + d_subject, y0 + d_style), F.kl_div on each, and a Python
   `if` on `.item()` (a host sync per layer), as a first implementation of the paper would do.
 The ratios to `merged` are printed at the end of the run (bench/conftest.py).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fls_baselines import naive_fls
 
 from fusion_engine.ops import reference as R
 
@@ -33,17 +34,6 @@ def _layer(M, K, N, r, seed=0):
     return x, w, b, lora, row_group
 
 
-def naive_fls(x, w, b, lora, scale=(1.0, 1.0)):
-    (subject_a, subject_b), (style_a, style_b) = lora
-    y0 = F.linear(x, w, b)
-    y_subject = y0 + scale[0] * F.linear(F.linear(x, subject_a), subject_b)
-    y_style = y0 + scale[1] * F.linear(F.linear(x, style_a), style_b)
-    log_p0 = F.log_softmax(y0.float(), -1)
-    subject_delta = F.kl_div(log_p0, F.log_softmax(y_subject.float(), -1), log_target=True, reduction="batchmean")
-    style_delta = F.kl_div(log_p0, F.log_softmax(y_style.float(), -1), log_target=True, reduction="batchmean")
-    return y_subject if subject_delta.item() >= style_delta.item() else y_style  # host sync
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("method", ["merged", "reference", "naive"])
 def test_fls_cpu(benchmark, record_median, case, method):
@@ -57,7 +47,7 @@ def test_fls_cpu(benchmark, record_median, case, method):
     elif method == "reference":
         fn = lambda: R.fls_linear(x, w, b, subject_a, subject_b, 1.0, style_a, style_b, 1.0, row_group, 2, "kl")  # noqa: E731
     else:
-        fn = lambda: naive_fls(x, w, b, lora)  # noqa: E731
+        fn = lambda: naive_fls(x, w, b, subject_a, subject_b, 1.0, style_a, style_b, 1.0)  # noqa: E731
     with torch.inference_mode():
         benchmark.pedantic(fn, rounds=10, warmup_rounds=2, iterations=1)
     record_median(case, method, benchmark)

@@ -1,8 +1,13 @@
-"""LoRA shrink: xa = x [A_c; A_s]^T for both adapters in one pass over x.
+"""LoRA shrink: xa = x [subject_a; style_a]^T for both adapters in one pass over x.
 
 Run once per op and read by every N-tile of the main kernel. Fusing the shrink into the main
-GEMM's K-loop would recompute it once per N-tile: (r_c + r_s) / BLOCK_N extra FLOPs, i.e. +100%
-at rank 64 with BLOCK_N=128, against one extra read of x here.
+GEMM's K-loop would recompute it once per N-tile: (r_subject + r_style) / BLOCK_N extra FLOPs,
+i.e. +100% at rank 64 with BLOCK_N=128, against one extra read of x here.
+
+Algorithm (one program per BLOCK_M rows): walk K in BLOCK_K steps, accumulating the (BLOCK_M,
+RANK_PAD) fp32 products of the x tile with each A^T tile (padded rank rows load as zeros), then
+store both blocks side by side in x's dtype, so the expand dot runs on tensor cores as eager
+LoRA does. The padded columns of each block come out exactly zero.
 """
 from __future__ import annotations
 
@@ -10,15 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_precision, new_empty, rank_pad
+from .utils import INTERPRET, dot_pad, dot_precision, new_empty, rank_pad, require
 
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, subject_a_ptr, style_a_ptr, xa_ptr,
-    M, K, rc, rs, stride_xm, stride_xam,
-    S_OFF,  # first column of the style block in xa (= padded subject rank)
-    HAS_C: tl.constexpr, HAS_S: tl.constexpr, RC_PAD: tl.constexpr, RS_PAD: tl.constexpr,
+    x_ptr,  # (M, K), unit stride along K
+    subject_a_ptr,  # (subject_rank, K) contiguous
+    style_a_ptr,  # (style_rank, K) contiguous
+    xa_ptr,  # (M, style_offset + pad(style_rank)) out: [x subject_a^T | x style_a^T], zero-padded
+    M, K, subject_rank, style_rank, stride_xm, stride_xam,
+    style_offset,  # first column of the style block in xa (= padded subject rank)
+    HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr,
+    SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -26,14 +35,15 @@ def _lora_shrink_kernel(
     mask_m = offs_m < M
     offs_am = offs_m % M  # clamped rows: loads stay in bounds without a mask, stores are masked
     offs_k = tl.arange(0, BLOCK_K)
-    offs_rc = tl.arange(0, RC_PAD)
-    offs_rs = tl.arange(0, RS_PAD)
+    offs_subject_r = tl.arange(0, SUBJECT_RANK_PAD)
+    offs_style_r = tl.arange(0, STYLE_RANK_PAD)
 
     x_ptrs = x_ptr + offs_am[:, None] * stride_xm + offs_k[None, :]
-    ac_ptrs = subject_a_ptr + offs_rc[None, :] * K + offs_k[:, None]  # (BLOCK_K, RC_PAD) view of A_c^T
-    as_ptrs = style_a_ptr + offs_rs[None, :] * K + offs_k[:, None]
-    acc_c = tl.zeros((BLOCK_M, RC_PAD), dtype=tl.float32)
-    acc_s = tl.zeros((BLOCK_M, RS_PAD), dtype=tl.float32)
+    # (BLOCK_K, RANK_PAD) views of A^T
+    subject_a_ptrs = subject_a_ptr + offs_subject_r[None, :] * K + offs_k[:, None]
+    style_a_ptrs = style_a_ptr + offs_style_r[None, :] * K + offs_k[:, None]
+    subject_acc = tl.zeros((BLOCK_M, SUBJECT_RANK_PAD), dtype=tl.float32)
+    style_acc = tl.zeros((BLOCK_M, STYLE_RANK_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
         if EVEN_K:
@@ -41,43 +51,57 @@ def _lora_shrink_kernel(
         else:
             xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         # padded ranks load zeros, so the padded columns of xa come out exactly zero
-        if HAS_C:
-            at = tl.load(ac_ptrs, mask=(offs_rc[None, :] < rc) & (offs_k[:, None] < k_left), other=0.0)
-            acc_c = tl.dot(xt, at, acc_c, input_precision=DOT_PRECISION)
-        if HAS_S:
-            at = tl.load(as_ptrs, mask=(offs_rs[None, :] < rs) & (offs_k[:, None] < k_left), other=0.0)
-            acc_s = tl.dot(xt, at, acc_s, input_precision=DOT_PRECISION)
+        if HAS_SUBJECT:
+            at = tl.load(subject_a_ptrs, mask=(offs_subject_r[None, :] < subject_rank) & (offs_k[:, None] < k_left),
+                         other=0.0)
+            subject_acc = tl.dot(xt, at, subject_acc, input_precision=DOT_PRECISION)
+        if HAS_STYLE:
+            at = tl.load(style_a_ptrs, mask=(offs_style_r[None, :] < style_rank) & (offs_k[:, None] < k_left),
+                         other=0.0)
+            style_acc = tl.dot(xt, at, style_acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
-        ac_ptrs += BLOCK_K
-        as_ptrs += BLOCK_K
+        subject_a_ptrs += BLOCK_K
+        style_a_ptrs += BLOCK_K
 
-    # stored in x's dtype: the expand dot then runs on tensor cores, as eager LoRA does
     out_ptrs = xa_ptr + offs_m[:, None] * stride_xam
-    if HAS_C:
-        tl.store(out_ptrs + offs_rc[None, :], acc_c.to(xa_ptr.dtype.element_ty), mask=mask_m[:, None])
-    if HAS_S:
-        tl.store(out_ptrs + S_OFF + offs_rs[None, :], acc_s.to(xa_ptr.dtype.element_ty), mask=mask_m[:, None])
+    if HAS_SUBJECT:
+        tl.store(out_ptrs + offs_subject_r[None, :], subject_acc.to(xa_ptr.dtype.element_ty), mask=mask_m[:, None])
+    if HAS_STYLE:
+        tl.store(out_ptrs + style_offset + offs_style_r[None, :], style_acc.to(xa_ptr.dtype.element_ty),
+                 mask=mask_m[:, None])
 
 
 def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor):
-    """xa (M, pad(r_c) + pad(r_s)) in x.dtype, or None when both LoRAs are absent.
+    """xa (M, pad(r_subject) + pad(r_style)) in x.dtype, or None when both LoRAs are absent.
 
-    Returns (xa, pad(r_c)); the subject block is xa[:, :pad(r_c)], the style block follows.
+    Args:
+        x: (M, K) with unit stride along K.
+        subject_a, style_a: (r, K) contiguous, in x.dtype; r == 0 for an absent LoRA.
+
+    Returns:
+        (xa, pad(r_subject)): the subject block is xa[:, :pad(r_subject)], the style block follows.
     """
     M, K = x.shape
-    rc, rs = subject_a.shape[0], style_a.shape[0]
-    rc_pad, rs_pad = rank_pad(rc), rank_pad(rs)
-    if rc_pad + rs_pad == 0 or M == 0:
-        return None, rc_pad
-    xa = new_empty((M, rc_pad + rs_pad), x.dtype, x.device)
+    subject_rank, style_rank = subject_a.shape[0], style_a.shape[0]
+    require(x.stride(1) == 1 and subject_a.is_contiguous() and style_a.is_contiguous(),
+            "lora_shrink: x needs unit stride along K and the A factors must be contiguous")
+    require(subject_a.shape[1] == K and style_a.shape[1] == K and subject_a.dtype == style_a.dtype == x.dtype,
+            f"lora_shrink: A factors must be (r, K={K}) in {x.dtype}, got {tuple(subject_a.shape)} "
+            f"{subject_a.dtype} and {tuple(style_a.shape)} {style_a.dtype}")
+    subject_pad, style_pad = rank_pad(subject_rank), rank_pad(style_rank)
+    if subject_pad + style_pad == 0 or M == 0:
+        return None, subject_pad
+    xa = new_empty((M, subject_pad + style_pad), x.dtype, x.device)
     block_m = 16 if INTERPRET else 64
     block_k = 32 if INTERPRET else 64
     grid = (triton.cdiv(M, block_m),)
     _lora_shrink_kernel[grid](
-        x, subject_a, style_a, xa,
-        M, K, rc, rs, x.stride(0), xa.stride(0), rc_pad,
-        HAS_C=rc > 0, HAS_S=rs > 0, RC_PAD=max(rc_pad, 16), RS_PAD=max(rs_pad, 16),
+        x_ptr=x, subject_a_ptr=subject_a, style_a_ptr=style_a, xa_ptr=xa,
+        M=M, K=K, subject_rank=subject_rank, style_rank=style_rank,
+        stride_xm=x.stride(0), stride_xam=xa.stride(0), style_offset=subject_pad,
+        HAS_SUBJECT=subject_rank > 0, HAS_STYLE=style_rank > 0,
+        SUBJECT_RANK_PAD=dot_pad(subject_rank), STYLE_RANK_PAD=dot_pad(style_rank),
         BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=4, num_stages=1 if INTERPRET else 3,
     )
-    return xa, rc_pad
+    return xa, subject_pad

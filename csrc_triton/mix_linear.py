@@ -1,4 +1,9 @@
-"""Static-weight LoRA linear for the direct and schedule policies: y0 + coef[0] d_c + coef[1] d_s.
+"""Static-weight LoRA linear for the direct and schedule policies:
+out = y0 + coef[0] d_subject + coef[1] d_style.
+
+Algorithm (one program per BLOCK_M x BLOCK_N output tile): the base GEMM tile in fp32
+(``_linear_tile``), plus each present LoRA's expand tile read from the shrink buffer, scaled by
+its coefficient, all in fp32, rounded once to the output dtype.
 
 ``coef`` is a float32 device tensor, read inside the kernel, so a schedule can change it between
 steps without recompiling, synchronising or re-capturing a CUDA graph.
@@ -10,15 +15,33 @@ import triton
 import triton.language as tl
 
 from .lora_shrink import lora_shrink
-from .utils import _expand_tile, _linear_tile, dot_precision, gemm_config, new_empty, rank_pad
+from .utils import (
+    _expand_tile,
+    _linear_tile,
+    as_operands,
+    check_lora_linear_inputs,
+    dot_pad,
+    dot_precision,
+    gemm_config,
+    new_empty,
+    require,
+)
 
 
 @triton.jit
 def _mix_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, coef_ptr, out_ptr,
-    M, N, K, rc, rs, num_pid_n, stride_xm, stride_wn, stride_xam, stride_om, S_OFF,
-    HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr,
-    RC_PAD: tl.constexpr, RS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,  # (M, K), unit stride along K
+    w_ptr,  # (N, K) contiguous
+    bias_ptr,  # (N,); read only when HAS_BIAS
+    xa_ptr,  # (M, style_offset + pad(style_rank)): the shrink buffer (lora_shrink)
+    subject_b_ptr,  # (N, subject_rank) contiguous
+    style_b_ptr,  # (N, style_rank) contiguous
+    coef_ptr,  # (2,) float32: [subject coefficient, style coefficient], LoRA scales folded in
+    out_ptr,  # (M, N) out, x's dtype
+    M, N, K, subject_rank, style_rank, num_pid_n, stride_xm, stride_wn, stride_xam, stride_om,
+    style_offset,  # first column of the style block in xa
+    HAS_BIAS: tl.constexpr, HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr,
+    SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -32,41 +55,53 @@ def _mix_linear_kernel(
     acc = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
     # coefficients carry the LoRA scales; adding the scaled delta in fp32 = one rounding at the end
-    if HAS_C:
-        acc += tl.load(coef_ptr) * _expand_tile(xa_ptr, subject_b_ptr, offs_am, offs_n, mask_n, rc, stride_xam, 0,
-                                                RC_PAD, DOT_PRECISION)
-    if HAS_S:
-        acc += tl.load(coef_ptr + 1) * _expand_tile(xa_ptr, style_b_ptr, offs_am, offs_n, mask_n, rs, stride_xam,
-                                                    S_OFF, RS_PAD, DOT_PRECISION)
+    if HAS_SUBJECT:
+        acc += tl.load(coef_ptr) * _expand_tile(xa_ptr, subject_b_ptr, offs_am, offs_n, mask_n, subject_rank,
+                                                stride_xam, 0, SUBJECT_RANK_PAD, DOT_PRECISION)
+    if HAS_STYLE:
+        acc += tl.load(coef_ptr + 1) * _expand_tile(xa_ptr, style_b_ptr, offs_am, offs_n, mask_n, style_rank,
+                                                    stride_xam, style_offset, STYLE_RANK_PAD, DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
 
 
 def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
-    """Launch the mix linear. Same contract as reference.mix_linear; returns (M, N) in x.dtype."""
+    """Launch the mix linear. Same contract as ``fusion_engine.ops.reference.mix_linear``.
+
+    Args:
+        x: (M, K) activations (fp16, bf16 or fp32); the output has its dtype.
+        weight, bias: the base linear, (N, K) and (N,) or None.
+        subject_a, subject_b, style_a, style_b: (r, K) and (N, r) factors; r == 0 for an absent LoRA.
+        coef: (2,) coefficients (LoRA scales folded in), read on the device.
+
+    Returns:
+        (M, N) tensor in x.dtype.
+    """
+    check_lora_linear_inputs("mix_linear", x, weight, bias, subject_a, subject_b, style_a, style_b)
+    require(coef.numel() == 2 and coef.device == x.device, f"mix_linear: coef must be (2,) on {x.device}, "
+            f"got shape {tuple(coef.shape)} on {coef.device}")
     M, K = x.shape
     N = weight.shape[0]
-    rc, rs = subject_a.shape[0], style_a.shape[0]
+    subject_rank, style_rank = subject_a.shape[0], style_a.shape[0]
     out = new_empty((M, N), x.dtype, x.device)
     if M == 0:
         return out
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight.to(x.dtype).contiguous()
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
-    subject_a, subject_b = subject_a.to(x.dtype).contiguous(), subject_b.to(x.dtype).contiguous()
-    style_a, style_b = style_a.to(x.dtype).contiguous(), style_b.to(x.dtype).contiguous()
+    x, weight, bias, subject_a, subject_b, style_a, style_b = as_operands(
+        x, weight, bias, subject_a, subject_b, style_a, style_b)
     coef = coef.to(torch.float32).contiguous()
-    xa, s_off = lora_shrink(x, subject_a, style_a)
+    xa, style_offset = lora_shrink(x, subject_a, style_a)
 
-    cfg = gemm_config(M, N, K, rank_pad(rc) + rank_pad(rs))
-    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    num_n = triton.cdiv(N, cfg["BLOCK_N"])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * num_n,)
+    cfg = gemm_config(M, N)
+    num_pid_n = triton.cdiv(N, cfg["BLOCK_N"])
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * num_pid_n,)
     _mix_linear_kernel[grid](
-        x, weight, bias if bias is not None else x, xa if xa is not None else x, subject_b, style_b, coef, out,
-        M, N, K, rc, rs, num_n, x.stride(0), weight.stride(0), xa.stride(0) if xa is not None else 0, out.stride(0), s_off,
-        HAS_BIAS=bias is not None, HAS_C=rc > 0, HAS_S=rs > 0,
-        RC_PAD=max(rank_pad(rc), 16), RS_PAD=max(rank_pad(rs), 16), EVEN_K=K % cfg["BLOCK_K"] == 0,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages, **cfg,
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa if xa is not None else x,
+        subject_b_ptr=subject_b, style_b_ptr=style_b, coef_ptr=coef, out_ptr=out,
+        M=M, N=N, K=K, subject_rank=subject_rank, style_rank=style_rank, num_pid_n=num_pid_n,
+        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_xam=xa.stride(0) if xa is not None else 0,
+        stride_om=out.stride(0), style_offset=style_offset,
+        HAS_BIAS=bias is not None, HAS_SUBJECT=subject_rank > 0, HAS_STYLE=style_rank > 0,
+        SUBJECT_RANK_PAD=dot_pad(subject_rank), STYLE_RANK_PAD=dot_pad(style_rank),
+        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     return out

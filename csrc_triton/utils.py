@@ -1,4 +1,4 @@
-"""Shared pieces of the LoRA-linear kernels: config choice and the @triton.jit tile helpers.
+"""Shared pieces of the LoRA-linear kernels: limits, launch contract, tile configs, tile helpers.
 
 Every kernel here computes, for one (BLOCK_M x BLOCK_N) output tile,
     y0 = x W^T + b          (fp32 accumulator)
@@ -17,7 +17,10 @@ import triton.language as tl
 # imported, so the flag that matters is the environment at import time, not at call time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MAX_RANK = 128
+# The kernels' capabilities; fusion_engine.ops.check_supported reads them at attach.
+MAX_RANK = 128  # the padded rank of one LoRA is a tl.dot dimension (16..128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ROW_GROUP_DTYPES = (torch.int32, torch.int64)
 
 # Testing hook: when True, every buffer a launcher allocates uninitialised (outputs, scores,
 # decisions, partial statistics, the shrink buffer) is filled with NaN / 0x5A first, so an element
@@ -43,20 +46,71 @@ def rank_pad(r: int) -> int:
     return 0 if r == 0 else max(16, next_pow2(r))
 
 
+def dot_pad(r: int) -> int:
+    """The tl.dot width of one LoRA block: its padded rank, 16 for an absent LoRA (never read)."""
+    return max(rank_pad(r), 16)
+
+
 def dot_precision(dtype: torch.dtype):
     """fp32 inputs must not silently drop to tf32 (torch's matmul default is full fp32)."""
     return "ieee" if dtype == torch.float32 else None
 
 
-def gemm_config(M: int, N: int, K: int, rank_total: int) -> dict:
-    """Fixed block sizes (autotune does not run under the interpreter, and re-running a kernel
-    that accumulates with atomics would need reset hooks). Chosen by shape only, so the grid is
-    capturable in a CUDA graph. GPU values are a starting point: measure with bench/gpu_table.py.
+def require(ok: bool, message: str) -> None:
+    """A launcher's contract check: raises ValueError(message) (unlike assert, it survives python -O)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_lora_linear_inputs(op: str, x, weight, bias, subject_a, subject_b, style_a, style_b) -> None:
+    """The launch contract shared by the LoRA-linear launchers; a ValueError names the tensor at fault.
+
+    x (M, K) on CUDA (or CPU under the interpreter) in a supported dtype with unit stride along K;
+    weight (N, K); bias (N,) or None; each LoRA a (r, K) and b (N, r), r <= MAX_RANK (0 = absent);
+    every tensor on x's device (parameters are cast to x.dtype by the launchers).
+    """
+    require(x.dim() == 2, f"{op}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    require(x.dtype in SUPPORTED_DTYPES, f"{op}: x dtype {x.dtype} not in {SUPPORTED_DTYPES}")
+    M, K = x.shape
+    require(weight.dim() == 2 and weight.shape[1] == K,
+             f"{op}: weight must be (N, K={K}), got shape {tuple(weight.shape)}")
+    N = weight.shape[0]
+    require(bias is None or tuple(bias.shape) == (N,), f"{op}: bias must be (N={N},), got shape "
+             f"{None if bias is None else tuple(bias.shape)}")
+    for role, a, b in (("subject", subject_a, subject_b), ("style", style_a, style_b)):
+        require(a.dim() == 2 and a.shape[1] == K, f"{op}: {role}_a must be (r, K={K}), got shape {tuple(a.shape)}")
+        r = a.shape[0]
+        require(tuple(b.shape) == (N, r), f"{op}: {role}_b must be (N={N}, r={r}), got shape {tuple(b.shape)}")
+        require(r <= MAX_RANK, f"{op}: {role} rank {r} exceeds the kernels' limit of {MAX_RANK}")
+    for name, t in (("weight", weight), ("bias", bias), ("subject_a", subject_a), ("subject_b", subject_b),
+                    ("style_a", style_a), ("style_b", style_b)):
+        if t is None:
+            continue
+        require(t.device == x.device, f"{op}: {name} is on {t.device}, x on {x.device}")
+        require(t.is_floating_point(), f"{op}: {name} must be floating point, got {t.dtype}")
+
+
+def as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b):
+    """The launchers' operands: x with unit stride along K, every parameter contiguous in x's dtype
+    (no-ops in the usual case), so the kernels take strides from x, xa and out only."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+
+    def cast(t):
+        return None if t is None else t.to(x.dtype).contiguous()
+
+    return (x, *(cast(t) for t in (weight, bias, subject_a, subject_b, style_a, style_b)))
+
+
+def gemm_config(M: int, N: int) -> dict:
+    """Fixed block sizes, chosen by shape only (a tuned table, not autotune: autotune does not run
+    under the interpreter, and re-running a kernel that accumulates with atomics would need reset
+    hooks), so the grid is capturable in a CUDA graph. GPU values are a starting point: measure
+    with bench/gpu_table.py.
     """
     if INTERPRET:
         # tiny tiles: the interpreter is numpy per program; several tiles per dim exercise masks
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    # the FLS epilogue keeps three fp32 tiles alive (y0, d_c, d_s): 64x128 keeps them in registers
+    # the FLS epilogue keeps three fp32 tiles alive (y0, d_subject, d_style): 64x128 keeps them in registers
     block_m = 32 if M <= 256 else 64  # small M (cross-attention k/v): more programs
     block_n = 128 if N >= 512 else 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8 if block_m * block_n >= 8192 else 4,
@@ -64,9 +118,14 @@ def gemm_config(M: int, N: int, K: int, rank_total: int) -> dict:
 
 
 @triton.jit
-def _linear_tile(x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, K, stride_xm, stride_wn,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _linear_tile(
+    x_ptr,  # (M, K), unit stride along K
+    w_ptr,  # (N, K), unit stride along K
+    bias_ptr,  # (N,); read only when HAS_BIAS
+    offs_m, offs_n, mask_n, K, stride_xm, stride_wn,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
     """fp32 tile of x W^T + b. offs_m is already clamped into [0, M) so x loads need no row mask."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
@@ -89,12 +148,17 @@ def _linear_tile(x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, K, stride_xm, s
 
 
 @triton.jit
-def _expand_tile(xa_ptr, b_ptr, offs_m, offs_n, mask_n, r, stride_xam, R_OFF, R_PAD: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """fp32 tile of (x A^T) B^T from the shrink buffer; its padded columns hold zeros."""
-    offs_r = tl.arange(0, R_PAD)
-    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + R_OFF + offs_r[None, :])
-    # B is (N, r) contiguous; read it as the (R_PAD, BLOCK_N) tile of B^T
-    bt = tl.load(b_ptr + offs_n[None, :] * r + offs_r[:, None],
-                 mask=(offs_r[:, None] < r) & mask_n[None, :], other=0.0)
+def _expand_tile(
+    xa_ptr,  # (M, >= rank_offset + RANK_PAD): the shrink buffer, padded columns exact zeros
+    b_ptr,  # (N, rank) contiguous: one LoRA's B
+    offs_m, offs_n, mask_n, rank, stride_xam,
+    rank_offset,  # first column of this LoRA's block in xa
+    RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 tile of (x A^T) B^T from the shrink buffer."""
+    offs_r = tl.arange(0, RANK_PAD)
+    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + rank_offset + offs_r[None, :])
+    # read B as the (RANK_PAD, BLOCK_N) tile of B^T
+    bt = tl.load(b_ptr + offs_n[None, :] * rank + offs_r[:, None],
+                 mask=(offs_r[:, None] < rank) & mask_n[None, :], other=0.0)
     return tl.dot(xa, bt, input_precision=DOT_PRECISION)

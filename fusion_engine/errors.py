@@ -19,6 +19,7 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     │   ├── StepRangeError (ValueError) ..... a step outside [0, num_steps)
     │   └── BatchLayoutError (ValueError) ... a batch/prompt/granularity combination that cannot be grouped
     ├── ModelPathError (FileNotFoundError) .. a pipeline path that is not a local diffusers folder
+    ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
     └── OptionError (ValueError) ............ an argument or option the caller gave that cannot be used
 """
 from __future__ import annotations
@@ -82,6 +83,11 @@ class BatchLayoutError(StepContextError, ValueError):
 
 class ModelPathError(FusionEngineError, FileNotFoundError):
     """A pipeline path that is not a local diffusers folder (hub ids are never downloaded)."""
+
+
+class BackendError(FusionEngineError, RuntimeError):
+    """A compute backend that cannot run on these tensors here (triton not importable, CPU tensors
+    without the Triton interpreter, CUDA tensors with it)."""
 
 
 class OptionError(FusionEngineError, ValueError):

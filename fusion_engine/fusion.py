@@ -12,7 +12,7 @@ from .fit import check_fit, find_module
 from .lora import LoRA, load_lora
 from .lora.align import align_to_model
 from .modules import DynamicLoRALayer, DynamicLoRAConv2d, DynamicLoRALinear
-from .ops import BACKENDS
+from .ops import BACKENDS, check_supported
 from .policies import make_policy
 from .trace import Trace
 
@@ -166,6 +166,10 @@ def attach(
         _DYNAMIC_TYPES[type(module)](module, name, index, subject, style, context)
         for index, (name, module) in enumerate(originals.items())
     ]
+    for layer in layers:  # what the backend declines fails here, not at its first launch mid-sampling
+        kind = "linear" if isinstance(layer, DynamicLoRALinear) else "conv2d"
+        check_supported(backend, kind, layer.base.weight.dtype, (layer.subject_rank, layer.style_rank),
+                        device=layer.base.weight.device, layer=layer.name)
     policy.setup(layers)
 
     _swap_in(model, layers, originals)

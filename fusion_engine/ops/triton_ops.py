@@ -7,7 +7,7 @@ only and nothing synchronises with the host).
 
 Device rule: CUDA tensors run the kernels. CPU tensors run them only under the Triton
 interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is first imported;
-otherwise a RuntimeError says so (use backend="reference" for plain CPU work).
+otherwise a BackendError (a RuntimeError) says so (use backend="reference" for plain CPU work).
 
 ``divergence="js"`` is not fused (it needs each row's LSEs before a second sweep): it runs the
 reference implementation on the same device, which is still free of host synchronisation.
@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import BackendError, OptionError
 from . import reference
 
 try:
@@ -43,22 +44,35 @@ def is_available() -> bool:
     return _kernels is not None and not _kernels.INTERPRET and torch.cuda.is_available()
 
 
+def unsupported(dtype: torch.dtype, ranks) -> str:
+    """Why the kernels cannot run a linear layer with this weight dtype and these LoRA ranks ("" if they can)."""
+    if _kernels is None:
+        return f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}"
+    if dtype not in _kernels.SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in _kernels.SUPPORTED_DTYPES)
+        return f"dtype {str(dtype).replace('torch.', '')} is not one the Triton kernels take ({names})"
+    too_large = [r for r in ranks if r > _kernels.MAX_RANK]
+    if too_large:
+        return f"LoRA rank {max(too_large)} exceeds the Triton kernels' limit of {_kernels.MAX_RANK}"
+    return ""
+
+
 def _check_device(x: Tensor) -> None:
     if _kernels is None:
-        raise RuntimeError(f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}")
+        raise BackendError(f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}")
     if x.device.type == "cuda":
         if _kernels.INTERPRET:
-            raise RuntimeError("csrc_triton was imported with TRITON_INTERPRET=1: kernels only take CPU tensors now")
+            raise BackendError("csrc_triton was imported with TRITON_INTERPRET=1: kernels only take CPU tensors now")
         return
     if x.device.type == "cpu":
         if _kernels.INTERPRET:
             return
         hint = "" if os.environ.get("TRITON_INTERPRET") != "1" else (
             " (TRITON_INTERPRET=1 is set now, but triton was imported before it was)")
-        raise RuntimeError(
+        raise BackendError(
             "backend='triton' on CPU tensors runs the Triton interpreter: set TRITON_INTERPRET=1 before "
             "importing triton / fusion_engine, or use backend='reference'" + hint)
-    raise RuntimeError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), not {x.device}")
+    raise BackendError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), not {x.device}")
 
 
 # --------------------------------------------------------------------------- fls_linear
@@ -70,12 +84,13 @@ def _fls_linear_op(
     prev_choose: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_device(x)
-    return _kernels.fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group,
-                                   num_groups, divergence, prev_choose)
+    return _kernels.fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale,
+                                   row_group, num_groups, divergence, prev_choose)
 
 
 @_fls_linear_op.register_fake
-def _(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups, divergence, prev_choose):
+def _(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups,
+      divergence, prev_choose):
     out = x.new_empty((x.shape[0], weight.shape[0]))
     scores = x.new_empty((num_groups,), dtype=torch.float32)
     return out, scores, torch.empty_like(scores), x.new_empty((num_groups,), dtype=torch.bool)
@@ -99,16 +114,17 @@ def _fls_backward(ctx, grad_out, _gc, _gs, _gch):
     subject_scale, style_scale = ctx.scales
     gx = grad_out @ weight.to(grad_out.dtype)
     take_subject = choose[row_group.long()].unsqueeze(-1)
-    gx = gx + torch.where(take_subject, _lora_grad(grad_out, subject_a, subject_b, subject_scale), _lora_grad(grad_out, style_a, style_b, style_scale))
+    subject_grad = _lora_grad(grad_out, subject_a, subject_b, subject_scale)
+    gx = gx + torch.where(take_subject, subject_grad, _lora_grad(grad_out, style_a, style_b, style_scale))
     return (gx,) + (None,) * 12
 
 
 _fls_linear_op.register_autograd(_fls_backward, setup_context=_fls_setup_context)
 
 
-def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups,
-               divergence="kl", prev_choose=None):
-    """Fused FLS linear (see ``reference.fls_linear``): returns (out, subject_score, style_score, choose_subject).
+def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group,
+               num_groups, divergence="kl", prev_choose=None):
+    """Fused FLS linear (see ``reference.fls_linear``); returns (out, subject_score, style_score, choose_subject).
 
     ``prev_choose`` (optional, extra to the reference signature): the (G,) bool decisions this
     layer returned on its previous call (e.g. the last denoising step). It is only the kernel's
@@ -118,16 +134,16 @@ def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, st
     """
     _check_device(x)
     if divergence not in reference.DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {reference.DIVERGENCES}")
+        raise OptionError(f"unknown divergence {divergence!r}; expected one of {reference.DIVERGENCES}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if divergence == "js":
         # JS needs both LSEs before its second sweep: not fused, reference on the same device
-        out, sc, ss, ch = reference.fls_linear(x2, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale,
-                                               row_group, num_groups, divergence)
+        out, sc, ss, ch = reference.fls_linear(x2, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b,
+                                               style_scale, row_group, num_groups, divergence)
     else:
-        out, sc, ss, ch = _fls_linear_op(x2, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b, float(style_scale),
-                                         row_group, int(num_groups), divergence, prev_choose)
+        out, sc, ss, ch = _fls_linear_op(x2, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b,
+                                         float(style_scale), row_group, int(num_groups), divergence, prev_choose)
     return out.reshape(*lead, out.shape[-1]), sc, ss, ch
 
 
@@ -169,4 +185,4 @@ def mix_linear(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
     return out.reshape(*lead, out.shape[-1])
 
 
-__all__ = ["fls_linear", "is_available", "mix_linear"]
+__all__ = ["fls_linear", "is_available", "mix_linear", "unsupported"]
