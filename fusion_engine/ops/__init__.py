@@ -25,7 +25,7 @@ def _triton_ops():
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ("reference" or "triton") for tensors on ``device``."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise OptionError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
