@@ -1,6 +1,8 @@
 """Per-attach state the fused layers read on every forward: step, batch layout, decision groups."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import BatchLayoutError, StepContextError, StepRangeError
@@ -43,6 +45,9 @@ class FusionContext:
         self.images: int | None = None
         self.copies = 1
         self._groups: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._warned_no_layout = False
+        self.lora_scale = 1.0  # diffusers' cross_attention_kwargs={"scale": s}, read per forward
+        self.enabled = True  # False: every fused layer is its base layer (disable_lora)
 
     # -- sampler-facing -------------------------------------------------------------------------
     def set_step(self, step: int, num_steps: int) -> None:
@@ -57,8 +62,15 @@ class FusionContext:
                 f"batch layout needs images >= 1 and copies >= 1, got images={images}, copies={copies} "
                 "(an empty prompt list or num_images_per_prompt=0 gives images=0)"
             )
-        self.images, self.copies = images, copies
-        self._groups.clear()
+        if (images, copies) != (self.images, self.copies):
+            self.images, self.copies = images, copies
+            self._groups.clear()
+
+    def reset(self) -> None:
+        """Forget the step and the batch layout (a pipeline call scope starts and ends with this)."""
+        self.step = self.num_steps = None
+        self.branch = None
+        self.set_batch_layout(None)
 
     # -- layer/policy-facing --------------------------------------------------------------------
     def current_step(self) -> int:
@@ -86,7 +98,20 @@ class FusionContext:
                     "'sample' or 'batch')"
                 )
             return [b % self.images for b in range(batch)], self.images
+        if self.granularity == "image" and batch > 1:
+            self._warn_no_layout(batch)
         return list(range(batch)), batch
+
+    def _warn_no_layout(self, batch: int) -> None:
+        if not self._warned_no_layout:
+            self._warned_no_layout = True
+            warnings.warn(
+                f"granularity 'image' but no batch layout: the {batch} batch rows decide one by one, so a CFG "
+                "image's uncond and cond rows decide apart. Attach to the pipeline instead (fe.attach(pipe, ...) "
+                "infers the layout per call), call fusion.set_batch_layout(images, copies), or pass "
+                "granularity='sample' if per-row decisions are what you want",
+                UserWarning, stacklevel=3,
+            )
 
     def row_groups(self, batch: int, rows_per_sample: int, device) -> tuple[torch.Tensor, int]:
         """(row -> group map on ``device``, group count) for a (batch * rows_per_sample)-row input.

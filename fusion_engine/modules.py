@@ -26,7 +26,12 @@ def _factors(lora, name: str, base: nn.Module):
 
 
 class DynamicLoRALayer(nn.Module):
-    """Common part: the base module, both LoRA factor pairs (rank 0 = absent) and the shared context."""
+    """Common part: the base module, both LoRA factor pairs (rank 0 = absent) and the shared context.
+
+    Seen from outside it is the base layer: attributes it lacks (``weight``, ``bias``, ``in_features``,
+    ``out_channels``, ...) are the base layer's, and ``state_dict`` / ``load_state_dict`` use the base layer's
+    own keys (``to_q.weight``, not ``to_q.base.weight``), so a model saved while attached is the base model.
+    """
 
     def __init__(self, base: nn.Module, name: str, index: int, subject, style, context):
         super().__init__()
@@ -42,6 +47,32 @@ class DynamicLoRALayer(nn.Module):
         self.context = context
         self._coef_cache: dict[tuple, torch.Tensor] = {}
         self._last_choice: dict[tuple, torch.Tensor] = {}
+        self._register_load_state_dict_pre_hook(_keys_into_base)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
+                raise
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__} at {self.__dict__.get('name')!r} (a fused {type(base).__name__}) has no "
+                f"attribute {name!r}, and neither has its base layer (.base)"
+            ) from None
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The base layer's own state dict (its keys, its tensors): the fusion adds nothing persistent."""
+        return self.base.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    @property
+    def lora_scales(self) -> tuple[float, float]:
+        """(subject, style) scales of this forward: each LoRA's own times ``cross_attention_kwargs["scale"]``."""
+        scale = self.context.lora_scale
+        return self.subject_scale * scale, self.style_scale * scale
 
     @property
     def subject_rank(self) -> int:
@@ -69,9 +100,10 @@ class DynamicLoRALayer(nn.Module):
         context = self.context
         weights = context.policy.weights(self, context)
         context.record(self.index, choice_code(weights[0] * self.has_subject, weights[1] * self.has_style))
-        key = (weights, str(device))
+        subject_scale, style_scale = self.lora_scales
+        key = (weights, subject_scale, style_scale, str(device))
         if key not in self._coef_cache:
-            values = [weights[0] * self.subject_scale, weights[1] * self.style_scale]
+            values = [weights[0] * subject_scale, weights[1] * style_scale]
             self._coef_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
         return self._coef_cache[key]
 
@@ -94,6 +126,9 @@ class DynamicLoRALinear(DynamicLoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
+        if not context.enabled:
+            return base(x)
+        subject_scale, style_scale = self.lora_scales
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
         backend = ops.resolve_backend(context.backend, x.device)
@@ -101,8 +136,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
             guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
             out, subject_score, style_score, choose_subject = ops.fls_linear(
-                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.subject_scale, self.style_a, self.style_b,
-                self.style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
+                rows, base.weight, base.bias, self.subject_a, self.subject_b, subject_scale, self.style_a, self.style_b,
+                style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
             )
             if guess is not None:
                 guess.copy_(choose_subject)
@@ -131,6 +166,9 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Everything at accumulation precision (as the linear ops): fp16 deltas cannot overflow here.
         context, base, dtype = self.context, self.base, x.dtype
+        if not context.enabled:
+            return base(x)
+        subject_scale, style_scale = self.lora_scales
         x = x.to(accumulation_dtype(dtype))
         y0 = self._conv(x, base.weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
         subject_raw = self._raw_delta(x, y0, self.subject_a, self.subject_b)
@@ -146,8 +184,14 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
 
         row_group, groups = context.row_groups(batch, height * width, x.device)
         out, subject_score, style_score, choose_subject = fls_select(
-            to_rows(y0), to_rows(self.subject_scale * subject_raw), to_rows(self.style_scale * style_raw), row_group, groups,
+            to_rows(y0), to_rows(subject_scale * subject_raw), to_rows(style_scale * style_raw), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
         context.record(self.index, choose_subject, subject_score, style_score)
         return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype)
+
+
+def _keys_into_base(state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a base-model key (``prefix + "weight"``) loads into the base layer."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        state_dict[prefix + "base." + key[len(prefix):]] = state_dict.pop(key)
