@@ -150,6 +150,8 @@ class PipelineFusion:
 
     def detach(self) -> None:
         """Remove the hook, put the pipeline's class back and detach every component: bit for bit as before."""
+        if self.fusion.attached:
+            self.fusion.owner.check_free("detach")  # before anything changes
         if _PIPELINES.get(self.pipe) is self:
             del _PIPELINES[self.pipe]
         if type(self.pipe) is _FUSED_CLASSES.get(self._base_class):

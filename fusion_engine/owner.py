@@ -44,18 +44,28 @@ class Owner:
             self._depth += 1
 
     def release(self) -> None:
+        """Undo one ``acquire`` of this thread (a no-op on a thread whose acquire was refused)."""
         with self._lock:
+            if self._thread != threading.get_ident():
+                return
             self._depth -= 1
             if self._depth <= 0:
                 self._thread, self._depth, self._what = None, 0, ""
 
     @contextmanager
     def hold(self, what: str):
+        """Acquire for a block; on exit the depth is what it was before, also when a forward inside was cut
+        short by a KeyboardInterrupt (torch runs always-call forward hooks on ``Exception`` only)."""
         self.acquire(what)
+        depth = self._depth - 1
         try:
             yield
         finally:
-            self.release()
+            with self._lock:
+                if self._thread == threading.get_ident():
+                    self._depth = depth
+                    if depth == 0:
+                        self._thread, self._what = None, ""
 
     def check_free(self, what: str) -> None:
         """Raise unless the model is idle or held by this thread (for detach)."""
