@@ -6,7 +6,7 @@ import warnings
 import torch
 
 from .errors import BatchLayoutError, StepContextError, StepRangeError
-from .trace import Trace
+from .trace import Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
 
@@ -38,7 +38,7 @@ class FusionContext:
         self.policy = policy
         self.granularity = granularity
         self.backend = backend
-        self.trace = trace
+        self.trace = trace  # also sets ``tracing``
         self.step: int | None = None
         self.num_steps: int | None = None
         self.branch: str | None = None
@@ -46,8 +46,18 @@ class FusionContext:
         self.copies = 1
         self._groups: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._warned_no_layout = False
+        self.coefficients: dict[str, torch.Tensor] = {}  # device -> (layers, 2) float32, static policies
         self.lora_scale = 1.0  # diffusers' cross_attention_kwargs={"scale": s}, read per forward
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
+
+    @property
+    def trace(self) -> Trace | None:
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        self._trace = trace
+        self.tracing = trace is not None  # a plain bool: what a compiled forward reads (never the Trace)
 
     # -- sampler-facing -------------------------------------------------------------------------
     def set_step(self, step: int, num_steps: int) -> None:
@@ -130,6 +140,33 @@ class FusionContext:
             self._groups[key] = (row_group, groups)
         return self._groups[key]
 
-    def record(self, layer_index: int, choice, subject_score=None, style_score=None) -> None:
-        if self.trace is not None:
-            self.trace.record(self.step, layer_index, choice, subject_score, style_score)
+    def update_coefficients(self, layers, device) -> None:
+        """Static policies: every layer's (w_subject * scale, w_style * scale) for the coming forward, computed on
+        the host (the step, the branch, the LoRA scale) and copied into one persistent device table in place.
+        Runs before each forward of the attached model, outside any compiled graph."""
+        if self.policy.uses_divergence or not layers:
+            return
+        rows = []
+        for layer in layers:
+            weights = self.policy.weights(layer, self)
+            subject_scale, style_scale = layer.lora_scales
+            rows.append((weights[0] * subject_scale, weights[1] * style_scale))
+            layer.keep_decisions(choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style))
+        values = torch.tensor(rows, dtype=torch.float32)
+        key = str(device)
+        table = self.coefficients.get(key)
+        if table is None or table.shape != values.shape:
+            self.coefficients[key] = values.to(device)
+        else:
+            table.copy_(values)
+
+    def collect(self, layers) -> None:
+        """Move each layer's decisions of the last forward into the trace, at the current step.
+
+        Called after every forward of the attached model (eagerly, outside any compiled graph): layers only
+        keep their last decisions as tensors, so neither the step nor the trace's size reaches a graph.
+        """
+        for layer in layers:
+            kept = layer.__dict__.pop("kept_decisions", None)
+            if kept is not None and self._trace is not None:
+                self._trace.record(self.step, layer.index, *kept)

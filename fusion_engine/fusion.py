@@ -110,10 +110,15 @@ class Fusion:
         def before(module, args, kwargs):
             self.owner.acquire(f"a {type(module).__name__} forward")
             context.lora_scale = _lora_scale(kwargs)
+            if self.layers:
+                context.update_coefficients(self.layers, self.layers[0].base.weight.device)
 
         @torch.compiler.disable
         def after(module, args, output):
-            self.owner.release()
+            try:
+                context.collect(self.layers)
+            finally:
+                self.owner.release()
 
         before.fusion_engine_hook = after.fusion_engine_hook = True  # what detach_all strips from copies
         self._hooks = [self.model.register_forward_pre_hook(before, with_kwargs=True),

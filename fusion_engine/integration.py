@@ -144,7 +144,8 @@ class PipelineFusion:
 
         before_denoiser.fusion_engine_hook = True  # what detach_all strips from copies
         denoiser = getattr(self.pipe, self.denoiser)
-        self._hook = denoiser.register_forward_pre_hook(before_denoiser, with_kwargs=True)
+        # prepended: the step and layout are set before the Fusion's own pre-hook reads them
+        self._hook = denoiser.register_forward_pre_hook(before_denoiser, with_kwargs=True, prepend=True)
         self.pipe.__class__ = _fused_class(self._base_class)
         _PIPELINES[self.pipe] = self
 

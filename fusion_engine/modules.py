@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from . import ops
 from .ops.reference import accumulation_dtype, fls_select
-from .trace import choice_code
 
 
 def _factors(lora, name: str, base: nn.Module):
@@ -45,7 +44,6 @@ class DynamicLoRALayer(nn.Module):
         self.register_buffer("style_a", style_a, persistent=False)
         self.register_buffer("style_b", style_b, persistent=False)
         self.context = context
-        self._coef_cache: dict[tuple, torch.Tensor] = {}
         self._last_choice: dict[tuple, torch.Tensor] = {}
         self._register_load_state_dict_pre_hook(_keys_into_base)
 
@@ -96,16 +94,14 @@ class DynamicLoRALayer(nn.Module):
         return (lora_b.flatten(1).float() @ lora_a.flatten(1).float()).reshape(self.base.weight.shape)
 
     def static_coefficients(self, device) -> torch.Tensor:
-        """Policy weights times LoRA scales as a (2,) float32 device tensor; cached per value."""
-        context = self.context
-        weights = context.policy.weights(self, context)
-        context.record(self.index, choice_code(weights[0] * self.has_subject, weights[1] * self.has_style))
-        subject_scale, style_scale = self.lora_scales
-        key = (weights, subject_scale, style_scale, str(device))
-        if key not in self._coef_cache:
-            values = [weights[0] * subject_scale, weights[1] * style_scale]
-            self._coef_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
-        return self._coef_cache[key]
+        """Policy weights times LoRA scales as a (2,) float32 device tensor: this layer's row of the table the
+        model's forward pre-hook fills (``FusionContext.update_coefficients``), so no step reaches a graph."""
+        return self.context.coefficients[str(device)][self.index]
+
+    def keep_decisions(self, choice, subject_score=None, style_score=None) -> None:
+        """Hold this forward's decisions until the model's forward ends (``FusionContext.collect``)."""
+        if self.context.tracing:
+            self.kept_decisions = (choice, subject_score, style_score)
 
     def extra_repr(self) -> str:
         return f"{self.name}, subject_rank={self.subject_rank}, style_rank={self.style_rank}"
@@ -141,7 +137,7 @@ class DynamicLoRALinear(DynamicLoRALayer):
             )
             if guess is not None:
                 guess.copy_(choose_subject)
-            context.record(self.index, choose_subject, subject_score, style_score)
+            self.keep_decisions(choose_subject, subject_score, style_score)
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
@@ -187,7 +183,7 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
             to_rows(y0), to_rows(subject_scale * subject_raw), to_rows(style_scale * style_raw), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
-        context.record(self.index, choose_subject, subject_score, style_score)
+        self.keep_decisions(choose_subject, subject_score, style_score)
         return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype)
 
 

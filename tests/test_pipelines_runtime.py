@@ -141,3 +141,42 @@ def test_a_second_thread_cannot_use_or_detach_a_model_in_use(tiny_pipe, loras):
         thread, result = _in_thread("next", lambda: tiny_pipe(**_seeded()))
         thread.join(120)
         assert torch.equal(result["value"].images, expected)
+
+
+# -- torch.compile -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["fls", "switch"])
+def test_a_compiled_fused_unet_samples_a_whole_loop_on_at_most_two_graphs(tiny_pipe, loras, policy):
+    """The step never reaches a graph as a Python constant: FLS decisions stay on the device, the trace is
+    collected after the forward, and static policies read a coefficient table filled before it."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    unet, options = tiny_pipe.unet, ({"tau": 1} if policy == "switch" else {})
+    sample, _, context = unet_inputs(unet, batch=2)
+    timesteps = [torch.tensor(900 - 300 * step) for step in range(3)]
+
+    def run(model, fusion, frozen=False):
+        outputs = []
+        for step, t in enumerate(timesteps):
+            fusion.set_step(0 if frozen else step, len(timesteps))
+            with torch.no_grad():
+                outputs.append(model(sample, t, encoder_hidden_states=context).sample)
+        return outputs, [r.step for r in fusion.trace.gather()]
+
+    with fe.attach(unet, *loras, policy=policy, **options) as fusion:
+        fusion.set_batch_layout(images=1, copies=2)
+        expected, expected_steps = run(unet, fusion)
+        frozen, _ = run(unet, fusion, frozen=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with fe.attach(unet, *loras, policy=policy, **options) as fusion:
+        fusion.set_batch_layout(images=1, copies=2)
+        got, steps = run(torch.compile(unet, backend="eager"), fusion)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert 1 <= graphs <= 2, f"{graphs} graphs for {len(timesteps)} steps"
+    assert steps == expected_steps and sorted(set(steps)) == [0, 1, 2]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if policy == "switch":  # the step matters (step 1 takes the style LoRA), so equality shows it reached the graph
+        assert not torch.allclose(frozen[1], expected[1])
