@@ -133,7 +133,7 @@ def test_attach_on_pipe_equals_hand_set_layout_and_fusion_pipeline(tiny_pipe, lo
 
 
 def test_sdxl_attach_on_pipe_equals_hand_set(sdxl_pipe):
-    from fusion_engine.default import attention_targets, random_lora
+    from fusion_engine.worlds.random import attention_targets, random_lora
 
     pipe = copy.deepcopy(sdxl_pipe)
     targets = attention_targets(pipe.unet)
