@@ -12,7 +12,7 @@ from .context import FusionContext
 from .errors import AlreadyAttachedError, AttachError, OptionError, preview
 from .fit import check_fit, find_module
 from .lora import LoRA, load_lora
-from .modules import DynamicLoRALayer, DynamicLoRAConv2d, DynamicLoRALinear
+from .modules import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
 from .ops import BACKENDS
 from .owner import Owner
 from .policies import make_policy

@@ -246,7 +246,9 @@ def check_attachable(pipe) -> str:
 def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> PipelineFusion:
     """Fuse ``pipe``'s denoiser (and every other component the LoRAs have layers for) and follow its calls."""
     if pipe in _PIPELINES:
-        raise AlreadyAttachedError(f"this pipeline already has a fusion attached ({_PIPELINES[pipe]!r}); detach it first")
+        raise AlreadyAttachedError(
+            f"this pipeline already has a fusion attached ({_PIPELINES[pipe]!r}); detach it first"
+        )
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
     fusion = attach_model(getattr(pipe, name), subject, style, trace=trace, **options)
