@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import threading
 import weakref
 
 import torch.nn as nn
@@ -107,7 +108,7 @@ class PipelineFusion:
         self.pipe, self.denoiser, self.fusion, self.components = pipe, denoiser, fusion, components
         self._trace_enabled = trace
         self._next_step: int | None = None
-        self._in_call = False
+        self._in_call: int | None = None  # the thread inside a call scope
         self._hook = None
         self._base_class = type(pipe)
 
@@ -207,14 +208,14 @@ class PipelineFusion:
         context = self.fusion.context
         context.trace = Trace(self.fusion.layer_names, self.policy.describe()) if self._trace_enabled else None
         context.reset()
-        self._next_step, self._in_call = 0, True
+        self._next_step, self._in_call = 0, threading.get_ident()
 
     def _end(self) -> None:
-        self._in_call, self._next_step = False, None
+        self._in_call, self._next_step = None, None
         self.fusion.context.reset()
 
     def _before_denoiser(self, module, args, kwargs):
-        if not self._in_call:
+        if self._in_call != threading.get_ident():  # outside a call, or another thread (the owner check refuses it)
             return None
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         batch = sample.shape[0]
