@@ -1,10 +1,12 @@
 """Per-attach state the fused layers read on every forward: step, batch layout, decision groups."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import BatchLayoutError, StepContextError, StepRangeError
-from .trace import Trace
+from .trace import Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
 
@@ -36,13 +38,27 @@ class FusionContext:
         self.policy = policy
         self.granularity = granularity
         self.backend = backend
-        self.trace = trace
+        self.trace = trace  # also sets ``tracing``
         self.step: int | None = None
         self.num_steps: int | None = None
         self.branch: str | None = None
         self.images: int | None = None
         self.copies = 1
         self._groups: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._warned_no_layout = False
+        self.in_forward = False  # inside the attached model's forward (its pre-hook filled ``coefficients``)
+        self.coefficients: dict[str, torch.Tensor] = {}  # device -> (layers, 2) float32, static policies
+        self.lora_scale = 1.0  # diffusers' cross_attention_kwargs={"scale": s}, read per forward
+        self.enabled = True  # False: every fused layer is its base layer (disable_lora)
+
+    @property
+    def trace(self) -> Trace | None:
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        self._trace = trace
+        self.tracing = trace is not None  # a plain bool: what a compiled forward reads (never the Trace)
 
     # -- sampler-facing -------------------------------------------------------------------------
     def set_step(self, step: int, num_steps: int) -> None:
@@ -57,8 +73,15 @@ class FusionContext:
                 f"batch layout needs images >= 1 and copies >= 1, got images={images}, copies={copies} "
                 "(an empty prompt list or num_images_per_prompt=0 gives images=0)"
             )
-        self.images, self.copies = images, copies
-        self._groups.clear()
+        if (images, copies) != (self.images, self.copies):
+            self.images, self.copies = images, copies
+            self._groups.clear()
+
+    def reset(self) -> None:
+        """Forget the step and the batch layout (a pipeline call scope starts and ends with this)."""
+        self.step = self.num_steps = None
+        self.branch = None
+        self.set_batch_layout(None)
 
     # -- layer/policy-facing --------------------------------------------------------------------
     def current_step(self) -> int:
@@ -86,7 +109,20 @@ class FusionContext:
                     "'sample' or 'batch')"
                 )
             return [b % self.images for b in range(batch)], self.images
+        if self.granularity == "image" and batch > 1:
+            self._warn_no_layout(batch)
         return list(range(batch)), batch
+
+    def _warn_no_layout(self, batch: int) -> None:
+        if not self._warned_no_layout:
+            self._warned_no_layout = True
+            warnings.warn(
+                f"granularity 'image' but no batch layout: the {batch} batch rows decide one by one, so a CFG "
+                "image's uncond and cond rows decide apart. Attach to the pipeline instead (fe.attach(pipe, ...) "
+                "infers the layout per call), call fusion.set_batch_layout(images, copies), or pass "
+                "granularity='sample' if per-row decisions are what you want",
+                UserWarning, stacklevel=3,
+            )
 
     def row_groups(self, batch: int, rows_per_sample: int, device) -> tuple[torch.Tensor, int]:
         """(row -> group map on ``device``, group count) for a (batch * rows_per_sample)-row input.
@@ -105,6 +141,33 @@ class FusionContext:
             self._groups[key] = (row_group, groups)
         return self._groups[key]
 
-    def record(self, layer_index: int, choice, subject_score=None, style_score=None) -> None:
-        if self.trace is not None:
-            self.trace.record(self.step, layer_index, choice, subject_score, style_score)
+    def update_coefficients(self, layers, device) -> None:
+        """Static policies: every layer's (w_subject * scale, w_style * scale) for the coming forward, computed on
+        the host (the step, the branch, the LoRA scale) and copied into one persistent device table in place.
+        Runs before each forward of the attached model, outside any compiled graph."""
+        if self.policy.uses_divergence or not layers:
+            return
+        rows = []
+        for layer in layers:
+            weights = self.policy.weights(layer, self)
+            subject_scale, style_scale = layer.lora_scales
+            rows.append((weights[0] * subject_scale, weights[1] * style_scale))
+            layer.keep_decisions(choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style))
+        values = torch.tensor(rows, dtype=torch.float32)
+        key = str(device)
+        table = self.coefficients.get(key)
+        if table is None or table.shape != values.shape:
+            self.coefficients[key] = values.to(device)
+        else:
+            table.copy_(values)
+
+    def collect(self, layers) -> None:
+        """Move each layer's decisions of the last forward into the trace, at the current step.
+
+        Called after every forward of the attached model (eagerly, outside any compiled graph): layers only
+        keep their last decisions as tensors, so neither the step nor the trace's size reaches a graph.
+        """
+        for layer in layers:
+            kept = layer.__dict__.pop("kept_decisions", None)
+            if kept is not None and self._trace is not None:
+                self._trace.record(self.step, layer.index, *kept)

@@ -17,7 +17,8 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     │   └── AlreadyAttachedError ............ the model (or a layer) already holds a fusion or adapters
     ├── StepContextError (RuntimeError) ..... sampler state a policy needs is missing
     │   ├── StepRangeError (ValueError) ..... a step outside [0, num_steps)
-    │   └── BatchLayoutError (ValueError) ... a batch/prompt/granularity combination that cannot be grouped
+    │   ├── BatchLayoutError (ValueError) ... a batch/prompt/granularity combination that cannot be grouped
+    │   └── ConcurrentUseError .............. a second thread using an attached model while another one does
     ├── ModelPathError (FileNotFoundError) .. a pipeline path that is not a local diffusers folder
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
     └── OptionError (ValueError) ............ an argument or option the caller gave that cannot be used
@@ -79,6 +80,10 @@ class StepRangeError(StepContextError, ValueError):
 
 class BatchLayoutError(StepContextError, ValueError):
     """A batch layout and granularity that cannot be split into decision groups."""
+
+
+class ConcurrentUseError(StepContextError):
+    """A thread used (or detached) an attached model while another thread was running it."""
 
 
 class ModelPathError(FusionEngineError, FileNotFoundError):

@@ -46,7 +46,12 @@ def dora_gain(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
 
 
 class DynamicLoRALayer(nn.Module):
-    """Common part: the base module, both LoRA factor pairs (rank 0 = absent) and the shared context."""
+    """Common part: the base module, both LoRA factor pairs (rank 0 = absent) and the shared context.
+
+    Seen from outside it is the base layer: attributes it lacks (``weight``, ``bias``, ``in_features``,
+    ``out_channels``, ...) are the base layer's, and ``state_dict`` / ``load_state_dict`` use the base layer's
+    own keys (``to_q.weight``, not ``to_q.base.weight``), so a model saved while attached is the base model.
+    """
 
     def __init__(self, base: nn.Module, name: str, index: int, subject, style, context):
         super().__init__()
@@ -62,8 +67,33 @@ class DynamicLoRALayer(nn.Module):
         self.register_buffer("subject_gain", subject_gain, persistent=False)  # DoRA: (out,); empty otherwise
         self.register_buffer("style_gain", style_gain, persistent=False)
         self.context = context
-        self._coef_cache: dict[tuple, torch.Tensor] = {}
         self._last_choice: dict[tuple, torch.Tensor] = {}
+        self._register_load_state_dict_pre_hook(_keys_into_base)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
+                raise
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__} at {self.__dict__.get('name')!r} (a fused {type(base).__name__}) has no "
+                f"attribute {name!r}, and neither has its base layer (.base)"
+            ) from None
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The base layer's own state dict (its keys, its tensors): the fusion adds nothing persistent."""
+        return self.base.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    @property
+    def lora_scales(self) -> tuple[float, float]:
+        """(subject, style) scales of this forward: each LoRA's own times ``cross_attention_kwargs["scale"]``."""
+        scale = self.context.lora_scale
+        return self.subject_scale * scale, self.style_scale * scale
 
     @property
     def subject_rank(self) -> int:
@@ -93,7 +123,8 @@ class DynamicLoRALayer(nn.Module):
         ``base_out`` the base output without its bias. FLS scores and selects this delta like any other.
         ``raw_delta`` is the unscaled ``(x A^T) B^T``; channels are the last dim (linear) or dim 1 (conv).
         """
-        scale, gain = (self.subject_scale, self.subject_gain) if branch == "subject" else (self.style_scale, self.style_gain)
+        subject_scale, style_scale = self.lora_scales
+        scale, gain = (subject_scale, self.subject_gain) if branch == "subject" else (style_scale, self.style_gain)
         if gain.numel() == 0:
             return scale * raw_delta
         gain = gain.to(raw_delta.dtype).reshape(-1, *([1] * (raw_delta.ndim - 2)))
@@ -105,20 +136,31 @@ class DynamicLoRALayer(nn.Module):
         return (lora_b.flatten(1).float() @ lora_a.flatten(1).float()).reshape(self.base.weight.shape)
 
     def policy_weights(self) -> tuple[float, float]:
-        """The static policy's (subject, style) weights for this call, recorded in the trace."""
-        context = self.context
-        weights = context.policy.weights(self, context)
-        context.record(self.index, choice_code(weights[0] * self.has_subject, weights[1] * self.has_style))
-        return weights
+        """The static policy's (subject, style) weights for this call (the pre-hook already kept the decision)."""
+        return self.context.policy.weights(self, self.context)
 
     def static_coefficients(self, device) -> torch.Tensor:
-        """Policy weights times LoRA scales as a (2,) float32 device tensor; cached per value."""
-        weights = self.policy_weights()
-        key = (weights, str(device))
-        if key not in self._coef_cache:
-            values = [weights[0] * self.subject_scale, weights[1] * self.style_scale]
-            self._coef_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
-        return self._coef_cache[key]
+        """Policy weights times LoRA scales as a (2,) float32 device tensor: this layer's row of the table the
+        model's forward pre-hook fills (``FusionContext.update_coefficients``), so no step reaches a graph.
+        A forward that bypassed the attached model's own (a submodule called directly) computes it here."""
+        context = self.context
+        if context.in_forward:
+            return context.coefficients[str(device)][self.index]
+        weights = context.policy.weights(self, context)
+        self.keep_decisions(choice_code(weights[0] * self.has_subject, weights[1] * self.has_style))
+        subject_scale, style_scale = self.lora_scales
+        return torch.tensor([weights[0] * subject_scale, weights[1] * style_scale], dtype=torch.float32, device=device)
+
+    def keep_decisions(self, choice, subject_score=None, style_score=None) -> None:
+        """Hold this forward's decisions until the model's forward ends (``FusionContext.collect``); outside the
+        attached model's forward, record them at once."""
+        context = self.context
+        if not context.tracing:
+            return
+        if context.in_forward:
+            self.kept_decisions = (choice, subject_score, style_score)
+        else:
+            context.trace.record(context.step, self.index, choice, subject_score, style_score)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.has_dora else ""
@@ -152,11 +194,14 @@ class DynamicLoRALinear(DynamicLoRALayer):
         out, subject_score, style_score, choose_subject = fls_select(
             y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject, self.has_style
         )
-        context.record(self.index, choose_subject, subject_score, style_score)
+        self.keep_decisions(choose_subject, subject_score, style_score)
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
+        if not context.enabled:
+            return base(x)
+        subject_scale, style_scale = self.lora_scales
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
         if self.has_dora:
@@ -167,12 +212,12 @@ class DynamicLoRALinear(DynamicLoRALayer):
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
             guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
             out, subject_score, style_score, choose_subject = ops.fls_linear(
-                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.subject_scale, self.style_a, self.style_b,
-                self.style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
+                rows, base.weight, base.bias, self.subject_a, self.subject_b, subject_scale, self.style_a, self.style_b,
+                style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
             )
             if guess is not None:
                 guess.copy_(choose_subject)
-            context.record(self.index, choose_subject, subject_score, style_score)
+            self.keep_decisions(choose_subject, subject_score, style_score)
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
@@ -197,6 +242,8 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Everything at accumulation precision (as the linear ops): fp16 deltas cannot overflow here.
         context, base, dtype = self.context, self.base, x.dtype
+        if not context.enabled:
+            return base(x)
         x = x.to(accumulation_dtype(dtype))
         y0 = self._conv(x, base.weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
         subject_raw = self._raw_delta(x, y0, self.subject_a, self.subject_b)
@@ -221,5 +268,11 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
             to_rows(y0), to_rows(subject_delta), to_rows(style_delta), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
-        context.record(self.index, choose_subject, subject_score, style_score)
+        self.keep_decisions(choose_subject, subject_score, style_score)
         return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype)
+
+
+def _keys_into_base(state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a base-model key (``prefix + "weight"``) loads into the base layer."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        state_dict[prefix + "base." + key[len(prefix):]] = state_dict.pop(key)

@@ -5,6 +5,7 @@ Layers record device tensors during sampling (no sync); ``gather`` moves everyth
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import torch
 
 # Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.
 STYLE, SUBJECT, BOTH, BASE = 0, 1, 2, -1
+# The bound of a model's trace under a plain ``attach``: it stays attached across many calls, so the trace
+# keeps only the newest records (a pipeline call scope starts a fresh, whole-call trace instead).
+DEFAULT_MAX_RECORDS = 10_000
 CHOICE_NAMES = {STYLE: "style", SUBJECT: "subject", BOTH: "both", BASE: "base"}
 
 
@@ -31,21 +35,34 @@ class TraceRecord:
 
 
 class Trace:
-    def __init__(self, layer_names: list[str], policy: str = ""):
+    """Decision records; ``max_records`` (None: no bound) keeps only the newest, counting the rest in ``dropped``."""
+
+    def __init__(self, layer_names: list[str], policy: str = "", max_records: int | None = None):
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be >= 1 or None, got {max_records!r}")
         self.layer_names = list(layer_names)
         self.policy = policy
-        self._pending: list[tuple] = []
-        self._records: list[TraceRecord] = []
+        self.max_records = max_records
+        self.recorded = 0  # records ever made, kept or dropped
+        self._pending: deque[tuple] = deque(maxlen=max_records)
+        self._records: deque[TraceRecord] = deque(maxlen=max_records)
+
+    @property
+    def dropped(self) -> int:
+        """Records made but no longer held (only with ``max_records``)."""
+        return self.recorded - len(self)
 
     def record(self, step, layer_index, choice, subject_score=None, style_score=None) -> None:
         if isinstance(choice, torch.Tensor):
             choice = choice.detach().to(torch.int8)
             subject_score, style_score = subject_score.detach(), style_score.detach()
         self._pending.append((step, layer_index, choice, subject_score, style_score))
+        self.recorded += 1
 
     def clear(self) -> None:
         self._pending.clear()
         self._records.clear()
+        self.recorded = 0
 
     def gather(self) -> list[TraceRecord]:
         """Move pending device tensors to the host (one transfer per dtype) and return all records."""
@@ -64,10 +81,11 @@ class Trace:
                 else:
                     self._records.append(TraceRecord(step, layer, torch.tensor([choice], dtype=torch.int8), None, None))
             self._pending.clear()
-        return self._records
+        return list(self._records)
 
     def __len__(self) -> int:
-        return len(self._records) + len(self._pending)
+        held = len(self._records) + len(self._pending)
+        return held if self.max_records is None else min(held, self.max_records)
 
     @property
     def steps(self) -> list:

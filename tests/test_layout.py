@@ -27,7 +27,9 @@ LAYERS = {
     "fusion_engine.encoders": 2,
     "fusion_engine.prompts": 2,
     "fusion_engine.model_path": 2,
+    "fusion_engine.owner": 2,
     "fusion_engine.fusion": 3,
+    "fusion_engine.integration": 3,  # attach to a pipeline object: above fusion, below the pipeline
     "fusion_engine.pipeline": 4,
     "fusion_engine.refine": 4,
     "fusion_engine": 4,  # the package itself (the public API: re-exports of layers <= 4); matched exactly
