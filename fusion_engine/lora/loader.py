@@ -292,7 +292,9 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
     DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya ``dora_scale``). The effective per-layer
     scale is ``alpha / rank * scale`` (alpha = rank when the file has none). kohya files in SDXL's
     original block naming (``input_blocks_4_1_...``) are mapped with ``unet_config.layers_per_block``
-    (SDXL's 2 when not given), as diffusers' own loader does.
+    (SDXL's 2 when not given), as diffusers' own loader does. A file's header (framing, key names,
+    layout) is checked before any tensor data is read, and its metadata never drives unbounded work
+    (see ``patterns`` for PEFT's ``alpha_pattern``).
 
     Args:
         source: a ``.safetensors`` path, a state dict, or a ``LoRA`` (rescaled).
