@@ -182,3 +182,15 @@ def test_large_file_in_no_lora_layout_is_refused_from_its_header(tmp_path, monke
     state = {f"{KOHYA}.lora_down.weight": torch.randn(4, 64), f"{KOHYA}.lora_up.weight": torch.randn(64, 4)}
     save_file(state, str(path))
     assert fe.load_lora(path).layers and reads.calls  # the wrapper does see a real read
+
+
+def test_lycoris_file_is_refused_by_name_from_its_header(tmp_path, monkeypatch):
+    """``lycoris_`` keys follow no LoRA layout: the LyCORIS message still wins, before any tensor is read."""
+    prefix = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = tmp_path / "loha.safetensors"
+    save_file({f"{prefix}.{key}": torch.randn(4, 4) for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+              str(path))
+    reads = _CountingReads(monkeypatch)
+    with pytest.raises(errors.LoRALayoutError, match=r"loha\.safetensors: a LyCORIS LoHa file"):
+        fe.load_lora(path)
+    assert reads.calls == []

@@ -75,6 +75,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         header = check_safetensors_file(path)
         metadata = header.pop("__metadata__", None)
         if header:
+            refuse_lycoris(header, str(path))
             _check_layout(header, str(path))
         tensors = load_file(str(path))
     except OSError as error:
