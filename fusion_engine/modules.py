@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .lora.checks import check_cast_factor, check_layer_scale
 from .ops.reference import accumulation_dtype, base_linear, fls_select, lora_delta
 from .trace import choice_code
 
@@ -14,6 +15,9 @@ def _factors(lora, name: str, base: nn.Module):
     """(lora_a, lora_b, scale, dora_gain) of ``lora`` at ``name`` cast to the base weight; rank-0 factors if absent.
 
     ``dora_gain`` is empty unless the layer is DoRA (see ``dora_gain``).
+
+    A ``LoRAValueError`` names the layer and factor when the cast overflows (float32 7e4 -> float16 Inf)
+    or the effective scale is not finite in float32.
     """
     weight = base.weight
     no_gain = weight.new_zeros(0, dtype=accumulation_dtype(weight.dtype))
@@ -24,6 +28,9 @@ def _factors(lora, name: str, base: nn.Module):
     layer = lora.layers[name]
     lora_a = layer.lora_a.to(device=weight.device, dtype=weight.dtype)
     lora_b = layer.lora_b.to(device=weight.device, dtype=weight.dtype)
+    check_cast_factor(lora.source, name, "lora_a", layer.lora_a, lora_a)
+    check_cast_factor(lora.source, name, "lora_b", layer.lora_b, lora_b)
+    check_layer_scale(lora.source, name, lora.layer_scale(name))
     if weight.ndim == 2 and lora_a.ndim == 4:  # kohya stores some Linear LoRAs as 1x1 convs
         lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
     scale = lora.layer_scale(name)

@@ -174,3 +174,23 @@ def _assert_valid_or_library_error_in_memory(state):
         fe.load_lora(dict(state))
     except FusionEngineError:
         pass
+
+
+# -- PEFT alpha_pattern keys from a file -------------------------------------------------------------------------------
+@given(pattern=st.text(alphabet="ab_.*^$\\(+|", max_size=10),
+       modules=st.lists(st.text(alphabet="ab_.", max_size=12), min_size=1, max_size=6))
+@example(pattern="a.b", modules=["x.a_b", "xa.b", "a.b"])
+@example(pattern="^.*b", modules=["a.b", "b"])
+def test_accepted_patterns_match_exactly_as_peft_and_the_rest_are_refused(pattern, modules):
+    """PEFT: ``re.match(rf"(.*\\.)?({pattern})$", module)``. Accepted patterns give the same answer for every
+    module name; anything else is a ``FusionEngineError`` (never a hang, never a bare ``re.error``)."""
+    import re
+
+    from fusion_engine.lora.patterns import compile_patterns, first_match
+
+    try:
+        compiled = compile_patterns({pattern: 1}, len(modules), "alpha_pattern", "<fuzz>")
+    except FusionEngineError:
+        return
+    for module in modules:
+        assert (first_match(compiled, module) is not None) == bool(re.match(rf"(.*\.)?({pattern})$", module)), module

@@ -8,11 +8,13 @@ import math
 
 import torch
 
-from ..errors import LoRADtypeError, LoRAFormatError, LoRAShapeError, LoRAValueError
+from ..errors import LoRADtypeError, LoRAFormatError, LoRAShapeError, LoRAValueError, OptionError
 
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ALPHA_DTYPES = FACTOR_DTYPES + (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _ALPHA_SUFFIX = ".alpha"
+# Scales reach the fused ops as float32 coefficients: a float64 alpha of 1e300 would be Inf there.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -40,6 +42,9 @@ def _check_alpha(source: str, key: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in ALPHA_DTYPES:
         raise LoRADtypeError(f"{source}: key {key!r} {_describe(tensor)}: an alpha must be a float or integer number")
     _check_finite(source, key, tensor)
+    if tensor.dtype.is_floating_point and float(tensor.abs().max()) > FLOAT32_MAX:
+        raise LoRAValueError(f"{source}: key {key!r} {_describe(tensor)}: alpha {float(tensor):g} is Inf in float32, "
+                             "the precision scales are applied in")
 
 
 def check_raw_tensors(raw: dict, source: str) -> None:
@@ -82,3 +87,40 @@ def check_alpha(module: str, alpha: float, source: str) -> None:
     """Alphas from adapter metadata bypass the raw-tensor checks: NaN or Inf would poison every image."""
     if not math.isfinite(alpha):
         raise LoRAValueError(f"{source}: layer {module}: alpha is {alpha}")
+    if abs(alpha) > FLOAT32_MAX:
+        raise LoRAValueError(f"{source}: layer {module}: alpha {alpha:g} is Inf in float32, the precision scales "
+                             "are applied in")
+
+
+def check_scale(scale, where: str) -> float:
+    """A user's LoRA strength: a finite number within float32's range, returned as a float."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise OptionError(f"{where}: scale={scale!r} is a {type(scale).__name__}, not a number")
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise OptionError(f"{where}: scale={scale!r} is not a finite number in float32")
+    return float(scale)
+
+
+def check_cast_factor(source: str, module: str, key: str, original: torch.Tensor, cast: torch.Tensor) -> None:
+    """A factor finite in the file can overflow when cast to the model's dtype (7e4 -> Inf in float16).
+
+    Checked after the cast, and only when the cast narrows the range (float32/float64 -> float16, float64 -> float32).
+    """
+    if torch.finfo(cast.dtype).max >= torch.finfo(original.dtype).max:
+        return
+    finite = torch.isfinite(cast)
+    if not bool(finite.all()):
+        largest = float(original.abs().max())
+        raise LoRAValueError(
+            f"{source}: layer {module}: {key} {_describe(original)} overflows to Inf when cast to the model's "
+            f"{str(cast.dtype).removeprefix('torch.')} (largest |value| {largest:g}, first at index "
+            f"{_first_bad_index(~finite)}; {str(cast.dtype).removeprefix('torch.')} holds up to "
+            f"{torch.finfo(cast.dtype).max:g}): load the model in float32/bfloat16 or rescale the LoRA"
+        )
+
+
+def check_layer_scale(source: str, module: str, scale: float) -> None:
+    """The effective per-layer scale (alpha / rank * strength) as the float32 coefficient the ops use."""
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise LoRAValueError(f"{source}: layer {module}: effective scale alpha / rank * scale = {scale:g} is not "
+                             "finite in float32")

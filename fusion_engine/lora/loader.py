@@ -6,7 +6,6 @@ DoRA magnitudes; what cannot be applied (LyCORIS kinds, foreign keys) raises, na
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Mapping
@@ -14,8 +13,9 @@ from typing import Mapping
 import torch
 
 from ..errors import LoRAFileError, LoRAFileNotFoundError, LoRAFormatError, LoRALayoutError, LoRAShapeError, preview
-from .checks import check_alpha, check_layer, check_raw_tensors
+from .checks import check_alpha, check_layer, check_raw_tensors, check_scale
 from .lycoris import refuse_lycoris
+from .patterns import compile_patterns, first_match
 from .safetensors_header import check_safetensors_file
 from .weights import COMPONENTS, DENOISER, TEXT_ENCODERS, LoRA, LoRALayer
 
@@ -43,9 +43,25 @@ def detect_layout(keys) -> str:
     return "unknown"
 
 
+def _check_layout(keys, source: str) -> str:
+    """The layout name, or a ``LoRALayoutError`` listing the keys when no known layout explains them."""
+    layout = detect_layout(keys)
+    if layout == "unknown":
+        keys = sorted(keys)
+        raise LoRALayoutError(
+            f"{source}: unknown key layout: none of its {len(keys)} keys follows diffusers ('...lora.down.weight'), "
+            f"PEFT ('...lora_A.weight') or kohya ('lora_unet_...lora_down.weight') naming; keys: {preview(keys)}"
+        )
+    return layout
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and the PEFT adapter config diffusers stores in the header (``{}`` when absent)."""
-    from safetensors import SafetensorError, safe_open
+    """Tensors and the PEFT adapter config diffusers stores in the header (``{}`` when absent).
+
+    The header (framing, key names, layout) is checked before any tensor data is read: a large file
+    that is no LoRA is refused after reading its header only.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if path.is_dir():
@@ -56,17 +72,19 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix != ".safetensors":
         raise LoRAFileError(f"{path}: only .safetensors LoRA files are read (pickle files can run code)")
     try:
-        check_safetensors_file(path)
+        header = check_safetensors_file(path)
+        metadata = header.pop("__metadata__", None)
+        if header:
+            refuse_lycoris(header, str(path))
+            _check_layout(header, str(path))
         tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
     except OSError as error:
         raise LoRAFileError(f"{path}: cannot be read ({error})") from error
     except (SafetensorError, ValueError, RuntimeError) as error:
         if isinstance(error, LoRAFormatError):
             raise
         raise LoRAFileError(f"{path}: not a readable safetensors file ({error})") from error
-    return tensors, _adapter_config(path, header)
+    return tensors, _adapter_config(path, metadata if isinstance(metadata, dict) else {})
 
 
 def _adapter_config(path: Path, header: dict) -> dict:
@@ -111,21 +129,23 @@ def _alpha_by_module(alphas: Mapping[str, float], source: str = "<state_dict>") 
     return {k.split(".lora_A")[0].removesuffix(".alpha"): v for k, v in converted.items()}
 
 
-def _metadata_alpha(module: str, metadata: Mapping[str, object], source: str) -> float | None:
-    """The alpha a PEFT adapter config (safetensors metadata) gives a module, if any."""
+def _metadata_alphas(modules: list[str], metadata: Mapping[str, object], source: str) -> dict[str, float]:
+    """The alphas a PEFT adapter config (safetensors metadata) gives ``modules``: ``alpha_pattern``
+    (PEFT's matching, see ``patterns``), else ``lora_alpha``; modules it gives none are left out."""
+    if not modules:
+        return {}
     pattern = metadata.get("alpha_pattern") or {}
-    for key, value in (pattern.items() if isinstance(pattern, dict) else ()):
-        if module == key or module.endswith("." + key) or _pattern_matches(key, module):
-            return _as_alpha(value, f"alpha_pattern[{key!r}]", source)
-    alpha = metadata.get("lora_alpha")
-    return None if alpha is None else _as_alpha(alpha, "lora_alpha", source)
-
-
-def _pattern_matches(pattern: str, module: str) -> bool:
-    try:
-        return re.fullmatch(pattern.lstrip("^"), module) is not None
-    except re.error:  # a pattern from the file's metadata that is not a regex: only literal matches count
-        return False
+    pattern = pattern if isinstance(pattern, dict) else {}
+    compiled = compile_patterns(pattern, len(modules), "alpha_pattern", source)
+    default = metadata.get("lora_alpha")
+    alphas = {}
+    for module in modules:
+        key = first_match(compiled, module)
+        if key is not None:
+            alphas[module] = _as_alpha(pattern[key], f"alpha_pattern[{key!r}]", source)
+        elif default is not None:
+            alphas[module] = _as_alpha(default, "lora_alpha", source)
+    return alphas
 
 
 def _as_alpha(value, where: str, source: str) -> float:
@@ -226,13 +246,12 @@ def _component_layers(state, module_alphas, metadata, kohya_magnitudes, source: 
     if stray:
         raise LoRALayoutError(f"{source}: {component} DoRA magnitudes without LoRA factors: {preview(stray)}")
 
+    metadata_alphas = _metadata_alphas(sorted(set(downs) - set(module_alphas)), metadata, source)
     layers = {}
     for module in sorted(downs):
         lora_a, lora_b = downs[module], ups[module]
         check_layer(module, lora_a, lora_b, source)
-        alpha = module_alphas.get(module)
-        if alpha is None:
-            alpha = _metadata_alpha(module, metadata, source)
+        alpha = module_alphas.get(module, metadata_alphas.get(module))
         alpha = float(lora_a.shape[0] if alpha is None else alpha)
         check_alpha(module, alpha, source)
         magnitude = None
@@ -260,6 +279,12 @@ def _text_encoder_layers(state, alphas, metadata, kohya_magnitudes, source: str,
     return _component_layers(factors, module_alphas, metadata, kohya_magnitudes, source, component)
 
 
+def _describe_source(source) -> str:
+    if isinstance(source, LoRA):
+        return source.source
+    return "<state_dict>" if isinstance(source, Mapping) else str(source)[:200]
+
+
 def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool = True) -> LoRA:
     """Load a LoRA from a ``.safetensors`` path or a state dict.
 
@@ -268,11 +293,14 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
     DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya ``dora_scale``). The effective per-layer
     scale is ``alpha / rank * scale`` (alpha = rank when the file has none). kohya files in SDXL's
     original block naming (``input_blocks_4_1_...``) are mapped with ``unet_config.layers_per_block``
-    (SDXL's 2 when not given), as diffusers' own loader does.
+    (SDXL's 2 when not given), as diffusers' own loader does. A file's header (framing, key names,
+    layout) is checked before any tensor data is read, and its metadata never drives unbounded work
+    (see ``patterns`` for PEFT's ``alpha_pattern``).
 
     Args:
         source: a ``.safetensors`` path, a state dict, or a ``LoRA`` (rescaled).
-        scale: the user's strength, multiplied into every layer's scale.
+        scale: the user's strength, multiplied into every layer's scale: a finite number within float32's
+            range (else ``OptionError``).
         unet_config: the UNet's config, for kohya SDXL files in the original block naming.
         text_encoder: ``False`` leaves the text-encoder parts out (listed in ``LoRA.ignored``).
 
@@ -284,6 +312,7 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
         >>> lora = fe.load_lora("dog.safetensors", scale=0.8)
         >>> lora.for_component("text_encoder")  # None when the file adapts the UNet only
     """
+    scale = check_scale(scale, f"load_lora({_describe_source(source)})")
     if isinstance(source, LoRA):
         return source.with_scale(scale)
     if isinstance(source, Mapping):
@@ -295,12 +324,7 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
         raise LoRALayoutError(f"{name}: holds no tensors")
     check_raw_tensors(raw, name)
     refuse_lycoris(raw, name)
-    layout = detect_layout(raw)
-    if layout == "unknown":
-        raise LoRALayoutError(
-            f"{name}: unknown key layout: none of its {len(raw)} keys follows diffusers ('...lora.down.weight'), "
-            f"PEFT ('...lora_A.weight') or kohya ('lora_unet_...lora_down.weight') naming; keys: {preview(sorted(raw))}"
-        )
+    layout = _check_layout(raw, name)
     kohya_magnitudes = _kohya_magnitudes(raw, name)
     state, alphas = _diffusers_state_dict(raw, name, unet_config)
     parts = _split_components(state)

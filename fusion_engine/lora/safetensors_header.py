@@ -5,6 +5,10 @@ type, or offset for tensor"). The format is public and tiny: an 8-byte little-en
 a JSON header ``{key: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``, then the
 data section, which the tensors must cover exactly and without overlaps. This only diagnoses; the
 tensors are still read by ``safetensors.torch.load_file``.
+
+It reads the header only, never tensor data, and bounds its own work: at most ``MAX_TENSORS`` entries
+(parsing stops at the first one over), sizes that fit torch's int64 shapes, so a hostile header costs
+milliseconds to refuse instead of minutes and gigabytes.
 """
 from __future__ import annotations
 
@@ -22,17 +26,33 @@ DTYPE_BYTES = {
     "C64": 8,
 }
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MAX_TENSORS = 65_536  # a real LoRA holds a few thousand (SDXL kohya with both text encoders: ~2,500)
+MAX_DIM = 2**63 - 1  # torch shapes are int64
 _PICKLE_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save / .ckpt / .pt)", b"\x80": "a Python pickle (.ckpt / .bin)"}
+
+
+class _TooManyEntries(Exception):
+    pass
 
 
 def _not_safetensors(path: Path, why: str) -> LoRAFileError:
     return LoRAFileError(f"{path}: not a safetensors file: {why}")
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A plausible header length and a JSON object right after it (a header length of 0x80 mod 256 starts
+    with the byte a pickle starts with, so the magic bytes alone cannot decide)."""
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= MAX_HEADER_BYTES and 8 + length <= size and head[8:9] == b"{"
+
+
 def _header_bytes(path: Path, head: bytes, size: int) -> bytes:
-    for magic, what in _PICKLE_MAGIC.items():
-        if head.startswith(magic):
-            raise _not_safetensors(path, f"it is {what}; only .safetensors LoRAs are read (pickles can run code)")
+    if not _looks_like_safetensors(head, size):
+        for magic, what in _PICKLE_MAGIC.items():
+            if head.startswith(magic):
+                raise _not_safetensors(path, f"it is {what}; only .safetensors LoRAs are read (pickles can run code)")
     if size < 8:
         raise LoRAFileError(f"{path}: truncated: {size} bytes, less than the 8-byte header length of a safetensors file")
     (length,) = struct.unpack("<Q", head[:8])
@@ -47,14 +67,41 @@ def _header_bytes(path: Path, head: bytes, size: int) -> bytes:
         return handle.read(length)
 
 
+def _bounded_object_hook(limit: int):
+    """A ``json`` object hook that stops the parse once more than ``limit`` objects were built."""
+    count = 0
+
+    def hook(pairs):
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooManyEntries
+        return dict(pairs)
+
+    return hook
+
+
 def _parse_header(path: Path, raw: bytes) -> dict:
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    try:  # tensor entries are objects; so are the header itself and its __metadata__
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_bounded_object_hook(MAX_TENSORS + 2))
+    except _TooManyEntries:
+        raise LoRAFileError(f"{path}: its header holds more than {MAX_TENSORS} entries; a LoRA holds a few "
+                            "thousand at most (refused before reading any tensor)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise _not_safetensors(path, f"its header is not UTF-8 JSON ({error})") from None
     if not isinstance(header, dict):
         raise _not_safetensors(path, f"its header is a JSON {type(header).__name__}, not an object")
     return header
+
+
+def _check_numel(path: Path, key: str, shape: list) -> None:
+    """Every size and every partial product within int64 (early exit: no huge integers from a long shape)."""
+    numel = 1
+    for size in shape:
+        numel *= max(size, 1)
+        if numel > MAX_DIM:
+            raise LoRAFileError(f"{path}: key {key!r}: header shape {shape!r:.80} is too large: torch sizes are "
+                                "int64, at most 2**63 - 1 elements")
 
 
 def _entry_span(path: Path, key: str, entry) -> tuple[int, int]:
@@ -64,6 +111,7 @@ def _entry_span(path: Path, key: str, entry) -> tuple[int, int]:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise LoRAFileError(f"{path}: key {key!r}: header shape {shape!r:.80} is not a list of sizes")
+    _check_numel(path, key, shape)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
         raise LoRAFileError(f"{path}: key {key!r}: header data_offsets {offsets!r:.80} is not [begin, end]")
     begin, end = offsets
@@ -79,13 +127,17 @@ def _entry_span(path: Path, key: str, entry) -> tuple[int, int]:
     return begin, end
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise ``LoRAFileError`` naming the key, shape and byte offsets when ``path``'s framing is broken."""
+def check_safetensors_file(path: Path) -> dict:
+    """Raise ``LoRAFileError`` naming the key, shape and byte offsets when ``path``'s framing is broken.
+
+    Returns:
+        The parsed header (``{key: {dtype, shape, data_offsets}, "__metadata__": {...}}``); no tensor data is read.
+    """
     size = path.stat().st_size
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
     header = _parse_header(path, _header_bytes(path, head, size))
-    data_size = size - 8 - struct.unpack("<Q", head)[0]
+    data_size = size - 8 - struct.unpack("<Q", head[:8])[0]
     spans = sorted((_entry_span(path, key, entry), key) for key, entry in header.items() if key != "__metadata__")
     covered = 0
     for (begin, end), key in spans:
@@ -103,3 +155,4 @@ def check_safetensors_file(path: Path) -> None:
     if covered < data_size:
         raise LoRAFileError(f"{path}: the header covers {covered} bytes of data but {data_size} follow it "
                             f"({data_size - covered} bytes unaccounted for: a header that lies or an appended file)")
+    return header

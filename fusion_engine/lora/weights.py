@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_scale
+
 DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = (DENOISER, *TEXT_ENCODERS)
@@ -101,6 +103,7 @@ class LoRA:
         return sorted({layer.alpha for layer in self.layers.values()})
 
     def with_scale(self, scale: float) -> "LoRA":
+        scale = check_scale(scale, f"LoRA({self.name!r}).with_scale")
         return LoRA(dict(self.layers), self.source, self.layout, scale, list(self.ignored), self.component,
                     dict(self.other_components))
 

@@ -1,6 +1,7 @@
 """Fusion policies, one small class each; ``make_policy`` builds one from a name and options."""
 from __future__ import annotations
 
+from ..errors import OptionError
 from .base import Policy
 from .blora import SDXL_BLOCKS, BLoRAPolicy
 from .composite import CompositePolicy
@@ -26,7 +27,7 @@ def make_policy(policy, **options) -> Policy:
             raise TypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
         return policy
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
+        raise OptionError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
     try:
         return POLICIES[policy](**options)
     except TypeError as error:

@@ -1,7 +1,7 @@
 """B-LoRA: the subject delta only in one block, the style delta only in another, nothing elsewhere."""
 from __future__ import annotations
 
-from ..errors import AttachError
+from ..errors import AttachError, OptionError
 from .base import Policy
 
 # SDXL's two blocks from the B-LoRA paper; any UNet with these module paths can use them.
@@ -16,10 +16,15 @@ class BLoRAPolicy(Policy):
     name = "blora"
 
     def __init__(self, blocks: dict | None = None):
+        if not isinstance(blocks, (dict, type(None))):
+            raise OptionError(f"blora: blocks must be a dict {{'subject': [...], 'style': [...]}}, got {blocks!r:.80}")
         blocks = dict(SDXL_BLOCKS if blocks is None else blocks)
         unknown = set(blocks) - {"subject", "style"}
         if unknown:
-            raise ValueError(f"blora: block map keys must be 'subject' and 'style', got {sorted(unknown)}")
+            raise OptionError(f"blora: block map keys must be 'subject' and 'style', got {sorted(map(str, unknown))}")
+        for role, prefixes in blocks.items():
+            if isinstance(prefixes, str) or not all(isinstance(p, str) for p in prefixes):
+                raise OptionError(f"blora: blocks[{role!r}] must be a list of module-path prefixes, got {prefixes!r:.80}")
         self.subject_blocks = tuple(blocks.get("subject", ()))
         self.style_blocks = tuple(blocks.get("style", ()))
         self._weights = {}

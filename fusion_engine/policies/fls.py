@@ -1,6 +1,7 @@
 """Feature-Level Selection: per layer and group, keep the branch that perturbs the base features most."""
 from __future__ import annotations
 
+from ..errors import OptionError
 from ..ops.reference import DIVERGENCES
 from .base import Policy
 
@@ -11,7 +12,7 @@ class FLSPolicy(Policy):
 
     def __init__(self, divergence: str = "kl"):
         if divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+            raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
         self.divergence = divergence
 
     def describe(self) -> str:

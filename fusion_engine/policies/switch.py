@@ -1,6 +1,9 @@
 """LoRA Switch: one LoRA active at a time, alternating every ``tau`` denoising steps (subject first)."""
 from __future__ import annotations
 
+from numbers import Integral
+
+from ..errors import OptionError
 from .base import Policy
 
 
@@ -9,8 +12,9 @@ class SwitchPolicy(Policy):
     needs_step = True
 
     def __init__(self, tau: int = 5):
-        if int(tau) < 1:
-            raise ValueError(f"switch: tau must be a positive number of steps, got {tau!r}")
+        whole = isinstance(tau, Integral) or (isinstance(tau, float) and tau.is_integer())
+        if isinstance(tau, bool) or not whole or tau < 1:
+            raise OptionError(f"switch: tau must be a whole number of steps >= 1, got {tau!r}")
         self.tau = int(tau)
 
     def weights(self, layer, context):
