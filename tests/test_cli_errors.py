@@ -8,16 +8,8 @@ from fusion_engine.cli import main
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, _tiny_pipe_master):
-    """A saved tiny pipeline, a subject and a style LoRA file."""
-    from fusion_engine.worlds.random import default_loras
-
-    root = tmp_path_factory.mktemp("cli_errors")
-    _tiny_pipe_master.save_pretrained(root / "model")
-    subject, style = default_loras(_tiny_pipe_master.unet, seed=0)
-    fe.save_lora(subject, root / "subject.safetensors")
-    fe.save_lora(style, root / "style.safetensors", layout="kohya")
-    return root
+def folder(pipeline_folder):
+    return pipeline_folder
 
 
 def _generate(folder, *extra, out=None):

@@ -11,15 +11,8 @@ from fusion_engine.image_files import a1111_parameters, read_parameters
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, _tiny_pipe_master):
-    from fusion_engine.worlds.random import default_loras
-
-    root = tmp_path_factory.mktemp("cli_generate")
-    _tiny_pipe_master.save_pretrained(root / "model")
-    subject, style = default_loras(_tiny_pipe_master.unet, seed=0)
-    fe.save_lora(subject, root / "subject.safetensors")
-    fe.save_lora(style, root / "style.safetensors", layout="kohya")
-    return root
+def folder(pipeline_folder):
+    return pipeline_folder
 
 
 def _argv(folder, out, *extra, loras=("subject", "style")):

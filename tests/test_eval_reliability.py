@@ -155,3 +155,12 @@ def test_pairs_toml_that_is_not_toml(tmp_path):
         load_pairs(path)
     with pytest.raises(FileNotFoundError, match="no such pairs file"):
         load_pairs(tmp_path / "missing.toml")
+
+
+def test_eval_device_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["eval", "--out", str(tmp_path), "--device", "cuda", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err == "fusion-engine: error: device 'cuda': CUDA is not available here; use cpu\n"

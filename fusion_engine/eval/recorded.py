@@ -12,27 +12,54 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 import time
 from pathlib import Path
 
 from ..errors import OptionError
 from ..io import write_text_atomic
 
+_MAX_HEADER = 100 << 20  # the loader's own limit on a safetensors header
 RESULTS = ("scores", "images", "references", "report.md", "settings.json")  # what "restart" moves aside
 
 
+def _digest(path: Path) -> str:
+    """sha256 of the file's content: for safetensors, of its tensors (name, dtype, shape, bytes) and metadata in
+    sorted order, since writers may order the header differently for the same content; else of its bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if path.suffix == ".safetensors":
+            try:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(size)) if size <= _MAX_HEADER else None
+            except (struct.error, ValueError):
+                header = None
+            if isinstance(header, dict):
+                start = 8 + size
+                for name in sorted(header):
+                    entry = header[name]
+                    if name == "__metadata__" or not isinstance(entry, dict):
+                        digest.update(json.dumps([name, entry], sort_keys=True).encode())
+                        continue
+                    begin, end = entry.get("data_offsets", (0, 0))
+                    handle.seek(start + begin)
+                    digest.update(json.dumps([name, entry.get("dtype"), entry.get("shape")]).encode())
+                    digest.update(handle.read(max(0, end - begin)))
+                return digest.hexdigest()
+            handle.seek(0)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _file_id(path: Path | None) -> str | None:
-    """'path (N bytes, sha256 abc...)': the same file by content, wherever it was copied."""
+    """'name (N bytes, sha256 abc...)': the same file by content, wherever it was copied."""
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
         return f"{path} (missing)"
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"{path.name} ({path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]})"
+    return f"{path.name} ({path.stat().st_size} bytes, sha256 {_digest(path)[:16]})"
 
 
 def settings_record(settings, pairs, model: str, encoders: str) -> dict:
