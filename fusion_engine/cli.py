@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,30 +26,249 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+# -- value types: argparse turns their ArgumentTypeError into the one-line error ------------------------------------
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (steps, images, seeds, tau)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 2**63)")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (scales, weights)."""
+    return _number(text, float)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (guidance, the LLR step size m)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not >= 0")
+    return value
+
+
+def image_size(text: str) -> int:
+    """Pixels: a positive multiple of 8 (the SD/SDXL VAE downsamples by 8)."""
+    value = _number(text, int)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 8 (the VAE's scale factor)")
+    return value
+
+
+def weight_pair(text: str) -> tuple[float, float]:
+    """'1.0,0.8' -> (w_subject, w_style)."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two numbers, w_subject,w_style (e.g. 1.0,0.8)")
+    return _number(parts[0], float), _number(parts[1], float)
+
+
+def block_map(text: str) -> dict:
+    """blora blocks: 'subject=up_blocks.0.attentions.0;style=up_blocks.0.attentions.1' (several blocks per role
+    separated by ','), or the same as JSON: '{"subject": ["up_blocks.0.attentions.0"], "style": [...]}'."""
+    if text.lstrip().startswith("{"):
+        try:
+            blocks = json.loads(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+        if not isinstance(blocks, dict) or not all(
+                isinstance(v, list) and all(isinstance(b, str) for b in v) for v in blocks.values()):
+            raise argparse.ArgumentTypeError('JSON blocks must map a role to a list of names: {"subject": [...]}')
+    else:
+        blocks = {}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            role, sep, names = part.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"{part!r}: expected ROLE=block[,block...] (e.g. subject=up_blocks.0)")
+            blocks[role.strip()] = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(blocks) - {"subject", "style"})
+    if unknown or not blocks:
+        raise argparse.ArgumentTypeError(f"roles must be subject and/or style, got {unknown or 'none'}")
+    return blocks
+
+
 def _fusion_options(args) -> dict:
-    return dict(divergence=args.divergence, granularity=args.granularity, backend=args.backend)
+    options = dict(divergence=args.divergence, granularity=args.granularity, backend=args.backend)
+    if args.policy == "blora" and args.blocks is not None:
+        options["blocks"] = args.blocks
+    if args.policy == "direct" and args.weights is not None:
+        options["weights"] = args.weights
+    if args.policy == "switch" and args.tau is not None:
+        options["tau"] = args.tau
+    return options
+
+
+def _check_generate(args) -> None:
+    """Every mistake in the flags, found before anything heavy is loaded."""
+    import torch
+
+    from fusion_engine.errors import OptionError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out}: is a file; give a folder (images are written into it)")
+    if args.subject is None and args.style is None:
+        raise OptionError("give --subject, --style or both (a LoRA .safetensors each)")
+    for flag, policy in (("blocks", "blora"), ("weights", "direct"), ("tau", "switch")):
+        if getattr(args, flag) is not None and args.policy != policy:
+            raise OptionError(f"--{flag} is an option of --policy {policy}, not of --policy {args.policy}")
+    if args.policy == "composite" and (args.subject is None or args.style is None):
+        raise OptionError("--policy composite averages a subject pass and a style pass: give --subject and --style")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise OptionError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); "
+                          "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OptionError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {args.device}: MPS is not available here; use --device cpu")
+    if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise OptionError("--backend triton needs a CUDA device (or, for tests only, the Triton interpreter: "
+                          "TRITON_INTERPRET=1, thousands of times slower); on CPU use --backend reference or auto")
+    llr_flags = [f for f in ("clip", "clip_checkpoint", "dino", "dino_checkpoint", "subject_prompt", "style_prompt")
+                 if getattr(args, f) is not None]
+    if not args.llr and llr_flags:
+        raise OptionError(f"--{llr_flags[0].replace('_', '-')} is an option of --llr; add --llr or drop it")
+    if args.llr:
+        missing = [f"--{f.replace('_', '-')}" for f in ("clip", "dino", "subject_prompt", "style_prompt")
+                   if getattr(args, f) is None]
+        if missing:
+            raise OptionError(f"--llr needs {', '.join(missing)} (the encoders that score the image, and the "
+                              "prompts of the two references)")
+        if args.subject is None or args.style is None:
+            raise OptionError("--llr refines towards a subject and a style reference: give --subject and --style")
+        for flag in ("clip_checkpoint", "dino_checkpoint"):
+            path = getattr(args, flag)
+            if path is not None and not Path(path).is_file():
+                raise OptionError(f"--{flag.replace('_', '-')} {path}: no such file")
+
+
+def _set_scheduler(pipe, name: str) -> None:
+    """Replace ``pipe.scheduler`` by the compatible diffusers scheduler class ``name``, same config."""
+    from fusion_engine.errors import OptionError
+
+    compatible = {cls.__name__: cls for cls in pipe.scheduler.compatibles}
+    compatible.setdefault(type(pipe.scheduler).__name__, type(pipe.scheduler))
+    if name not in compatible:
+        raise OptionError(f"--scheduler {name}: not a scheduler this pipeline can use; compatible: "
+                          f"{', '.join(sorted(compatible))}")
+    pipe.scheduler = compatible[name].from_config(pipe.scheduler.config)
+
+
+def _refiner(args, device):
+    from fusion_engine.encoders import load_dino, load_openclip
+    from fusion_engine.refine import Refiner
+
+    clip_model = args.clip
+    if clip_model.endswith(".json"):
+        try:
+            clip_model = json.loads(Path(clip_model).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            from fusion_engine.errors import OptionError
+
+            raise OptionError(f"--clip {args.clip}: cannot read the OpenCLIP config ({error})") from None
+    clip = load_openclip(clip_model, args.clip_checkpoint, device=device)
+    dino = load_dino(args.dino, args.dino_checkpoint, device=device)
+    return Refiner(clip, dino, m=args.m)
+
+
+def _image_record(args, pipe, height: int, width: int) -> dict:
+    """What each image's PNG text and JSON sidecar say about how it was made."""
+    import fusion_engine as fe
+
+    def lora(path, scale):
+        return None if path is None else {"file": str(Path(path).resolve()), "scale": scale}
+
+    llr = None
+    if args.llr:
+        llr = {"m": args.m, "clip": args.clip, "clip_checkpoint": args.clip_checkpoint, "dino": args.dino,
+               "dino_checkpoint": args.dino_checkpoint, "subject_prompt": args.subject_prompt,
+               "style_prompt": args.style_prompt}
+    return {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "num_images": args.num_images, "steps": args.steps, "guidance": args.guidance, "height": height,
+        "width": width, "model": str(Path(args.model).resolve()), "scheduler": type(pipe.scheduler).__name__,
+        "dtype": args.dtype, "device": args.device, "subject": lora(args.subject, args.subject_scale),
+        "style": lora(args.style, args.style_scale), "policy": args.policy, "options": _fusion_options(args),
+        "llr": llr, "version": fe.__version__,
+    }
+
+
+def _quiet_loading() -> None:
+    """No 'Loading pipeline components' bars from diffusers and transformers (--quiet)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def cmd_generate(args) -> int:
     import torch
 
     import fusion_engine as fe
+    from fusion_engine.image_files import save_run
+    from fusion_engine.io import atomic_write
+    from fusion_engine.model_path import check_supported
 
+    _check_generate(args)
+    if args.quiet:
+        _quiet_loading()
+    subject = fe.load_lora(args.subject, args.subject_scale) if args.subject is not None else None
+    style = fe.load_lora(args.style, args.style_scale) if args.style is not None else None
+    folder = check_supported(args.model)
+    refine = _refiner(args, torch.device(args.device)) if args.llr else None
     pipe = fe.FusionPipeline.from_pretrained(
-        args.model, subject=fe.load_lora(args.subject, args.subject_scale), style=fe.load_lora(args.style, args.style_scale),
-        policy=args.policy, torch_dtype=_torch_dtype(args.dtype), device=args.device, **_fusion_options(args),
-    )
+        folder, subject=subject, style=style, policy=args.policy, torch_dtype=_torch_dtype(args.dtype),
+        device=args.device, refine=refine, **_fusion_options(args))
+    if args.scheduler is not None:
+        _set_scheduler(pipe.pipe, args.scheduler)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = args.height or default, args.width or default
+    for flag, value in (("height", height), ("width", width)):
+        if value % pipe.vae_scale_factor:
+            raise fe.errors.OptionError(f"--{flag} {value}: not a multiple of this VAE's scale factor "
+                                        f"{pipe.vae_scale_factor}")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(args.prompt, args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, height=args.height, width=args.width, generator=generator)
+    extra = {"subject_prompt": args.subject_prompt, "style_prompt": args.style_prompt} if args.llr else {}
+    # prompt and negative as lists: diffusers' encode_prompt refuses a str negative beside the list prompt
+    # FusionPipeline hands it
+    negative = [args.negative_prompt] if args.negative_prompt is not None else None
+    result = pipe([args.prompt], negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  num_images_per_prompt=args.num_images, height=height, width=width, generator=generator,
+                  progress=not args.quiet, **extra)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(result.images):
-        image.save(out / f"image_{i:03d}.png")
+    paths = save_run(result.images, out, _image_record(args, pipe, height, width))
+    written = [str(p) for p in paths]
     if result.trace is not None and len(result.trace):
-        result.trace.save_json(out / "trace.json")
-        result.trace.heatmap(out / "heatmap.png")
-    print(f"wrote {len(result.images)} image(s), trace.json and heatmap.png to {out}")
+        run = paths[0].name.split("_")[0]
+        with atomic_write(out / f"{run}_trace.json", overwrite=False) as scratch:
+            result.trace.save_json(scratch)
+        with atomic_write(out / f"{run}_heatmap.png", overwrite=False) as scratch:
+            result.trace.heatmap(scratch)
+        written += [str(out / f"{run}_trace.json"), str(out / f"{run}_heatmap.png")]
+    print("wrote " + ", ".join(written) + " (each PNG with a .json sidecar)")
     return 0
 
 
@@ -139,6 +360,7 @@ def _eval_settings(args):
         seeds=args.seeds, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
         backend=args.backend, divergence=args.divergence, m=args.m, through_unet=not args.llr_constant_noise,
         wait_timeout=args.wait_timeout, report_only=args.report_only, progress=not args.quiet,
+        on_mismatch=args.on_mismatch,
     )
     if args.world == "toy":
         if args.model or args.pairs or args.clip or args.dino:
@@ -170,49 +392,92 @@ def cmd_eval(args) -> int:
 
     try:
         return run(_eval_settings(args))
-    except ValueError as error:  # a bad pairs.toml, policy name or encoder choice
-        print(f"fusion-engine: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # a bad pairs.toml, policy name or encoder choice (library ValueErrors included)
+        return _fail(str(error))
+
+
+class _UsageError(Exception):
+    """A flag argparse refused; ``main`` prints it as the one error line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one error line (``fusion-engine: error: ...``) and no exit: ``main`` returns 2."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog.removeprefix('fusion-engine').strip() or 'usage'}: {message}")
+
+
+class _Version(argparse.Action):
+    """--version, read only when asked (importing the package loads torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from fusion_engine import __version__
+
+        print(f"fusion-engine {__version__}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fusion_engine.worlds import WORLDS
 
-    parser = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
+    parser = _Parser(prog="fusion-engine", description=__doc__)
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def fusion_flags(p, policies):
         p.add_argument("--policy", default="fls", choices=policies)
-        p.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"])
-        p.add_argument("--granularity", default="image", choices=["image", "sample", "token", "batch"])
+        p.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"], help="fls only")
+        p.add_argument("--granularity", default="image", choices=["image", "sample", "token", "batch"],
+                       help="what one decision covers (default: one per image, CFG halves together)")
         p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
 
-    gen = sub.add_parser("generate", help="sample with a subject and a style LoRA fused")
+    gen = sub.add_parser("generate", help="sample with a subject and/or a style LoRA fused")
     gen.add_argument("--model", required=True, help="local diffusers pipeline folder (model_index.json)")
-    gen.add_argument("--subject", required=True, help="subject LoRA .safetensors")
-    gen.add_argument("--style", required=True, help="style LoRA .safetensors")
-    gen.add_argument("--subject-scale", type=float, default=1.0)
-    gen.add_argument("--style-scale", type=float, default=1.0)
+    gen.add_argument("--subject", default=None, help="subject LoRA .safetensors (give --subject, --style or both)")
+    gen.add_argument("--style", default=None, help="style LoRA .safetensors")
+    gen.add_argument("--subject-scale", type=finite_float, default=1.0)
+    gen.add_argument("--style-scale", type=finite_float, default=1.0)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=5.0)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=positive_int, default=50)
+    gen.add_argument("--guidance", type=non_negative_float, default=5.0, help="CFG scale; <= 1 turns CFG off")
+    gen.add_argument("--num-images", type=positive_int, default=1)
+    gen.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--width", type=image_size, default=None)
+    gen.add_argument("--seed", type=seed_int, default=0)
+    gen.add_argument("--scheduler", default=None,
+                     help="a diffusers scheduler class name from the pipeline's compatibles, e.g. "
+                          "DPMSolverMultistepScheduler (default: the folder's own)")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", default="float16" if _cuda() else "float32", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("--out", required=True)
+    gen.add_argument("--out", required=True, help="folder; files are named RUN_SEED_INDEX.png and never overwritten")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     fusion_flags(gen, ["fls", "direct", "klora", "blora", "switch", "composite"])
+    gen.add_argument("--blocks", type=block_map, default=None,
+                     help="blora: 'subject=up_blocks.0.attentions.0;style=up_blocks.0.attentions.1' or JSON "
+                          "(default: SDXL's B-LoRA blocks)")
+    gen.add_argument("--weights", type=weight_pair, default=None, help="direct: w_subject,w_style (default 1,1)")
+    gen.add_argument("--tau", type=positive_int, default=None, help="switch: steps per turn (default 5)")
+    llr = gen.add_argument_group("Latent-Level Refinement (--llr)")
+    llr.add_argument("--llr", action="store_true", help="guide the latents towards the two references (slow)")
+    llr.add_argument("--clip", default=None, help="OpenCLIP architecture name, or a JSON model config file")
+    llr.add_argument("--clip-checkpoint", default=None, help="local OpenCLIP checkpoint")
+    llr.add_argument("--dino", default=None, help="timm model name, e.g. vit_base_patch16_224.dino")
+    llr.add_argument("--dino-checkpoint", default=None, help="local DINO checkpoint")
+    llr.add_argument("--m", type=non_negative_float, default=10.0, help="LLR step size (paper: 10)")
+    llr.add_argument("--subject-prompt", default=None, help="prompt of the subject reference (the subject LoRA alone)")
+    llr.add_argument("--style-prompt", default=None, help="prompt of the style reference (the style LoRA alone)")
     gen.set_defaults(run=cmd_generate)
 
     demo = sub.add_parser("demo", help="every policy on the embedded default world (no downloads, CPU)")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--images", type=int, default=4)
-    demo.add_argument("--guidance", type=float, default=5.0)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=positive_int, default=20)
+    demo.add_argument("--images", type=positive_int, default=4)
+    demo.add_argument("--guidance", type=non_negative_float, default=5.0)
+    demo.add_argument("--seed", type=seed_int, default=0)
     demo.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--world", default="auto", choices=WORLDS,
@@ -236,22 +501,22 @@ def _eval_flags(parser) -> None:
                         help="toy: the trained toy world's model, LoRA pair, judges and transparent measures "
                              "(--model/--pairs/--clip/--dino then stay unset)")
     parser.add_argument("--pairs", default=None, help="pairs.toml (default: N random pairs on the tiny default)")
-    parser.add_argument("--default-pairs", type=int, default=2, help="pairs made when --pairs is not given")
+    parser.add_argument("--default-pairs", type=positive_int, default=2, help="pairs made when --pairs is not given")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                         help="comma-separated; any policy, '+llr' adds Latent-Level Refinement")
-    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 per pair and policy")
+    parser.add_argument("--seeds", type=positive_int, default=10, help="seeds 0..N-1 per pair and policy")
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the tiny world)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--guidance", type=non_negative_float, default=5.0)
+    parser.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8")
+    parser.add_argument("--width", type=image_size, default=None)
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     parser.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"])
-    parser.add_argument("--m", type=float, default=10.0, help="LLR step size")
+    parser.add_argument("--m", type=non_negative_float, default=10.0, help="LLR step size")
     parser.add_argument("--llr-constant-noise", action="store_true",
                         help="LLR without the UNet backward (noise prediction treated as a constant)")
     parser.add_argument("--clip", default=None, help="OpenCLIP architecture name, or a JSON model config file")
@@ -259,7 +524,14 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--dino", default=None, help="timm model name, e.g. vit_base_patch16_224.dino")
     parser.add_argument("--dino-checkpoint", default=None, help="local DINO checkpoint (.safetensors, .pth)")
     parser.add_argument("--report-only", action="store_true", help="only build OUT/report.md from the CSV files")
-    parser.add_argument("--wait-timeout", type=float, default=3600.0,
+    rerun = parser.add_mutually_exclusive_group()
+    rerun.add_argument("--resume-anyway", action="store_const", dest="on_mismatch", const="resume",
+                       default="refuse", help="OUT was made with other settings (OUT/settings.json): keep its rows "
+                                              "anyway (the report lists the differences)")
+    rerun.add_argument("--restart", action="store_const", dest="on_mismatch", const="restart",
+                       help="OUT was made with other settings: move its results to OUT/superseded/<time>/ and "
+                            "start over")
+    parser.add_argument("--wait-timeout", type=non_negative_float, default=3600.0,
                         help="sharded runs: how long rank 0 waits for the other shards before reporting")
     parser.add_argument("--quiet", action="store_true")
 
@@ -274,18 +546,26 @@ def _cuda() -> bool:
 
 
 def main(argv=None) -> int:
+    """Run one command; every user mistake ends in one ``fusion-engine: error: ...`` line and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local paths only
-    args = build_parser().parse_args(argv)
     from fusion_engine.errors import FusionEngineError
 
     try:
+        args = build_parser().parse_args(argv)
         return args.run(args)
-    except (FusionEngineError, FileNotFoundError) as error:
-        print(f"fusion-engine: error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `fusion-engine inspect f | head`: the reader left, that is fine
-        sys.stderr.close()
-        return 0
+    except _UsageError as error:
+        return _fail(f"{error} (see --help)")
+    except (FusionEngineError, OSError) as error:  # a bad file, flag value or folder: the message names it
+        if isinstance(error, BrokenPipeError):  # `fusion-engine inspect f | head`: the reader left, that is fine
+            sys.stderr.close()
+            return 0
+        return _fail(str(error) if isinstance(error, FusionEngineError) or not error.filename
+                     else f"{error.filename}: {error.strerror}")
+
+
+def _fail(message: str) -> int:
+    print(f"fusion-engine: error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message
+    return 2
 
 
 if __name__ == "__main__":

@@ -23,10 +23,54 @@ def local_pipeline_folder(path) -> Path:
         )
     if folder.is_dir():
         raise ModelPathError(f"{text}: not a local diffusers pipeline folder (no model_index.json in it)")
-    if _HUB_ID.match(text):
+    if _HUB_ID.match(text) and not _looks_local(text):
         raise ModelPathError(
             f"{text!r}: no such local folder, and it looks like a Hugging Face Hub id; only local folders are accepted "
             f"(nothing is downloaded at run time): download it first, e.g. `huggingface-cli download {text} "
             f"--local-dir ./{text.split('/')[-1]}`, then pass that folder ({_FOLDER_HINT})"
         )
-    raise ModelPathError(f"{text}: no such folder ({_FOLDER_HINT})")
+    existing = _deepest_existing(folder)
+    where = f" ({existing} exists, but not {folder.relative_to(existing)} in it)" if existing is not None else ""
+    raise ModelPathError(f"{text}: no such folder{where} ({_FOLDER_HINT})")
+
+
+def _looks_local(text: str) -> bool:
+    """A path the user meant as local: ./x, ../x, ~/x, absolute, or one whose first part exists here."""
+    if text.startswith(("./", "../", "~", "/", ".\\", "..\\")):
+        return True
+    return Path(text.split("/")[0]).exists()
+
+
+def _deepest_existing(folder: Path) -> Path | None:
+    """The longest leading part of ``folder`` that exists (not the bare current folder or root), if any."""
+    for parent in folder.parents:
+        if parent != Path(".") and parent != Path(parent.anchor) and parent.is_dir():
+            return parent
+    return None
+
+
+# diffusers pipeline classes whose denoiser is a transformer (FLUX, SD3, ...): not fused yet
+_DIT_DENOISERS = ("transformer",)
+
+
+def check_supported(folder) -> Path:
+    """``folder`` (a local pipeline folder) if its pipeline has a UNet this library can fuse, else a
+    ``ModelPathError`` that names the pipeline class and says what is supported."""
+    import json
+
+    folder = local_pipeline_folder(folder)
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelPathError(f"{index_path}: not valid JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise ModelPathError(f"{index_path}: expected a JSON object (a diffusers model_index.json)")
+    name = index.get("_class_name", "an unnamed pipeline")
+    if "unet" not in index:
+        denoiser = next((key for key in _DIT_DENOISERS if key in index), None)
+        kind = f"its denoiser is a {denoiser}" if denoiser else "it has no UNet"
+        raise ModelPathError(
+            f"{folder}: a {name} folder, and {kind}; FLUX, SD3 and other transformer (DiT) pipelines are not "
+            "supported yet: fusion-engine fuses the UNet of SD 1.x/2.x and SDXL pipelines")
+    return folder

@@ -53,3 +53,17 @@ def unet_out(unet, inputs):
     with torch.no_grad():
         sample, t, context = inputs
         return unet(sample, t, encoder_hidden_states=context).sample
+
+
+@pytest.fixture(scope="session")
+def pipeline_folder(tmp_path_factory, _tiny_pipe_master):
+    """The tiny pipeline saved as a local diffusers folder (``model/``) beside a subject LoRA
+    (``subject.safetensors``, PEFT layout) and a style LoRA (``style.safetensors``, kohya layout)."""
+    from fusion_engine.lora import save_lora
+
+    root = tmp_path_factory.mktemp("pipeline_folder")
+    _tiny_pipe_master.save_pretrained(root / "model")
+    subject, style = default_loras(_tiny_pipe_master.unet, seed=0)
+    save_lora(subject, root / "subject.safetensors")
+    save_lora(style, root / "style.safetensors", layout="kohya")
+    return root

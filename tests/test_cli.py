@@ -47,4 +47,4 @@ def test_generate_from_a_local_pipeline_folder(tmp_path, tiny_pipe, loras):
             "--device", "cpu", "--dtype", "float32"]
     assert main(args) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "heatmap.png", "image_000.png", "image_001.png", "trace.json"]
+        "00001_0_0.json", "00001_0_0.png", "00001_0_1.json", "00001_0_1.png", "00001_heatmap.png", "00001_trace.json"]

@@ -14,6 +14,7 @@ WORLDS = "worlds"  # beside the engine: a world imports the engine; only the CLI
 LAYERS = {
     "csrc_triton": 0,  # the Triton kernels
     "fusion_engine.errors": 1,
+    "fusion_engine.io": 1,  # crash-safe writes (no project imports)
     "fusion_engine.ops": 1,  # ops/reference.py is the kernels' written contract
     "fusion_engine.modules": 2,
     "fusion_engine.policies": 2,
@@ -28,6 +29,7 @@ LAYERS = {
     "fusion_engine.prompts": 2,
     "fusion_engine.model_path": 2,
     "fusion_engine.owner": 2,
+    "fusion_engine.image_files": 2,  # generated PNGs with their parameters
     "fusion_engine.fusion": 3,
     "fusion_engine.integration": 3,  # attach to a pipeline object: above fusion, below the pipeline
     "fusion_engine.pipeline": 4,

@@ -10,8 +10,8 @@ process died, rerun the same command (finished items are skipped) or build the r
 """
 from __future__ import annotations
 
-import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
+from ..io import atomic_write
 from ..metrics import score_images
 from .pairs import Pair, load_pairs
+from .recorded import check_recorded, settings_record
 from .report import append_row, read_rows, shard_csv, write_report
 from .settings import EvalSettings
 from .sharding import shard_from_env, wait_for_rows
@@ -60,10 +62,8 @@ def plan(pairs: list[Pair], policies: list[str], seeds: int) -> list[WorkItem]:
 
 
 def _save_atomic(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    image.save(scratch)
-    os.replace(scratch, path)
+    with atomic_write(path) as scratch:
+        image.save(scratch, format="PNG")
 
 
 class Evaluator:
@@ -165,13 +165,21 @@ class Evaluator:
         return made
 
 
-def report(out: Path, items: list[WorkItem], policies: list[str], notes: list[str], rows: dict | None = None):
+def report(out: Path, items: list[WorkItem], policies: list[str], notes: list[str], rows: dict | None = None,
+           problems: list[str] = ()):
     """Write OUT/report.md from the rows of the planned items; returns (path, missing count)."""
     keys = {item.key for item in items}
     rows = {key: row for key, row in (rows if rows is not None else read_rows(out)).items() if key in keys}
-    return write_report(out, rows, policies, len(items), notes), len(keys - rows.keys())
+    return write_report(out, rows, policies, len(items), notes, problems), len(keys - rows.keys())
 
 
+def _check_size(settings: EvalSettings, pipe) -> None:
+    """Height and width must be multiples of the VAE's downsampling factor (8 for SD/SDXL)."""
+    factor = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
+    for name in ("height", "width"):
+        value = getattr(settings, name)
+        if value is not None and value % factor:
+            raise OptionError(f"{name} must be a multiple of {factor} (the VAE's scale factor), got {value}")
 
 
 def run(settings: EvalSettings) -> int:
@@ -200,11 +208,16 @@ def run(settings: EvalSettings) -> int:
     pipe = None if s.report_only and s.pairs is not None else load_pipe(s, device)
     pairs = load_pairs(s.pairs if s.pairs is not None else s.make_pairs(out / "default_pairs", unet=pipe.unet))
     items = plan(pairs, policies, s.seeds)
-    model = s.model_label or (str(s.model) if s.model is not None else "a pipeline given by the caller")
+    _check_size(s, pipe)
+    model = s.model_label or (str(Path(s.model).resolve()) if s.model is not None else "a pipeline given by the caller")
+    differing = check_recorded(out, settings_record(s, pairs, model, describe_encoders(s)), s.on_mismatch, rank, world)
+    size = f", {s.width or 'default'}x{s.height or 'default'} px" if s.height or s.width else ""
     notes = [f"model: {model}", f"pairs: {len(pairs)}, seeds: {s.seeds}",
-             f"sampler: {s.steps} steps, CFG {s.guidance:g}, policies: {', '.join(policies)}",
+             f"sampler: {s.steps} steps, CFG {s.guidance:g}{size}, policies: {', '.join(policies)}",
              f"LLR: m={s.m:g}, {'through the UNet' if s.through_unet else 'noise prediction constant'}",
              f"encoders: {describe_encoders(s)}", *s.notes]
+    if differing:
+        notes.append("**resumed with settings that differ from the earlier rows'** (settings.json): " + "; ".join(differing))
     if not s.report_only:
         clip, dino = load_encoders(s, device)
         mine = items[rank::world]
@@ -213,6 +226,10 @@ def run(settings: EvalSettings) -> int:
         if rank != 0:
             return 0
     rows = wait_for_rows(out, {item.key for item in items}, s.wait_timeout if world > 1 else 0.0)
-    path, missing = report(out, items, policies, notes, rows)
+    problems: list[str] = []
+    read_rows(out, problems)  # what the reader skipped, for the report
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    path, missing = report(out, items, policies, notes, rows, problems)
     print(f"wrote {path}" + (f" ({missing} planned image(s) missing: rerun to finish them)" if missing else ""))
     return 1 if missing else 0

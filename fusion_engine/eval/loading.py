@@ -15,7 +15,13 @@ from .settings import EvalSettings
 def resolve_device(name=None) -> torch.device:
     """``name``, else ``cuda:LOCAL_RANK`` when CUDA is there (one GPU per shard), else cpu."""
     if name is not None:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise OptionError(f"device {name!r}: not a device name (cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(f"device {name!r}: CUDA is not available here; use cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -12,6 +12,8 @@ pairs.toml (paths relative to the file):
     # optional, instead of generated references (e.g. the DreamBooth / StyleDrop images):
     # subject_image = "refs/dog.png"
     # style_image = "refs/watercolor.png"
+
+Every value is a string; a list ``prompt`` is refused (one pair, one prompt: write a [[pair]] per prompt).
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from ..errors import OptionError
+
 REQUIRED = ("name", "subject", "style", "prompt", "subject_prompt", "style_prompt")
+OPTIONAL = ("subject_image", "style_image")
 
 
 @dataclass(frozen=True)
@@ -43,24 +48,51 @@ class Pair:
         return self.subject_image is not None and self.style_image is not None
 
 
+def _pair_error(path: Path, where: str, message: str) -> OptionError:
+    return OptionError(f"{path}: {where}: {message}")
+
+
+def _check_types(path: Path, where: str, entry: dict) -> None:
+    """Every known key must be a string (a prompt, a name or a path relative to the file)."""
+    for key in (*REQUIRED, *OPTIONAL):
+        if key not in entry or isinstance(entry[key], str):
+            continue
+        value = entry[key]
+        if key.endswith("prompt") and isinstance(value, list):
+            raise _pair_error(path, where, f"{key} is a list; one pair has one prompt: write one [[pair]] per "
+                                           "prompt (same LoRA files, distinct names)")
+        raise _pair_error(path, where, f"{key} must be a string, got {type(value).__name__} {value!r}")
+
+
 def load_pairs(path) -> list[Pair]:
+    """The pairs of a pairs.toml; an ``OptionError`` naming the file, the pair and the key for anything amiss."""
     path = Path(path)
-    with path.open("rb") as handle:
-        data = tomllib.load(handle)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file")
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise OptionError(f"{path}: not valid TOML ({error})") from None
     entries = data.get("pair")
     if not entries:
-        raise ValueError(f"{path}: no [[pair]] tables")
+        raise OptionError(f"{path}: no [[pair]] tables")
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise OptionError(f"{path}: 'pair' must be an array of tables ([[pair]] sections)")
     pairs, names = [], set()
     for index, entry in enumerate(entries):
+        where = f"pair {index}" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
         missing = [key for key in REQUIRED if key not in entry]
         if missing:
-            raise ValueError(f"{path}: pair {index} lacks {', '.join(missing)}")
-        name = str(entry["name"])
+            raise _pair_error(path, where, f"lacks {', '.join(missing)}")
+        _check_types(path, where, entry)
+        name = entry["name"]
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in names:
-            raise ValueError(f"{path}: pair name {name!r} must be unique and use only letters, digits, _ . -")
+            raise _pair_error(path, where, f"pair name {name!r} must be unique and use only letters, digits, _ . -")
         names.add(name)
         if ("subject_image" in entry) != ("style_image" in entry):
-            raise ValueError(f"{path}: pair {name!r} gives one reference image; give both or neither")
+            raise _pair_error(path, where, "gives one reference image; give both subject_image and style_image "
+                                           "or neither")
 
         def resolve(key):
             return (path.parent / entry[key]).resolve() if key in entry else None
@@ -68,4 +100,3 @@ def load_pairs(path) -> list[Pair]:
         pairs.append(Pair(name, resolve("subject"), resolve("style"), entry["prompt"], entry["subject_prompt"],
                           entry["style_prompt"], resolve("subject_image"), resolve("style_image")))
     return pairs
-

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
 
+from ..io import append_line, write_text_atomic
 from ..metrics import METRICS
 
 # Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
@@ -22,32 +24,68 @@ def shard_csv(out: Path, rank: int) -> Path:
     return Path(out) / "scores" / f"scores.rank{rank}.csv"
 
 
+def _csv_line(values) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def _header(path: Path) -> list[str] | None:
+    """The file's header if its first line is whole and names the required columns, else ``None``."""
+    with path.open(newline="") as handle:
+        first = handle.readline()
+    if not first.endswith("\n"):
+        return None
+    fields = next(csv.reader([first]))
+    return fields if set(REQUIRED_COLUMNS) <= set(fields) else None
+
+
 def append_row(path: Path, row: dict) -> None:
-    """One line per write, flushed and synced: a crash loses at most the image being made."""
+    """One whole line per write, flushed and synced: a crash loses at most the image being made.
+
+    A file whose header is torn (a crash while starting it: no row can follow a torn header) is moved aside
+    to ``NAME.torn`` and started again; a torn last row stays where it is and the new row starts a fresh line.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    fields = COLUMNS
-    if not new:  # keep the header the file was started with (a file from before EXTRA_METRICS lacks them)
-        with path.open(newline="") as handle:
-            fields = next(csv.reader(handle))
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerow({key: row.get(key, "") for key in fields})
-        handle.flush()
-        os.fsync(handle.fileno())
+    fields = None
+    if path.exists() and path.stat().st_size:
+        fields = _header(path)  # keep the header the file was started with (older files lack EXTRA_METRICS)
+        if fields is None:
+            os.replace(path, path.with_name(path.name + ".torn"))
+    if fields is None:
+        fields = list(COLUMNS)
+        append_line(path, _csv_line(fields))
+    append_line(path, _csv_line(row.get(key, "") for key in fields))
 
 
-def read_rows(out: Path) -> dict[tuple, dict]:
-    """Every complete row of every shard file, keyed by (pair, policy, seed); a later row replaces an earlier one."""
+def read_rows(out: Path, problems: list[str] | None = None) -> dict[tuple, dict]:
+    """Every whole row of every shard file, keyed by (pair, policy, seed); a later row replaces an earlier one.
+
+    Torn records (a header or a line cut short by a crash, a line with the wrong number of fields) are skipped;
+    a line per file saying what was skipped goes to ``problems`` when given.
+    """
     rows = {}
     for path in sorted((Path(out) / "scores").glob("scores.rank*.csv")):
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                if any(row.get(key) in (None, "") for key in REQUIRED_COLUMNS) or not row["image"].endswith(".png"):
-                    continue  # a line still being written by another process
-                rows[(row["pair"], row["policy"], int(row["seed"]))] = row
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.splitlines(keepends=True)
+        if not lines:
+            continue
+        header = next(csv.reader([lines[0]]))
+        if not lines[0].endswith("\n") or not set(REQUIRED_COLUMNS) <= set(header):
+            if problems is not None:
+                problems.append(f"{path}: torn header ({len(text)} bytes): the file was skipped")
+            continue
+        torn = 0
+        for line in lines[1:]:
+            fields = next(csv.reader([line]), [])
+            row = dict(zip(header, fields))
+            if (not line.endswith("\n") or len(fields) != len(header)
+                    or any(row.get(key) in (None, "") for key in REQUIRED_COLUMNS) or not row["image"].endswith(".png")):
+                torn += line.strip() != ""
+                continue
+            rows[(row["pair"], row["policy"], int(row["seed"]))] = row
+        if torn and problems is not None:
+            problems.append(f"{path}: {torn} torn line(s) skipped (their images are made again by a rerun)")
     return rows
 
 
@@ -92,16 +130,17 @@ def cost_table(rows: dict, policies: list[str]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes: list[str]) -> Path:
-    """out/report.md: the scores table (comparable across runs and shardings), then the cost table."""
+def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes: list[str],
+                 problems: list[str] = ()) -> Path:
+    """out/report.md: the scores table (comparable across runs and shardings), the cost table, then what the
+    CSV reader skipped. One section per concern: a new section is a new list of lines appended here."""
     missing = planned - len(rows)
     scored = f"- images scored: {len(rows)} of {planned} planned" + (f" (**{missing} missing**)" if missing else "")
     lines = ["# fusion-engine eval", "", *[f"- {note}" for note in notes], scored,
              "", SCORES_HEADING, "", *scores_table(rows, policies), "",
              "## Cost (per image, generation only; the +llr rows include making the two references)", "",
              *cost_table(rows, policies), ""]
-    path = Path(out) / "report.md"
-    scratch = path.with_suffix(f".md.{os.getpid()}")
-    scratch.write_text("\n".join(lines))
-    os.replace(scratch, path)
-    return path
+    if problems:
+        lines += ["## Skipped records (torn by a crash; rerun to make their images again)", "",
+                  *[f"- {problem}" for problem in problems], ""]
+    return write_text_atomic(Path(out) / "report.md", "\n".join(lines))

@@ -1,11 +1,17 @@
 """``EvalSettings``: everything one evaluation run needs, built by ``fusion-engine eval`` or by hand."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import OptionError
+
 DEFAULT_POLICIES = ("direct", "klora", "blora", "fls", "fls+llr")
+# What a rerun into an OUT made with other settings does: refuse (default), resume anyway, or move the old
+# results aside and start over (see recorded.py).
+MISMATCH_CHOICES = ("refuse", "resume", "restart")
 
 
 @dataclass(kw_only=True)
@@ -31,6 +37,10 @@ class EvalSettings:
         extra_scores: ``PIL image -> {metric: (1,) array}``, e.g. the toy world's transparent measures.
         model_label, encoders_label: what the report calls the model and the encoders.
         notes: more lines for the report's header.
+        on_mismatch: when OUT/settings.json records other settings (steps, guidance, size, model, LoRA files,
+            policy options, ...): "refuse" (default: an ``OptionError`` naming each difference), "resume" (keep
+            the old rows; the report says which settings differ) or "restart" (move the old results to
+            OUT/superseded/<time>/ and start over).
 
     Example:
         >>> from fusion_engine.eval import EvalSettings, run
@@ -70,5 +80,35 @@ class EvalSettings:
     encoders_label: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    on_mismatch: str = "refuse"
+
     def __post_init__(self):
         self.out = Path(self.out)
+        check_int("seeds", self.seeds, 1)
+        check_int("steps", self.steps, 1)
+        check_float("guidance", self.guidance, 0.0)
+        check_float("m", self.m, 0.0)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 8, multiple_of=8)
+        if self.on_mismatch not in MISMATCH_CHOICES:
+            raise OptionError(f"on_mismatch={self.on_mismatch!r}: use one of {', '.join(MISMATCH_CHOICES)}")
+
+
+def check_int(name: str, value, minimum: int, multiple_of: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (and a multiple of ``multiple_of``), else an ``OptionError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple_of:
+        rule = f"an integer >= {minimum}" + (f" and a multiple of {multiple_of}" if multiple_of > 1 else "")
+        raise OptionError(f"{name} must be {rule}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value, minimum: float) -> float:
+    """``value`` as a finite float ``>= minimum``, else an ``OptionError`` naming it."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < minimum:
+        raise OptionError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return number
