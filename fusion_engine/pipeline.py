@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import images_in_batch
-from .errors import AttachError
+from .errors import AttachError, OptionError
 from .fusion import _as_lora, attach
 from .model_path import local_pipeline_folder
 from .prompts import encode_prompts
@@ -85,7 +85,7 @@ class FusionPipeline:
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            raise OptionError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         return latents.to(self.unet.device, self.unet.dtype)
 
     def _noise(self, fusion, latents, t, prompts, guidance_scale, composite):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import OptionError
 
 try:
     import tomllib
@@ -49,18 +50,18 @@ def load_pairs(path) -> list[Pair]:
         data = tomllib.load(handle)
     entries = data.get("pair")
     if not entries:
-        raise ValueError(f"{path}: no [[pair]] tables")
+        raise OptionError(f"{path}: no [[pair]] tables")
     pairs, names = [], set()
     for index, entry in enumerate(entries):
         missing = [key for key in REQUIRED if key not in entry]
         if missing:
-            raise ValueError(f"{path}: pair {index} lacks {', '.join(missing)}")
+            raise OptionError(f"{path}: pair {index} lacks {', '.join(missing)}")
         name = str(entry["name"])
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in names:
-            raise ValueError(f"{path}: pair name {name!r} must be unique and use only letters, digits, _ . -")
+            raise OptionError(f"{path}: pair name {name!r} must be unique and use only letters, digits, _ . -")
         names.add(name)
         if ("subject_image" in entry) != ("style_image" in entry):
-            raise ValueError(f"{path}: pair {name!r} gives one reference image; give both or neither")
+            raise OptionError(f"{path}: pair {name!r} gives one reference image; give both or neither")
 
         def resolve(key):
             return (path.parent / entry[key]).resolve() if key in entry else None

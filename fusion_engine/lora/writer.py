@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from .loader import ADAPTER_METADATA_KEY
 from .weights import DENOISER, LoRA, LoRALayer
+from ..errors import OptionError
 
 LAYOUTS = ("peft", "diffusers", "kohya")
 
@@ -75,7 +76,7 @@ def _layer_keys(lora: LoRA, component: str, name: str, layer: LoRALayer, layout:
 
 def lora_to_state_dict(lora: LoRA, layout: str = "peft") -> dict[str, torch.Tensor]:
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
+        raise OptionError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
     out = {}
     for component, layers in lora.components.items():
         for name, layer in layers.items():
@@ -88,7 +89,7 @@ def save_lora(lora: LoRA, path, layout: str = "peft") -> Path:
     path = Path(path)
     layers = [layer for part in lora.components.values() for layer in part.values()]
     if layout == "diffusers" and any(layer.alpha != layer.rank for layer in layers):
-        raise ValueError(f"{path}: the old diffusers layout stores no alpha; use 'peft' or 'kohya' for alpha != rank")
+        raise OptionError(f"{path}: the old diffusers layout stores no alpha; use 'peft' or 'kohya' for alpha != rank")
     metadata = {"format": "pt"}
     if layout == "peft":
         config = {k: v for component, part in lora.components.items() for k, v in _peft_config(component, part).items()}

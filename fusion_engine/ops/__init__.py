@@ -11,6 +11,7 @@ import torch
 from ..errors import AttachError, OptionError
 from . import reference
 from .reference import DIVERGENCES
+from ..errors import OptionError
 
 BACKENDS = ("auto", "reference", "triton")
 LAYER_KINDS = ("linear", "conv2d")  # conv2d layers run the reference rule on every backend
@@ -25,7 +26,7 @@ def _triton_ops():
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ("reference" or "triton") for tensors on ``device``."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise OptionError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type != "cuda":
             return "reference"

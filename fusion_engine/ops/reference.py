@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from ..errors import OptionError
 
 DIVERGENCES = ("kl", "js", "cosine", "dot")
 
@@ -64,7 +65,7 @@ def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch
         return 1.0 - F.cosine_similarity(y1, y0, dim=-1, eps=1e-12)
     if divergence == "dot":
         return -(y1 * y0).sum(-1)
-    raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
 
 def group_mean(values: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:

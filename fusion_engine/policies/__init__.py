@@ -8,6 +8,7 @@ from .direct import DirectPolicy
 from .fls import FLSPolicy
 from .klora import KLoRAPolicy
 from .switch import SwitchPolicy
+from ..errors import OptionError, OptionTypeError
 
 POLICIES = {
     "fls": FLSPolicy,
@@ -23,14 +24,14 @@ def make_policy(policy, **options) -> Policy:
     """A Policy from a name (``"fls"``, ``"direct"``, ...) and its options, or a ready instance."""
     if isinstance(policy, Policy):
         if options:
-            raise TypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
+            raise OptionTypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
         return policy
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
+        raise OptionError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
     try:
         return POLICIES[policy](**options)
     except TypeError as error:
-        raise TypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
+        raise OptionTypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """B-LoRA: the subject delta only in one block, the style delta only in another, nothing elsewhere."""
 from __future__ import annotations
 
-from ..errors import AttachError
+from ..errors import AttachError, OptionError
 from .base import Policy
 
 # SDXL's two blocks from the B-LoRA paper; any UNet with these module paths can use them.
@@ -19,7 +19,7 @@ class BLoRAPolicy(Policy):
         blocks = dict(SDXL_BLOCKS if blocks is None else blocks)
         unknown = set(blocks) - {"subject", "style"}
         if unknown:
-            raise ValueError(f"blora: block map keys must be 'subject' and 'style', got {sorted(unknown)}")
+            raise OptionError(f"blora: block map keys must be 'subject' and 'style', got {sorted(unknown)}")
         self.subject_blocks = tuple(blocks.get("subject", ()))
         self.style_blocks = tuple(blocks.get("style", ()))
         self._weights = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import Policy
+from ..errors import OptionError
 
 
 class DirectPolicy(Policy):
@@ -9,7 +10,7 @@ class DirectPolicy(Policy):
 
     def __init__(self, weights: tuple[float, float] = (1.0, 1.0)):
         if len(weights) != 2:
-            raise ValueError(f"direct: weights must be (w_subject, w_style), got {weights!r}")
+            raise OptionError(f"direct: weights must be (w_subject, w_style), got {weights!r}")
         self.subject_weight, self.style_weight = float(weights[0]), float(weights[1])
 
     def weights(self, layer, context):

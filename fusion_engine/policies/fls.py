@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..ops.reference import DIVERGENCES
 from .base import Policy
+from ..errors import OptionError
 
 
 class FLSPolicy(Policy):
@@ -11,7 +12,7 @@ class FLSPolicy(Policy):
 
     def __init__(self, divergence: str = "kl"):
         if divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+            raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
         self.divergence = divergence
 
     def describe(self) -> str:

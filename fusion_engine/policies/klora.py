@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import Policy
+from ..errors import OptionError
 
 PATTERNS = ("s*", "s")
 
@@ -36,7 +37,7 @@ class KLoRAPolicy(Policy):
 
     def __init__(self, pattern: str = "s*"):
         if pattern not in PATTERNS:
-            raise ValueError(f"klora: unknown pattern {pattern!r}; expected one of {PATTERNS}")
+            raise OptionError(f"klora: unknown pattern {pattern!r}; expected one of {PATTERNS}")
         self.pattern = pattern
         self.scores: dict[str, tuple[float, float]] = {}
         self.gamma = 1.0

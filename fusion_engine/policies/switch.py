@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import Policy
+from ..errors import OptionError
 
 
 class SwitchPolicy(Policy):
@@ -10,7 +11,7 @@ class SwitchPolicy(Policy):
 
     def __init__(self, tau: int = 5):
         if int(tau) < 1:
-            raise ValueError(f"switch: tau must be a positive number of steps, got {tau!r}")
+            raise OptionError(f"switch: tau must be a positive number of steps, got {tau!r}")
         self.tau = int(tau)
 
     def weights(self, layer, context):

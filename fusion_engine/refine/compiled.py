@@ -4,13 +4,14 @@ from __future__ import annotations
 import warnings
 
 import torch
+from ..errors import OptionError
 
 
 def wants_compile(mode, device: torch.device) -> bool:
     """``True``: always try; ``False``: never; ``"auto"``: on CUDA only (on a CPU, compiling costs tens of
     seconds and gains little for these small graphs)."""
     if mode not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {mode!r}")
+        raise OptionError(f"compile must be True, False or 'auto', got {mode!r}")
     return mode is True or (mode == "auto" and device.type == "cuda")
 
 

@@ -23,6 +23,7 @@ from .gradient import shape_gradient
 from .references import generate_references, user_references
 from .reward import ReferenceEmbeddings, llr_objective
 from .x0 import predict_x0
+from ..errors import OptionError
 
 
 class Refiner:
@@ -45,9 +46,9 @@ class Refiner:
                  dino_reference: str = "style", compile="auto", guided_backend: str | None = "reference",
                  gradient_checkpointing: bool = False):
         if dino_reference not in ("style", "subject"):
-            raise ValueError(f"dino_reference must be 'style' or 'subject', got {dino_reference!r}")
+            raise OptionError(f"dino_reference must be 'style' or 'subject', got {dino_reference!r}")
         if step_window is not None and not 0.0 <= step_window[0] <= step_window[1] <= 1.0:
-            raise ValueError(f"step_window must be (start, end) with 0 <= start <= end <= 1, got {step_window}")
+            raise OptionError(f"step_window must be (start, end) with 0 <= start <= end <= 1, got {step_window}")
         wants_compile(compile, torch.device("cpu"))  # validates the value
         self.clip, self.dino, self.m = clip, dino, float(m)
         self.through_unet, self.normalize, self.clip_grad = through_unet, normalize, clip_grad

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+from ..errors import OptionError
 
 SIZE = 16
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "star")
@@ -61,7 +62,7 @@ def silhouette(shape: str, cx: float = SIZE / 2, cy: float = SIZE / 2, r: float 
         k = (theta % (2 * math.pi / 5)) / (2 * math.pi / 5)  # 0..1 within one point's sector
         edge = r * (0.42 + 0.58 * np.abs(1 - 2 * k))
         return rho <= edge
-    raise ValueError(f"unknown shape {shape!r}")
+    raise OptionError(f"unknown shape {shape!r}")
 
 
 def texture(kind: str, phase: int = 0) -> np.ndarray:
@@ -79,7 +80,7 @@ def texture(kind: str, phase: int = 0) -> np.ndarray:
         return ((xs + ys + phase) // 2) % 2 == 1
     if kind == "solid":
         return np.zeros((SIZE, SIZE), bool)
-    raise ValueError(f"unknown texture {kind!r}")
+    raise OptionError(f"unknown texture {kind!r}")
 
 
 def render(shape: str, style: str, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
+from ..errors import ModelPathError
 
 WEIGHTS = Path(__file__).parent / "weights"
 SUBJECT_FILE = "subject_sks_star_peft.safetensors"
@@ -39,7 +40,7 @@ def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
 
     folder = Path(folder)
     if require_loras and not toy_weights_present(folder):
-        raise FileNotFoundError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
+        raise ModelPathError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
     return World(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
                  subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
 
