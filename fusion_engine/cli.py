@@ -18,12 +18,6 @@ GRID_POLICIES = (  # (label, policy, which LoRAs)
 )
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def _fusion_options(args) -> dict:
     return dict(divergence=args.divergence, granularity=args.granularity, backend=args.backend)
 
@@ -32,10 +26,12 @@ def cmd_generate(args) -> int:
     import torch
 
     import fusion_engine as fe
+    from fusion_engine.dtypes import torch_dtype
+    from fusion_engine.io import save_image
 
     pipe = fe.FusionPipeline.from_pretrained(
         args.model, subject=fe.load_lora(args.subject, args.subject_scale), style=fe.load_lora(args.style, args.style_scale),
-        policy=args.policy, torch_dtype=_torch_dtype(args.dtype), device=args.device, **_fusion_options(args),
+        policy=args.policy, torch_dtype=torch_dtype(args.dtype), device=args.device, **_fusion_options(args),
     )
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -43,7 +39,7 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
-        image.save(out / f"image_{i:03d}.png")
+        save_image(image, out / f"image_{i:03d}.png")
     if result.trace is not None and len(result.trace):
         result.trace.save_json(out / "trace.json")
         result.trace.heatmap(out / "heatmap.png")
@@ -126,6 +122,7 @@ def _eval_settings(args):
     each defaulting to the random world (the tiny pipeline, random LoRA pairs, tiny random encoders)."""
     from functools import partial
 
+    from fusion_engine.dtypes import torch_dtype
     from fusion_engine.errors import OptionError
     from fusion_engine.eval import EvalSettings
     from fusion_engine.eval.loading import resolve_device
@@ -133,7 +130,7 @@ def _eval_settings(args):
     out = Path(args.out)
     options = dict(
         out=out, pairs=args.pairs, model=args.model, device=args.device,
-        dtype=_torch_dtype(args.dtype) if args.dtype else None,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
         clip_model=args.clip, clip_checkpoint=args.clip_checkpoint, dino_model=args.dino,
         dino_checkpoint=args.dino_checkpoint, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
         seeds=args.seeds, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
@@ -176,6 +173,10 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusion_engine.context import GRANULARITIES
+    from fusion_engine.dtypes import DTYPES
+    from fusion_engine.ops import BACKENDS, DIVERGENCES
+    from fusion_engine.policies import POLICIES
     from fusion_engine.worlds import WORLDS
 
     parser = argparse.ArgumentParser(prog="fusion-engine", description=__doc__)
@@ -183,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def fusion_flags(p, policies):
         p.add_argument("--policy", default="fls", choices=policies)
-        p.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"])
-        p.add_argument("--granularity", default="image", choices=["image", "sample", "token", "batch"])
-        p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+        p.add_argument("--divergence", default="kl", choices=DIVERGENCES)
+        p.add_argument("--granularity", default="image", choices=GRANULARITIES)
+        p.add_argument("--backend", default="auto", choices=BACKENDS)
 
     gen = sub.add_parser("generate", help="sample with a subject and a style LoRA fused")
     gen.add_argument("--model", required=True, help="local diffusers pipeline folder (model_index.json)")
@@ -202,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    gen.add_argument("--dtype", default="float16" if _cuda() else "float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--dtype", default="float16" if _cuda() else "float32", choices=list(DTYPES))
     gen.add_argument("--out", required=True)
-    fusion_flags(gen, ["fls", "direct", "klora", "blora", "switch", "composite"])
+    fusion_flags(gen, list(POLICIES))
     gen.set_defaults(run=cmd_generate)
 
     demo = sub.add_parser("demo", help="every policy on the embedded default world (no downloads, CPU)")
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=4)
     demo.add_argument("--guidance", type=float, default=5.0)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    demo.add_argument("--backend", default="auto", choices=BACKENDS)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--world", default="auto", choices=WORLDS,
                       help="auto: the trained toy world when its weights ship, else the random one")
@@ -230,9 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_flags(parser) -> None:
+    from fusion_engine.dtypes import DTYPES
     from fusion_engine.eval import DEFAULT_POLICIES
+    from fusion_engine.ops import BACKENDS, DIVERGENCES
+    from fusion_engine.worlds import WORLDS
 
-    parser.add_argument("--world", default=None, choices=["toy", "random"],
+    parser.add_argument("--world", default=None, choices=[world for world in WORLDS if world != "auto"],
                         help="toy: the trained toy world's model, LoRA pair, judges and transparent measures "
                              "(--model/--pairs/--clip/--dino then stay unset)")
     parser.add_argument("--pairs", default=None, help="pairs.toml (default: N random pairs on the tiny default)")
@@ -243,14 +247,14 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the tiny world)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
-    parser.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--divergence", default="kl", choices=DIVERGENCES)
     parser.add_argument("--m", type=float, default=10.0, help="LLR step size")
     parser.add_argument("--llr-constant-noise", action="store_true",
                         help="LLR without the UNet backward (noise prediction treated as a constant)")

@@ -30,3 +30,23 @@ def local_pipeline_folder(path) -> Path:
             f"--local-dir ./{text.split('/')[-1]}`, then pass that folder ({_FOLDER_HINT})"
         )
     raise ModelPathError(f"{text}: no such folder ({_FOLDER_HINT})")
+
+
+def load_local_pipeline(path, torch_dtype=None, device=None):
+    """A diffusers pipeline from the local folder ``path`` (never the network), moved to ``device`` if given.
+
+    Args:
+        path: a folder holding ``model_index.json``; anything else raises a ``ModelPathError`` that says what it is.
+        torch_dtype: the models' dtype (default: as saved).
+        device: where to move the pipeline (default: left on the CPU).
+
+    Example:
+        ```py
+        >>> pipe = load_local_pipeline("./sdxl-base", torch_dtype=torch.float16, device="cuda")
+        ```
+    """
+    from diffusers import DiffusionPipeline
+
+    folder = local_pipeline_folder(path)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+    return pipe.to(device) if device is not None else pipe

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .lora.weights import delta_weight
 from .ops.reference import accumulation_dtype, base_linear, fls_select, lora_delta
 from .trace import choice_code
 
@@ -102,7 +103,7 @@ class DynamicLoRALayer(nn.Module):
     def delta_weight(self, branch: str) -> torch.Tensor:
         """Unscaled B @ A of one branch, shaped like the base weight (float32)."""
         lora_a, lora_b = (self.subject_a, self.subject_b) if branch == "subject" else (self.style_a, self.style_b)
-        return (lora_b.flatten(1).float() @ lora_a.flatten(1).float()).reshape(self.base.weight.shape)
+        return delta_weight(lora_a, lora_b)
 
     def policy_weights(self) -> tuple[float, float]:
         """The static policy's (subject, style) weights for this call, recorded in the trace."""

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .context import images_in_batch
 from .errors import AttachError, OptionError
 from .fusion import _as_lora, attach
-from .model_path import local_pipeline_folder
+from .model_path import load_local_pipeline
 from .prompts import encode_prompts
 from .trace import Trace
 
@@ -54,12 +54,7 @@ class FusionPipeline:
     def from_pretrained(cls, path, subject=None, style=None, policy="fls", *, torch_dtype=None, device=None,
                         **options) -> "FusionPipeline":
         """Load a diffusers pipeline folder from local disk (never the network)."""
-        from diffusers import DiffusionPipeline
-
-        folder = local_pipeline_folder(path)  # a ModelPathError (FileNotFoundError) names what the path is instead
-        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
-        if device is not None:
-            pipe.to(device)
+        pipe = load_local_pipeline(path, torch_dtype, device)  # a ModelPathError names what the path is instead
         return cls(pipe, subject, style, policy, **options)
 
     @property

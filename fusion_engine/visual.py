@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from .io import save_image
 
 SUBJECT_RGB = (230, 120, 30)  # orange
 STYLE_RGB = (40, 110, 200)  # blue
@@ -54,10 +55,7 @@ def draw_heatmap(fraction: torch.Tensor, layer_names, steps, path, title: str = 
         draw.rectangle([x, y + 18, x + 12, y + 30], fill=rgb)
         draw.text((x + 16, y + 18), label, fill="black", font=font)
     draw.text((280, y + 18), BOTH_HINT, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return save_image(image, path)
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], path, cell: int = 128, title: str = "") -> Path:
@@ -76,7 +74,4 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], path, cell:
         draw.text((4, y + cell // 2 - 6), label, fill="black", font=font)
         for c, img in enumerate(images):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + c * (cell + pad), y))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return save_image(grid, path)

@@ -14,6 +14,8 @@ WORLDS = "worlds"  # beside the engine: a world imports the engine; only the CLI
 LAYERS = {
     "csrc_triton": 0,  # the Triton kernels
     "fusion_engine.errors": 1,
+    "fusion_engine.io": 1,  # atomic file writes
+    "fusion_engine.dtypes": 1,  # dtype names
     "fusion_engine.ops": 1,  # ops/reference.py is the kernels' written contract
     "fusion_engine.modules": 2,
     "fusion_engine.policies": 2,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
+from ..io import save_image
 from ..metrics import score_images
 from .pairs import Pair, load_pairs
 from .report import append_row, read_rows, shard_csv, write_report
@@ -57,13 +58,6 @@ def plan(pairs: list[Pair], policies: list[str], seeds: int) -> list[WorkItem]:
     for policy in policies:
         parse_policy(policy)
     return [WorkItem(pair, policy, seed) for pair in pairs for seed in range(seeds) for policy in policies]
-
-
-def _save_atomic(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    image.save(scratch)
-    os.replace(scratch, path)
 
 
 class Evaluator:
@@ -106,7 +100,7 @@ class Evaluator:
             if not path.exists():
                 loras = {"subject": None, "style": None, role: self.lora(getattr(pair, role))}
                 single = FusionPipeline(self.pipe, policy="direct", backend=self.settings.backend, trace=False, **loras)
-                _save_atomic(single(prompt, **self._call_options(seed)).images[0], path)
+                save_image(single(prompt, **self._call_options(seed)).images[0], path)
             images.append(Image.open(path).convert("RGB"))
         return tuple(images)
 
@@ -147,7 +141,7 @@ class Evaluator:
                 continue
             image, wall, peak, mem_kind = self.generate(item)
             path = item.image_path(out)
-            _save_atomic(image, path)
+            save_image(image, path)
             subject_ref, style_ref = self.references(item.pair, item.seed)
             with Image.open(path) as saved:  # score the saved (8-bit) image: reruns and shards see the same
                 scores = score_images(self.clip, self.dino, saved.convert("RGB"), subject_ref, style_ref)

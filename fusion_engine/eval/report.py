@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
 
+from ..io import write_text
 from ..metrics import METRICS
 
 # Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
@@ -24,16 +26,14 @@ def shard_csv(out: Path, rank: int) -> Path:
 
 def append_row(path: Path, row: dict) -> None:
     """One line per write, flushed and synced: a crash loses at most the image being made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    fields = COLUMNS
-    if not new:  # keep the header the file was started with (a file from before EXTRA_METRICS lacks them)
-        with path.open(newline="") as handle:
-            fields = next(csv.reader(handle))
+    if not path.exists() or path.stat().st_size == 0:  # the header appears whole or not at all
+        header = io.StringIO()
+        csv.writer(header).writerow(COLUMNS)
+        write_text(path, header.getvalue())
+    with path.open(newline="") as handle:  # keep the header the file was started with (an old file lacks
+        fields = next(csv.reader(handle))  # EXTRA_METRICS)
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
-        if new:
-            writer.writeheader()
         writer.writerow({key: row.get(key, "") for key in fields})
         handle.flush()
         os.fsync(handle.fileno())
@@ -100,8 +100,4 @@ def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes
              "", SCORES_HEADING, "", *scores_table(rows, policies), "",
              "## Cost (per image, generation only; the +llr rows include making the two references)", "",
              *cost_table(rows, policies), ""]
-    path = Path(out) / "report.md"
-    scratch = path.with_suffix(f".md.{os.getpid()}")
-    scratch.write_text("\n".join(lines))
-    os.replace(scratch, path)
-    return path
+    return write_text(Path(out) / "report.md", "\n".join(lines))

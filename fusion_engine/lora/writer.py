@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from .loader import ADAPTER_METADATA_KEY
 from .weights import DENOISER, LoRA, LoRALayer
 from ..errors import OptionError
+from ..io import atomic_write
 
 LAYOUTS = ("peft", "diffusers", "kohya")
 
@@ -94,6 +95,6 @@ def save_lora(lora: LoRA, path, layout: str = "peft") -> Path:
     if layout == "peft":
         config = {k: v for component, part in lora.components.items() for k, v in _peft_config(component, part).items()}
         metadata[ADAPTER_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(lora_to_state_dict(lora, layout), str(path), metadata=metadata)
+    with atomic_write(path) as scratch:
+        save_file(lora_to_state_dict(lora, layout), str(scratch), metadata=metadata)
     return path

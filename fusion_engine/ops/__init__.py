@@ -11,7 +11,6 @@ import torch
 from ..errors import AttachError, OptionError
 from . import reference
 from .reference import DIVERGENCES
-from ..errors import OptionError
 
 BACKENDS = ("auto", "reference", "triton")
 LAYER_KINDS = ("linear", "conv2d")  # conv2d layers run the reference rule on every backend

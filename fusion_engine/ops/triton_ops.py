@@ -25,7 +25,6 @@ import torch
 
 from ..errors import BackendError, OptionError
 from . import reference
-from ..errors import BackendError, OptionError
 
 try:
     import triton  # noqa: F401

@@ -29,9 +29,9 @@ HELD_STYLE, STYLE_TOKEN = "diagonal", "zzt"
 BASE_SHAPES = tuple(s for s in SHAPES if s != SUBJECT_SHAPE)
 BASE_STYLES = tuple(s for s in STYLES if s != HELD_STYLE)
 
-SUBJECT_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE}"
-STYLE_PROMPT = f"an image in {STYLE_TOKEN} style"
-FUSED_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE} in {STYLE_TOKEN} style"
+TOY_SUBJECT_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE}"
+TOY_STYLE_PROMPT = f"an image in {STYLE_TOKEN} style"
+TOY_FUSED_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE} in {STYLE_TOKEN} style"
 
 
 def _grid(cx: float, cy: float):
@@ -145,7 +145,7 @@ def subject_dataset(count: int = 6, seed: int = 1):
     """DreamBooth images: the held-out shape, plain, ``count`` jittered renders, captioned "a sks star"."""
     rng = np.random.default_rng(seed)
     images = [render(SUBJECT_SHAPE, SUBJECT_STYLE, rng) for _ in range(count)]
-    return to_tensor(images), [SUBJECT_PROMPT] * count
+    return to_tensor(images), [TOY_SUBJECT_PROMPT] * count
 
 
 def style_dataset(per_shape: int = 4, seed: int = 2):
@@ -155,7 +155,7 @@ def style_dataset(per_shape: int = 4, seed: int = 2):
     for shape in BASE_SHAPES:
         for i in range(per_shape):
             images.append(render(shape, HELD_STYLE, rng))
-            captions.append(STYLE_PROMPT if i % 2 else f"a {shape} in {STYLE_TOKEN} style")
+            captions.append(TOY_STYLE_PROMPT if i % 2 else f"a {shape} in {STYLE_TOKEN} style")
     return to_tensor(images), captions
 
 

@@ -6,6 +6,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..io import write_text
+
 # CLIP's vocabulary: 256 byte symbols, the same with "</w>", 48894 merges, then two special tokens.
 _MERGES = 49152 - 256 - 2
 
@@ -27,9 +29,8 @@ def write_clip_vocab(folder) -> Path:
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    write_text(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return folder
 
 
