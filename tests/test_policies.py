@@ -1,4 +1,4 @@
-"""Baseline policies do what PAPER.md says, computed independently here."""
+"""Baseline policies do what docs/METHOD.md says, computed independently here."""
 import pytest
 import torch
 from conftest import unet_inputs, unet_out

@@ -37,7 +37,7 @@ def _set_scheduler(pipe, name, prediction):
 
 
 def _independent_guided_step(pipe, loras, clip, dino, references, noise, m, prediction, dino_reference="style"):
-    """x_{t-1} - m * grad R for a 1-step run, written out here from the equations (PAPER.md, Part 2)."""
+    """x_{t-1} - m * grad R for a 1-step run, written out here from the equations (docs/METHOD.md, Part 2)."""
     scheduler, unet, vae = pipe.scheduler, pipe.unet, pipe.vae
     scheduler.set_timesteps(1)
     t = scheduler.timesteps[0]

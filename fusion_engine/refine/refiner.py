@@ -1,4 +1,4 @@
-"""Refiner: Latent-Level Refinement (PAPER.md, Part 2) as a FusionPipeline hook.
+"""Refiner: Latent-Level Refinement (docs/METHOD.md, Part 2; arXiv 2602.15539) as a FusionPipeline hook.
 
     refiner = Refiner(clip=load_openclip("ViT-L-14", "clip.safetensors"),
                       dino=load_dino("vit_base_patch16_224.dino", "dino.safetensors"), m=10.0)

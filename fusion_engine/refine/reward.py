@@ -1,4 +1,4 @@
-"""The LLR objective: R = 1 - (S1 + S2 + S3) / 3 of the image decoded from a latent (PAPER.md, Part 2)."""
+"""The LLR objective: R = 1 - (S1 + S2 + S3) / 3 of the image decoded from a latent (docs/METHOD.md, Part 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
