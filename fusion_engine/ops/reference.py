@@ -30,6 +30,13 @@ from ..errors import OptionError
 DIVERGENCES = ("kl", "js", "cosine", "dot")
 
 
+def check_divergence(divergence: str) -> str:
+    """``divergence`` if it is one of ``DIVERGENCES``, else an ``OptionError`` that lists them."""
+    if divergence not in DIVERGENCES:
+        raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    return divergence
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for every model dtype, float64 kept for float64 (the oracle's precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -51,6 +58,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch.Tensor:
     """Per-row perturbation score of y1 against y0 (both float32, rows x channels)."""
+    check_divergence(divergence)
     if divergence == "kl":
         log_p1 = F.log_softmax(y1, dim=-1)
         return (log_p1.exp() * (log_p1 - F.log_softmax(y0, dim=-1))).sum(-1)
@@ -63,9 +71,7 @@ def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch
         return 0.5 * (kl_1m + kl_0m)
     if divergence == "cosine":
         return 1.0 - F.cosine_similarity(y1, y0, dim=-1, eps=1e-12)
-    if divergence == "dot":
-        return -(y1 * y0).sum(-1)
-    raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    return -(y1 * y0).sum(-1)  # "dot"
 
 
 def group_mean(values: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:

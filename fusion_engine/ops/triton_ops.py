@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import BackendError, OptionError
+from ..errors import BackendError
 from . import reference
 
 try:
@@ -133,8 +133,7 @@ def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, st
     Inputs with more than two dims are flattened to rows; ``row_group`` indexes those rows.
     """
     _check_device(x)
-    if divergence not in reference.DIVERGENCES:
-        raise OptionError(f"unknown divergence {divergence!r}; expected one of {reference.DIVERGENCES}")
+    reference.check_divergence(divergence)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if divergence == "js":
