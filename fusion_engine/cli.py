@@ -30,7 +30,8 @@ def cmd_generate(args) -> int:
     from fusion_engine.io import save_image
 
     pipe = fe.FusionPipeline.from_pretrained(
-        args.model, subject=fe.load_lora(args.subject, args.subject_scale), style=fe.load_lora(args.style, args.style_scale),
+        args.model, subject=fe.load_lora(args.subject, args.subject_scale),
+        style=fe.load_lora(args.style, args.style_scale),
         policy=args.policy, torch_dtype=torch_dtype(args.dtype), device=args.device, **_fusion_options(args),
     )
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -101,7 +102,7 @@ def cmd_inspect(args) -> int:
     lora = fe.load_lora(args.file)
     print(f"file:    {lora.source}")
     print(f"format:  {lora.layout}")
-    print(f"layers:  {len(lora.layers)} UNet layers ({sum(l.is_conv for l in lora.layers.values())} conv)")
+    print(f"layers:  {len(lora.layers)} UNet layers ({sum(layer.is_conv for layer in lora.layers.values())} conv)")
     print(f"rank:    {', '.join(map(str, lora.ranks()))}")
     print(f"alpha:   {', '.join(f'{a:g}' for a in lora.alphas())}")
     scales = sorted({lora.layer_scale(n) for n in lora.layers})

@@ -168,8 +168,9 @@ class DynamicLoRALinear(DynamicLoRALayer):
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
             guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
             out, subject_score, style_score, choose_subject = ops.fls_linear(
-                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.subject_scale, self.style_a, self.style_b,
-                self.style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
+                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.subject_scale,
+                self.style_a, self.style_b, self.style_scale, row_group, groups, context.policy.divergence,
+                backend=backend, prev_choose=guess,
             )
             if guess is not None:
                 guess.copy_(choose_subject)
@@ -177,7 +178,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
-                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.style_a, self.style_b, coef, backend=backend
+                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.style_a, self.style_b, coef,
+                backend=backend,
             )
         return out.reshape(*lead, out.shape[-1])
 

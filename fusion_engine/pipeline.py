@@ -131,7 +131,8 @@ class FusionPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
         timesteps = self.scheduler.timesteps
         latents = initial_noise * self.scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
 
         fusion = attach(self.unet, self.subject, self.style, policy=self.policy, **self.attach_options)
         try:
@@ -141,7 +142,9 @@ class FusionPipeline:
                 fusion.set_step(step, len(timesteps))
                 composite = self.policy == "composite"
                 if refinement is not None and refinement.active(step, len(timesteps)):
-                    predict = lambda x: self._noise(fusion, x, t, prompts, guidance_scale, composite)  # noqa: E731
+                    def predict(x, t=t, composite=composite):
+                        return self._noise(fusion, x, t, prompts, guidance_scale, composite)
+
                     latents = refinement.step(fusion, latents, t, predict, step_kwargs)
                     continue
                 noise = self._noise(fusion, latents, t, prompts, guidance_scale, composite)

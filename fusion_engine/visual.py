@@ -49,7 +49,8 @@ def draw_heatmap(fraction: torch.Tensor, layer_names, steps, path, title: str = 
     else:
         draw.text((4, top), "layers", fill="black", font=font)
     y = top + n_layers * cell_h + 4
-    draw.text((left, y), f"steps {steps[0] if steps else '-'} .. {steps[-1] if steps else '-'} ->", fill="black", font=font)
+    span = f"steps {steps[0]} .. {steps[-1]} ->" if steps else "steps - .. - ->"
+    draw.text((left, y), span, fill="black", font=font)
     for i, (label, rgb) in enumerate((("subject", SUBJECT_RGB), ("style", STYLE_RGB), ("none", EMPTY_RGB))):
         x = 4 + i * 90
         draw.rectangle([x, y + 18, x + 12, y + 30], fill=rgb)

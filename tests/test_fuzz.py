@@ -1,6 +1,7 @@
 """Fuzzing: real LoRA files, mutated (bytes, header, keys, shapes, dtypes, values, truncation), either load to a valid
 LoRA or raise a FusionEngineError, never anything else. Profiles (tests/conftest.py): "ci" by default, a few seconds;
 HYPOTHESIS_PROFILE=deep for thousands of examples outside CI."""
+import contextlib
 import json
 import math
 import struct
@@ -170,7 +171,5 @@ def test_key_shape_dtype_and_value_mutations(real_files, work_file, layout, pick
 
 
 def _assert_valid_or_library_error_in_memory(state):
-    try:
+    with contextlib.suppress(FusionEngineError):
         fe.load_lora(dict(state))
-    except FusionEngineError:
-        pass

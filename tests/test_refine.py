@@ -103,8 +103,8 @@ def test_dino_against_the_subject_option(tiny_pipe, loras, encoders):
 
 
 def _run(pipe, seed, steps=3, **kw):
-    return pipe(RANDOM_FUSED_PROMPT, num_inference_steps=steps, guidance_scale=CFG, output_type="latent", progress=False,
-                generator=torch.Generator().manual_seed(seed), **kw)
+    return pipe(RANDOM_FUSED_PROMPT, num_inference_steps=steps, guidance_scale=CFG, output_type="latent",
+                progress=False, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def test_m_zero_reproduces_the_unguided_sampler_bit_for_bit(tiny_pipe, loras, encoders):
@@ -117,7 +117,8 @@ def test_m_zero_reproduces_the_unguided_sampler_bit_for_bit(tiny_pipe, loras, en
 
 def test_references_come_from_each_lora_alone_with_the_same_seed(tiny_pipe, loras, encoders):
     refined = fe.FusionPipeline(tiny_pipe, *loras, refine=Refiner(*encoders, m=1.0))
-    subject_ref, style_ref = _run(refined, 5, subject_prompt=RANDOM_SUBJECT_PROMPT, style_prompt=RANDOM_STYLE_PROMPT).references
+    subject_ref, style_ref = _run(refined, 5, subject_prompt=RANDOM_SUBJECT_PROMPT,
+                                  style_prompt=RANDOM_STYLE_PROMPT).references
     kw = dict(num_inference_steps=3, guidance_scale=CFG, output_type="pt", progress=False)
     alone_subject = fe.FusionPipeline(tiny_pipe, loras[0], None, policy="direct")(
         RANDOM_SUBJECT_PROMPT, generator=torch.Generator().manual_seed(5), **kw).images

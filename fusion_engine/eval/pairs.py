@@ -63,7 +63,7 @@ def load_pairs(path) -> list[Pair]:
         if ("subject_image" in entry) != ("style_image" in entry):
             raise OptionError(f"{path}: pair {name!r} gives one reference image; give both or neither")
 
-        def resolve(key):
+        def resolve(key, entry=entry):
             return (path.parent / entry[key]).resolve() if key in entry else None
 
         pairs.append(Pair(name, resolve("subject"), resolve("style"), entry["prompt"], entry["subject_prompt"],

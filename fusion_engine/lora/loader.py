@@ -90,7 +90,8 @@ def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config
     try:
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=unet_config)
     except Exception as error:  # diffusers raises bare ValueError/KeyError on foreign layouts
-        raise LoRALayoutError(f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
+        raise LoRALayoutError(
+            f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
     return state, alphas or {}
 
 
@@ -106,7 +107,8 @@ def _to_peft_keys(keys_to_values: Mapping[str, object], source: str = "<state_di
 
 def _alpha_by_module(alphas: Mapping[str, float], source: str = "<state_dict>") -> dict[str, float]:
     """Map diffusers' network-alpha keys (``...to_q_lora.down.weight.alpha``) to module paths."""
-    unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v) for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
+    unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v)
+                   for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
     converted = _to_peft_keys(unet_alphas, source)
     return {k.split(".lora_A")[0].removesuffix(".alpha"): v for k, v in converted.items()}
 

@@ -120,7 +120,8 @@ def fls_select(y0, subject_delta, style_delta, row_group, num_groups, divergence
     style_score = group_mean(row_divergence(y0 + style_delta, y0, divergence), row_group, num_groups)
     subject_live, style_live = (group_nonzero(d, row_group, num_groups) for d in (subject_delta, style_delta))
     choose_subject = decide(subject_score, style_score, has_subject, has_style, subject_live, style_live)
-    return select_rows(y0, subject_delta, style_delta, choose_subject, row_group), subject_score, style_score, choose_subject
+    out = select_rows(y0, subject_delta, style_delta, choose_subject, row_group)
+    return out, subject_score, style_score, choose_subject
 
 
 def fls_linear(
@@ -137,7 +138,8 @@ def fls_linear(
     num_groups: int,
     divergence: str = "kl",
 ):
-    """Fused FLS linear. Returns (out, subject_score, style_score, choose_subject); scores float32 (G,), choose bool (G,)."""
+    """Fused FLS linear. Returns (out, subject_score, style_score, choose_subject); scores float32 (G,),
+    choose bool (G,)."""
     y0 = base_linear(x, weight, bias)
     subject_delta = subject_scale * lora_delta(x, subject_a, subject_b)
     style_delta = style_scale * lora_delta(x, style_a, style_b)

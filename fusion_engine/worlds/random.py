@@ -33,9 +33,9 @@ def attention_targets(unet, skip: tuple[str, ...] = ()) -> list[str]:
     """Module paths of every attention projection (the paper's LoRA targets), minus ``skip`` prefixes."""
     names = []
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS):
-            if ".attn" in name and not name.startswith(skip):
-                names.append(name)
+        is_projection = isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS)
+        if is_projection and ".attn" in name and not name.startswith(skip):
+            names.append(name)
     return names
 
 

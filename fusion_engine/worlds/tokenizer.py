@@ -23,7 +23,8 @@ def write_clip_vocab(folder) -> Path:
     import open_clip
 
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : _MERGES + 1]
+    with gzip.open(bpe) as handle:
+        lines = handle.read().decode("utf-8").split("\n")[1 : _MERGES + 1]
     merges = [tuple(line.split()) for line in lines]
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
