@@ -7,9 +7,9 @@ never sees a half-written file: ``os.replace`` within one folder is atomic on PO
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager
