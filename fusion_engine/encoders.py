@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from .errors import ModelPathError, OptionError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -11,12 +11,12 @@ from .errors import AlreadyAttachedError, AttachError
 from .fit import check_fit, find_module
 from .lora import LoRA, load_lora
 from .lora.align import align_to_model
-from .modules import DynamicLoRALayer, DynamicLoRAConv2d, DynamicLoRALinear
+from .modules import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
 from .ops import BACKENDS, check_supported
 from .policies import make_policy
 from .trace import Trace
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Fusion]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Fusion] = weakref.WeakKeyDictionary()
 _DYNAMIC_TYPES = {nn.Linear: DynamicLoRALinear, nn.Conv2d: DynamicLoRAConv2d}
 
 
@@ -99,7 +99,7 @@ class Fusion:
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
-    def __enter__(self) -> "Fusion":
+    def __enter__(self) -> Fusion:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -138,7 +138,8 @@ def attach(
 
     Example:
         >>> fusion = fe.attach(pipe.unet, subject.for_component("unet"), style.for_component("unet"))
-        >>> te = fe.attach(pipe.text_encoder, subject.for_component("text_encoder"), style.for_component("text_encoder"))
+        >>> te = fe.attach(pipe.text_encoder, subject.for_component("text_encoder"),
+        ...                style.for_component("text_encoder"))
     """
     subject, style = _as_lora(subject, "subject"), _as_lora(style, "style")
     if subject is None and style is None:

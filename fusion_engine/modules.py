@@ -94,7 +94,8 @@ class DynamicLoRALayer(nn.Module):
         ``base_out`` the base output without its bias. FLS scores and selects this delta like any other.
         ``raw_delta`` is the unscaled ``(x A^T) B^T``; channels are the last dim (linear) or dim 1 (conv).
         """
-        scale, gain = (self.subject_scale, self.subject_gain) if branch == "subject" else (self.style_scale, self.style_gain)
+        subject = branch == "subject"
+        scale, gain = (self.subject_scale, self.subject_gain) if subject else (self.style_scale, self.style_gain)
         if gain.numel() == 0:
             return scale * raw_delta
         gain = gain.to(raw_delta.dtype).reshape(-1, *([1] * (raw_delta.ndim - 2)))
@@ -151,7 +152,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
         row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
         out, subject_score, style_score, choose_subject = fls_select(
-            y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject, self.has_style
+            y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject,
+            self.has_style,
         )
         context.record(self.index, choose_subject, subject_score, style_score)
         return out.to(x.dtype)

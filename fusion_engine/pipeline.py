@@ -46,13 +46,13 @@ class FusionPipeline:
                                    **policy_options)
 
     @classmethod
-    def from_pipe(cls, pipe, subject=None, style=None, policy="fls", **options) -> "FusionPipeline":
+    def from_pipe(cls, pipe, subject=None, style=None, policy="fls", **options) -> FusionPipeline:
         """Options as ``__init__`` (``refine=`` included)."""
         return cls(pipe, subject, style, policy, **options)
 
     @classmethod
     def from_pretrained(cls, path, subject=None, style=None, policy="fls", *, torch_dtype=None, device=None,
-                        **options) -> "FusionPipeline":
+                        **options) -> FusionPipeline:
         """Load a diffusers pipeline folder from local disk (never the network)."""
         pipe = load_local_pipeline(path, torch_dtype, device)  # a ModelPathError names what the path is instead
         return cls(pipe, subject, style, policy, **options)

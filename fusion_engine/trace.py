@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from .io import write_text
 
 # Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.

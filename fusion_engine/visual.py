@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
 from .io import save_image
 
 SUBJECT_RGB = (230, 120, 30)  # orange

@@ -15,10 +15,9 @@ from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fusion_engine as fe  # noqa: E402
-from fusion_engine.worlds.random import default_loras  # noqa: E402
 from fusion_engine.errors import FusionEngineError  # noqa: E402
-from fusion_engine.lora import lora_to_state_dict  # noqa: E402
 from fusion_engine.lora.checks import FACTOR_DTYPES  # noqa: E402
+from fusion_engine.worlds.random import default_loras  # noqa: E402
 
 LAYOUTS = ("peft", "kohya", "diffusers")
 SAFETENSORS_DTYPES = ("F16", "BF16", "F32", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "F8_E5M2", "Q4", "")

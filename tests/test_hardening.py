@@ -14,11 +14,10 @@ from safetensors.torch import save_file
 
 import fusion_engine as fe
 from fusion_engine import errors
-from fusion_engine.worlds.random import attention_targets, random_lora
-from fusion_engine.lora import lora_to_state_dict
 from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.ops import reference
 from fusion_engine.policies import Policy
+from fusion_engine.worlds.random import attention_targets, random_lora
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 KOHYA = "lora_unet_" + LAYER.replace(".", "_")
@@ -166,7 +165,7 @@ def test_lora_for_another_base_model_reads_well(tiny_pipe, loras):
         fe.attach(sd_unet, loras[0], xl_lora)  # an SDXL LoRA on an SD1.5-like UNet
     message = str(caught.value)
     total = len(xl_lora.layers)
-    assert f"style LoRA (sdxl_style.safetensors): " in message and f"targets match this model" in message
+    assert "style LoRA (sdxl_style.safetensors): " in message and "targets match this model" in message
     assert f"of {total} targets match" in message and "missing (e.g. " in message
     assert "looks made for another base model" in message and "64-wide text features, this model's 32" in message
     assert "subject LoRA" not in message  # the subject fits: only the culprit is summarised

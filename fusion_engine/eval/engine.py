@@ -10,7 +10,6 @@ process died, rerun the same command (finished items are skipped) or build the r
 """
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OptionError
 from ..dtypes import default_dtype
+from ..errors import OptionError
 from ..model_path import load_local_pipeline
 from .settings import EvalSettings
 

@@ -1,9 +1,9 @@
 """``EvalSettings``: everything one evaluation run needs, built by ``fusion-engine eval`` or by hand."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 DEFAULT_POLICIES = ("direct", "klora", "blora", "fls", "fls+llr")
 

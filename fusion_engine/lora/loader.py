@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Mapping
 
 import torch
 
@@ -159,7 +159,8 @@ def _text_encoder_peft_keys(state: dict[str, object], source: str, component: st
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
-    if all(k.endswith((_DOWN, _UP, _ALPHA)) or _MAGNITUDE in k for k in state) and any(k.endswith(_DOWN) for k in state):
+    peft_keys = all(k.endswith((_DOWN, _UP, _ALPHA)) or _MAGNITUDE in k for k in state)
+    if peft_keys and any(k.endswith(_DOWN) for k in state):
         return state  # already PEFT keys: diffusers' round trip would leave them as they are
 
     # diffusers infers the old layout from "to_out_lora" alone; kohya files adapting only q/k/v have none
@@ -183,7 +184,8 @@ def _kohya_magnitudes(raw: dict[str, torch.Tensor], source: str) -> dict[int, tu
     for key in [k for k in raw if k.endswith(_DORA_SCALE)]:
         down = key[: -len(_DORA_SCALE)] + ".lora_down.weight"
         if down not in raw:
-            raise LoRALayoutError(f"{source}: key {key!r} is a DoRA magnitude without its factors ({down!r} is missing)")
+            raise LoRALayoutError(
+                f"{source}: key {key!r} is a DoRA magnitude without its factors ({down!r} is missing)")
         magnitudes[id(raw[down])] = (key, raw.pop(key))
     return magnitudes
 

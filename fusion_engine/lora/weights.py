@@ -95,7 +95,7 @@ class LoRA:
     def is_dora(self) -> bool:
         return any(layer.is_dora for layers in self.components.values() for layer in layers.values())
 
-    def for_component(self, name: str) -> "LoRA | None":
+    def for_component(self, name: str) -> LoRA | None:
         """The part of this LoRA that adapts component ``name`` (``None`` when the file has none)."""
         layers = self.components.get(name)
         if not layers:
@@ -108,7 +108,7 @@ class LoRA:
     def alphas(self) -> list[float]:
         return sorted({layer.alpha for layer in self.layers.values()})
 
-    def with_scale(self, scale: float) -> "LoRA":
+    def with_scale(self, scale: float) -> LoRA:
         return LoRA(dict(self.layers), self.source, self.layout, scale, list(self.ignored), self.component,
                     dict(self.other_components))
 

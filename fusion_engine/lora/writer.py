@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .loader import ADAPTER_METADATA_KEY
-from .weights import DENOISER, LoRA, LoRALayer
 from ..errors import OptionError
 from ..io import atomic_write
+from .loader import ADAPTER_METADATA_KEY
+from .weights import DENOISER, LoRA, LoRALayer
 
 LAYOUTS = ("peft", "diffusers", "kohya")
 

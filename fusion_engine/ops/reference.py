@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from ..errors import OptionError
 
 DIVERGENCES = ("kl", "js", "cosine", "dot")

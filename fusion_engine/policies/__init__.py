@@ -1,6 +1,7 @@
 """Fusion policies, one small class each; ``make_policy`` builds one from a name and options."""
 from __future__ import annotations
 
+from ..errors import OptionError, OptionTypeError
 from .base import Policy
 from .blora import SDXL_BLOCKS, BLoRAPolicy
 from .composite import CompositePolicy
@@ -8,7 +9,6 @@ from .direct import DirectPolicy
 from .fls import FLSPolicy
 from .klora import KLoRAPolicy
 from .switch import SwitchPolicy
-from ..errors import OptionError, OptionTypeError
 
 POLICIES = {
     "fls": FLSPolicy,

@@ -1,8 +1,8 @@
 """Direct merge: both deltas added with fixed weights (diffusers' set_adapters)."""
 from __future__ import annotations
 
-from .base import Policy
 from ..errors import OptionError
+from .base import Policy
 
 
 class DirectPolicy(Policy):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Policy
 from ..errors import OptionError
+from .base import Policy
 
 PATTERNS = ("s*", "s")
 

@@ -1,8 +1,8 @@
 """LoRA Switch: one LoRA active at a time, alternating every ``tau`` denoising steps (subject first)."""
 from __future__ import annotations
 
-from .base import Policy
 from ..errors import OptionError
+from .base import Policy
 
 
 class SwitchPolicy(Policy):

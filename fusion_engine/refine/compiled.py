@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+
 from ..errors import OptionError
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..metrics import as_image_tensor
 from ..errors import OptionError
+from ..metrics import as_image_tensor
 
 
 def clone_generator(generator):

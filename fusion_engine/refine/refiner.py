@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import OptionError
 from .compiled import CompiledOrEager, wants_compile
 from .gradient import shape_gradient
 from .references import generate_references, user_references
 from .reward import ReferenceEmbeddings, llr_objective
 from .x0 import predict_x0
-from ..errors import OptionError
 
 
 class Refiner:
@@ -75,7 +75,7 @@ class Refiner:
         return self._objective
 
     def start(self, pipeline, *, noise, generator, subject_prompt=None, style_prompt=None, reference_images=None,
-              **call_options) -> "Refinement":
+              **call_options) -> Refinement:
         """Make (or take) the references and embed them; called by FusionPipeline before fusion sampling."""
         if reference_images is not None:
             subject_images, style_images = user_references(reference_images)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..metrics import embed
 from ..errors import OptionError
+from ..metrics import embed
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ Prediction types: ``epsilon`` x0 = (c x_t - sigma eps) / alpha; ``v_prediction``
 from __future__ import annotations
 
 import torch
+
 from ..errors import OptionError
 
 SIGMA_FAMILY = (

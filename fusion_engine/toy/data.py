@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+
 from ..errors import OptionError
 
 SIZE = 16

@@ -21,9 +21,6 @@ from .train_base import WEIGHTS, log
 from .world import STYLE_FILE, SUBJECT_FILE
 
 
-
-
-
 class LoRALinear(nn.Module):
     """``base(x) + (alpha / rank) * x A^T B^T``, with A Gaussian and B zero at the start (PEFT's init)."""
 

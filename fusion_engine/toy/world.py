@@ -5,8 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from .data import TOY_FUSED_PROMPT, TOY_STYLE_PROMPT, TOY_SUBJECT_PROMPT
 from ..errors import ModelPathError
+from .data import TOY_FUSED_PROMPT, TOY_STYLE_PROMPT, TOY_SUBJECT_PROMPT
 
 WEIGHTS = Path(__file__).parent / "weights"
 SUBJECT_FILE = "subject_sks_star_peft.safetensors"
