@@ -1,5 +1,25 @@
 """fusion_engine: training-free dynamic fusion of a subject LoRA and a style LoRA in diffusion models."""
-from .errors import AttachError, FusionEngineError, LoRAFormatError, StepContextError
+from .errors import (
+    AlreadyAttachedError,
+    AttachError,
+    BackendError,
+    BatchLayoutError,
+    ConcurrentUseError,
+    FusionEngineError,
+    LoRADtypeError,
+    LoRAFileError,
+    LoRAFileNotFoundError,
+    LoRAFormatError,
+    LoRALayoutError,
+    LoRAShapeError,
+    LoRAValueError,
+    ModelMismatchError,
+    ModelPathError,
+    OptionError,
+    OptionTypeError,
+    StepContextError,
+    StepRangeError,
+)
 from .fusion import Fusion, detach_all
 from .integration import PipelineFusion, attach
 from .lora import LoRA, LoRALayer, load_lora, save_lora
@@ -11,7 +31,12 @@ from .trace import Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttachError", "Fusion", "FusionEngineError", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRAFormatError",
-    "LoRALayer", "POLICIES", "PipelineFusion", "Refiner", "StepContextError", "Trace", "attach", "detach_all", "load_lora",
-    "make_policy", "save_lora",
+    # errors: every error the library raises on purpose (fusion_engine/errors.py has the tree)
+    "AlreadyAttachedError", "AttachError", "BackendError", "BatchLayoutError", "ConcurrentUseError", "FusionEngineError",
+    "LoRADtypeError", "LoRAFileError", "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError",
+    "LoRAValueError", "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "StepContextError",
+    "StepRangeError",
+    # the API
+    "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "POLICIES", "PipelineFusion", "Refiner",
+    "Trace", "attach", "detach_all", "load_lora", "make_policy", "save_lora",
 ]

@@ -20,12 +20,6 @@ GRID_POLICIES = (  # (label, policy, which LoRAs)
 )
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 # -- value types: argparse turns their ArgumentTypeError into the one-line error ------------------------------------
 def _number(text: str, kind):
     try:
@@ -231,6 +225,7 @@ def cmd_generate(args) -> int:
     from fusion_engine.image_files import save_run
     from fusion_engine.io import atomic_write
     from fusion_engine.model_path import check_supported
+    from fusion_engine.dtypes import torch_dtype
 
     _check_generate(args)
     if args.quiet:
@@ -240,7 +235,7 @@ def cmd_generate(args) -> int:
     folder = check_supported(args.model)
     refine = _refiner(args, torch.device(args.device)) if args.llr else None
     pipe = fe.FusionPipeline.from_pretrained(
-        folder, subject=subject, style=style, policy=args.policy, torch_dtype=_torch_dtype(args.dtype),
+        folder, subject=subject, style=style, policy=args.policy, torch_dtype=torch_dtype(args.dtype),
         device=args.device, refine=refine, **_fusion_options(args))
     if args.scheduler is not None:
         _set_scheduler(pipe.pipe, args.scheduler)
@@ -326,7 +321,7 @@ def cmd_inspect(args) -> int:
     lora = fe.load_lora(args.file)
     print(f"file:    {lora.source}")
     print(f"format:  {lora.layout}")
-    print(f"layers:  {len(lora.layers)} UNet layers ({sum(l.is_conv for l in lora.layers.values())} conv)")
+    print(f"layers:  {len(lora.layers)} UNet layers ({sum(layer.is_conv for layer in lora.layers.values())} conv)")
     print(f"rank:    {', '.join(map(str, lora.ranks()))}")
     print(f"alpha:   {', '.join(f'{a:g}' for a in lora.alphas())}")
     scales = sorted({lora.layer_scale(n) for n in lora.layers})
@@ -347,6 +342,7 @@ def _eval_settings(args):
     each defaulting to the random world (the tiny pipeline, random LoRA pairs, tiny random encoders)."""
     from functools import partial
 
+    from fusion_engine.dtypes import torch_dtype
     from fusion_engine.errors import OptionError
     from fusion_engine.eval import EvalSettings
     from fusion_engine.eval.loading import resolve_device
@@ -354,7 +350,7 @@ def _eval_settings(args):
     out = Path(args.out)
     options = dict(
         out=out, pairs=args.pairs, model=args.model, device=args.device,
-        dtype=_torch_dtype(args.dtype) if args.dtype else None,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
         clip_model=args.clip, clip_checkpoint=args.clip_checkpoint, dino_model=args.dino,
         dino_checkpoint=args.dino_checkpoint, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
         seeds=args.seeds, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
@@ -421,6 +417,10 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusion_engine.context import GRANULARITIES
+    from fusion_engine.dtypes import DTYPES
+    from fusion_engine.ops import BACKENDS, DIVERGENCES
+    from fusion_engine.policies import POLICIES
     from fusion_engine.worlds import WORLDS
 
     parser = _Parser(prog="fusion-engine", description=__doc__)
@@ -429,10 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def fusion_flags(p, policies):
         p.add_argument("--policy", default="fls", choices=policies)
-        p.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"], help="fls only")
-        p.add_argument("--granularity", default="image", choices=["image", "sample", "token", "batch"],
+        p.add_argument("--divergence", default="kl", choices=DIVERGENCES, help="fls only")
+        p.add_argument("--granularity", default="image", choices=GRANULARITIES,
                        help="what one decision covers (default: one per image, CFG halves together)")
-        p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+        p.add_argument("--backend", default="auto", choices=BACKENDS)
 
     gen = sub.add_parser("generate", help="sample with a subject and/or a style LoRA fused")
     gen.add_argument("--model", required=True, help="local diffusers pipeline folder (model_index.json)")
@@ -452,10 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a diffusers scheduler class name from the pipeline's compatibles, e.g. "
                           "DPMSolverMultistepScheduler (default: the folder's own)")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    gen.add_argument("--dtype", default="float16" if _cuda() else "float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--dtype", default="float16" if _cuda() else "float32", choices=list(DTYPES))
     gen.add_argument("--out", required=True, help="folder; files are named RUN_SEED_INDEX.png and never overwritten")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    fusion_flags(gen, ["fls", "direct", "klora", "blora", "switch", "composite"])
+    fusion_flags(gen, list(POLICIES))
     gen.add_argument("--blocks", type=block_map, default=None,
                      help="blora: 'subject=up_blocks.0.attentions.0;style=up_blocks.0.attentions.1' or JSON "
                           "(default: SDXL's B-LoRA blocks)")
@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=positive_int, default=4)
     demo.add_argument("--guidance", type=non_negative_float, default=5.0)
     demo.add_argument("--seed", type=seed_int, default=0)
-    demo.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    demo.add_argument("--backend", default="auto", choices=BACKENDS)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--world", default="auto", choices=WORLDS,
                       help="auto: the trained toy world when its weights ship, else the random one")
@@ -495,9 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_flags(parser) -> None:
+    from fusion_engine.dtypes import DTYPES
     from fusion_engine.eval import DEFAULT_POLICIES
+    from fusion_engine.ops import BACKENDS, DIVERGENCES
+    from fusion_engine.worlds import WORLDS
 
-    parser.add_argument("--world", default=None, choices=["toy", "random"],
+    parser.add_argument("--world", default=None, choices=[world for world in WORLDS if world != "auto"],
                         help="toy: the trained toy world's model, LoRA pair, judges and transparent measures "
                              "(--model/--pairs/--clip/--dino then stay unset)")
     parser.add_argument("--pairs", default=None, help="pairs.toml (default: N random pairs on the tiny default)")
@@ -508,14 +511,14 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the tiny world)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--steps", type=positive_int, default=50)
     parser.add_argument("--guidance", type=non_negative_float, default=5.0)
     parser.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8")
     parser.add_argument("--width", type=image_size, default=None)
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
-    parser.add_argument("--divergence", default="kl", choices=["kl", "js", "cosine", "dot"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--divergence", default="kl", choices=DIVERGENCES)
     parser.add_argument("--m", type=non_negative_float, default=10.0, help="LLR step size")
     parser.add_argument("--llr-constant-noise", action="store_true",
                         help="LLR without the UNet backward (noise prediction treated as a constant)")

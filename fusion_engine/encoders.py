@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import ModelPathError, OptionError
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,7 +81,7 @@ class ImageEncoder(nn.Module):
 def _check_file(path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: encoder checkpoint not found (encoders load from local files only)")
+        raise ModelPathError(f"{path}: encoder checkpoint not found (encoders load from local files only)")
     return str(path)
 
 
@@ -97,7 +99,7 @@ def load_openclip(model, checkpoint=None, *, device="cpu", dtype=torch.float32, 
     import open_clip
 
     if isinstance(model, str) and model.startswith("hf-hub:"):
-        raise ValueError("hf-hub: models would be downloaded; pass an architecture name and a local checkpoint")
+        raise OptionError("hf-hub: models would be downloaded; pass an architecture name and a local checkpoint")
     if isinstance(model, dict):
         config = dict(model)
         custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})

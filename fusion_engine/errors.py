@@ -19,9 +19,10 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     │   ├── StepRangeError (ValueError) ..... a step outside [0, num_steps)
     │   ├── BatchLayoutError (ValueError) ... a batch/prompt/granularity combination that cannot be grouped
     │   └── ConcurrentUseError .............. a second thread using an attached model while another one does
-    ├── ModelPathError (FileNotFoundError) .. a pipeline path that is not a local diffusers folder
+    ├── ModelPathError (FileNotFoundError) .. a model path that is not local (pipeline folder, encoder checkpoint)
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
-    └── OptionError (ValueError) ............ an argument or option the caller gave that cannot be used
+    └── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
+        └── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class ConcurrentUseError(StepContextError):
 
 
 class ModelPathError(FusionEngineError, FileNotFoundError):
-    """A pipeline path that is not a local diffusers folder (hub ids are never downloaded)."""
+    """A model path that is not a local diffusers folder or checkpoint file (hub ids are never downloaded)."""
 
 
 class BackendError(FusionEngineError, RuntimeError):
@@ -96,7 +97,13 @@ class BackendError(FusionEngineError, RuntimeError):
 
 
 class OptionError(FusionEngineError, ValueError):
-    """A bad argument or option (an unknown policy, divergence, backend; a value out of range)."""
+    """A bad argument, option or options file (an unknown policy, divergence, backend; a value out of range;
+    a pairs.toml that lacks a field)."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """Options of the wrong kind, where Python itself would raise ``TypeError`` (options beside a ready policy,
+    keywords a policy does not take); ``except TypeError`` and ``except OptionError`` both catch it."""
 
 
 def preview(names, limit: int = 5) -> str:

@@ -77,7 +77,8 @@ def _context_width_note(model: nn.Module, lora) -> str:
     model_width = getattr(getattr(model, "config", None), "cross_attention_dim", None)
     if not widths or not isinstance(model_width, int) or widths == [model_width]:
         return ""
-    return f"; its cross-attention layers take {'/'.join(map(str, widths))}-wide text features, this model's {model_width}"
+    return (f"; its cross-attention layers take {'/'.join(map(str, widths))}-wide text features, "
+            f"this model's {model_width}")
 
 
 def _summary(model: nn.Module, role: str, lora, modules, problems: dict[str, str]) -> str | None:
@@ -96,7 +97,8 @@ def _summary(model: nn.Module, role: str, lora, modules, problems: dict[str, str
         line += f"; {len(misfit)} with other shapes or types (e.g. {preview(misfit, 3)})"
     width_note = _context_width_note(model, lora)  # text-feature width differs: SD1.5 (768) vs SDXL (2048)
     if matched * 2 < total or width_note:
-        line += " -> it looks made for another base model (e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse)" + width_note
+        line += (" -> it looks made for another base model (e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse)"
+                 + width_note)
     return line
 
 

@@ -20,7 +20,7 @@ from .owner import Owner
 from .policies import make_policy
 from .trace import DEFAULT_MAX_RECORDS, Trace
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Fusion]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Fusion] = weakref.WeakKeyDictionary()
 _ATTACH_LOCK = threading.RLock()  # attach's check-and-register and detach are atomic across threads
 _DYNAMIC_TYPES = {nn.Linear: DynamicLoRALinear, nn.Conv2d: DynamicLoRAConv2d}
 
@@ -196,7 +196,7 @@ class Fusion:
             if _ATTACHED.get(self.model) is self:
                 del _ATTACHED[self.model]
 
-    def __enter__(self) -> "Fusion":
+    def __enter__(self) -> Fusion:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,9 +244,11 @@ def attach_model(
     warns that this attach leaves them out.
 
     Example:
-        >>> with fe.attach(unet, subject, style) as fusion:
+        >>> with fe.attach(unet, subject.for_component("unet"), style.for_component("unet")) as fusion:
         ...     fusion.set_batch_layout(images=2, copies=2)
         ...     noise = unet(latents, t, encoder_hidden_states=embeds).sample
+        >>> te = fe.attach(pipe.text_encoder, subject.for_component("text_encoder"),
+        ...                style.for_component("text_encoder"))
     """
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     if subject is None and style is None:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .errors import OptionError
-from .io import atomic_write, write_text_atomic
+from .io import atomic_write, write_text
 
 JSON_KEY = "fusion_engine"
 A1111_KEY = "parameters"
@@ -65,7 +65,7 @@ def save_png(image, path: Path, info: dict) -> Path:
     chunks.add_text(JSON_KEY, json.dumps(info, sort_keys=True))
     with atomic_write(path, overwrite=False) as scratch:
         image.save(scratch, format="PNG", pnginfo=chunks)
-    write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=1, sort_keys=True) + "\n")
+    write_text(path.with_suffix(".json"), json.dumps(info, indent=1, sort_keys=True) + "\n")
     return path
 
 

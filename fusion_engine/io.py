@@ -1,13 +1,15 @@
-"""Crash-safe file writes: write to a temporary name beside the target, sync, then rename into place.
+"""Files appear whole or not at all: write to a temporary name beside the target, sync, then rename into place.
 
-A reader (or a later run) sees either the old file or the whole new one, never a torn one: an interrupt or a
-full disk leaves at most a hidden ``.stem.tmp-PID-N.suffix`` file behind, and the target untouched.
+Every file the library writes (images, heatmaps, trace JSON, LoRA files, report.md, settings, pairs.toml)
+goes through :func:`atomic_write`, so a crash, a ``KeyboardInterrupt``, a full disk or a second process
+reading the folder never sees a half-written file: at most a hidden ``.stem.tmp-PID-N.suffix`` file is left
+behind and the target is untouched. The eval CSV is appended to with :func:`append_line` (whole lines).
 
 Example:
-    >>> from fusion_engine.io import atomic_write, write_text_atomic
+    >>> from fusion_engine.io import atomic_write, write_text
     >>> with atomic_write("out/image.png") as scratch:
     ...     image.save(scratch, format="PNG")
-    >>> write_text_atomic("out/settings.json", json.dumps(settings))
+    >>> write_text("out/settings.json", json.dumps(settings))
 """
 from __future__ import annotations
 
@@ -53,10 +55,17 @@ def atomic_write(path, *, overwrite: bool = True):
         scratch.unlink(missing_ok=True)
 
 
-def write_text_atomic(path, text: str, *, overwrite: bool = True) -> Path:
-    """``path.write_text(text)``, crash-safe (see ``atomic_write``)."""
+def write_text(path, text: str, *, overwrite: bool = True) -> Path:
+    """``Path(path).write_text(text)``, crash-safe (see :func:`atomic_write`). Returns the path."""
     with atomic_write(path, overwrite=overwrite) as scratch:
         scratch.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save_image(image, path) -> Path:
+    """``image.save(path)`` for a PIL image, crash-safe (see :func:`atomic_write`). Returns the path."""
+    with atomic_write(path) as scratch:
+        image.save(scratch)
     return Path(path)
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import OptionError
+
 
 def as_image_tensor(images) -> torch.Tensor:
     """PIL image(s) or a tensor in [0, 1] -> a float32 (B, 3, H, W) tensor (no gradient through PIL)."""
@@ -40,7 +42,7 @@ def _paired_cosine(encoder, images, references, batch_size: int) -> torch.Tensor
     if len(reference_embeddings) == 1:
         reference_embeddings = reference_embeddings.expand_as(image_embeddings)
     elif len(reference_embeddings) != len(image_embeddings):
-        raise ValueError(f"{len(reference_embeddings)} references for {len(image_embeddings)} images: "
+        raise OptionError(f"{len(reference_embeddings)} references for {len(image_embeddings)} images: "
                          "pass one reference or one per image")
     return F.cosine_similarity(image_embeddings, reference_embeddings, dim=-1).cpu()
 

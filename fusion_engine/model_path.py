@@ -74,3 +74,23 @@ def check_supported(folder) -> Path:
             f"{folder}: a {name} folder, and {kind}; FLUX, SD3 and other transformer (DiT) pipelines are not "
             "supported yet: fusion-engine fuses the UNet of SD 1.x/2.x and SDXL pipelines")
     return folder
+
+
+def load_local_pipeline(path, torch_dtype=None, device=None):
+    """A diffusers pipeline from the local folder ``path`` (never the network), moved to ``device`` if given.
+
+    Args:
+        path: a folder holding ``model_index.json``; anything else raises a ``ModelPathError`` that says what it is.
+        torch_dtype: the models' dtype (default: as saved).
+        device: where to move the pipeline (default: left on the CPU).
+
+    Example:
+        ```py
+        >>> pipe = load_local_pipeline("./sdxl-base", torch_dtype=torch.float16, device="cuda")
+        ```
+    """
+    from diffusers import DiffusionPipeline
+
+    folder = local_pipeline_folder(path)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+    return pipe.to(device) if device is not None else pipe

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .lora.checks import check_cast_factor, check_layer_scale
+from .lora.weights import delta_weight
 from .ops.reference import accumulation_dtype, base_linear, fls_select, lora_delta
 from .trace import choice_code
 
@@ -140,7 +141,7 @@ class DynamicLoRALayer(nn.Module):
     def delta_weight(self, branch: str) -> torch.Tensor:
         """Unscaled B @ A of one branch, shaped like the base weight (float32)."""
         lora_a, lora_b = (self.subject_a, self.subject_b) if branch == "subject" else (self.style_a, self.style_b)
-        return (lora_b.flatten(1).float() @ lora_a.flatten(1).float()).reshape(self.base.weight.shape)
+        return delta_weight(lora_a, lora_b)
 
     def policy_weights(self) -> tuple[float, float]:
         """The static policy's (subject, style) weights for this call (the pre-hook already kept the decision)."""
@@ -199,7 +200,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
         row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
         out, subject_score, style_score, choose_subject = fls_select(
-            y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject, self.has_style
+            y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject,
+            self.has_style,
         )
         self.keep_decisions(choose_subject, subject_score, style_score)
         return out.to(x.dtype)
@@ -228,7 +230,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
-                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.style_a, self.style_b, coef, backend=backend
+                rows, base.weight, base.bias, self.subject_a, self.subject_b, self.style_a, self.style_b, coef,
+                backend=backend,
             )
         return out.reshape(*lead, out.shape[-1])
 

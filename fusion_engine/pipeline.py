@@ -12,7 +12,7 @@ from .context import images_in_batch
 from .errors import AttachError, OptionError
 from .fusion import as_lora, attach_model
 from .integration import attach_pipeline, call_signature, check_attachable, check_call_arguments, pipeline_base_class
-from .model_path import local_pipeline_folder
+from .model_path import load_local_pipeline
 from .prompts import encode_prompts
 from .trace import Trace
 
@@ -97,20 +97,15 @@ class FusionPipeline:
                               "unload it (pipe.unload_ip_adapter()) or drop " + what)
 
     @classmethod
-    def from_pipe(cls, pipe, subject=None, style=None, policy="fls", **options) -> "FusionPipeline":
+    def from_pipe(cls, pipe, subject=None, style=None, policy="fls", **options) -> FusionPipeline:
         """Options as ``__init__`` (``refine=`` included)."""
         return cls(pipe, subject, style, policy, **options)
 
     @classmethod
     def from_pretrained(cls, path, subject=None, style=None, policy="fls", *, torch_dtype=None, device=None,
-                        **options) -> "FusionPipeline":
+                        **options) -> FusionPipeline:
         """Load a diffusers pipeline folder from local disk (never the network)."""
-        from diffusers import DiffusionPipeline
-
-        folder = local_pipeline_folder(path)  # a ModelPathError (FileNotFoundError) names what the path is instead
-        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
-        if device is not None:
-            pipe.to(device)
+        pipe = load_local_pipeline(path, torch_dtype, device)  # a ModelPathError names what the path is instead
         return cls(pipe, subject, style, policy, **options)
 
     @property
@@ -136,7 +131,7 @@ class FusionPipeline:
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            raise OptionError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         return latents.to(self.unet.device, self.unet.dtype)
 
     def _noise(self, fusion, latents, t, prompts, guidance_scale, composite):
@@ -241,7 +236,8 @@ class FusionPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
         timesteps = self.scheduler.timesteps
         latents = initial_noise * self.scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
         show = progress if progress is not None else not getattr(self.pipe, "_progress_bar_config", {}).get("disable")
 
         fusion = attach_model(self.unet, self.subject, self.style, policy=self.policy, **self.attach_options)
@@ -252,7 +248,9 @@ class FusionPipeline:
                 fusion.set_step(step, len(timesteps))
                 composite = self.policy == "composite"
                 if refinement is not None and refinement.active(step, len(timesteps)):
-                    predict = lambda x: self._noise(fusion, x, t, prompts, guidance_scale, composite)  # noqa: E731
+                    def predict(x, t=t, composite=composite):
+                        return self._noise(fusion, x, t, prompts, guidance_scale, composite)
+
                     latents = refinement.step(fusion, latents, t, predict, step_kwargs)
                     continue
                 noise = self._noise(fusion, latents, t, prompts, guidance_scale, composite)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .io import write_text
+
 # Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.
 STYLE, SUBJECT, BOTH, BASE = 0, 1, 2, -1
 # The bound of a model's trace under a plain ``attach``: it stays attached across many calls, so the trace
@@ -121,10 +123,7 @@ class Trace:
         return {"policy": self.policy, "layers": self.layer_names, "steps": self.steps, "records": rows}
 
     def save_json(self, path, max_groups: int = 64) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(max_groups), indent=1))
-        return path
+        return write_text(path, json.dumps(self.to_dict(max_groups), indent=1))
 
     def heatmap(self, path, title: str | None = None) -> Path:
         """Layers x steps picture of the choices (like the paper's Figure 5); PNG via Pillow."""

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .io import save_image
+
 SUBJECT_RGB = (230, 120, 30)  # orange
 STYLE_RGB = (40, 110, 200)  # blue
 EMPTY_RGB = (200, 200, 200)
@@ -48,16 +50,14 @@ def draw_heatmap(fraction: torch.Tensor, layer_names, steps, path, title: str = 
     else:
         draw.text((4, top), "layers", fill="black", font=font)
     y = top + n_layers * cell_h + 4
-    draw.text((left, y), f"steps {steps[0] if steps else '-'} .. {steps[-1] if steps else '-'} ->", fill="black", font=font)
+    span = f"steps {steps[0]} .. {steps[-1]} ->" if steps else "steps - .. - ->"
+    draw.text((left, y), span, fill="black", font=font)
     for i, (label, rgb) in enumerate((("subject", SUBJECT_RGB), ("style", STYLE_RGB), ("none", EMPTY_RGB))):
         x = 4 + i * 90
         draw.rectangle([x, y + 18, x + 12, y + 30], fill=rgb)
         draw.text((x + 16, y + 18), label, fill="black", font=font)
     draw.text((280, y + 18), BOTH_HINT, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return save_image(image, path)
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], path, cell: int = 128, title: str = "") -> Path:
@@ -76,7 +76,4 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], path, cell:
         draw.text((4, y + cell // 2 - 6), label, fill="black", font=font)
         for c, img in enumerate(images):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + c * (cell + pad), y))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return save_image(grid, path)

@@ -38,9 +38,8 @@ def test_context_manager_detaches_on_error(tiny_pipe, loras):
     unet = tiny_pipe.unet
     inputs = unet_inputs(unet, batch=1)
     expected, snapshot = unet_out(unet, inputs), _snapshot(unet)
-    with pytest.raises(KeyboardInterrupt):
-        with fe.attach(unet, *loras):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), fe.attach(unet, *loras):
+        raise KeyboardInterrupt
     _assert_untouched(unet, snapshot, inputs, expected)
 
 
@@ -91,9 +90,8 @@ def test_unknown_options_are_refused(tiny_pipe, loras):
 
 def test_step_policies_need_the_step(tiny_pipe, loras):
     unet = tiny_pipe.unet
-    with fe.attach(unet, *loras, policy="klora"):
-        with pytest.raises(fe.StepContextError, match="set_step"):
-            unet_out(unet, unet_inputs(unet, batch=1))
+    with fe.attach(unet, *loras, policy="klora"), pytest.raises(fe.StepContextError, match="set_step"):
+        unet_out(unet, unet_inputs(unet, batch=1))
 
 
 def test_image_granularity_checks_the_batch_layout(tiny_pipe, loras):

@@ -14,7 +14,8 @@ ATOL = 2e-5  # float32; both sides compute x W^T + s (x A^T) B^T, only the round
 def _files(tmp_path, loras, layout):
     subject, style = loras
     if layout == "diffusers":  # the old layout has no alpha: give the style alpha == rank
-        style = fe.LoRA({n: fe.LoRALayer(l.lora_a, l.lora_b * 0.5, float(l.rank)) for n, l in style.layers.items()})
+        style = fe.LoRA({n: fe.LoRALayer(layer.lora_a, layer.lora_b * 0.5, float(layer.rank))
+                          for n, layer in style.layers.items()})
     return (fe.save_lora(subject, tmp_path / f"subject_{layout}.safetensors", layout=layout),
             fe.save_lora(style, tmp_path / f"style_{layout}.safetensors", layout=layout))
 

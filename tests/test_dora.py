@@ -188,6 +188,7 @@ def test_a_magnitude_that_does_not_fit_the_model_fails_at_attach(tiny_pipe, lora
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     layer = subject.layers[name]
     subject.layers[name] = fe.LoRALayer(layer.lora_a, layer.lora_b, layer.alpha, magnitude=layer.magnitude[:-3])
-    with pytest.raises(fe.errors.ModelMismatchError, match=f"{name}: subject LoRA .* DoRA magnitude of shape \\(61,\\)"):
+    misshaped = f"{name}: subject LoRA .* DoRA magnitude of shape \\(61,\\)"
+    with pytest.raises(fe.errors.ModelMismatchError, match=misshaped):
         fe.attach(tiny_pipe.unet, subject)
     assert fe.fusion.attached_fusion(tiny_pipe.unet) is None

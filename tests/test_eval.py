@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from fusion_engine.cli import main
-from fusion_engine.eval.report import SCORES_HEADING
 from fusion_engine.errors import OptionError
 from fusion_engine.eval import EvalSettings, parse_policy, run, shard_from_env
+from fusion_engine.eval.report import SCORES_HEADING
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--policies", "direct,fls+llr", "--seeds", "1", "--steps", "2", "--default-pairs", "2", "--quiet"]

@@ -14,11 +14,10 @@ from safetensors.torch import save_file
 
 import fusion_engine as fe
 from fusion_engine import errors
-from fusion_engine.worlds.random import attention_targets, random_lora
-from fusion_engine.lora import lora_to_state_dict
 from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.ops import reference
 from fusion_engine.policies import Policy
+from fusion_engine.worlds.random import attention_targets, random_lora
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 KOHYA = "lora_unet_" + LAYER.replace(".", "_")
@@ -51,7 +50,8 @@ def style_file(tmp_path, loras):
     (errors.LoRALayoutError, ValueError), (errors.LoRAShapeError, ValueError), (errors.LoRADtypeError, ValueError),
     (errors.LoRAValueError, ValueError), (errors.ModelMismatchError, ValueError),
     (errors.AlreadyAttachedError, ValueError), (errors.BatchLayoutError, RuntimeError),
-    (errors.BatchLayoutError, ValueError), (errors.StepRangeError, ValueError), (errors.ModelPathError, FileNotFoundError),
+    (errors.BatchLayoutError, ValueError), (errors.StepRangeError, ValueError),
+    (errors.ModelPathError, FileNotFoundError),
 ])
 def test_every_error_is_a_library_error_and_the_builtin_callers_expect(error, builtin):
     assert issubclass(error, errors.FusionEngineError) and issubclass(error, builtin)
@@ -69,7 +69,8 @@ def test_truncated_file_names_the_key_and_missing_bytes(tmp_path, style_file):
     data = style_file.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(errors.LoRAFileError, match=r"cut\.safetensors: truncated: key 'lora_unet_.*' ends at .*1000 missing"):
+    truncated = r"cut\.safetensors: truncated: key 'lora_unet_.*' ends at .*1000 missing"
+    with pytest.raises(errors.LoRAFileError, match=truncated):
         fe.load_lora(cut)
     cut.write_bytes(data[:5])
     with pytest.raises(errors.LoRAFileError, match="truncated: 5 bytes"):
@@ -120,7 +121,8 @@ def test_int8_file_is_refused_by_key(tmp_path):
     path = tmp_path / "quantized.safetensors"
     save_file({f"{KOHYA}.lora_down.weight": torch.ones(4, 64, dtype=torch.int8),
                f"{KOHYA}.lora_up.weight": torch.ones(64, 4, dtype=torch.int8)}, str(path))
-    with pytest.raises(errors.LoRADtypeError, match=r"quantized\.safetensors: key 'lora_unet_.*lora_down\.weight'.*int8"):
+    quantized = r"quantized\.safetensors: key 'lora_unet_.*lora_down\.weight'.*int8"
+    with pytest.raises(errors.LoRADtypeError, match=quantized):
         fe.load_lora(path)
 
 
@@ -128,7 +130,8 @@ def test_int8_file_is_refused_by_key(tmp_path):
 def test_non_finite_factor_or_alpha_names_key_and_index(bad):
     up = torch.randn(64, 4)
     up[5, 2] = bad
-    with pytest.raises(errors.LoRAValueError, match=r"lora_B\.weight' \(64, 4\) float32 holds .*first at index \(5, 2\)"):
+    poisoned = r"lora_B\.weight' \(64, 4\) float32 holds .*first at index \(5, 2\)"
+    with pytest.raises(errors.LoRAValueError, match=poisoned):
         fe.load_lora(_peft(torch.randn(4, 64), up))
     kohya = {f"{KOHYA}.lora_down.weight": torch.randn(4, 64), f"{KOHYA}.lora_up.weight": torch.randn(64, 4),
              f"{KOHYA}.alpha": torch.tensor(bad)}
@@ -162,7 +165,7 @@ def test_lora_for_another_base_model_reads_well(tiny_pipe, loras):
         fe.attach(sd_unet, loras[0], xl_lora)  # an SDXL LoRA on an SD1.5-like UNet
     message = str(caught.value)
     total = len(xl_lora.layers)
-    assert f"style LoRA (sdxl_style.safetensors): " in message and f"targets match this model" in message
+    assert "style LoRA (sdxl_style.safetensors): " in message and "targets match this model" in message
     assert f"of {total} targets match" in message and "missing (e.g. " in message
     assert "looks made for another base model" in message and "64-wide text features, this model's 32" in message
     assert "subject LoRA" not in message  # the subject fits: only the culprit is summarised
@@ -190,7 +193,8 @@ def test_batch_layouts_that_cannot_be_grouped(tiny_pipe, loras):
         with pytest.raises(errors.BatchLayoutError, match="images=0"):
             fusion.set_batch_layout(images=0, copies=2)
         fusion.set_batch_layout(images=3, copies=2)
-        with pytest.raises(errors.BatchLayoutError, match=r"batch of 4 .* 3 image\(s\) x 2 copies = 6.*cannot be pooled"):
+        pooled = r"batch of 4 .* 3 image\(s\) x 2 copies = 6.*cannot be pooled"
+        with pytest.raises(errors.BatchLayoutError, match=pooled):
             unet_out(unet, unet_inputs(unet, batch=4))
         with pytest.raises(errors.StepRangeError, match=r"step 5 is outside \[0, 5\)"):
             fusion.set_step(5, 5)
@@ -343,7 +347,8 @@ def _python_heap(filters) -> int:
 
 def test_fifty_attach_detach_cycles_leak_nothing(tiny_pipe, loras):
     unet = tiny_pipe.unet
-    subject, style = (fe.LoRA({n: fe.LoRALayer(l.lora_a.double(), l.lora_b.double(), l.alpha) for n, l in lora.layers.items()})
+    subject, style = (fe.LoRA({n: fe.LoRALayer(layer.lora_a.double(), layer.lora_b.double(), layer.alpha)
+                               for n, layer in lora.layers.items()})
                       for lora in loras)  # float64 factors: every attach allocates fresh float32 buffers
     tokens = torch.randn(2, 64, 64)
 
@@ -392,16 +397,18 @@ def _fls_case(dtype, scale, seed=0, m=24, k=40, n=48, rank=4):
 
     x = (rand(m, k) * scale).to(dtype)
     weight, bias = (rand(n, k) / k**0.5).to(dtype), rand(n).to(dtype)
-    subject_a, subject_b, style_a, style_b = rand(rank, k).to(dtype), rand(n, rank).to(dtype), rand(rank, k).to(dtype), rand(n, rank).to(dtype)
+    subject_a, subject_b = rand(rank, k).to(dtype), rand(n, rank).to(dtype)
+    style_a, style_b = rand(rank, k).to(dtype), rand(n, rank).to(dtype)
     row_group = torch.arange(m) // 6
     return x, weight, bias, subject_a, subject_b, style_a, style_b, row_group, 4
 
 
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 def test_fp16_large_activations_give_finite_scores_and_the_fp64_decisions(divergence):
-    x, w, bias, subject_a, subject_b, style_a, style_b, rg, groups = _fls_case(torch.float16, scale=300.0)  # |y0| up to ~2e3, |d| ~1e4
-    out, subject_score, style_score, choose = reference.fls_linear(x, w, bias, subject_a, subject_b, 0.05, style_a, style_b, 0.04, rg, groups,
-                                                        divergence)
+    # |y0| up to ~2e3, |d| ~1e4
+    x, w, bias, subject_a, subject_b, style_a, style_b, rg, groups = _fls_case(torch.float16, scale=300.0)
+    out, subject_score, style_score, choose = reference.fls_linear(
+        x, w, bias, subject_a, subject_b, 0.05, style_a, style_b, 0.04, rg, groups, divergence)
     assert torch.isfinite(subject_score).all() and torch.isfinite(style_score).all() and choose.dtype == torch.bool
     assert subject_score.dtype == torch.float32 and out.dtype == torch.float16
     as64 = [t.double() if t.is_floating_point() else t for t in (x, w, bias, subject_a, subject_b, style_a, style_b)]
@@ -440,7 +447,8 @@ def test_all_zero_delta_never_wins_over_a_non_zero_one(divergence, zero_role):
 def test_zero_b_lora_is_never_chosen_through_attach(tiny_pipe, loras, divergence):
     unet = tiny_pipe.unet
     subject, style = loras
-    silent = fe.LoRA({n: fe.LoRALayer(l.lora_a, torch.zeros_like(l.lora_b), l.alpha) for n, l in subject.layers.items()})
+    silent = fe.LoRA({n: fe.LoRALayer(layer.lora_a, torch.zeros_like(layer.lora_b), layer.alpha)
+                      for n, layer in subject.layers.items()})
     with fe.attach(unet, silent, style, divergence=divergence) as fusion:
         unet_out(unet, unet_inputs(unet, batch=2))
         records = fusion.trace.gather()
@@ -453,7 +461,8 @@ def test_zero_b_lora_is_never_chosen_through_attach(tiny_pipe, loras, divergence
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 def test_exact_ties_go_to_the_subject(divergence):
     x, w, bias, a, b, _, _, rg, groups = _fls_case(torch.float32, scale=1.0)
-    out, subject_score, style_score, choose = reference.fls_linear(x, w, bias, a, b, 0.5, a, b, 0.5, rg, groups, divergence)
+    out, subject_score, style_score, choose = reference.fls_linear(
+        x, w, bias, a, b, 0.5, a, b, 0.5, rg, groups, divergence)
     assert torch.equal(subject_score, style_score) and choose.all()
     zero = torch.zeros_like(b)  # both deltas zero: a tie too (a no-op either way)
     _, _, _, choose = reference.fls_linear(x, w, bias, a, zero, 0.5, a, zero, 0.5, rg, groups, divergence)

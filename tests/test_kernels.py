@@ -186,7 +186,7 @@ def test_launchers_name_the_tensor_that_breaks_the_contract():
         "x dtype": ({"x": a["x"].double()}, "x dtype torch.float64"),
         "rank": ({"style_a": torch.randn(129, 61), "style_b": torch.randn(77, 129)}, "style rank 129 exceeds"),
     }
-    for name, (change, message) in bad.items():
+    for change, message in bad.values():
         with pytest.raises(ValueError, match=re.escape(message)):
             csrc_triton.fls_linear_fwd(**{**a, **change})
     with pytest.raises(ValueError, match=re.escape("coef must be (2,)")):

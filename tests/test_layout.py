@@ -15,6 +15,7 @@ LAYERS = {
     "csrc_triton": 0,  # the Triton kernels
     "fusion_engine.errors": 1,
     "fusion_engine.io": 1,  # crash-safe writes (no project imports)
+    "fusion_engine.dtypes": 1,  # dtype names
     "fusion_engine.ops": 1,  # ops/reference.py is the kernels' written contract
     "fusion_engine.modules": 2,
     "fusion_engine.policies": 2,

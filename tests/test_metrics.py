@@ -6,8 +6,15 @@ from safetensors.torch import save_file
 
 from fusion_engine import metrics
 from fusion_engine.encoders import (
-    OPENAI_MEAN, OPENAI_STD, TINY_DINO_NAME, TINY_DINO_OPTIONS, TINY_OPENCLIP_CONFIG, load_dino, load_openclip,
-    tiny_dino, tiny_openclip,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    TINY_DINO_NAME,
+    TINY_DINO_OPTIONS,
+    TINY_OPENCLIP_CONFIG,
+    load_dino,
+    load_openclip,
+    tiny_dino,
+    tiny_openclip,
 )
 
 

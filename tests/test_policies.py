@@ -1,4 +1,4 @@
-"""Baseline policies do what PAPER.md says, computed independently here."""
+"""Baseline policies do what docs/METHOD.md says, computed independently here."""
 import pytest
 import torch
 from conftest import unet_inputs, unet_out
@@ -19,10 +19,12 @@ def test_klora_scores_gamma_and_schedule(tiny_pipe, loras):
     shared = [n for n in subject.layers if n in style.layers]
     ratios, expected_scores = [], {}
     for name in shared:
-        subject_delta = subject.layer_scale(name) * (subject.layers[name].lora_b.double() @ subject.layers[name].lora_a.double())
-        style_delta = style.layer_scale(name) * (style.layers[name].lora_b.double() @ style.layers[name].lora_a.double())
+        subject_layer, style_layer = subject.layers[name], style.layers[name]
+        subject_delta = subject.layer_scale(name) * (subject_layer.lora_b.double() @ subject_layer.lora_a.double())
+        style_delta = style.layer_scale(name) * (style_layer.lora_b.double() @ style_layer.lora_a.double())
         k = subject.layers[name].rank * style.layers[name].rank
-        expected_scores[name] = (subject_delta.abs().flatten().topk(k).values.sum(), style_delta.abs().flatten().topk(k).values.sum())
+        expected_scores[name] = (subject_delta.abs().flatten().topk(k).values.sum(),
+                                 style_delta.abs().flatten().topk(k).values.sum())
         ratios.append(float(subject_delta.abs().sum() / style_delta.abs().sum()))
     mean = sum(ratios) / len(ratios)
     kept = [r for r in ratios if r < 3 * mean]

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import fusion_engine as fe
-from fusion_engine.worlds.random import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 from fusion_engine.encoders import tiny_dino, tiny_openclip
 from fusion_engine.refine import ReferenceEmbeddings, Refiner, llr_objective
 from fusion_engine.refine.compiled import CompiledOrEager
 from fusion_engine.refine.gradient import shape_gradient
+from fusion_engine.worlds.random import RANDOM_FUSED_PROMPT, RANDOM_STYLE_PROMPT, RANDOM_SUBJECT_PROMPT
 
 CFG = 5.0
 
@@ -37,11 +37,11 @@ def _set_scheduler(pipe, name, prediction):
 
 
 def _independent_guided_step(pipe, loras, clip, dino, references, noise, m, prediction, dino_reference="style"):
-    """x_{t-1} - m * grad R for a 1-step run, written out here from the equations (PAPER.md, Part 2)."""
+    """x_{t-1} - m * grad R for a 1-step run, written out here from the equations (docs/METHOD.md, Part 2)."""
     scheduler, unet, vae = pipe.scheduler, pipe.unet, pipe.vae
     scheduler.set_timesteps(1)
     t = scheduler.timesteps[0]
-    cond, uncond = pipe.encode_prompt(FUSED_PROMPT, "cpu", 1, True)
+    cond, uncond = pipe.encode_prompt(RANDOM_FUSED_PROMPT, "cpu", 1, True)
     subject_image, style_image = references
     x = (noise * scheduler.init_noise_sigma).requires_grad_(True)
     with torch.enable_grad(), fe.attach(unet, *loras, policy="fls", backend="reference") as fusion:
@@ -83,7 +83,7 @@ def test_one_guided_step_matches_independent_autograd(tiny_pipe, loras, encoders
     clip, dino = encoders
     references, noise, m = _references(), _noise(), 10.0
     pipe = fe.FusionPipeline(tiny_pipe, *loras, policy="fls", refine=Refiner(clip, dino, m=m))
-    got = pipe(FUSED_PROMPT, latents=noise, num_inference_steps=1, guidance_scale=CFG, output_type="latent",
+    got = pipe(RANDOM_FUSED_PROMPT, latents=noise, num_inference_steps=1, guidance_scale=CFG, output_type="latent",
                reference_images=references, progress=False).images
     expected, grad = _independent_guided_step(tiny_pipe, loras, clip, dino, references, noise, m, prediction)
     assert grad.abs().max() > 0, "the objective must depend on x_t"
@@ -95,7 +95,7 @@ def test_dino_against_the_subject_option(tiny_pipe, loras, encoders):
     references, noise = _references(), _noise()
     refiner = Refiner(clip, dino, m=10.0, dino_reference="subject")
     got = fe.FusionPipeline(tiny_pipe, *loras, refine=refiner)(
-        FUSED_PROMPT, latents=noise, num_inference_steps=1, guidance_scale=CFG, output_type="latent",
+        RANDOM_FUSED_PROMPT, latents=noise, num_inference_steps=1, guidance_scale=CFG, output_type="latent",
         reference_images=references, progress=False).images
     expected, _ = _independent_guided_step(tiny_pipe, loras, clip, dino, references, noise, 10.0, "epsilon",
                                            dino_reference="subject")
@@ -103,13 +103,13 @@ def test_dino_against_the_subject_option(tiny_pipe, loras, encoders):
 
 
 def _run(pipe, seed, steps=3, **kw):
-    return pipe(FUSED_PROMPT, num_inference_steps=steps, guidance_scale=CFG, output_type="latent", progress=False,
-                generator=torch.Generator().manual_seed(seed), **kw)
+    return pipe(RANDOM_FUSED_PROMPT, num_inference_steps=steps, guidance_scale=CFG, output_type="latent",
+                progress=False, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def test_m_zero_reproduces_the_unguided_sampler_bit_for_bit(tiny_pipe, loras, encoders):
     refined = fe.FusionPipeline(tiny_pipe, *loras, refine=Refiner(*encoders, m=0.0))
-    out = _run(refined, 3, subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT)
+    out = _run(refined, 3, subject_prompt=RANDOM_SUBJECT_PROMPT, style_prompt=RANDOM_STYLE_PROMPT)
     plain = _run(fe.FusionPipeline(tiny_pipe, *loras), 3)
     assert out.images.numpy().tobytes() == plain.images.numpy().tobytes()
     assert out.trace.to_dict() == plain.trace.to_dict()
@@ -117,12 +117,13 @@ def test_m_zero_reproduces_the_unguided_sampler_bit_for_bit(tiny_pipe, loras, en
 
 def test_references_come_from_each_lora_alone_with_the_same_seed(tiny_pipe, loras, encoders):
     refined = fe.FusionPipeline(tiny_pipe, *loras, refine=Refiner(*encoders, m=1.0))
-    subject_ref, style_ref = _run(refined, 5, subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT).references
+    subject_ref, style_ref = _run(refined, 5, subject_prompt=RANDOM_SUBJECT_PROMPT,
+                                  style_prompt=RANDOM_STYLE_PROMPT).references
     kw = dict(num_inference_steps=3, guidance_scale=CFG, output_type="pt", progress=False)
     alone_subject = fe.FusionPipeline(tiny_pipe, loras[0], None, policy="direct")(
-        SUBJECT_PROMPT, generator=torch.Generator().manual_seed(5), **kw).images
+        RANDOM_SUBJECT_PROMPT, generator=torch.Generator().manual_seed(5), **kw).images
     alone_style = fe.FusionPipeline(tiny_pipe, None, loras[1], policy="direct")(
-        STYLE_PROMPT, generator=torch.Generator().manual_seed(5), **kw).images
+        RANDOM_STYLE_PROMPT, generator=torch.Generator().manual_seed(5), **kw).images
     assert torch.equal(subject_ref, alone_subject) and torch.equal(style_ref, alone_style)
 
 
@@ -137,7 +138,7 @@ def test_refinement_lowers_the_objective(tiny_pipe, loras, encoders):
     plain = fe.FusionPipeline(tiny_pipe, *loras)
     gains = []
     for seed in range(3):
-        out = _run(refined, seed, subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT)
+        out = _run(refined, seed, subject_prompt=RANDOM_SUBJECT_PROMPT, style_prompt=RANDOM_STYLE_PROMPT)
         unguided = _run(plain, seed).images
         references = ReferenceEmbeddings.of(clip, dino, *out.references, batch=1)
         with torch.no_grad():

@@ -9,8 +9,8 @@ from test_sdxl import sdxl_pipe  # noqa: F401  (fixture)
 
 import fusion_engine as fe
 from fusion_engine.cli import main
-from fusion_engine.worlds.random import attention_targets, random_lora
 from fusion_engine.lora import lora_to_state_dict
+from fusion_engine.worlds.random import attention_targets, random_lora
 
 pytest.importorskip("peft")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")

@@ -38,8 +38,8 @@ def test_style_fidelity_prefers_the_held_out_style_whatever_the_shape():
 # -- the shipped world ------------------------------------------------------------------------------------
 @shipped
 def test_world_loads_from_the_shipped_files():
-    from fusion_engine.worlds import load_world
     from fusion_engine.toy.world import load_judges
+    from fusion_engine.worlds import load_world
 
     total = sum(f.stat().st_size for f in WEIGHTS.iterdir() if f.suffix == ".safetensors")
     assert total <= 20 * 2**20

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
-from ..io import atomic_write
+from ..io import save_image
 from ..metrics import score_images
 from .pairs import Pair, load_pairs
 from .recorded import check_recorded, settings_record
@@ -59,11 +59,6 @@ def plan(pairs: list[Pair], policies: list[str], seeds: int) -> list[WorkItem]:
     for policy in policies:
         parse_policy(policy)
     return [WorkItem(pair, policy, seed) for pair in pairs for seed in range(seeds) for policy in policies]
-
-
-def _save_atomic(image, path: Path) -> None:
-    with atomic_write(path) as scratch:
-        image.save(scratch, format="PNG")
 
 
 class Evaluator:
@@ -106,7 +101,7 @@ class Evaluator:
             if not path.exists():
                 loras = {"subject": None, "style": None, role: self.lora(getattr(pair, role))}
                 single = FusionPipeline(self.pipe, policy="direct", backend=self.settings.backend, trace=False, **loras)
-                _save_atomic(single(prompt, **self._call_options(seed)).images[0], path)
+                save_image(single(prompt, **self._call_options(seed)).images[0], path)
             images.append(Image.open(path).convert("RGB"))
         return tuple(images)
 
@@ -147,7 +142,7 @@ class Evaluator:
                 continue
             image, wall, peak, mem_kind = self.generate(item)
             path = item.image_path(out)
-            _save_atomic(image, path)
+            save_image(image, path)
             subject_ref, style_ref = self.references(item.pair, item.seed)
             with Image.open(path) as saved:  # score the saved (8-bit) image: reruns and shards see the same
                 scores = score_images(self.clip, self.dino, saved.convert("RGB"), subject_ref, style_ref)

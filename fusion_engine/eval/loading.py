@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import default_dtype
 from ..errors import OptionError
-from ..model_path import local_pipeline_folder
+from ..model_path import load_local_pipeline
 from .settings import EvalSettings
 
 
@@ -33,11 +34,8 @@ def load_pipe(settings: EvalSettings, device: torch.device):
         return settings.pipe.to(device)
     if settings.model is None:
         raise OptionError("EvalSettings needs a pipeline: give pipe= (a loaded one) or model= (a local folder)")
-    from diffusers import DiffusionPipeline
-
-    folder = local_pipeline_folder(settings.model)  # a ModelPathError names what the path is instead
-    dtype = settings.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).to(device)
+    # a ModelPathError names what the path is instead
+    pipe = load_local_pipeline(settings.model, settings.dtype or default_dtype(device), device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import OptionError
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -94,7 +96,7 @@ def load_pairs(path) -> list[Pair]:
             raise _pair_error(path, where, "gives one reference image; give both subject_image and style_image "
                                            "or neither")
 
-        def resolve(key):
+        def resolve(key, entry=entry):
             return (path.parent / entry[key]).resolve() if key in entry else None
 
         pairs.append(Pair(name, resolve("subject"), resolve("style"), entry["prompt"], entry["subject_prompt"],

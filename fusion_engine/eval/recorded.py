@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import OptionError
-from ..io import write_text_atomic
+from ..io import write_text
 
 _MAX_HEADER = 100 << 20  # the loader's own limit on a safetensors header
 RESULTS = ("scores", "images", "references", "report.md", "settings.json")  # what "restart" moves aside
@@ -114,5 +114,5 @@ def check_recorded(out: Path, record: dict, on_mismatch: str, rank: int = 0, wor
         old, diff = {}, []
     merged = {**record, **old} if diff else {**old, **record}
     if rank == 0 and merged != old:
-        write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True))
+        write_text(path, json.dumps(merged, indent=1, sort_keys=True))
     return diff

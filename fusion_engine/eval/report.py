@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from ..io import append_line, write_text_atomic
+from ..io import append_line, write_text
 from ..metrics import METRICS
 
 # Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
@@ -143,4 +143,4 @@ def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes
     if problems:
         lines += ["## Skipped records (torn by a crash; rerun to make their images again)", "",
                   *[f"- {problem}" for problem in problems], ""]
-    return write_text_atomic(Path(out) / "report.md", "\n".join(lines))
+    return write_text(Path(out) / "report.md", "\n".join(lines))

@@ -6,9 +6,9 @@ DoRA magnitudes; what cannot be applied (LyCORIS kinds, foreign keys) raises, na
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Mapping
 
 import torch
 
@@ -108,7 +108,8 @@ def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config
     try:
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=unet_config)
     except Exception as error:  # diffusers raises bare ValueError/KeyError on foreign layouts
-        raise LoRALayoutError(f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
+        raise LoRALayoutError(
+            f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
     return state, alphas or {}
 
 
@@ -124,7 +125,8 @@ def _to_peft_keys(keys_to_values: Mapping[str, object], source: str = "<state_di
 
 def _alpha_by_module(alphas: Mapping[str, float], source: str = "<state_dict>") -> dict[str, float]:
     """Map diffusers' network-alpha keys (``...to_q_lora.down.weight.alpha``) to module paths."""
-    unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v) for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
+    unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v)
+                   for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
     converted = _to_peft_keys(unet_alphas, source)
     return {k.split(".lora_A")[0].removesuffix(".alpha"): v for k, v in converted.items()}
 
@@ -177,7 +179,8 @@ def _text_encoder_peft_keys(state: dict[str, object], source: str, component: st
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
-    if all(k.endswith((_DOWN, _UP, _ALPHA)) or _MAGNITUDE in k for k in state) and any(k.endswith(_DOWN) for k in state):
+    peft_keys = all(k.endswith((_DOWN, _UP, _ALPHA)) or _MAGNITUDE in k for k in state)
+    if peft_keys and any(k.endswith(_DOWN) for k in state):
         return state  # already PEFT keys: diffusers' round trip would leave them as they are
 
     # diffusers infers the old layout from "to_out_lora" alone; kohya files adapting only q/k/v have none
@@ -201,7 +204,8 @@ def _kohya_magnitudes(raw: dict[str, torch.Tensor], source: str) -> dict[int, tu
     for key in [k for k in raw if k.endswith(_DORA_SCALE)]:
         down = key[: -len(_DORA_SCALE)] + ".lora_down.weight"
         if down not in raw:
-            raise LoRALayoutError(f"{source}: key {key!r} is a DoRA magnitude without its factors ({down!r} is missing)")
+            raise LoRALayoutError(
+                f"{source}: key {key!r} is a DoRA magnitude without its factors ({down!r} is missing)")
         magnitudes[id(raw[down])] = (key, raw.pop(key))
     return magnitudes
 

@@ -54,10 +54,12 @@ def _header_bytes(path: Path, head: bytes, size: int) -> bytes:
             if head.startswith(magic):
                 raise _not_safetensors(path, f"it is {what}; only .safetensors LoRAs are read (pickles can run code)")
     if size < 8:
-        raise LoRAFileError(f"{path}: truncated: {size} bytes, less than the 8-byte header length of a safetensors file")
+        raise LoRAFileError(
+            f"{path}: truncated: {size} bytes, less than the 8-byte header length of a safetensors file")
     (length,) = struct.unpack("<Q", head[:8])
     if length > MAX_HEADER_BYTES:
-        raise _not_safetensors(path, f"its first 8 bytes give a header length of {length} bytes (limit {MAX_HEADER_BYTES})")
+        raise _not_safetensors(
+            path, f"its first 8 bytes give a header length of {length} bytes (limit {MAX_HEADER_BYTES})")
     if 8 + length > size:
         raise LoRAFileError(
             f"{path}: truncated: the header needs {length} bytes after the first 8, but the file is only {size} bytes"
@@ -107,7 +109,8 @@ def _check_numel(path: Path, key: str, shape: list) -> None:
 def _entry_span(path: Path, key: str, entry) -> tuple[int, int]:
     """(begin, end) of one tensor's bytes, after checking that its shape and dtype need exactly that many."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise LoRAFileError(f"{path}: header entry for key {key!r} is not {{dtype, shape, data_offsets}}: {entry!r:.120}")
+        raise LoRAFileError(
+            f"{path}: header entry for key {key!r} is not {{dtype, shape, data_offsets}}: {entry!r:.120}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise LoRAFileError(f"{path}: key {key!r}: header shape {shape!r:.80} is not a list of sizes")

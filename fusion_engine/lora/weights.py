@@ -13,6 +13,16 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = (DENOISER, *TEXT_ENCODERS)
 
 
+def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """Unscaled B @ A in float32, shaped like the base weight: (out, in) or (out, in, kh, kw).
+
+    Args:
+        lora_a: (r, in) or (r, in, kh, kw).
+        lora_b: (out, r) or (out, r, 1, 1).
+    """
+    return (lora_b.flatten(1).float() @ lora_a.flatten(1).float()).reshape(lora_b.shape[0], *lora_a.shape[1:])
+
+
 @dataclass(frozen=True)
 class LoRALayer:
     """One adapted layer: delta W = (alpha / rank) * B @ A (times the LoRA's user scale).
@@ -41,9 +51,7 @@ class LoRALayer:
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A reshaped like the base weight, without any scale."""
-        lora_a = self.lora_a.flatten(1).float()
-        lora_b = self.lora_b.flatten(1).float()
-        return (lora_b @ lora_a).reshape(self.lora_b.shape[0], *self.lora_a.shape[1:])
+        return delta_weight(self.lora_a, self.lora_b)
 
 
 @dataclass
@@ -89,7 +97,7 @@ class LoRA:
     def is_dora(self) -> bool:
         return any(layer.is_dora for layers in self.components.values() for layer in layers.values())
 
-    def for_component(self, name: str) -> "LoRA | None":
+    def for_component(self, name: str) -> LoRA | None:
         """The part of this LoRA that adapts component ``name`` (``None`` when the file has none)."""
         layers = self.components.get(name)
         if not layers:
@@ -102,7 +110,7 @@ class LoRA:
     def alphas(self) -> list[float]:
         return sorted({layer.alpha for layer in self.layers.values()})
 
-    def with_scale(self, scale: float) -> "LoRA":
+    def with_scale(self, scale: float) -> LoRA:
         scale = check_scale(scale, f"LoRA({self.name!r}).with_scale")
         return LoRA(dict(self.layers), self.source, self.layout, scale, list(self.ignored), self.component,
                     dict(self.other_components))

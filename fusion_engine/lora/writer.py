@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import OptionError
+from ..io import atomic_write
 from .loader import ADAPTER_METADATA_KEY
 from .weights import DENOISER, LoRA, LoRALayer
 
@@ -75,7 +77,7 @@ def _layer_keys(lora: LoRA, component: str, name: str, layer: LoRALayer, layout:
 
 def lora_to_state_dict(lora: LoRA, layout: str = "peft") -> dict[str, torch.Tensor]:
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
+        raise OptionError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
     out = {}
     for component, layers in lora.components.items():
         for name, layer in layers.items():
@@ -88,11 +90,11 @@ def save_lora(lora: LoRA, path, layout: str = "peft") -> Path:
     path = Path(path)
     layers = [layer for part in lora.components.values() for layer in part.values()]
     if layout == "diffusers" and any(layer.alpha != layer.rank for layer in layers):
-        raise ValueError(f"{path}: the old diffusers layout stores no alpha; use 'peft' or 'kohya' for alpha != rank")
+        raise OptionError(f"{path}: the old diffusers layout stores no alpha; use 'peft' or 'kohya' for alpha != rank")
     metadata = {"format": "pt"}
     if layout == "peft":
         config = {k: v for component, part in lora.components.items() for k, v in _peft_config(component, part).items()}
         metadata[ADAPTER_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(lora_to_state_dict(lora, layout), str(path), metadata=metadata)
+    with atomic_write(path) as scratch:
+        save_file(lora_to_state_dict(lora, layout), str(scratch), metadata=metadata)
     return path

@@ -26,7 +26,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import OptionError
+
 DIVERGENCES = ("kl", "js", "cosine", "dot")
+
+
+def check_divergence(divergence: str) -> str:
+    """``divergence`` if it is one of ``DIVERGENCES``, else an ``OptionError`` that lists them."""
+    if divergence not in DIVERGENCES:
+        raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    return divergence
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,6 +59,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch.Tensor:
     """Per-row perturbation score of y1 against y0 (both float32, rows x channels)."""
+    check_divergence(divergence)
     if divergence == "kl":
         log_p1 = F.log_softmax(y1, dim=-1)
         return (log_p1.exp() * (log_p1 - F.log_softmax(y0, dim=-1))).sum(-1)
@@ -62,9 +72,7 @@ def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch
         return 0.5 * (kl_1m + kl_0m)
     if divergence == "cosine":
         return 1.0 - F.cosine_similarity(y1, y0, dim=-1, eps=1e-12)
-    if divergence == "dot":
-        return -(y1 * y0).sum(-1)
-    raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    return -(y1 * y0).sum(-1)  # "dot"
 
 
 def group_mean(values: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -113,7 +121,8 @@ def fls_select(y0, subject_delta, style_delta, row_group, num_groups, divergence
     style_score = group_mean(row_divergence(y0 + style_delta, y0, divergence), row_group, num_groups)
     subject_live, style_live = (group_nonzero(d, row_group, num_groups) for d in (subject_delta, style_delta))
     choose_subject = decide(subject_score, style_score, has_subject, has_style, subject_live, style_live)
-    return select_rows(y0, subject_delta, style_delta, choose_subject, row_group), subject_score, style_score, choose_subject
+    out = select_rows(y0, subject_delta, style_delta, choose_subject, row_group)
+    return out, subject_score, style_score, choose_subject
 
 
 def fls_linear(
@@ -130,7 +139,8 @@ def fls_linear(
     num_groups: int,
     divergence: str = "kl",
 ):
-    """Fused FLS linear. Returns (out, subject_score, style_score, choose_subject); scores float32 (G,), choose bool (G,)."""
+    """Fused FLS linear. Returns (out, subject_score, style_score, choose_subject); scores float32 (G,),
+    choose bool (G,)."""
     y0 = base_linear(x, weight, bias)
     subject_delta = subject_scale * lora_delta(x, subject_a, subject_b)
     style_delta = style_scale * lora_delta(x, style_a, style_b)

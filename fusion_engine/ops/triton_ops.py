@@ -19,11 +19,10 @@ which is what latent-level refinement needs.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
-from ..errors import BackendError, OptionError
+from ..errors import BackendError
 from . import reference
 
 try:
@@ -79,9 +78,9 @@ def _check_device(x: Tensor) -> None:
 
 @torch.library.custom_op("fusion_engine::fls_linear_triton", mutates_args=())
 def _fls_linear_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], subject_a: Tensor, subject_b: Tensor, subject_scale: float,
+    x: Tensor, weight: Tensor, bias: Tensor | None, subject_a: Tensor, subject_b: Tensor, subject_scale: float,
     style_a: Tensor, style_b: Tensor, style_scale: float, row_group: Tensor, num_groups: int, divergence: str,
-    prev_choose: Optional[Tensor],
+    prev_choose: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_device(x)
     return _kernels.fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale,
@@ -133,8 +132,7 @@ def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, st
     Inputs with more than two dims are flattened to rows; ``row_group`` indexes those rows.
     """
     _check_device(x)
-    if divergence not in reference.DIVERGENCES:
-        raise OptionError(f"unknown divergence {divergence!r}; expected one of {reference.DIVERGENCES}")
+    reference.check_divergence(divergence)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if divergence == "js":
@@ -150,7 +148,7 @@ def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, st
 # --------------------------------------------------------------------------- mix_linear
 
 @torch.library.custom_op("fusion_engine::mix_linear_triton", mutates_args=())
-def _mix_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], subject_a: Tensor, subject_b: Tensor,
+def _mix_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, subject_a: Tensor, subject_b: Tensor,
                    style_a: Tensor, style_b: Tensor, coef: Tensor) -> Tensor:
     _check_device(x)
     return _kernels.mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef)

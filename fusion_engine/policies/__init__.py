@@ -1,7 +1,7 @@
 """Fusion policies, one small class each; ``make_policy`` builds one from a name and options."""
 from __future__ import annotations
 
-from ..errors import OptionError
+from ..errors import OptionError, OptionTypeError
 from .base import Policy
 from .blora import SDXL_BLOCKS, BLoRAPolicy
 from .composite import CompositePolicy
@@ -24,14 +24,14 @@ def make_policy(policy, **options) -> Policy:
     """A Policy from a name (``"fls"``, ``"direct"``, ...) and its options, or a ready instance."""
     if isinstance(policy, Policy):
         if options:
-            raise TypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
+            raise OptionTypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
         return policy
     if policy not in POLICIES:
         raise OptionError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
     try:
         return POLICIES[policy](**options)
     except TypeError as error:
-        raise TypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
+        raise OptionTypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
 
 
 __all__ = [

@@ -1,8 +1,7 @@
 """Feature-Level Selection: per layer and group, keep the branch that perturbs the base features most."""
 from __future__ import annotations
 
-from ..errors import OptionError
-from ..ops.reference import DIVERGENCES
+from ..ops.reference import check_divergence
 from .base import Policy
 
 
@@ -11,9 +10,7 @@ class FLSPolicy(Policy):
     uses_divergence = True
 
     def __init__(self, divergence: str = "kl"):
-        if divergence not in DIVERGENCES:
-            raise OptionError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
-        self.divergence = divergence
+        self.divergence = check_divergence(divergence)
 
     def describe(self) -> str:
         return f"fls[{self.divergence}]"

@@ -5,12 +5,14 @@ import warnings
 
 import torch
 
+from ..errors import OptionError
+
 
 def wants_compile(mode, device: torch.device) -> bool:
     """``True``: always try; ``False``: never; ``"auto"``: on CUDA only (on a CPU, compiling costs tens of
     seconds and gains little for these small graphs)."""
     if mode not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {mode!r}")
+        raise OptionError(f"compile must be True, False or 'auto', got {mode!r}")
     return mode is True or (mode == "auto" and device.type == "cuda")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OptionError
 from ..metrics import as_image_tensor
 
 
@@ -21,10 +22,10 @@ def generate_references(pipeline, subject_prompt, style_prompt, *, noise, genera
     """Ic and Is sampled by ``pipeline``'s own sampler from the same initial noise as the fused run, each with
     one LoRA alone (policy "direct"), as (B, 3, H, W) float tensors in [0, 1]."""
     if subject_prompt is None or style_prompt is None:
-        raise ValueError("LLR needs the reference images: pass subject_prompt= and style_prompt= (the single-LoRA "
+        raise OptionError("LLR needs the reference images: pass subject_prompt= and style_prompt= (the single-LoRA "
                          "prompts of Eqs. 14-15) or reference_images=(subject_image, style_image)")
     if pipeline.subject is None or pipeline.style is None:
-        raise ValueError("generating LLR references needs both LoRAs; pass reference_images= instead")
+        raise OptionError("generating LLR references needs both LoRAs; pass reference_images= instead")
     backend = pipeline.attach_options.get("backend", "auto")
     images = []
     for role, prompt in (("subject", subject_prompt), ("style", style_prompt)):
@@ -42,5 +43,5 @@ def user_references(reference_images) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         subject, style = reference_images
     except (TypeError, ValueError) as error:
-        raise ValueError("reference_images must be a pair (subject_image, style_image)") from error
+        raise OptionError("reference_images must be a pair (subject_image, style_image)") from error
     return as_image_tensor(subject), as_image_tensor(style)

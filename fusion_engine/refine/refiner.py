@@ -1,4 +1,4 @@
-"""Refiner: Latent-Level Refinement (PAPER.md, Part 2) as a FusionPipeline hook.
+"""Refiner: Latent-Level Refinement (docs/METHOD.md, Part 2; arXiv 2602.15539) as a FusionPipeline hook.
 
     refiner = Refiner(clip=load_openclip("ViT-L-14", "clip.safetensors"),
                       dino=load_dino("vit_base_patch16_224.dino", "dino.safetensors"), m=10.0)
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import OptionError
 from .compiled import CompiledOrEager, wants_compile
 from .gradient import shape_gradient
 from .references import generate_references, user_references
@@ -45,9 +46,9 @@ class Refiner:
                  dino_reference: str = "style", compile="auto", guided_backend: str | None = "reference",
                  gradient_checkpointing: bool = False):
         if dino_reference not in ("style", "subject"):
-            raise ValueError(f"dino_reference must be 'style' or 'subject', got {dino_reference!r}")
+            raise OptionError(f"dino_reference must be 'style' or 'subject', got {dino_reference!r}")
         if step_window is not None and not 0.0 <= step_window[0] <= step_window[1] <= 1.0:
-            raise ValueError(f"step_window must be (start, end) with 0 <= start <= end <= 1, got {step_window}")
+            raise OptionError(f"step_window must be (start, end) with 0 <= start <= end <= 1, got {step_window}")
         wants_compile(compile, torch.device("cpu"))  # validates the value
         self.clip, self.dino, self.m = clip, dino, float(m)
         self.through_unet, self.normalize, self.clip_grad = through_unet, normalize, clip_grad
@@ -74,7 +75,7 @@ class Refiner:
         return self._objective
 
     def start(self, pipeline, *, noise, generator, subject_prompt=None, style_prompt=None, reference_images=None,
-              **call_options) -> "Refinement":
+              **call_options) -> Refinement:
         """Make (or take) the references and embed them; called by FusionPipeline before fusion sampling."""
         if reference_images is not None:
             subject_images, style_images = user_references(reference_images)

@@ -1,4 +1,4 @@
-"""The LLR objective: R = 1 - (S1 + S2 + S3) / 3 of the image decoded from a latent (PAPER.md, Part 2)."""
+"""The LLR objective: R = 1 - (S1 + S2 + S3) / 3 of the image decoded from a latent (docs/METHOD.md, Part 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import OptionError
 from ..metrics import embed
 
 
@@ -28,14 +29,14 @@ class ReferenceEmbeddings:
     @classmethod
     def of(cls, clip, dino, subject_images, style_images, batch: int, dino_reference: str = "style"):
         if dino_reference not in ("style", "subject"):
-            raise ValueError(f"dino_reference must be 'style' (the paper) or 'subject', got {dino_reference!r}")
+            raise OptionError(f"dino_reference must be 'style' (the paper) or 'subject', got {dino_reference!r}")
 
         def rows(encoder, images):
             embeddings = embed(encoder, images)
             if len(embeddings) == 1:
                 return embeddings.expand(batch, -1)
             if len(embeddings) != batch:
-                raise ValueError(f"{len(embeddings)} reference images for a batch of {batch}: give one or {batch}")
+                raise OptionError(f"{len(embeddings)} reference images for a batch of {batch}: give one or {batch}")
             return embeddings
 
         dino_images = style_images if dino_reference == "style" else subject_images

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OptionError
+
 SIGMA_FAMILY = (
     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
@@ -42,7 +44,7 @@ def noise_levels(scheduler, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if hasattr(scheduler, "alphas_cumprod") and not hasattr(scheduler, "sigmas"):
         alpha_bar = scheduler.alphas_cumprod[int(t)].double().cpu()
         return torch.ones((), dtype=torch.float64), alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    raise ValueError(f"LLR cannot predict x0 for {name}: supported are {SIGMA_FAMILY + DPM_FAMILY} and "
+    raise OptionError(f"LLR cannot predict x0 for {name}: supported are {SIGMA_FAMILY + DPM_FAMILY} and "
                      "alphas_cumprod schedulers (DDIM, DDPM, PNDM)")
 
 
@@ -56,4 +58,4 @@ def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -
         return (c * sample - sigma * model_output) / alpha
     if prediction == "v_prediction":
         return alpha * c * sample - sigma * model_output
-    raise ValueError(f"unknown prediction_type {prediction!r}; expected epsilon, v_prediction or sample")
+    raise OptionError(f"unknown prediction_type {prediction!r}; expected epsilon, v_prediction or sample")

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from ..errors import OptionError
+
 SIZE = 16
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "star")
 STYLES = {  # name: (background, colour A, colour B, texture)
@@ -28,9 +30,9 @@ HELD_STYLE, STYLE_TOKEN = "diagonal", "zzt"
 BASE_SHAPES = tuple(s for s in SHAPES if s != SUBJECT_SHAPE)
 BASE_STYLES = tuple(s for s in STYLES if s != HELD_STYLE)
 
-SUBJECT_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE}"
-STYLE_PROMPT = f"an image in {STYLE_TOKEN} style"
-FUSED_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE} in {STYLE_TOKEN} style"
+TOY_SUBJECT_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE}"
+TOY_STYLE_PROMPT = f"an image in {STYLE_TOKEN} style"
+TOY_FUSED_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_SHAPE} in {STYLE_TOKEN} style"
 
 
 def _grid(cx: float, cy: float):
@@ -61,7 +63,7 @@ def silhouette(shape: str, cx: float = SIZE / 2, cy: float = SIZE / 2, r: float 
         k = (theta % (2 * math.pi / 5)) / (2 * math.pi / 5)  # 0..1 within one point's sector
         edge = r * (0.42 + 0.58 * np.abs(1 - 2 * k))
         return rho <= edge
-    raise ValueError(f"unknown shape {shape!r}")
+    raise OptionError(f"unknown shape {shape!r}")
 
 
 def texture(kind: str, phase: int = 0) -> np.ndarray:
@@ -79,7 +81,7 @@ def texture(kind: str, phase: int = 0) -> np.ndarray:
         return ((xs + ys + phase) // 2) % 2 == 1
     if kind == "solid":
         return np.zeros((SIZE, SIZE), bool)
-    raise ValueError(f"unknown texture {kind!r}")
+    raise OptionError(f"unknown texture {kind!r}")
 
 
 def render(shape: str, style: str, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -144,7 +146,7 @@ def subject_dataset(count: int = 6, seed: int = 1):
     """DreamBooth images: the held-out shape, plain, ``count`` jittered renders, captioned "a sks star"."""
     rng = np.random.default_rng(seed)
     images = [render(SUBJECT_SHAPE, SUBJECT_STYLE, rng) for _ in range(count)]
-    return to_tensor(images), [SUBJECT_PROMPT] * count
+    return to_tensor(images), [TOY_SUBJECT_PROMPT] * count
 
 
 def style_dataset(per_shape: int = 4, seed: int = 2):
@@ -154,7 +156,7 @@ def style_dataset(per_shape: int = 4, seed: int = 2):
     for shape in BASE_SHAPES:
         for i in range(per_shape):
             images.append(render(shape, HELD_STYLE, rng))
-            captions.append(STYLE_PROMPT if i % 2 else f"a {shape} in {STYLE_TOKEN} style")
+            captions.append(TOY_STYLE_PROMPT if i % 2 else f"a {shape} in {STYLE_TOKEN} style")
     return to_tensor(images), captions
 
 

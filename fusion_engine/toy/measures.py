@@ -79,7 +79,8 @@ def texture_statistics(image: np.ndarray) -> np.ndarray:
     for dy, dx in OFFSETS:
         h, w = mask.shape
         ys, xs = slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx))
-        ys2, xs2 = slice(max(0, dy), h - max(0, -dy) if dy < 0 else h), slice(max(0, dx), w + min(0, dx) if dx < 0 else w)
+        ys2 = slice(max(0, dy), h - max(0, -dy) if dy < 0 else h)
+        xs2 = slice(max(0, dx), w + min(0, dx) if dx < 0 else w)
         a, b = image[ys, xs], image[ys2, xs2]
         both = mask[ys, xs] & mask[ys2, xs2]
         diff = np.abs(a - b).sum(-1)

@@ -73,7 +73,9 @@ def train_unet(latents, captions, steps: int, seed: int, batch: int = 32, lr: fl
     scheduler = DDPMScheduler(**{k: v for k, v in configs.SCHEDULER.items() if k != "timestep_spacing"})
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    lr_at = lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
+    def lr_at(s):  # 50 warm-up steps, then cosine down to 0.1
+        return min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
+
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(seed + 1)
     alphas = scheduler.alphas_cumprod
@@ -95,7 +97,8 @@ def train_unet(latents, captions, steps: int, seed: int, batch: int = 32, lr: fl
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             adapt_threads()
-            log(f"unet step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s, {torch.get_num_threads()} threads)")
+            log(f"unet step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s, "
+                f"{torch.get_num_threads()} threads)")
     return unet.eval(), text_encoder.eval(), time.perf_counter() - start
 
 

@@ -21,9 +21,6 @@ from .train_base import WEIGHTS, log
 from .world import STYLE_FILE, SUBJECT_FILE
 
 
-
-
-
 class LoRALinear(nn.Module):
     """``base(x) + (alpha / rank) * x A^T B^T``, with A Gaussian and B zero at the start (PEFT's init)."""
 
@@ -90,8 +87,9 @@ def train_lora(world, images, captions, *, rank, alpha, steps, seed, lr=2e-3, ba
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             log(f"lora step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
-    lora = LoRA(layers={name: LoRALayer(lora_a=l.lora_a.detach().clone(), lora_b=l.lora_b.detach().clone(), alpha=float(alpha))
-                        for name, l in layers.items()}, source="<trained>", layout="peft")
+    lora = LoRA(layers={name: LoRALayer(lora_a=layer.lora_a.detach().clone(), lora_b=layer.lora_b.detach().clone(),
+                                        alpha=float(alpha))
+                        for name, layer in layers.items()}, source="<trained>", layout="peft")
     return lora, time.perf_counter() - start
 
 

@@ -5,7 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
+from ..errors import ModelPathError
+from .data import TOY_FUSED_PROMPT, TOY_STYLE_PROMPT, TOY_SUBJECT_PROMPT
 
 WEIGHTS = Path(__file__).parent / "weights"
 SUBJECT_FILE = "subject_sks_star_peft.safetensors"
@@ -39,9 +40,9 @@ def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
 
     folder = Path(folder)
     if require_loras and not toy_weights_present(folder):
-        raise FileNotFoundError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
+        raise ModelPathError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
     return World(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
-                 subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
+                 subject_prompt=TOY_SUBJECT_PROMPT, style_prompt=TOY_STYLE_PROMPT, prompt=TOY_FUSED_PROMPT)
 
 
 def load_judges(folder=WEIGHTS, device="cpu"):
@@ -62,8 +63,8 @@ def write_toy_pairs(folder, weights=WEIGHTS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weights = Path(weights).resolve()
     lines = ["[[pair]]", 'name = "sks-star_zzt"', f'subject = "{weights / SUBJECT_FILE}"',
-             f'style = "{weights / STYLE_FILE}"', f'prompt = "{FUSED_PROMPT}"',
-             f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
+             f'style = "{weights / STYLE_FILE}"', f'prompt = "{TOY_FUSED_PROMPT}"',
+             f'subject_prompt = "{TOY_SUBJECT_PROMPT}"', f'style_prompt = "{TOY_STYLE_PROMPT}"', ""]
     path = folder / "pairs.toml"
     scratch = path.with_name(f".pairs.{os.getpid()}.toml")
     scratch.write_text("\n".join(lines))

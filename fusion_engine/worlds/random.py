@@ -4,19 +4,18 @@ weights, all built here with fixed seeds. Fast, and no file needed: what the uni
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from ..io import write_text
 from ..lora import LoRA, LoRALayer, save_lora
 from .base import World, assemble_pipeline
 
-SUBJECT_PROMPT = "a photo of sbu dog"
-STYLE_PROMPT = "a painting in szn style"
-FUSED_PROMPT = "a sbu dog in szn style"
+RANDOM_SUBJECT_PROMPT = "a photo of sbu dog"
+RANDOM_STYLE_PROMPT = "a painting in szn style"
+RANDOM_FUSED_PROMPT = "a sbu dog in szn style"
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -34,9 +33,9 @@ def attention_targets(unet, skip: tuple[str, ...] = ()) -> list[str]:
     """Module paths of every attention projection (the paper's LoRA targets), minus ``skip`` prefixes."""
     names = []
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS):
-            if ".attn" in name and not name.startswith(skip):
-                names.append(name)
+        is_projection = isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS)
+        if is_projection and ".attn" in name and not name.startswith(skip):
+            names.append(name)
     return names
 
 
@@ -70,30 +69,25 @@ def load_random_world(folder, seed: int = 0) -> World:
     subject, style = default_loras(pipe.unet, seed)
     subject_path = save_lora(subject, folder / "subject_sbu_dog.safetensors", layout="peft")
     style_path = save_lora(style, folder / "style_szn_kohya.safetensors", layout="kohya")
-    return World(pipe, subject_path, style_path, SUBJECT_PROMPT, STYLE_PROMPT, FUSED_PROMPT)
+    return World(pipe, subject_path, style_path, RANDOM_SUBJECT_PROMPT, RANDOM_STYLE_PROMPT, RANDOM_FUSED_PROMPT)
 
 
 def write_random_pairs(folder, count: int, unet=None) -> Path:
     """``count`` pairs of random LoRAs (for ``unet``, default: the tiny pipeline's) and their pairs.toml, for
     ``fusion-engine eval`` when no pairs are given.
 
-    Sharded runs call this in every process: files are written aside and moved in atomically (their bytes
-    are deterministic), so no process ever reads a half-written file.
+    Sharded runs call this in every process: each file is written aside and renamed in (its bytes are
+    deterministic), pairs.toml last, so no process ever reads a half-written file.
     """
     folder = Path(folder)
-    scratch = folder / f".writing-{os.getpid()}"
-    scratch.mkdir(parents=True, exist_ok=True)
     unet = unet if unet is not None else build_tiny_pipeline(0).unet
     lines = []
     for index in range(count):
         subject, style = default_loras(unet, seed=10 * index)
-        save_lora(subject, scratch / f"subject_{index}.safetensors", layout="peft")
-        save_lora(style, scratch / f"style_{index}.safetensors", layout="kohya")
+        save_lora(subject, folder / f"subject_{index}.safetensors", layout="peft")
+        save_lora(style, folder / f"style_{index}.safetensors", layout="kohya")
         lines += ["[[pair]]", f'name = "tiny{index}"', f'subject = "subject_{index}.safetensors"',
-                  f'style = "style_{index}.safetensors"', f'prompt = "{FUSED_PROMPT}"',
-                  f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
-    (scratch / "pairs.toml").write_text("\n".join(lines))
-    for file in sorted(scratch.iterdir(), key=lambda f: f.name == "pairs.toml"):  # pairs.toml last
-        os.replace(file, folder / file.name)
-    shutil.rmtree(scratch, ignore_errors=True)
+                  f'style = "style_{index}.safetensors"', f'prompt = "{RANDOM_FUSED_PROMPT}"',
+                  f'subject_prompt = "{RANDOM_SUBJECT_PROMPT}"', f'style_prompt = "{RANDOM_STYLE_PROMPT}"', ""]
+    write_text(folder / "pairs.toml", "\n".join(lines))
     return folder / "pairs.toml"

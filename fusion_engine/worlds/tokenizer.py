@@ -6,6 +6,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..io import write_text
+
 # CLIP's vocabulary: 256 byte symbols, the same with "</w>", 48894 merges, then two special tokens.
 _MERGES = 49152 - 256 - 2
 
@@ -21,15 +23,15 @@ def write_clip_vocab(folder) -> Path:
     import open_clip
 
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : _MERGES + 1]
+    with gzip.open(bpe) as handle:
+        lines = handle.read().decode("utf-8").split("\n")[1 : _MERGES + 1]
     merges = [tuple(line.split()) for line in lines]
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    write_text(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return folder
 
 
