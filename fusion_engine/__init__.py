@@ -32,10 +32,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     # errors: every error the library raises on purpose (fusion_engine/errors.py has the tree)
-    "AlreadyAttachedError", "AttachError", "BackendError", "BatchLayoutError", "ConcurrentUseError", "FusionEngineError",
-    "LoRADtypeError", "LoRAFileError", "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError",
-    "LoRAValueError", "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "StepContextError",
-    "StepRangeError",
+    "AlreadyAttachedError", "AttachError", "BackendError", "BatchLayoutError", "ConcurrentUseError",
+    "FusionEngineError", "LoRADtypeError", "LoRAFileError", "LoRAFileNotFoundError", "LoRAFormatError",
+    "LoRALayoutError", "LoRAShapeError", "LoRAValueError", "ModelMismatchError", "ModelPathError", "OptionError",
+    "OptionTypeError", "StepContextError", "StepRangeError",
     # the API
     "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "POLICIES", "PipelineFusion", "Refiner",
     "Trace", "attach", "detach_all", "load_lora", "make_policy", "save_lora",

@@ -222,10 +222,10 @@ def cmd_generate(args) -> int:
     import torch
 
     import fusion_engine as fe
+    from fusion_engine.dtypes import torch_dtype
     from fusion_engine.image_files import save_run
     from fusion_engine.io import atomic_write
     from fusion_engine.model_path import check_supported
-    from fusion_engine.dtypes import torch_dtype
 
     _check_generate(args)
     if args.quiet:

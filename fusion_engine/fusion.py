@@ -225,9 +225,9 @@ def attach_model(
     with the other absent. Nothing is changed unless every target resolves and fits.
 
     Args:
-        policy: ``"fls"`` (default; ``"direct"`` on a text encoder), ``"direct"``, ``"klora"``, ``"blora"``, ``"switch"``, ``"composite"``, or a
-            ``Policy`` instance. Policy options: ``weights=(wc, ws)`` (direct), ``pattern`` (klora), ``blocks``
-            (blora), ``tau`` (switch).
+        policy: ``"fls"`` (default; ``"direct"`` on a text encoder), ``"direct"``, ``"klora"``, ``"blora"``,
+            ``"switch"``, ``"composite"``, or a ``Policy`` instance. Policy options: ``weights=(wc, ws)``
+            (direct), ``pattern`` (klora), ``blocks`` (blora), ``tau`` (switch).
         divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
         granularity: which rows decide together: ``"image"`` (default; ``"sample"`` on a text encoder),
             ``"sample"``, ``"token"``, ``"batch"``.

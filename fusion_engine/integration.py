@@ -31,7 +31,7 @@ from .fusion import Fusion, as_lora, attach_model
 from .trace import Trace
 
 DENOISERS = ("unet", "transformer")
-_PIPELINES: "weakref.WeakKeyDictionary[object, PipelineFusion]" = weakref.WeakKeyDictionary()
+_PIPELINES: weakref.WeakKeyDictionary[object, PipelineFusion] = weakref.WeakKeyDictionary()
 _FUSED_CLASSES: dict[type, type] = {}
 
 
@@ -70,10 +70,9 @@ def check_call_arguments(arguments: dict) -> None:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise OptionError(f"num_inference_steps must be a whole number >= 1, got {steps!r}")
     guidance = arguments.get("guidance_scale")
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise OptionError(f"guidance_scale must be a finite number >= 0 (<= 1 turns CFG off), got {guidance!r}")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise OptionError(f"guidance_scale must be a finite number >= 0 (<= 1 turns CFG off), got {guidance!r}")
     if arguments.get("prompt_embeds") is None and "prompt" in arguments:
         prompt = arguments["prompt"]
         prompts = [prompt] if prompt is None or isinstance(prompt, str) else list(prompt)
@@ -164,7 +163,7 @@ class PipelineFusion:
         for fusion in (*self.components.values(), self.fusion):
             fusion.detach()
 
-    def __enter__(self) -> "PipelineFusion":
+    def __enter__(self) -> PipelineFusion:
         return self
 
     def __exit__(self, *exc) -> None:

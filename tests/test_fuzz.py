@@ -172,8 +172,6 @@ def test_key_shape_dtype_and_value_mutations(real_files, work_file, layout, pick
 def _assert_valid_or_library_error_in_memory(state):
     with contextlib.suppress(FusionEngineError):
         fe.load_lora(dict(state))
-    except FusionEngineError:
-        pass
 
 
 # -- PEFT alpha_pattern keys from a file -------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def _ip_adapter(pipe):
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     unet, cross = pipe.unet, pipe.unet.config.cross_attention_dim
     generator = torch.Generator().manual_seed(4)
-    image_proj = {"proj.weight": torch.randn(4 * cross, 32, generator=generator) * 0.1, "proj.bias": torch.zeros(4 * cross),
+    image_proj = {"proj.weight": torch.randn(4 * cross, 32, generator=generator) * 0.1,
+                  "proj.bias": torch.zeros(4 * cross),
                   "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
     ip_layers, key = {}, 1
     for name in unet.attn_processors:

@@ -56,9 +56,9 @@ def test_fused_qkv_projections_are_refused_with_the_way_out(tiny_pipe, loras):
         fe.attach(unet, *loras)
     assert not any(isinstance(m, DynamicLoRALayer) for m in unet.modules())
     unet.unfuse_qkv_projections()
-    with fe.attach(unet, *loras):
-        with pytest.raises(errors.AttachError, match="fuse_qkv_projections.*drop the LoRAs of 32 fused layers"):
-            tiny_pipe.fuse_qkv_projections()
+    with fe.attach(unet, *loras), pytest.raises(errors.AttachError,
+                                                match="fuse_qkv_projections.*drop the LoRAs of 32 fused layers"):
+        tiny_pipe.fuse_qkv_projections()
 
 
 def test_state_dict_and_save_pretrained_while_attached_are_the_base_models(tmp_path, tiny_pipe, loras):
@@ -102,7 +102,7 @@ def test_attribute_access_reaches_the_base_layer_or_says_why(tiny_pipe, loras):
         assert layer.weight is base.weight and layer.bias is base.bias
         assert (layer.in_features, layer.out_features) == (base.in_features, base.out_features)
         with pytest.raises(AttributeError, match=r"attn1\.to_q.*no attribute 'lora_A'.*base layer"):
-            layer.lora_A
+            _ = layer.lora_A
 
 
 @pytest.mark.parametrize("options, pattern", [
@@ -112,9 +112,8 @@ def test_attribute_access_reaches_the_base_layer_or_says_why(tiny_pipe, loras):
     ({"num_inference_steps": -2}, r"num_inference_steps must be a whole number >= 1, got -2"),
 ])
 def test_calls_diffusers_would_run_wrong_are_refused(tiny_pipe, loras, options, pattern):
-    with fe.attach(tiny_pipe, *loras):
-        with pytest.raises(errors.OptionError, match=pattern):
-            tiny_pipe(**{**CALL, **options})
+    with fe.attach(tiny_pipe, *loras), pytest.raises(errors.OptionError, match=pattern):
+        tiny_pipe(**{**CALL, **options})
     with pytest.raises(errors.OptionError, match=pattern):
         fe.FusionPipeline(tiny_pipe, *loras)(**{**CALL, **options})
     assert fe.fusion.attached_fusion(tiny_pipe.unet) is None

@@ -43,7 +43,8 @@ def test_cache_is_keyed_by_content_not_by_object(tiny_pipe, loras, counted):
     with fe.attach(tiny_pipe.unet, subject, style, policy="klora") as fusion:
         scores, gamma = dict(fusion.policy.scores), fusion.policy.gamma
     computed = len(counted)
-    copy = fe.LoRA({n: fe.LoRALayer(l.lora_a.clone(), l.lora_b.clone(), l.alpha) for n, l in subject.layers.items()})
+    copy = fe.LoRA({n: fe.LoRALayer(la.lora_a.clone(), la.lora_b.clone(), la.alpha)
+                    for n, la in subject.layers.items()})
     with fe.attach(tiny_pipe.unet, copy, style, policy="klora") as fusion:  # equal content, new tensors
         assert fusion.policy.scores == scores and fusion.policy.gamma == gamma
     assert len(counted) == computed
@@ -69,8 +70,8 @@ def test_zero_delta_subject_counts_as_absent(tiny_pipe, loras, zero):
     if zero == "scale":
         subject = subject.with_scale(0.0)
     else:
-        subject = fe.LoRA({n: fe.LoRALayer(l.lora_a, torch.zeros_like(l.lora_b), l.alpha)
-                           for n, l in subject.layers.items()})
+        subject = fe.LoRA({n: fe.LoRALayer(la.lora_a, torch.zeros_like(la.lora_b), la.alpha)
+                           for n, la in subject.layers.items()})
     unet, inputs = tiny_pipe.unet, unet_inputs(tiny_pipe.unet, batch=2)
     with fe.attach(unet, subject, style, policy="klora") as fusion:
         assert fusion.policy.gamma == 1.0

@@ -212,7 +212,8 @@ def run(settings: EvalSettings) -> int:
              f"LLR: m={s.m:g}, {'through the UNet' if s.through_unet else 'noise prediction constant'}",
              f"encoders: {describe_encoders(s)}", *s.notes]
     if differing:
-        notes.append("**resumed with settings that differ from the earlier rows'** (settings.json): " + "; ".join(differing))
+        notes.append("**resumed with settings that differ from the earlier rows'** (settings.json): "
+                     + "; ".join(differing))
     if not s.report_only:
         clip, dino = load_encoders(s, device)
         mine = items[rank::world]

@@ -28,7 +28,6 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from ..errors import OptionError
 
 REQUIRED = ("name", "subject", "style", "prompt", "subject_prompt", "style_prompt")
 OPTIONAL = ("subject_image", "style_image")

@@ -80,7 +80,8 @@ def read_rows(out: Path, problems: list[str] | None = None) -> dict[tuple, dict]
             fields = next(csv.reader([line]), [])
             row = dict(zip(header, fields))
             if (not line.endswith("\n") or len(fields) != len(header)
-                    or any(row.get(key) in (None, "") for key in REQUIRED_COLUMNS) or not row["image"].endswith(".png")):
+                    or any(row.get(key) in (None, "") for key in REQUIRED_COLUMNS)
+                    or not row["image"].endswith(".png")):
                 torn += line.strip() != ""
                 continue
             rows[(row["pair"], row["policy"], int(row["seed"]))] = row

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..errors import LoRAFormatError
 

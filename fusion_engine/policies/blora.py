@@ -24,7 +24,8 @@ class BLoRAPolicy(Policy):
             raise OptionError(f"blora: block map keys must be 'subject' and 'style', got {sorted(map(str, unknown))}")
         for role, prefixes in blocks.items():
             if isinstance(prefixes, str) or not all(isinstance(p, str) for p in prefixes):
-                raise OptionError(f"blora: blocks[{role!r}] must be a list of module-path prefixes, got {prefixes!r:.80}")
+                raise OptionError(
+                    f"blora: blocks[{role!r}] must be a list of module-path prefixes, got {prefixes!r:.80}")
         self.subject_blocks = tuple(blocks.get("subject", ()))
         self.style_blocks = tuple(blocks.get("style", ()))
         self._weights = {}

@@ -16,7 +16,8 @@ class DirectPolicy(Policy):
         try:
             subject_weight, style_weight = (float(w) for w in weights)
         except (TypeError, ValueError):
-            raise OptionError(f"direct: weights must be two numbers (w_subject, w_style), got {weights!r:.80}") from None
+            raise OptionError(
+                f"direct: weights must be two numbers (w_subject, w_style), got {weights!r:.80}") from None
         for role, weight in (("subject", subject_weight), ("style", style_weight)):
             if not math.isfinite(weight) or abs(weight) > torch.finfo(torch.float32).max:  # coefficients are float32
                 raise OptionError(f"direct: weights={tuple(weights)!r}: the {role} weight {weight} is not finite "
