@@ -6,6 +6,8 @@ from .errors import (
     BatchLayoutError,
     ConcurrentUseError,
     FusionEngineError,
+    InputFileNotFoundError,
+    LayerAttributeError,
     LoRADtypeError,
     LoRAFileError,
     LoRAFileNotFoundError,
@@ -33,9 +35,9 @@ __version__ = "0.1.0"
 __all__ = [
     # errors: every error the library raises on purpose (fusion_engine/errors.py has the tree)
     "AlreadyAttachedError", "AttachError", "BackendError", "BatchLayoutError", "ConcurrentUseError",
-    "FusionEngineError", "LoRADtypeError", "LoRAFileError", "LoRAFileNotFoundError", "LoRAFormatError",
-    "LoRALayoutError", "LoRAShapeError", "LoRAValueError", "ModelMismatchError", "ModelPathError", "OptionError",
-    "OptionTypeError", "StepContextError", "StepRangeError",
+    "FusionEngineError", "InputFileNotFoundError", "LayerAttributeError", "LoRADtypeError", "LoRAFileError",
+    "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError", "LoRAValueError",
+    "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "StepContextError", "StepRangeError",
     # the API
     "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "POLICIES", "PipelineFusion", "Refiner",
     "Trace", "attach", "detach_all", "load_lora", "make_policy", "save_lora",

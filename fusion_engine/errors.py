@@ -21,8 +21,10 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     │   └── ConcurrentUseError .............. a second thread using an attached model while another one does
     ├── ModelPathError (FileNotFoundError) .. a model path that is not local (pipeline folder, encoder checkpoint)
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
-    └── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
-        └── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
+    ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
+    │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
+    │   └── InputFileNotFoundError (FileNotFoundError) .. a file the caller named (pairs.toml) is not there
+    └── LayerAttributeError (AttributeError)  an attribute neither a dynamic layer nor its base layer has
 """
 from __future__ import annotations
 
@@ -104,6 +106,14 @@ class OptionError(FusionEngineError, ValueError):
 class OptionTypeError(OptionError, TypeError):
     """Options of the wrong kind, where Python itself would raise ``TypeError`` (options beside a ready policy,
     keywords a policy does not take); ``except TypeError`` and ``except OptionError`` both catch it."""
+
+
+class InputFileNotFoundError(OptionError, FileNotFoundError):
+    """A file the caller named as input (a pairs.toml) does not exist."""
+
+
+class LayerAttributeError(FusionEngineError, AttributeError):
+    """An attribute that neither a dynamic LoRA layer nor its base layer has (``hasattr`` still sees False)."""
 
 
 def preview(names, limit: int = 5) -> str:

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .errors import LayerAttributeError
 from .lora.checks import check_cast_factor, check_layer_scale
 from .lora.weights import delta_weight
 from .ops.reference import accumulation_dtype, base_linear, fls_select, lora_delta
@@ -88,7 +89,7 @@ class DynamicLoRALayer(nn.Module):
         try:
             return getattr(base, name)
         except AttributeError:
-            raise AttributeError(
+            raise LayerAttributeError(
                 f"{type(self).__name__} at {self.__dict__.get('name')!r} (a fused {type(base).__name__}) has no "
                 f"attribute {name!r}, and neither has its base layer (.base)"
             ) from None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import OptionError
 from .io import write_text
 
 # Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.
@@ -41,7 +42,7 @@ class Trace:
 
     def __init__(self, layer_names: list[str], policy: str = "", max_records: int | None = None):
         if max_records is not None and max_records < 1:
-            raise ValueError(f"max_records must be >= 1 or None, got {max_records!r}")
+            raise OptionError(f"max_records must be >= 1 or None, got {max_records!r}")
         self.layer_names = list(layer_names)
         self.policy = policy
         self.max_records = max_records

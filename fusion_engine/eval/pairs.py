@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import OptionError
+from ..errors import InputFileNotFoundError, OptionError
 
 try:
     import tomllib
@@ -69,7 +69,7 @@ def load_pairs(path) -> list[Pair]:
     """The pairs of a pairs.toml; an ``OptionError`` naming the file, the pair and the key for anything amiss."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file")
+        raise InputFileNotFoundError(f"{path}: no such pairs file")
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
