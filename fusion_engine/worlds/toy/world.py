@@ -1,0 +1,72 @@
+"""Load the toy world from the weights shipped in ``fusion_engine/worlds/toy/weights`` (no download, no training)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
+
+WEIGHTS = Path(__file__).parent / "weights"
+SUBJECT_FILE = "subject_sks_mushroom_peft.safetensors"
+STYLE_FILE = "style_zzt_kohya.safetensors"
+CLIP_FILE, DINO_FILE = "judge_clip.safetensors", "judge_dino.safetensors"
+GATES_FILE = "gates.json"
+BASE_FILES = ("base_config.json", "vae.safetensors", "unet.safetensors", "text_encoder.safetensors")
+# The demo's sampler settings; the gates in the card are measured at these.
+DEMO_STEPS, DEMO_GUIDANCE = 20, 5.0
+
+
+def toy_weights_present(folder=WEIGHTS) -> bool:
+    folder = Path(folder)
+    return all((folder / name).is_file() for name in (*BASE_FILES, SUBJECT_FILE, STYLE_FILE))
+
+
+def build_toy_pipeline(folder=WEIGHTS):
+    """The trained StableDiffusionPipeline (32x32 images, Euler sampler)."""
+    from safetensors.torch import load_file
+
+    from ..base import assemble_pipeline
+
+    folder = Path(folder)
+    pipe = assemble_pipeline(json.loads((folder / "base_config.json").read_text()))
+    for name in ("vae", "unet", "text_encoder"):
+        getattr(pipe, name).load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        getattr(pipe, name).eval().requires_grad_(False)
+    return pipe
+
+
+def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
+    """A ``World`` over the shipped files: the LoRAs are read from where they ship."""
+    from ..base import World
+
+    folder = Path(folder)
+    if require_loras and not toy_weights_present(folder):
+        raise FileNotFoundError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
+    return World(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
+                        subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
+
+
+def load_judges(folder=WEIGHTS, device="cpu"):
+    """(clip, dino): the trained judges, loaded through ``fusion_engine.encoders`` like the big backbones."""
+    from ...encoders import IMAGENET_MEAN, IMAGENET_STD, load_dino, load_openclip
+    from . import configs
+
+    folder = Path(folder)
+    clip = load_openclip(configs.CLIP, folder / CLIP_FILE, device=device)
+    dino = load_dino(configs.DINO_NAME, folder / DINO_FILE, device=device, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     **configs.DINO_OPTIONS)
+    return clip, dino
+
+
+def seed_latents(pipe, seeds) -> "torch.Tensor":
+    """Initial latents for a batch whose image i is exactly what a one-image call with
+    ``torch.Generator().manual_seed(seeds[i])`` draws (so batched and one-by-one runs share seeds)."""
+    import torch
+
+    size = pipe.unet.config.sample_size
+    shape = (1, pipe.unet.config.in_channels, size, size)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def load_gates(folder=WEIGHTS) -> dict:
+    return json.loads((Path(folder) / GATES_FILE).read_text())
