@@ -36,11 +36,11 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
-        self.down = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features**0.5)
-        self.up = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features**0.5)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x):
-        return self.base(x) + (self.alpha / self.rank) * F.linear(F.linear(x, self.down), self.up)
+        return self.base(x) + (self.alpha / self.rank) * F.linear(F.linear(x, self.lora_a), self.lora_b)
 
 
 def inject(unet, rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
@@ -75,7 +75,7 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, batch=16, pr
     torch.manual_seed(seed)
     unet = copy.deepcopy(world.pipe.unet).requires_grad_(False)
     layers = inject(unet, rank, alpha, seed)
-    params = [p for layer in layers.values() for p in (layer.down, layer.up)]
+    params = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     (latents, context), (prior_latents, prior_context) = data, prior
     n_prior = round(batch * prior_share)
@@ -95,8 +95,9 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, batch=16, pr
         if step % 50 == 0 or step == steps - 1:
             adapt_threads()
             log(f"lora step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
-    lora = LoRA(layers={name: LoRALayer(down=l.down.detach().clone(), up=l.up.detach().clone(), alpha=float(alpha))
-                        for name, l in layers.items()}, source="<trained>", layout="peft")
+    factors = {name: LoRALayer(lora_a=layer.lora_a.detach().clone(), lora_b=layer.lora_b.detach().clone(),
+                               alpha=float(alpha)) for name, layer in layers.items()}
+    lora = LoRA(layers=factors, source="<trained>", layout="peft")
     return lora, time.perf_counter() - start
 
 

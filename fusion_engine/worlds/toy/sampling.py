@@ -51,5 +51,5 @@ def _null_lora(unet):
 
     name = next(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("to_q"))
     weight = unet.get_submodule(name).weight
-    layer = LoRALayer(down=torch.zeros(1, weight.shape[1]), up=torch.zeros(weight.shape[0], 1), alpha=1.0)
+    layer = LoRALayer(lora_a=torch.zeros(1, weight.shape[1]), lora_b=torch.zeros(weight.shape[0], 1), alpha=1.0)
     return LoRA(layers={name: layer}, source="<zero>", layout="peft")
