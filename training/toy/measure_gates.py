@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fusion_engine.stats import bootstrap_ci, excludes_zero, paired_difference_ci
 from fusion_engine.worlds.toy import measures
@@ -33,7 +34,7 @@ from fusion_engine.worlds.toy.data import STYLE_PROMPT, SUBJECT_PROMPT, FUSED_PR
 from fusion_engine.worlds.toy.sampling import sample
 from fusion_engine.worlds.toy.world import DEMO_GUIDANCE, DEMO_STEPS, GATES_FILE, load_judges, load_toy_world
 
-from .common import log
+from .common import adapt_threads, log
 
 SETS = {  # name: (role, prompt)
     "subject_only": ("subject", SUBJECT_PROMPT),
@@ -75,9 +76,10 @@ def ranking_agreement(transparent: dict, judged: dict) -> dict:
 
 
 def measure(folder: Path, seeds: int, steps: int = DEMO_STEPS, guidance: float = DEMO_GUIDANCE,
-            all_base: bool = False) -> dict:
+            all_base: bool = False, save_sheet: bool = False) -> dict:
     world = load_toy_world(folder)
     images, per_seed, rates, times = {}, {}, {}, {}
+    sheet = [] if save_sheet else None
     sets = {**SETS, **(MORE_BASE_SETS if all_base else {})}
     for name, (role, prompt) in sets.items():
         start = time.perf_counter()
@@ -91,6 +93,9 @@ def measure(folder: Path, seeds: int, steps: int = DEMO_STEPS, guidance: float =
                           "recognised": [int(v) for v in recognised], "carries_style": [int(v) for v in carries]}
         rates[name] = {"recognised": float(recognised.mean()), "carries_style": float(carries.mean()),
                        "subject_iou": bootstrap_ci(scores["subject_iou"]), "style_fid": bootstrap_ci(scores["style_fid"])}
+        if sheet is not None:
+            sheet.append(np.concatenate([np.asarray(i) for i in images[name][:16]], 1))
+            Image.fromarray(np.concatenate(sheet, 0)).save(folder / "gates_sheet.png")
         log(f"{name}: recognised {recognised.mean():.2f}, carries style {carries.mean():.2f}, "
             f"Subject IoU {scores['subject_iou'].mean():.3f}, Style Fid {scores['style_fid'].mean():.3f} "
             f"({times[name]} s)")
@@ -138,8 +143,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help=f"where to write the JSON (default WEIGHTS/{GATES_FILE})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    adapt_threads(args.threads)
     start = time.perf_counter()
-    result = measure(Path(args.weights), args.seeds, all_base=args.all_base)
+    result = measure(Path(args.weights), args.seeds, all_base=args.all_base, save_sheet=True)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     out = Path(args.out) if args.out else Path(args.weights) / GATES_FILE
     out.write_text(json.dumps(result, indent=1))
