@@ -143,16 +143,21 @@ def _eval_settings(args):
     if args.world == "toy":
         if args.model or args.pairs or args.clip or args.dino:
             raise OptionError("--world toy brings its own model, pairs and judges: drop --model/--pairs/--clip/--dino")
-        from fusion_engine.toy.measures import transparent_scores
-        from fusion_engine.toy.world import build_toy_pipeline, load_judges, write_toy_pairs
+        from fusion_engine.eval.engine import REFERENCE_ROWS
+        from fusion_engine.worlds.toy.measures import transparent_scores
+        from fusion_engine.worlds.toy.world import build_toy_pipeline, load_judges, write_toy_pairs
 
+        policies = [*(row for row in REFERENCE_ROWS if row not in options["policies"]), *options["policies"]]
         options.update(
-            pairs=write_toy_pairs(out / "toy_pairs"), pipe=build_toy_pipeline() if not args.report_only else None,
-            extra_scores=transparent_scores,
-            model_label="the trained toy world (fusion_engine/toy)",
-            encoders_label=("the toy world's trained judges (open_clip CLIP, timm ViT shape classifier "
+            policies=policies, pairs=write_toy_pairs(out / "toy_pairs"),
+            pipe=build_toy_pipeline() if not args.report_only else None, extra_scores=transparent_scores,
+            model_label="the trained toy world (fusion_engine/worlds/toy)",
+            encoders_label=("the toy world's trained judges (open_clip CLIP; timm ViT shape + look classifier "
                             "in the DINO slot)"),
-            notes=["Subject IoU / Style Fid: the toy world's transparent measures (fusion_engine/toy/measures.py)"])
+            notes=["Subject IoU / Style Fid: the toy world's transparent measures "
+                   "(fusion_engine/worlds/toy/measures.py)",
+                   "subject-only / style-only: each LoRA alone with its own prompt, the same seed (the references "
+                   "the learned scores compare with, so their own CLIP / DINO / Style Sim are 100 by construction)"])
         if not args.report_only:
             options["clip"], options["dino"] = load_judges(device=resolve_device(args.device))
         return EvalSettings(**options)

@@ -70,3 +70,20 @@ def seed_latents(pipe, seeds) -> "torch.Tensor":
 
 def load_gates(folder=WEIGHTS) -> dict:
     return json.loads((Path(folder) / GATES_FILE).read_text())
+
+
+def write_toy_pairs(folder, weights=WEIGHTS) -> Path:
+    """pairs.toml for ``fusion-engine eval``: the toy world's one subject-style pair, LoRAs where they ship."""
+    import os
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = Path(weights).resolve()
+    lines = ["[[pair]]", 'name = "sks-mushroom_zzt"', f'subject = "{weights / SUBJECT_FILE}"',
+             f'style = "{weights / STYLE_FILE}"', f'prompt = "{FUSED_PROMPT}"',
+             f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
+    path = folder / "pairs.toml"
+    scratch = path.with_name(f".pairs.{os.getpid()}.toml")
+    scratch.write_text("\n".join(lines))
+    os.replace(scratch, path)
+    return path
