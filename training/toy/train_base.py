@@ -72,7 +72,8 @@ def save_vae(out: Path, vae) -> None:
 
 
 def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: int = 64, lr: float = 1e-3,
-               ema_decay: float = 0.995, checkpoint_every: int = 400):
+               ema_decay: float = 0.995, checkpoint_every: int = 400, stop_after: int | None = None):
+    """``steps`` sets the learning-rate schedule; ``stop_after`` ends the run early (the schedule unchanged)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -91,7 +92,7 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
     generator = torch.Generator().manual_seed(seed + 1)
     alphas = alphas_cumprod()
     start, running = time.perf_counter(), None
-    for step in range(steps):
+    for step in range(min(steps, stop_after or steps)):
         index = torch.randint(len(latents), (batch,), generator=generator)
         loss = diffusion_loss(unet, latents[index], text_encoder(ids[index])[0], generator, alphas)
         optimizer.zero_grad()
@@ -109,7 +110,7 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
             adapt_threads()
             log(f"unet step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s, "
                 f"{torch.get_num_threads()} threads)")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+        if (step + 1) % checkpoint_every == 0 and step + 1 < min(steps, stop_after or steps):
             save_base(out / f"checkpoint-{step + 1}", vae, ema[0], ema[1])
             save_base(out / f"checkpoint-{step + 1}-raw", vae, unet, text_encoder)
     return unet.eval(), text_encoder.eval(), ema[0].eval(), ema[1].eval(), time.perf_counter() - start
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end after this many steps, the schedule still the one of --steps (the shipped base: 400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
@@ -136,13 +139,14 @@ def main(argv=None) -> int:
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     latents = latents * vae.config.scaling_factor
     unet, text_encoder, ema_unet, ema_text, unet_s = train_unet(vae, latents, captions, args.steps, args.seed, out,
-                                                                batch=args.batch)
+                                                                batch=args.batch, stop_after=args.stop_after)
     log(f"unet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params) + text encoder trained in "
         f"{unet_s:.0f} s")
     save_base(out / "raw", vae, unet, text_encoder)
     save_base(out, vae, ema_unet, ema_text)
     (out / "times_base.json").write_text(json.dumps({"vae_s": round(vae_s), "unet_s": round(unet_s),
-                                                     "steps": args.steps, "vae_steps": args.vae_steps}))
+                                                     "steps": args.steps, "stop_after": args.stop_after,
+                                                     "vae_steps": args.vae_steps}))
     log(f"saved to {out} (EMA weights; the raw last step in {out / 'raw'})")
     return 0
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .world import DEMO_GUIDANCE, DEMO_STEPS, seed_latents
+from ..base import seed_latents
+from .world import DEMO_GUIDANCE, DEMO_STEPS
 
 ROLES = ("base", "subject", "style", "both")
 

@@ -58,16 +58,6 @@ def load_judges(folder=WEIGHTS, device="cpu"):
     return clip, dino
 
 
-def seed_latents(pipe, seeds) -> "torch.Tensor":
-    """Initial latents for a batch whose image i is exactly what a one-image call with
-    ``torch.Generator().manual_seed(seeds[i])`` draws (so batched and one-by-one runs share seeds)."""
-    import torch
-
-    size = pipe.unet.config.sample_size
-    shape = (1, pipe.unet.config.in_channels, size, size)
-    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 def load_gates(folder=WEIGHTS) -> dict:
     return json.loads((Path(folder) / GATES_FILE).read_text())
 
