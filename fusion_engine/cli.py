@@ -268,27 +268,29 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import torch
-
     import fusion_engine as fe
     from fusion_engine.refine import Refiner
     from fusion_engine.visual import image_grid
     from fusion_engine.worlds import load_world, resolve_world
+    from fusion_engine.worlds.base import seed_latents
 
     out = Path(args.out)
     kind = resolve_world(args.world)
     world = load_world(kind, folder=out / "loras", seed=args.seed)
     subject, style = world.subject(), world.style()
+    measures = None
     if kind == "toy":
-        from fusion_engine.toy.world import load_judges
+        from fusion_engine.worlds.toy import measures
+        from fusion_engine.worlds.toy.world import load_judges
 
         clip, dino = load_judges()
-        print(f"default world: the trained toy world (fusion_engine/toy); subject {subject}; style {style}")
+        print(f"default world: the trained toy world (fusion_engine/worlds/toy); subject {subject}; style {style}")
     else:
         from fusion_engine.encoders import tiny_dino, tiny_openclip
 
         clip, dino = tiny_openclip(0), tiny_dino(1)
         print(f"default world: tiny random SD pipeline; subject {subject}; style {style}")
+    seeds = list(range(args.seed, args.seed + args.images))  # column i is seed args.seed + i, as in the eval
     rows, labels, fls_trace = [], [], None
     for label, policy, which in GRID_POLICIES:
         llr = policy.endswith("+llr")
@@ -301,14 +303,22 @@ def cmd_demo(args) -> int:
         prompt = {"subject": world.subject_prompt, "style": world.style_prompt}.get(which, world.prompt)
         extra = {"subject_prompt": world.subject_prompt, "style_prompt": world.style_prompt} if llr else {}
         result = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      num_images_per_prompt=args.images, generator=torch.Generator().manual_seed(args.seed),
+                      num_images_per_prompt=len(seeds), latents=seed_latents(world.pipe, seeds),
                       progress=not args.quiet, **extra)
         rows.append(result.images)
+        if measures is not None:  # the toy world's transparent scores, mean over the row
+            recognised, styled = measures.recognised_as_subject(result.images), measures.carries_style(result.images)
+            scores = measures.transparent_scores(result.images)
+            label = (f"{label}\nSubject IoU {scores['subject_iou'].mean():.2f} ({recognised.sum()}/{len(seeds)})"
+                     f"\nStyle Fid {scores['style_fid'].mean():.2f} ({styled.sum()}/{len(seeds)})")
         labels.append(label)
         if policy == "fls" and not llr:
             fls_trace = result.trace
-        print(f"  {label:<13} done")
-    grid = image_grid(rows, labels, out / "grid.png", title=f"{world.prompt!r}, {args.steps} steps, seed {args.seed}")
+        print(f"  {label.splitlines()[0]:<13} done" + (f"  ({', '.join(label.splitlines()[1:])})" if measures else ""))
+    title = f"{world.prompt!r}, {args.steps} steps, CFG {args.guidance:g}, seeds {seeds[0]}..{seeds[-1]}"
+    if measures is not None:
+        title += "  (n/N: recognised as the subject / carrying the style)"
+    grid = image_grid(rows, labels, out / "grid.png", title=title)
     fls_trace.save_json(out / "trace.json")
     fls_trace.heatmap(out / "heatmap.png", title="fls[kl] choices (orange: subject, blue: style)")
     print(f"wrote {grid}, {out / 'heatmap.png'}, {out / 'trace.json'}")
@@ -361,16 +371,21 @@ def _eval_settings(args):
     if args.world == "toy":
         if args.model or args.pairs or args.clip or args.dino:
             raise OptionError("--world toy brings its own model, pairs and judges: drop --model/--pairs/--clip/--dino")
-        from fusion_engine.toy.measures import transparent_scores
-        from fusion_engine.toy.world import build_toy_pipeline, load_judges, write_toy_pairs
+        from fusion_engine.eval.engine import REFERENCE_ROWS
+        from fusion_engine.worlds.toy.measures import transparent_scores
+        from fusion_engine.worlds.toy.world import build_toy_pipeline, load_judges, write_toy_pairs
 
+        policies = [*(row for row in REFERENCE_ROWS if row not in options["policies"]), *options["policies"]]
         options.update(
-            pairs=write_toy_pairs(out / "toy_pairs"), pipe=build_toy_pipeline() if not args.report_only else None,
-            extra_scores=transparent_scores,
-            model_label="the trained toy world (fusion_engine/toy)",
-            encoders_label=("the toy world's trained judges (open_clip CLIP, timm ViT shape classifier "
+            policies=policies, pairs=write_toy_pairs(out / "toy_pairs"),
+            pipe=build_toy_pipeline() if not args.report_only else None, extra_scores=transparent_scores,
+            model_label="the trained toy world (fusion_engine/worlds/toy)",
+            encoders_label=("the toy world's trained judges (open_clip CLIP; timm ViT shape + look classifier "
                             "in the DINO slot)"),
-            notes=["Subject IoU / Style Fid: the toy world's transparent measures (fusion_engine/toy/measures.py)"])
+            notes=["Subject IoU / Style Fid: the toy world's transparent measures "
+                   "(fusion_engine/worlds/toy/measures.py)",
+                   "subject-only / style-only: each LoRA alone with its own prompt, the same seed (the references "
+                   "the learned scores compare with, so their own CLIP / DINO / Style Sim are 100 by construction)"])
         if not args.report_only:
             options["clip"], options["dino"] = load_judges(device=resolve_device(args.device))
         return EvalSettings(**options)

@@ -61,7 +61,8 @@ def draw_heatmap(fraction: torch.Tensor, layer_names, steps, path, title: str = 
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], path, cell: int = 128, title: str = "") -> Path:
-    """One labelled row per entry of ``rows``; images upscaled (nearest) to ``cell`` pixels."""
+    """One labelled row per entry of ``rows`` (a label may span lines); images upscaled (nearest) to ``cell``
+    pixels."""
     columns = max(len(r) for r in rows)
     left, top, pad = 150, 22 if title else 4, 4
     width = left + columns * (cell + pad)
@@ -73,7 +74,8 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], path, cell:
         draw.text((4, 4), title, fill="black", font=font)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         y = top + r * (cell + pad)
-        draw.text((4, y + cell // 2 - 6), label, fill="black", font=font)
+        lines = label.split("\n")  # a label may have several lines: centred on the row
+        draw.multiline_text((4, y + cell // 2 - 7 * len(lines)), label, fill="black", font=font, spacing=2)
         for c, img in enumerate(images):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + c * (cell + pad), y))
     return save_image(grid, path)

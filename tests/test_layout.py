@@ -16,6 +16,7 @@ LAYERS = {
     "fusion_engine.errors": 1,
     "fusion_engine.io": 1,  # crash-safe writes (no project imports)
     "fusion_engine.dtypes": 1,  # dtype names
+    "fusion_engine.stats": 1,  # bootstrap intervals (numpy only)
     "fusion_engine.ops": 1,  # ops/reference.py is the kernels' written contract
     "fusion_engine.modules": 2,
     "fusion_engine.policies": 2,
@@ -39,7 +40,6 @@ LAYERS = {
     "fusion_engine.eval": 5,
     "fusion_engine.cli": 6,
     "fusion_engine.worlds": WORLDS,
-    "fusion_engine.toy": WORLDS,
 }
 HIGHEST_FOR_WORLDS = 4  # worlds import the engine up to the pipeline, never eval or the CLI
 EXCEPTIONS = {("csrc_triton", "fusion_engine.ops.reference")}  # the kernels' tests read the contract
@@ -122,8 +122,8 @@ def test_the_check_catches_wrong_imports():
         "fusion_engine.ops.reference imports fusion_engine.fusion"]
     assert wrong_imports("fusion_engine.eval.engine", "from fusion_engine import worlds\n") == [
         "fusion_engine.eval.engine imports fusion_engine.worlds"]
-    assert wrong_imports("fusion_engine.pipeline", "import fusion_engine.toy.world\n") == [
-        "fusion_engine.pipeline imports fusion_engine.toy.world"]
+    assert wrong_imports("fusion_engine.pipeline", "import fusion_engine.worlds.toy.world\n") == [
+        "fusion_engine.pipeline imports fusion_engine.worlds.toy.world"]
     assert wrong_imports("fusion_engine.worlds.random", "from ..cli import main\n") == [
         "fusion_engine.worlds.random imports fusion_engine.cli"]
     assert wrong_imports("csrc_triton.fls_linear", "from fusion_engine.modules import DynamicLoRALinear\n") == [

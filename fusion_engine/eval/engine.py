@@ -28,6 +28,9 @@ from .settings import EvalSettings
 from .sharding import shard_from_env, wait_for_rows
 
 LLR_SUFFIX = "+llr"
+# Rows that are not fusion policies: one LoRA alone with its own prompt (the references of a pair without
+# reference images), made and scored like the policies' images so the report shows what fusion starts from.
+REFERENCE_ROWS = {"subject-only": "subject", "style-only": "style"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,11 @@ class WorkItem:
 
 
 def parse_policy(name: str) -> tuple[str, bool]:
-    """"fls+llr" -> ("fls", True); "klora" -> ("klora", False)."""
+    """"fls+llr" -> ("fls", True); "klora" -> ("klora", False); "subject-only" -> ("subject-only", False)."""
     from ..policies import POLICIES
 
+    if name in REFERENCE_ROWS:
+        return name, False
     base, llr = (name[: -len(LLR_SUFFIX)], True) if name.endswith(LLR_SUFFIX) else (name, False)
     if base not in POLICIES:
         raise OptionError(f"unknown eval policy {name!r}: use one of {sorted(POLICIES)}, optionally with '+llr'")
@@ -70,6 +75,7 @@ class Evaluator:
         self.pipe, self.clip, self.dino, self.settings, self.rank = pipe, clip, dino, settings, rank
         self.refiner = Refiner(clip, dino, m=settings.m, through_unet=settings.through_unet)
         self._loras: dict[Path, object] = {}
+        self._reference_seconds: dict[Path, float] = {}
 
     @property
     def device(self) -> torch.device:
@@ -91,25 +97,41 @@ class Evaluator:
         """(subject, style) PIL references: the pair's images, or each LoRA alone with the same seed (cached)."""
         from PIL import Image
 
-        from ..pipeline import FusionPipeline
-
         if pair.has_reference_images:
             return Image.open(pair.subject_image).convert("RGB"), Image.open(pair.style_image).convert("RGB")
-        images = []
-        for role, prompt in (("subject", pair.subject_prompt), ("style", pair.style_prompt)):
-            path = self.settings.out / "references" / pair.name / f"seed{seed:03d}_{role}.png"
-            if not path.exists():
-                loras = {"subject": None, "style": None, role: self.lora(getattr(pair, role))}
-                single = FusionPipeline(self.pipe, policy="direct", backend=self.settings.backend, trace=False, **loras)
-                save_image(single(prompt, **self._call_options(seed)).images[0], path)
-            images.append(Image.open(path).convert("RGB"))
-        return tuple(images)
+        return self.reference(pair, seed, "subject"), self.reference(pair, seed, "style")
+
+    def _reference_path(self, pair: Pair, seed: int, role: str) -> Path:
+        return self.settings.out / "references" / pair.name / f"seed{seed:03d}_{role}.png"
+
+    def reference(self, pair: Pair, seed: int, role: str):
+        """The ``role`` LoRA alone with its own prompt and this seed, made once and cached as a PNG."""
+        from PIL import Image
+
+        from ..pipeline import FusionPipeline
+
+        path = self._reference_path(pair, seed, role)
+        if not path.exists():
+            start = time.perf_counter()
+            loras = {"subject": None, "style": None, role: self.lora(getattr(pair, role))}
+            single = FusionPipeline(self.pipe, policy="direct", backend=self.settings.backend, trace=False, **loras)
+            prompt = pair.subject_prompt if role == "subject" else pair.style_prompt
+            save_image(single(prompt, **self._call_options(seed)).images[0], path)
+            self._reference_seconds[path] = time.perf_counter() - start
+        return Image.open(path).convert("RGB")
 
     def generate(self, item: WorkItem):
         """(PIL image, wall seconds, peak memory MB, what the memory figure is) for one item."""
         from ..pipeline import FusionPipeline
 
         s, pair = self.settings, item.pair
+        if item.policy in REFERENCE_ROWS:  # the LoRA alone: the reference this seed's fused images are scored by
+            if pair.has_reference_images:
+                raise OptionError(f"{item.policy!r} rows need a pair without reference images ({pair.name})")
+            role = REFERENCE_ROWS[item.policy]
+            image = self.reference(pair, item.seed, role)
+            seconds = self._reference_seconds.get(self._reference_path(pair, item.seed, role), float("nan"))
+            return image, seconds, *self._peak_memory()
         base, llr = parse_policy(item.policy)
         options = {"divergence": s.divergence} if base == "fls" else {}
         pipe = FusionPipeline(self.pipe, self.lora(pair.subject), self.lora(pair.style), policy=base,
@@ -128,9 +150,12 @@ class Evaluator:
         if cuda:
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - start
-        if cuda:
-            return image, wall, torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda max allocated"
-        return image, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu process max RSS"
+        return image, wall, *self._peak_memory()
+
+    def _peak_memory(self) -> tuple[float, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda max allocated"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu process max RSS"
 
     def run(self, items: list[WorkItem], done: set) -> int:
         """Generate and score every item not in ``done``; returns how many were made."""

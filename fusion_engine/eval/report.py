@@ -18,6 +18,9 @@ REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in EXTRA_METRICS)
 METRIC_TITLES = {"style_sim": "Style Sim", "clip_score": "CLIP Score", "dino_score": "DINO Score",
                  "subject_iou": "Subject IoU", "style_fid": "Style Fid"}
 SCORES_HEADING = "## Scores (mean ± std over images, %)"
+CI_HEADING = "## Means with 95% bootstrap confidence intervals (over images, %)"
+PAIRED_HEADING = "## Paired differences against `direct` (same pair and seed; 95% bootstrap CI, percentage points)"
+BASELINE = "direct"
 
 
 def shard_csv(out: Path, rank: int) -> Path:
@@ -100,8 +103,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def scores_table(rows: dict, policies: list[str]) -> list[str]:
     """The paper's Table 1 layout: one line per method, mean ± std (sample std) in percent; the extra
     metrics get a column when every row has them."""
-    extra = [m for m in EXTRA_METRICS if rows and all(row.get(m) not in (None, "") for row in rows.values())]
-    metrics = [*METRICS, *extra]
+    metrics = _metrics(rows)
     lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | images |",
              "|---|" + "---|" * (len(metrics) + 1)]
     for policy in policies:
@@ -113,6 +115,56 @@ def scores_table(rows: dict, policies: list[str]) -> list[str]:
             mean, std = _mean_std([100 * float(row[metric]) for row in picked])
             cells.append(f"{mean:.1f} ± {std:.1f}")
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")
+    return lines
+
+
+def _metrics(rows: dict) -> list[str]:
+    extra = [m for m in EXTRA_METRICS if rows and all(row.get(m) not in (None, "") for row in rows.values())]
+    return [*METRICS, *extra]
+
+
+def ci_table(rows: dict, policies: list[str]) -> list[str]:
+    """One line per method: mean [low, high], the percentile-bootstrap 95% interval of the mean, in percent."""
+    from ..stats import bootstrap_ci
+
+    metrics = _metrics(rows)
+    lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | images |",
+             "|---|" + "---|" * (len(metrics) + 1)]
+    for policy in policies:
+        picked = [row for row in rows.values() if row["policy"] == policy]
+        if not picked:
+            continue
+        cells = []
+        for metric in metrics:
+            mean, low, high = bootstrap_ci([100 * float(row[metric]) for row in picked])
+            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")
+    return lines
+
+
+def paired_table(rows: dict, policies: list[str], baseline: str = BASELINE) -> list[str]:
+    """One line per method: its score minus ``baseline``'s on the same (pair, seed), mean [low, high] in points;
+    ``*`` marks an interval that excludes zero."""
+    from ..stats import excludes_zero, paired_difference_ci
+
+    metrics = _metrics(rows)
+    base = {(key[0], key[2]): row for key, row in rows.items() if row["policy"] == baseline}
+    lines = ["| method − direct | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | pairs |",
+             "|---|" + "---|" * (len(metrics) + 1)]
+    for policy in policies:
+        if policy == baseline:
+            continue
+        matched = [(row, base[(key[0], key[2])]) for key, row in rows.items()
+                   if row["policy"] == policy and (key[0], key[2]) in base]
+        if not matched:
+            continue
+        cells = []
+        for metric in metrics:
+            ci = paired_difference_ci([100 * float(a[metric]) for a, _ in matched],
+                                      [100 * float(b[metric]) for _, b in matched])
+            star = "*" if excludes_zero(ci) else ""
+            cells.append(f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]{star}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(matched)} |")
     return lines
 
 
@@ -139,6 +191,8 @@ def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes
     scored = f"- images scored: {len(rows)} of {planned} planned" + (f" (**{missing} missing**)" if missing else "")
     lines = ["# fusion-engine eval", "", *[f"- {note}" for note in notes], scored,
              "", SCORES_HEADING, "", *scores_table(rows, policies), "",
+             CI_HEADING, "", *ci_table(rows, policies), "",
+             PAIRED_HEADING, "", *paired_table(rows, policies), "",
              "## Cost (per image, generation only; the +llr rows include making the two references)", "",
              *cost_table(rows, policies), ""]
     if problems:

@@ -1,7 +1,8 @@
 """The embedded worlds behind one seam, ``load_world``:
 
-* ``"toy"``: the trained toy world shipped in ``fusion_engine/toy/weights`` (a tiny text-to-image model of
-  16x16 shapes x styles, a trained subject LoRA and a trained style LoRA; see ``fusion_engine.toy``);
+* ``"toy"``: the trained toy world shipped in ``fusion_engine/worlds/toy/weights`` (a tiny text-to-image model
+  of 32x32 shapes x styles, a subject LoRA for a held-out mushroom and a style LoRA for a held-out style; see
+  ``fusion_engine.worlds.toy``);
 * ``"random"``: a tiny SD-style pipeline and two LoRA files of random weights, built with fixed seeds
   (``fusion_engine.worlds.random``; what the unit tests use: fast, and no file needed).
 
@@ -22,7 +23,7 @@ def resolve_world(name: str = "auto") -> str:
     if name not in WORLDS:
         raise OptionError(f"unknown world {name!r}: use 'auto', 'toy' or 'random'")
     if name == "auto":
-        from ..toy.world import toy_weights_present  # lazily: the toy world imports this package's helpers
+        from .toy.world import toy_weights_present  # lazily: the toy world imports this package's helpers
 
         return "toy" if toy_weights_present() else "random"
     return name
@@ -43,7 +44,7 @@ def load_world(name: str = "auto", folder=None, seed: int = 0) -> World:
         >>> pipe = FusionPipeline.from_pipe(world.pipe, world.subject(), world.style())
     """
     if resolve_world(name) == "toy":
-        from ..toy.world import load_toy_world
+        from .toy.world import load_toy_world
 
         return load_toy_world()
     if folder is None:

@@ -43,3 +43,13 @@ def assemble_pipeline(configs: dict):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def seed_latents(pipe, seeds):
+    """Initial latents for a batch whose image i is exactly what a one-image call with
+    ``torch.Generator().manual_seed(seeds[i])`` draws, so batched and one-by-one runs share seeds."""
+    import torch
+
+    size = pipe.unet.config.sample_size
+    shape = (1, pipe.unet.config.in_channels, size, size)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])

@@ -1,18 +1,21 @@
-"""Load the toy world from the weights shipped in ``fusion_engine/toy/weights`` (no download, no training)."""
+"""Load the toy world from the weights shipped in ``fusion_engine/worlds/toy/weights`` (no download, no training)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..errors import ModelPathError
-from .data import TOY_FUSED_PROMPT, TOY_STYLE_PROMPT, TOY_SUBJECT_PROMPT
+from ...errors import ModelPathError
+from ...io import write_text
+from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 
 WEIGHTS = Path(__file__).parent / "weights"
-SUBJECT_FILE = "subject_sks_star_peft.safetensors"
+SUBJECT_FILE = "subject_sks_mushroom_peft.safetensors"
 STYLE_FILE = "style_zzt_kohya.safetensors"
 CLIP_FILE, DINO_FILE = "judge_clip.safetensors", "judge_dino.safetensors"
+GATES_FILE = "gates.json"
 BASE_FILES = ("base_config.json", "vae.safetensors", "unet.safetensors", "text_encoder.safetensors")
+# The demo's sampler settings; the gates in the card are measured at these.
+DEMO_STEPS, DEMO_GUIDANCE = 20, 5.0
 
 
 def toy_weights_present(folder=WEIGHTS) -> bool:
@@ -21,10 +24,10 @@ def toy_weights_present(folder=WEIGHTS) -> bool:
 
 
 def build_toy_pipeline(folder=WEIGHTS):
-    """The trained StableDiffusionPipeline (16x16 images, Euler sampler)."""
+    """The trained StableDiffusionPipeline (32x32 images, Euler sampler)."""
     from safetensors.torch import load_file
 
-    from ..worlds.base import assemble_pipeline
+    from ..base import assemble_pipeline
 
     folder = Path(folder)
     pipe = assemble_pipeline(json.loads((folder / "base_config.json").read_text()))
@@ -36,18 +39,18 @@ def build_toy_pipeline(folder=WEIGHTS):
 
 def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
     """A ``World`` over the shipped files: the LoRAs are read from where they ship."""
-    from ..worlds.base import World
+    from ..base import World
 
     folder = Path(folder)
     if require_loras and not toy_weights_present(folder):
         raise ModelPathError(f"{folder}: the toy world's weights are not all there (train them: see CARD.md)")
     return World(build_toy_pipeline(folder), folder / SUBJECT_FILE, folder / STYLE_FILE,
-                 subject_prompt=TOY_SUBJECT_PROMPT, style_prompt=TOY_STYLE_PROMPT, prompt=TOY_FUSED_PROMPT)
+                        subject_prompt=SUBJECT_PROMPT, style_prompt=STYLE_PROMPT, prompt=FUSED_PROMPT)
 
 
 def load_judges(folder=WEIGHTS, device="cpu"):
     """(clip, dino): the trained judges, loaded through ``fusion_engine.encoders`` like the big backbones."""
-    from ..encoders import IMAGENET_MEAN, IMAGENET_STD, load_dino, load_openclip
+    from ...encoders import IMAGENET_MEAN, IMAGENET_STD, load_dino, load_openclip
     from . import configs
 
     folder = Path(folder)
@@ -57,16 +60,14 @@ def load_judges(folder=WEIGHTS, device="cpu"):
     return clip, dino
 
 
+def load_gates(folder=WEIGHTS) -> dict:
+    return json.loads((Path(folder) / GATES_FILE).read_text())
+
+
 def write_toy_pairs(folder, weights=WEIGHTS) -> Path:
     """pairs.toml for ``fusion-engine eval``: the toy world's one subject-style pair, LoRAs where they ship."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     weights = Path(weights).resolve()
-    lines = ["[[pair]]", 'name = "sks-star_zzt"', f'subject = "{weights / SUBJECT_FILE}"',
-             f'style = "{weights / STYLE_FILE}"', f'prompt = "{TOY_FUSED_PROMPT}"',
-             f'subject_prompt = "{TOY_SUBJECT_PROMPT}"', f'style_prompt = "{TOY_STYLE_PROMPT}"', ""]
-    path = folder / "pairs.toml"
-    scratch = path.with_name(f".pairs.{os.getpid()}.toml")
-    scratch.write_text("\n".join(lines))
-    os.replace(scratch, path)
-    return path
+    lines = ["[[pair]]", 'name = "sks-mushroom_zzt"', f'subject = "{weights / SUBJECT_FILE}"',
+             f'style = "{weights / STYLE_FILE}"', f'prompt = "{FUSED_PROMPT}"',
+             f'subject_prompt = "{SUBJECT_PROMPT}"', f'style_prompt = "{STYLE_PROMPT}"', ""]
+    return write_text(Path(folder) / "pairs.toml", "\n".join(lines))

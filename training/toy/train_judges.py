@@ -1,17 +1,20 @@
-"""Train the toy world's judges on every shape x style (held-outs included: judges are not the model judged).
+"""Train the toy world's judges on every shape x look (held-outs included: judges are not the model judged).
 
-* CLIP slot: an open_clip ``CLIP`` (configs.CLIP: ViT 16x16 / patch 4, 3 layers; word-level text tower) trained
-  contrastively on images and captions "a star in diagonal style"; images sharing a caption count as matches.
-* DINO slot: a timm ViT (configs.DINO_OPTIONS) trained to classify the shape whatever the style, the head
-  dropped on saving (the pooled CLS token is the embedding, as with DINO).
+* CLIP slot: an open_clip ``CLIP`` (configs.CLIP: ViT 32x32 / patch 4, 3 layers; word-level text tower)
+  trained contrastively on images and captions "a mushroom in zzt style"; images sharing a caption count as
+  matches.
+* DINO slot: a timm ViT (configs.DINO_OPTIONS) trained to classify both the shape and the look of an image
+  (two linear heads on the CLS token), the heads dropped on saving: the CLS token is the embedding, as with
+  DINO, and it carries both what is drawn and how.
 
 Both are saved as safetensors that ``fusion_engine.encoders.load_openclip`` / ``load_dino`` read.
 
-    python -m fusion_engine.toy.train_judges [--steps 800]
+    python -m training.toy.train_judges --out toy_weights [--steps 600]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -19,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import configs
-from .data import SHAPES, STYLES, caption, render
-from .train_base import WEIGHTS, log
-from .world import CLIP_FILE, DINO_FILE
+from fusion_engine.worlds.toy import configs
+from fusion_engine.worlds.toy.data import LOOKS, SHAPES, caption, render
+from fusion_engine.worlds.toy.world import CLIP_FILE, DINO_FILE
 
-WORDS = ("a", "an", "image", "in", "style", *SHAPES, *STYLES)
+from .common import DEFAULT_OUT, log
+
+WORDS = ("a", "an", "image", "in", "style", *SHAPES, *LOOKS)
 PAD, SOT, EOT = 0, 1, configs.CLIP["text_cfg"]["vocab_size"] - 1  # EOT highest: open_clip pools at argmax
 OPENAI_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
@@ -40,11 +44,10 @@ def tokenize(text: str) -> torch.Tensor:
 
 def batch(rng: np.random.Generator, size: int):
     shapes = rng.integers(len(SHAPES), size=size)
-    styles = rng.integers(len(STYLES), size=size)
-    names = list(STYLES)
-    images = [render(SHAPES[a], names[b], rng) for a, b in zip(shapes, styles)]
+    looks = rng.integers(len(LOOKS), size=size)
+    images = [render(SHAPES[a], LOOKS[b], rng) for a, b in zip(shapes, looks)]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return pixels, torch.from_numpy(shapes), torch.from_numpy(styles)
+    return pixels, torch.from_numpy(shapes), torch.from_numpy(looks)
 
 
 def train_clip(steps: int, seed: int, size: int = 128):
@@ -54,12 +57,11 @@ def train_clip(steps: int, seed: int, size: int = 128):
     rng = np.random.default_rng(seed)
     model = open_clip.CLIP(**configs.CLIP)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    names = list(STYLES)
     start = time.perf_counter()
     for step in range(steps):
-        pixels, shapes, styles = batch(rng, size)
-        key = shapes * len(STYLES) + styles
-        texts = torch.stack([tokenize(caption(SHAPES[a], names[b])) for a, b in zip(shapes, styles)])
+        pixels, shapes, looks = batch(rng, size)
+        key = shapes * len(LOOKS) + looks
+        texts = torch.stack([tokenize(caption(SHAPES[a], LOOKS[b])) for a, b in zip(shapes, looks)])
         image_features, text_features, scale = model((pixels - OPENAI_MEAN) / OPENAI_STD, texts)
         logits = scale * image_features @ text_features.T
         target = (key[:, None] == key[None, :]).float()
@@ -79,19 +81,23 @@ def train_dino(steps: int, seed: int, size: int = 128):
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
-    model = timm.create_model(configs.DINO_NAME, pretrained=False, num_classes=len(SHAPES), **configs.DINO_OPTIONS)
+    model = timm.create_model(configs.DINO_NAME, pretrained=False, num_classes=len(SHAPES) + len(LOOKS),
+                              **configs.DINO_OPTIONS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     start = time.perf_counter()
     for step in range(steps):
-        pixels, shapes, _ = batch(rng, size)
+        pixels, shapes, looks = batch(rng, size)
         logits = model((pixels - IMAGENET_MEAN) / IMAGENET_STD)
-        loss = F.cross_entropy(logits, shapes)
+        shape_logits, look_logits = logits[:, :len(SHAPES)], logits[:, len(SHAPES):]
+        loss = F.cross_entropy(shape_logits, shapes) + F.cross_entropy(look_logits, looks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
-            accuracy = (logits.argmax(1) == shapes).float().mean().item()
-            log(f"dino step {step} loss {loss.item():.4f} acc {accuracy:.2f} ({time.perf_counter() - start:.0f} s)")
+            shape_acc = (shape_logits.argmax(1) == shapes).float().mean().item()
+            look_acc = (look_logits.argmax(1) == looks).float().mean().item()
+            log(f"dino step {step} loss {loss.item():.4f} shape acc {shape_acc:.2f} look acc {look_acc:.2f} "
+                f"({time.perf_counter() - start:.0f} s)")
     return model.eval(), time.perf_counter() - start
 
 
@@ -99,21 +105,23 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(WEIGHTS))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    clip, seconds = train_clip(args.steps, args.seed + 100)
+    clip, clip_s = train_clip(args.steps, args.seed + 100)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / CLIP_FILE))
-    log(f"clip judge: {args.steps} steps, {seconds:.0f} s")
-    dino, seconds = train_dino(args.steps, args.seed + 200)
+    log(f"clip judge: {args.steps} steps, {clip_s:.0f} s")
+    dino, dino_s = train_dino(args.steps, args.seed + 200)
     state = {k: v.contiguous() for k, v in dino.state_dict().items() if not k.startswith("head.")}
     save_file(state, str(out / DINO_FILE))
-    log(f"dino judge: {args.steps} steps, {seconds:.0f} s")
+    log(f"dino judge: {args.steps} steps, {dino_s:.0f} s")
+    (out / "times_judges.json").write_text(json.dumps({"clip_s": round(clip_s), "dino_s": round(dino_s),
+                                                       "steps": args.steps}))
     return 0
 
 

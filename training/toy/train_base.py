@@ -1,0 +1,158 @@
+"""Train the toy world's base model: a tiny AutoencoderKL on every shape x look (the world's generic image
+codec), then a UNet2DConditionModel and a CLIPTextModel on every base shape x base style (the subject and the
+held-out style excluded). Seeded; CPU.
+
+    python -m training.toy.train_base --out toy_weights [--steps 1000] [--vae-steps 400] [--batch 32]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fusion_engine.worlds.toy import configs
+from fusion_engine.worlds.toy.data import autoencoder_dataset, base_dataset
+
+from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
+
+
+def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 32):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**configs.VAE)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * max(0.0, 1 - s / steps))
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        x = images[torch.randint(len(images), (batch,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            adapt_threads()
+            log(f"vae step {step} loss {loss.item():.5f} ({time.perf_counter() - start:.0f} s)")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(images), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log(f"vae reconstruction MSE {F.mse_loss(recon, images).item():.5f} (images in [-1, 1])")
+    return vae, time.perf_counter() - start
+
+
+def save_base(out: Path, vae, unet, text_encoder) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / f"{name}.safetensors"))
+    config = {"vae": dict(configs.VAE, scaling_factor=vae.config.scaling_factor), "unet": configs.UNET,
+              "text_encoder": configs.TEXT_ENCODER, "scheduler": configs.SCHEDULER}
+    (out / "base_config.json").write_text(json.dumps(config, indent=1))
+
+
+def save_vae(out: Path, vae) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    (out / "vae_config.json").write_text(json.dumps(dict(configs.VAE, scaling_factor=vae.config.scaling_factor)))
+
+
+def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: int = 64, lr: float = 1e-3,
+               ema_decay: float = 0.995, checkpoint_every: int = 400, stop_after: int | None = None):
+    """``steps`` sets the learning-rate schedule; ``stop_after`` ends the run early (the schedule unchanged)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fusion_engine.worlds.tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs.UNET)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs.TEXT_ENCODER))
+    ema = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)]
+    ids = token_ids(clip_tokenizer(), captions)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    warmup = 50
+    def lr_at(s):  # linear warm-up, then cosine to 0.1x
+        cosine = 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item())
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    generator = torch.Generator().manual_seed(seed + 1)
+    alphas = alphas_cumprod()
+    start, running = time.perf_counter(), None
+    for step in range(min(steps, stop_after or steps)):
+        index = torch.randint(len(latents), (batch,), generator=generator)
+        loss = diffusion_loss(unet, latents[index], text_encoder(ids[index])[0], generator, alphas)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, model in zip(ema, (unet, text_encoder)):
+                for e, p in zip(shadow.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            adapt_threads()
+            log(f"unet step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s, "
+                f"{torch.get_num_threads()} threads)")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < min(steps, stop_after or steps):
+            save_base(out / f"checkpoint-{step + 1}", vae, ema[0], ema[1])
+            save_base(out / f"checkpoint-{step + 1}-raw", vae, unet, text_encoder)
+    return unet.eval(), text_encoder.eval(), ema[0].eval(), ema[1].eval(), time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end after this many steps, the schedule still the one of --steps (the shipped base: 400)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    torch.set_num_threads(args.threads)
+    adapt_threads(args.threads)
+    images, captions = base_dataset(seed=args.seed)
+    log(f"base data: {len(images)} images, e.g. {captions[-1]!r}")
+    vae, vae_s = train_vae(autoencoder_dataset(seed=args.seed + 3), args.vae_steps, args.seed)
+    log(f"vae trained in {vae_s:.0f} s; scaling factor {vae.config.scaling_factor:.4f}")
+    save_vae(out / "vae_only", vae)
+    with torch.no_grad():  # the base model's latents: its own images only
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    latents = latents * vae.config.scaling_factor
+    unet, text_encoder, ema_unet, ema_text, unet_s = train_unet(vae, latents, captions, args.steps, args.seed, out,
+                                                                batch=args.batch, stop_after=args.stop_after)
+    log(f"unet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params) + text encoder trained in "
+        f"{unet_s:.0f} s")
+    save_base(out / "raw", vae, unet, text_encoder)
+    save_base(out, vae, ema_unet, ema_text)
+    (out / "times_base.json").write_text(json.dumps({"vae_s": round(vae_s), "unet_s": round(unet_s),
+                                                     "steps": args.steps, "stop_after": args.stop_after,
+                                                     "vae_steps": args.vae_steps}))
+    log(f"saved to {out} (EMA weights; the raw last step in {out / 'raw'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Train the toy world's two LoRAs on the frozen base model, on the attention projections (to_q, to_k, to_v,
+to_out.0) as in the paper's recipe, rank and steps scaled down. Seeded; CPU.
+
+* subject: DreamBooth-style, 12 images of the mushroom in its own colours ("a sks mushroom"), rank 8,
+  alpha 8, saved in the PEFT (diffusers) layout;
+* style: 36 images of the held-out style on the base shapes ("a circle in zzt style" / "an image in zzt
+  style"), rank 8, alpha 4, saved in the kohya layout.
+
+Both use DreamBooth's prior preservation: a quarter of every batch (``--prior-share``) is the base world's own
+images and captions (rendered, not sampled: this world's prior is known exactly), so each LoRA changes what its
+token asks for and leaves the rest of the model (the empty prompt of CFG included) close to the base.
+
+    python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusion_engine.worlds.toy.data import base_dataset, style_dataset, subject_dataset
+from fusion_engine.worlds.toy.world import STYLE_FILE, SUBJECT_FILE, load_toy_world
+
+from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * x A^T B^T``, with A Gaussian and B zero at the start (PEFT's init)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.alpha = base, rank, alpha
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features**0.5)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (self.alpha / self.rank) * F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+
+def inject(unet, rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
+    from fusion_engine.worlds.random import attention_targets
+
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = {}
+    for name in attention_targets(unet):
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name)
+        if child.isdigit():  # to_out.0
+            layer = LoRALinear(parent[int(child)], rank, alpha, generator)
+            parent[int(child)] = layer
+        else:
+            layer = LoRALinear(getattr(parent, child), rank, alpha, generator)
+            setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped
+
+
+def encode(world, images, captions):
+    pipe = world.pipe
+    with torch.no_grad():
+        context = torch.cat([pipe.text_encoder(ids[None])[0] for ids in token_ids(pipe.tokenizer, captions)])
+        latents = torch.cat([pipe.vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    return latents * pipe.vae.config.scaling_factor, context
+
+
+def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, batch=16, prior_share=0.5):
+    from fusion_engine.lora import LoRA, LoRALayer
+
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(world.pipe.unet).requires_grad_(False)
+    layers = inject(unet, rank, alpha, seed)
+    params = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b)]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    (latents, context), (prior_latents, prior_context) = data, prior
+    n_prior = round(batch * prior_share)
+    alphas = alphas_cumprod()
+    generator = torch.Generator().manual_seed(seed + 1)
+    start, running = time.perf_counter(), None
+    for step in range(steps):
+        index = torch.randint(len(latents), (batch - n_prior,), generator=generator)
+        prior_index = torch.randint(len(prior_latents), (n_prior,), generator=generator)
+        x0 = torch.cat([latents[index], prior_latents[prior_index]])
+        ctx = torch.cat([context[index], prior_context[prior_index]])
+        loss = diffusion_loss(unet, x0, ctx, generator, alphas, min_snr=None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            adapt_threads()
+            log(f"lora step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
+    factors = {name: LoRALayer(lora_a=layer.lora_a.detach().clone(), lora_b=layer.lora_b.detach().clone(),
+                               alpha=float(alpha)) for name, layer in layers.items()}
+    lora = LoRA(layers=factors, source="<trained>", layout="peft")
+    return lora, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    from fusion_engine.lora import save_lora
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=8, help="half of it the subject's or style's images, half prior")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prior-share", type=float, default=0.25, help="share of each batch from the base world")
+    parser.add_argument("--only", choices=["subject", "style"], default=None)
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    world = load_toy_world(out, require_loras=False)
+    prior = encode(world, *base_dataset(per_combo=8, seed=args.seed + 5))
+    if args.only in (None, "subject"):
+        images, captions = subject_dataset(seed=args.seed + 1)
+        subject, seconds = train_lora(world, encode(world, images, captions), prior, rank=8, alpha=8.0,
+                                      steps=args.steps, seed=args.seed + 10, lr=args.lr, batch=args.batch,
+                                      prior_share=args.prior_share)
+        save_lora(subject, out / SUBJECT_FILE, layout="peft")
+        (out / "times_subject.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
+                                                            "batch": args.batch, "lr": args.lr,
+                                                            "prior_share": args.prior_share}))
+        log(f"subject LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
+    if args.only in (None, "style"):
+        images, captions = style_dataset(seed=args.seed + 2)
+        style, seconds = train_lora(world, encode(world, images, captions), prior, rank=8, alpha=4.0,
+                                    steps=args.steps, seed=args.seed + 20, lr=args.lr, batch=args.batch,
+                                    prior_share=args.prior_share)
+        save_lora(style, out / STYLE_FILE, layout="kohya")
+        (out / "times_style.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
+                                                          "batch": args.batch, "lr": args.lr,
+                                                          "prior_share": args.prior_share}))
+        log(f"style LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
