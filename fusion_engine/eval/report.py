@@ -100,22 +100,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def scores_table(rows: dict, policies: list[str]) -> list[str]:
-    """The paper's Table 1 layout: one line per method, mean ± std (sample std) in percent; the extra
-    metrics get a column when every row has them."""
+def _policy_table(rows: dict, policies: list[str], cell) -> list[str]:
+    """One line per method with rows: ``cell(values in percent)`` per metric, then the image count."""
     metrics = _metrics(rows)
     lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | images |",
              "|---|" + "---|" * (len(metrics) + 1)]
     for policy in policies:
         picked = [row for row in rows.values() if row["policy"] == policy]
-        if not picked:
-            continue
-        cells = []
-        for metric in metrics:
-            mean, std = _mean_std([100 * float(row[metric]) for row in picked])
-            cells.append(f"{mean:.1f} ± {std:.1f}")
-        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")
+        if picked:
+            cells = [cell([100 * float(row[metric]) for row in picked]) for metric in metrics]
+            lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")
     return lines
+
+
+def scores_table(rows: dict, policies: list[str]) -> list[str]:
+    """The paper's Table 1 layout: one line per method, mean ± std (sample std) in percent; the extra
+    metrics get a column when every row has them."""
+    return _policy_table(rows, policies, lambda values: "{:.1f} ± {:.1f}".format(*_mean_std(values)))
 
 
 def _metrics(rows: dict) -> list[str]:
@@ -127,19 +128,7 @@ def ci_table(rows: dict, policies: list[str]) -> list[str]:
     """One line per method: mean [low, high], the percentile-bootstrap 95% interval of the mean, in percent."""
     from ..stats import bootstrap_ci
 
-    metrics = _metrics(rows)
-    lines = ["| method | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " | images |",
-             "|---|" + "---|" * (len(metrics) + 1)]
-    for policy in policies:
-        picked = [row for row in rows.values() if row["policy"] == policy]
-        if not picked:
-            continue
-        cells = []
-        for metric in metrics:
-            mean, low, high = bootstrap_ci([100 * float(row[metric]) for row in picked])
-            cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}]")
-        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {len(picked)} |")
-    return lines
+    return _policy_table(rows, policies, lambda values: "{:.1f} [{:.1f}, {:.1f}]".format(*bootstrap_ci(values)))
 
 
 def paired_table(rows: dict, policies: list[str], baseline: str = BASELINE) -> list[str]:
