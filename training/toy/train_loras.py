@@ -118,26 +118,22 @@ def main(argv=None) -> int:
     out = Path(args.out)
     world = load_toy_world(out, require_loras=False)
     prior = encode(world, *base_dataset(per_combo=8, seed=args.seed + 5))
-    if args.only in (None, "subject"):
-        images, captions = subject_dataset(seed=args.seed + 1)
-        subject, seconds = train_lora(world, encode(world, images, captions), prior, rank=8, alpha=8.0,
-                                      steps=args.steps, seed=args.seed + 10, lr=args.lr, batch=args.batch,
-                                      prior_share=args.prior_share)
-        save_lora(subject, out / SUBJECT_FILE, layout="peft")
-        (out / "times_subject.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
+    roles = {  # role: (dataset, seed offsets of data and training, alpha, file layout, file name)
+        "subject": (subject_dataset, 1, 10, 8.0, "peft", SUBJECT_FILE),
+        "style": (style_dataset, 2, 20, 4.0, "kohya", STYLE_FILE),
+    }
+    for role, (dataset, data_seed, train_seed, alpha, layout, file) in roles.items():
+        if args.only not in (None, role):
+            continue
+        images, captions = dataset(seed=args.seed + data_seed)
+        lora, seconds = train_lora(world, encode(world, images, captions), prior, rank=8, alpha=alpha,
+                                   steps=args.steps, seed=args.seed + train_seed, lr=args.lr, batch=args.batch,
+                                   prior_share=args.prior_share)
+        save_lora(lora, out / file, layout=layout)
+        (out / f"times_{role}.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
                                                             "batch": args.batch, "lr": args.lr,
                                                             "prior_share": args.prior_share}))
-        log(f"subject LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
-    if args.only in (None, "style"):
-        images, captions = style_dataset(seed=args.seed + 2)
-        style, seconds = train_lora(world, encode(world, images, captions), prior, rank=8, alpha=4.0,
-                                    steps=args.steps, seed=args.seed + 20, lr=args.lr, batch=args.batch,
-                                    prior_share=args.prior_share)
-        save_lora(style, out / STYLE_FILE, layout="kohya")
-        (out / "times_style.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
-                                                          "batch": args.batch, "lr": args.lr,
-                                                          "prior_share": args.prior_share}))
-        log(f"style LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
+        log(f"{role} LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
     return 0
 
 
