@@ -297,9 +297,9 @@ def flux_tables():
             for block, counts in FLUX_BLOCKS.items():
                 total = {}
                 for key, _ in LAYER_METHODS:
-                    parts = [n * all_times[f"{name} M={shapes[name][0]} K={shapes[name][1]} N={shapes[name][2]} "
-                                           f"r={r} {dtype_name(dtype)}"][mode][key] for name, n in counts.items()]
-                    total[key] = None if None in parts else sum(parts)
+                    parts = [(n, all_times[f"{name} M={shapes[name][0]} K={shapes[name][1]} N={shapes[name][2]} "
+                                              f"r={r} {dtype_name(dtype)}"][mode][key]) for name, n in counts.items()]
+                    total[key] = None if any(t is None for _, t in parts) else sum(n * t for n, t in parts)
                 emit(ratio_row(f"{block} ({sum(counts.values())} linears) r={r}", total))
         emit()
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, dot_pad, dot_precision, new_empty, rank_pad, require
+from .utils import dot_pad, dot_precision, new_empty, rank_pad, require, shrink_config
 
 
 @triton.jit
@@ -92,16 +92,14 @@ def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor)
     if subject_pad + style_pad == 0 or M == 0:
         return None, subject_pad
     xa = new_empty((M, subject_pad + style_pad), x.dtype, x.device)
-    block_m = 16 if INTERPRET else 64
-    block_k = 32 if INTERPRET else 64
-    grid = (triton.cdiv(M, block_m),)
+    cfg = shrink_config(M, K)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     _lora_shrink_kernel[grid](
         x_ptr=x, subject_a_ptr=subject_a, style_a_ptr=style_a, xa_ptr=xa,
         M=M, K=K, subject_rank=subject_rank, style_rank=style_rank,
         stride_xm=x.stride(0), stride_xam=xa.stride(0), style_offset=subject_pad,
         HAS_SUBJECT=subject_rank > 0, HAS_STYLE=style_rank > 0,
         SUBJECT_RANK_PAD=dot_pad(subject_rank), STYLE_RANK_PAD=dot_pad(style_rank),
-        BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=K % block_k == 0, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=4, num_stages=1 if INTERPRET else 3,
+        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     return xa, subject_pad

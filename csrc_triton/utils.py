@@ -117,6 +117,14 @@ def gemm_config(M: int, N: int) -> dict:
                 num_stages=3)
 
 
+def shrink_config(M: int, K: int) -> dict:
+    """Block sizes of lora_shrink, by shape only (a tuned table, as ``gemm_config``). One program
+    walks the whole K for its BLOCK_M rows, so small BLOCK_M keeps the GPU busy at small M."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
 @triton.jit
 def _linear_tile(
     x_ptr,  # (M, K), unit stride along K
