@@ -95,9 +95,9 @@ def use(gemm=None, shrink=None):
                                              for name in ("fls_linear", "lora_shrink", "mix_linear"))
 
     if gemm is not None:
-        fls_module.gemm_config = mix_module.gemm_config = lambda M, N: dict(gemm)
+        fls_module.gemm_config = mix_module.gemm_config = lambda *args: dict(gemm)
     if shrink is not None:
-        shrink_module.shrink_config = lambda M, K: dict(shrink)
+        shrink_module.shrink_config = lambda *args: dict(shrink)
 
 
 def as_gemm(c):

@@ -484,7 +484,7 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     row_group = row_group.contiguous()
     xa, style_offset = lora_shrink(x, subject_a, style_a)
 
-    cfg = gemm_config(M, N)
+    cfg = gemm_config(M, N, K, "fls")
     num_pid_m, num_pid_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     live_slot = NUM_STATS[code]
     part = new_empty((live_slot + NUM_LIVE, num_pid_n, M), torch.float32, dev)

@@ -91,7 +91,7 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
     coef = coef.to(torch.float32).contiguous()
     xa, style_offset = lora_shrink(x, subject_a, style_a)
 
-    cfg = gemm_config(M, N)
+    cfg = gemm_config(M, N, K, "mix")
     num_pid_n = triton.cdiv(N, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * num_pid_n,)
     _mix_linear_kernel[grid](

@@ -101,20 +101,40 @@ def as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b):
     return (x, *(cast(t) for t in (weight, bias, subject_a, subject_b, style_a, style_b)))
 
 
-def gemm_config(M: int, N: int) -> dict:
+# Tuned on an NVIDIA H200 (torch 2.11, triton 3.6, bf16, rank 64) by bench/tune_fls.py; the sweep and
+# the measured times are in bench/RESULTS.md. (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_GEMM_TABLE = {
+    # FLS keeps three fp32 tiles (y0, d_subject, d_style) alive in its epilogue
+    "fls": {"small_m": (64, 64, 128, 4, 3), "mid": (128, 64, 64, 8, 4), "large": (128, 128, 64, 8, 4)},
+    "mix": {"small_m": (64, 64, 128, 4, 3), "mid": (128, 64, 64, 4, 4), "large": (128, 128, 64, 8, 4)},
+}
+_SHRINK_TABLE = {"small_m": (16, 128, 4, 3), "large": (32, 128, 4, 3)}  # (BLOCK_M, BLOCK_K, num_warps, num_stages)
+
+
+def _size_class(M: int, N: int, K: int) -> str:
+    """small_m: cross-attention k/v (M = batch x 77); large: FLUX-sized GEMMs (>= 4608 x 3072 x 3072
+    or a long K), where 128x128 tiles win; mid: the SDXL UNet's self-attention and projections."""
+    if M <= 256:
+        return "small_m"
+    if M * N * K >= 4096 * 3072 * 3072 or K >= 8192:
+        return "large"
+    return "mid"
+
+
+def gemm_config(M: int, N: int, K: int, epilogue: str = "fls") -> dict:
     """Fixed block sizes, chosen by shape only (a tuned table, not autotune: autotune does not run
     under the interpreter, and re-running a kernel that accumulates with atomics would need reset
-    hooks), so the grid is capturable in a CUDA graph. GPU values are a starting point: measure
-    with bench/gpu_table.py.
+    hooks), so the grid is capturable in a CUDA graph.
+
+    Args:
+        M, N, K: the GEMM's shape (x is (M, K), the weight (N, K)).
+        epilogue: "fls" (the fused FLS kernels) or "mix" (the mix kernel).
     """
     if INTERPRET:
         # tiny tiles: the interpreter is numpy per program; several tiles per dim exercise masks
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    # the FLS epilogue keeps three fp32 tiles alive (y0, d_subject, d_style): 64x128 keeps them in registers
-    block_m = 32 if M <= 256 else 64  # small M (cross-attention k/v): more programs
-    block_n = 128 if N >= 512 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8 if block_m * block_n >= 8192 else 4,
-                num_stages=3)
+    block_m, block_n, block_k, warps, stages = _GEMM_TABLE[epilogue][_size_class(M, N, K)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
 def shrink_config(M: int, K: int) -> dict:
@@ -122,7 +142,8 @@ def shrink_config(M: int, K: int) -> dict:
     walks the whole K for its BLOCK_M rows, so small BLOCK_M keeps the GPU busy at small M."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    block_m, block_k, warps, stages = _SHRINK_TABLE["small_m" if M <= 2048 else "large"]
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
 @triton.jit
