@@ -103,11 +103,11 @@ def _summary(model: nn.Module, role: str, lora, modules, problems: dict[str, str
 
 
 def _families_note(model: nn.Module, lora) -> str:
-    """What the file and the model are: ': a FLUX.1 LoRA (from its keys), this model a FLUX.1 model (...)'."""
+    """What the file and the model are: ': the file is made for FLUX.1 (from its keys), this model is FLUX.1 (...)'."""
     family, mine = getattr(lora, "family", None), model_family(model)
     if family is None and mine is None:
         return " (e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse)"
-    note = (f": a {describe_family(family)} LoRA (from its keys), this model a {describe_family(mine)} model "
+    note = (f": the file is made for {describe_family(family)} (from its keys), this model is {describe_family(mine)} "
             f"({type(model).__name__})")
     if SD_UNET in (family, mine):
         note += ", e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse"
@@ -124,8 +124,8 @@ def refuse_other_family(model: nn.Module, loras: dict) -> None:
         family = getattr(lora, "family", None)
         if lora is not None and not families_fit(family, mine):
             raise ModelMismatchError(
-                f"cannot attach: the {role} LoRA ({lora.source}) is a {describe_family(family)} LoRA (from its keys), "
-                f"but this model is a {describe_family(mine)} model ({type(model).__name__}); load a LoRA made for "
+                f"cannot attach: the {role} LoRA ({lora.source}) is made for {describe_family(family)} (from its "
+                f"keys), but this model is {describe_family(mine)} ({type(model).__name__}); load a LoRA made for "
                 f"{describe_family(mine)}")
 
 

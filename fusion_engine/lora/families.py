@@ -130,4 +130,4 @@ def families_fit(lora_family: str | None, model_family_name: str | None) -> bool
 
 
 def describe_family(family: str | None) -> str:
-    return FAMILIES.get(family, "unknown family") if family else "unknown family"
+    return FAMILIES.get(family, "an unknown model family") if family else "an unknown model family"
