@@ -103,14 +103,21 @@ def detect_family(keys, metadata: Mapping | None = None, source: str = "<state_d
 
 
 def refuse_unconvertible(family: str, keys, source: str) -> None:
-    """SD3 files in SAI/kohya naming (``joint_blocks``): diffusers 0.42 has no converter for them."""
-    if family == SD3:
-        sai = [k for k in keys if "joint_blocks" in k]
-        if sai:
-            raise LoRALayoutError(
-                f"{source}: an SD3 LoRA in SAI/kohya naming ({preview(sorted(sai), 2)}): diffusers has no converter "
-                "for it, so neither has fusion_engine; save it in diffusers/PEFT naming "
-                "(transformer.transformer_blocks.N.attn.to_q.lora_A.weight)")
+    """SD3 files diffusers 0.42 cannot load: SAI/kohya naming (``joint_blocks``), ``.alpha`` keys (its SD3 loader
+    reads alphas from the PEFT metadata only, and refuses such files)."""
+    if family != SD3:
+        return
+    sai = sorted(k for k in keys if "joint_blocks" in k)
+    if sai:
+        raise LoRALayoutError(
+            f"{source}: an SD3 LoRA in SAI/kohya naming ({preview(sai, 2)}): diffusers has no converter "
+            "for it, so neither has fusion_engine; save it in diffusers/PEFT naming "
+            "(transformer.transformer_blocks.N.attn.to_q.lora_A.weight)")
+    alphas = sorted(k for k in keys if k.endswith(".alpha"))
+    if alphas:
+        raise LoRALayoutError(
+            f"{source}: an SD3 LoRA with alpha keys ({preview(alphas, 2)}): diffusers' SD3 loader takes alphas from "
+            "the PEFT adapter metadata only (lora_adapter_metadata), and refuses these keys; so does fusion_engine")
 
 
 def is_transformer_family(family: str | None) -> bool:
