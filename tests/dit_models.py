@@ -89,18 +89,20 @@ def peft_state_dict(factors, prefix: str = "transformer.", alphas=None) -> dict[
 
 
 def kohya_flux_state_dict(blocks: int, single_blocks: int, width: int, mlp: int, rank: int, seed: int,
-                          sparse_qkv: bool = False, linear1: bool = False) -> dict[str, torch.Tensor]:
+                          sparse_qkv: bool = False, linear1: bool = False, comfyui: bool = False) -> dict:
     """kohya/BFL naming of FLUX: ``lora_unet_double_blocks_0_img_attn_qkv`` (fused q/k/v), ``..._img_mlp_0``,
     ``..._img_mod_lin``, ``lora_unet_single_blocks_0_linear2`` ... with ``.alpha`` != rank.
 
     ``sparse_qkv``: the fused q/k/v up factor is block-diagonal (what kohya writes when it merged three LoRAs),
     which diffusers splits into three rank/3 LoRAs. ``linear1``: add single blocks' fused q/k/v/mlp input,
-    which diffusers splits at FLUX.1-dev's widths (3072 x 3 + 12288).
+    which diffusers splits at FLUX.1-dev's widths (3072 x 3 + 12288). ``comfyui``: ComfyUI's naming of the same
+    modules (``diffusion_model.double_blocks.0.img_attn.qkv``).
     """
     generator = torch.Generator().manual_seed(seed)
     state = {}
 
-    def add(name, fan_in, fan_out, up=None):
+    def add(path, fan_in, fan_out, up=None):
+        name = "diffusion_model." + ".".join(path) if comfyui else "lora_unet_" + "_".join(path)
         state[f"{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.3
         if up is None:
             up = torch.randn(fan_out, rank, generator=generator) * 0.3
@@ -119,16 +121,17 @@ def kohya_flux_state_dict(blocks: int, single_blocks: int, width: int, mlp: int,
 
     for i in range(blocks):
         for stream in ("img", "txt"):
-            add(f"lora_unet_double_blocks_{i}_{stream}_attn_qkv", width, 3 * width, qkv_up())
-            add(f"lora_unet_double_blocks_{i}_{stream}_attn_proj", width, width)
-            add(f"lora_unet_double_blocks_{i}_{stream}_mlp_0", width, mlp)
-            add(f"lora_unet_double_blocks_{i}_{stream}_mlp_2", mlp, width)
-            add(f"lora_unet_double_blocks_{i}_{stream}_mod_lin", width, 6 * width)
+            block = ("double_blocks", str(i))
+            add((*block, f"{stream}_attn", "qkv"), width, 3 * width, qkv_up())
+            add((*block, f"{stream}_attn", "proj"), width, width)
+            add((*block, f"{stream}_mlp", "0"), width, mlp)
+            add((*block, f"{stream}_mlp", "2"), mlp, width)
+            add((*block, f"{stream}_mod", "lin"), width, 6 * width)
     for i in range(single_blocks):
-        add(f"lora_unet_single_blocks_{i}_linear2", width + mlp, width)
-        add(f"lora_unet_single_blocks_{i}_modulation_lin", width, 3 * width)
+        add(("single_blocks", str(i), "linear2"), width + mlp, width)
+        add(("single_blocks", str(i), "modulation", "lin"), width, 3 * width)
         if linear1:
-            add(f"lora_unet_single_blocks_{i}_linear1", width, 3 * width + mlp)
+            add(("single_blocks", str(i), "linear1"), width, 3 * width + mlp)
     return state
 
 

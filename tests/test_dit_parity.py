@@ -39,6 +39,8 @@ def _flux_file(tmp_path, pipe, layout):
     every = linear_names(transformer)
     if layout == "kohya":
         state = kohya_flux_state_dict(blocks=1, single_blocks=1, width=32, mlp=128, rank=4, seed=1)
+    elif layout == "comfyui":
+        state = kohya_flux_state_dict(blocks=1, single_blocks=1, width=32, mlp=128, rank=4, seed=9, comfyui=True)
     elif layout == "kohya-sparse-qkv":
         state = kohya_flux_state_dict(blocks=1, single_blocks=1, width=32, mlp=128, rank=6, seed=2, sparse_qkv=True)
     elif layout == "xlabs":
@@ -78,7 +80,7 @@ def _check_one_lora(pipe, path, expected, role, family):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"{path.name} {role} {policy}")
 
 
-FLUX_LAYOUTS = ["kohya", "kohya-sparse-qkv", "xlabs", "peft-alpha", "ai-toolkit", "peft-no-prefix"]
+FLUX_LAYOUTS = ["kohya", "comfyui", "kohya-sparse-qkv", "xlabs", "peft-alpha", "ai-toolkit", "peft-no-prefix"]
 
 
 @pytest.mark.parametrize("layout", FLUX_LAYOUTS)
