@@ -134,3 +134,41 @@ def test_direct_matches_set_adapters(tmp_path, flux_master, sd3_master, model):
     with fe.attach(pipe, fe.load_lora(subject_path), fe.load_lora(style_path), policy="direct"):
         got = run(pipe, seed=3)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_flux_kohya_file_with_clip_parts_matches_load_lora_weights(tmp_path, flux_master, tiny_pipe):
+    """kohya FLUX files carry CLIP-L layers as lora_te1_*: diffusers loads them into pipe.text_encoder (alpha / rank
+    folded in), and fe.attach(pipe, ...) fuses that component too."""
+    clip = tiny_pipe.text_encoder
+    pipe = copy.deepcopy(flux_master)
+    pipe.register_modules(text_encoder=copy.deepcopy(clip), tokenizer=tiny_pipe.tokenizer)
+    state = kohya_flux_state_dict(blocks=1, single_blocks=0, width=32, mlp=128, rank=4, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    for name, module in clip.named_modules():
+        # out_proj included: diffusers recognises the old text-encoder key layout by "to_out_lora" only
+        if type(module) is torch.nn.Linear and name.endswith(("q_proj", "v_proj", "out_proj", "fc1")):
+            key = "lora_te1_" + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.3
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+    path = tmp_path / "flux_with_clip.safetensors"
+    save_file(state, str(path))
+    tokens = tiny_pipe.tokenizer(["a sbu dog in szn style"], padding="max_length", return_tensors="pt").input_ids
+
+    def outputs(pipe):
+        with torch.no_grad():
+            return pipe.text_encoder(tokens)[1], run(pipe)
+
+    reference = _diffusers_loaded(pipe, path, no_prefix=False)
+    expected_text, expected = outputs(reference)
+    base_text, _ = outputs(pipe)
+    assert (expected_text - base_text).abs().max() > 1e-2, "the CLIP part must matter, or this test proves nothing"
+    lora = fe.load_lora(path)
+    assert sorted(lora.components) == ["text_encoder", "transformer"] and lora.family == "flux"
+    copies = {k: v.clone() for k, v in state.items()}
+    assert fe.load_lora(state).for_component("text_encoder").layers.keys() == lora.components["text_encoder"].keys()
+    assert all(torch.equal(state[k], copies[k]) for k in state), "loading must not scale the caller's tensors"
+    with fe.attach(pipe, lora):
+        got_text, got = outputs(pipe)
+    torch.testing.assert_close(got_text, expected_text, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

@@ -116,7 +116,9 @@ def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config
         if family == SD_UNET:
             state, alphas = pipeline.lora_state_dict(dict(raw), unet_config=unet_config)
         elif CONVERTERS[family] == "FluxPipeline":
-            state, alphas = pipeline.lora_state_dict(dict(raw), return_alphas=True)
+            # its kohya converter scales text-encoder factors in place (``*=``): give it copies of those
+            owned = {k: v.clone() if k.startswith("lora_te") else v for k, v in raw.items()}
+            state, alphas = pipeline.lora_state_dict(owned, return_alphas=True)
         else:  # SD3: diffusers converts nothing; alphas come from the PEFT metadata
             state, alphas = pipeline.lora_state_dict(dict(raw)), {}
     except Exception as error:  # diffusers raises bare ValueError/KeyError/AssertionError on foreign layouts
