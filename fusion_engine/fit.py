@@ -105,10 +105,11 @@ def _summary(model: nn.Module, role: str, lora, modules, problems: dict[str, str
 def _families_note(model: nn.Module, lora) -> str:
     """What the file and the model are: ': the file is made for FLUX.1 (from its keys), this model is FLUX.1 (...)'."""
     family, mine = getattr(lora, "family", None), model_family(model)
-    if family is None and mine is None:
+    if family is None:  # a LoRA built in memory
         return " (e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse)"
-    note = (f": the file is made for {describe_family(family)} (from its keys), this model is {describe_family(mine)} "
-            f"({type(model).__name__})")
+    note = f": the file is made for {describe_family(family)} (from its keys)"
+    if mine is not None:
+        note += f", this model is {describe_family(mine)} ({type(model).__name__})"
     if SD_UNET in (family, mine):
         note += ", e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse"
     elif family == mine:

@@ -152,3 +152,35 @@ def test_attach_copies_no_base_weight_and_keeps_factors_in_model_dtype(pipes):
               f"beside {base_bytes} bytes of base weights")
         forward(transformer, transformer_inputs(transformer, batch=1, dtype=torch.bfloat16))
     assert {name: (p.untyped_storage().data_ptr(), p.dtype) for name, p in transformer.named_parameters()} == storage
+
+
+def test_fls_through_an_sd3_pipeline_call_matches_float64_oracle(pipes):
+    """fe.attach(pipe) on StableDiffusion3Pipeline: the CFG batch [uncond x3, cond x3] is read per call, so each
+    image's uncond and cond rows decide together, at every step, as the oracle hooks do on a copy."""
+    pipe = copy.deepcopy(pipes["sd3"]).to(torch.float64)
+    subject, style = _loras(pipe.transformer, seed=30)
+    oracle = copy.deepcopy(pipe)
+    hooks = OracleHooks(oracle.transformer, subject, style, "kl", "image")
+
+    def call(pipe):
+        generator = torch.Generator().manual_seed(1)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+        with torch.no_grad():
+            return pipe(prompt_embeds=randn(IMAGES, 7, 32), pooled_prompt_embeds=randn(IMAGES, 64),
+                        negative_prompt_embeds=randn(IMAGES, 7, 32), negative_pooled_prompt_embeds=randn(IMAGES, 64),
+                        guidance_scale=4.0, num_inference_steps=2, height=16, width=16, output_type="latent",
+                        generator=torch.Generator().manual_seed(5)).images
+
+    expected = call(oracle)
+    hooks.remove()
+    with fe.attach(pipe, subject, style, backend="reference") as fusion:
+        got = call(pipe)
+        records = fusion.trace.gather()
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert (got - call(pipe)).abs().max() > 1e-2
+    assert {r.step for r in records} == {0, 1}
+    choices = torch.cat([r.choice.flatten() for r in records])
+    assert choices.min() == 0 and choices.max() == 1, "the test needs layers choosing each branch"
