@@ -327,11 +327,14 @@ def cmd_demo(args) -> int:
 
 def cmd_inspect(args) -> int:
     import fusion_engine as fe
+    from fusion_engine.lora.families import describe_family
 
     lora = fe.load_lora(args.file)
     print(f"file:    {lora.source}")
     print(f"format:  {lora.layout}")
-    print(f"layers:  {len(lora.layers)} UNet layers ({sum(layer.is_conv for layer in lora.layers.values())} conv)")
+    print(f"family:  {lora.family} ({describe_family(lora.family)})")
+    conv = sum(layer.is_conv for layer in lora.layers.values())
+    print(f"layers:  {len(lora.layers)} {lora.component} layers ({conv} conv)")
     print(f"rank:    {', '.join(map(str, lora.ranks()))}")
     print(f"alpha:   {', '.join(f'{a:g}' for a in lora.alphas())}")
     scales = sorted({lora.layer_scale(n) for n in lora.layers})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .errors import AlreadyAttachedError, ModelMismatchError, preview
+from .lora.families import SD_UNET, describe_family, families_fit, model_family
 from .modules import DynamicLoRALayer
 
 FUSABLE_TYPES = (nn.Linear, nn.Conv2d)  # exact types: subclasses may change forward in ways we cannot fuse
@@ -97,15 +98,43 @@ def _summary(model: nn.Module, role: str, lora, modules, problems: dict[str, str
         line += f"; {len(misfit)} with other shapes or types (e.g. {preview(misfit, 3)})"
     width_note = _context_width_note(model, lora)  # text-feature width differs: SD1.5 (768) vs SDXL (2048)
     if matched * 2 < total or width_note:
-        line += (" -> it looks made for another base model (e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse)"
-                 + width_note)
+        line += " -> it looks made for another base model" + _families_note(model, lora) + width_note
     return line
+
+
+def _families_note(model: nn.Module, lora) -> str:
+    """What the file and the model are: ': the file is made for FLUX.1 (from its keys), this model is FLUX.1 (...)'."""
+    family, mine = getattr(lora, "family", None), model_family(model)
+    if family is None:  # a LoRA built in memory
+        return " (e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse)"
+    note = f": the file is made for {describe_family(family)} (from its keys)"
+    if mine is not None:
+        note += f", this model is {describe_family(mine)} ({type(model).__name__})"
+    if SD_UNET in (family, mine):
+        note += ", e.g. an SD1.5 LoRA on an SDXL UNet, or the reverse"
+    elif family == mine:
+        note += " of another size or version"
+    return note
+
+
+def refuse_other_family(model: nn.Module, loras: dict) -> None:
+    """A LoRA whose keys name another model family than the model's (a FLUX.1 LoRA on an SD3 transformer)
+    is refused even where some shapes happen to fit, naming both families."""
+    mine = model_family(model)
+    for role, lora in loras.items():
+        family = getattr(lora, "family", None)
+        if lora is not None and not families_fit(family, mine):
+            raise ModelMismatchError(
+                f"cannot attach: the {role} LoRA ({lora.source}) is made for {describe_family(family)} (from its "
+                f"keys), but this model is {describe_family(mine)} ({type(model).__name__}); load a LoRA made for "
+                f"{describe_family(mine)}")
 
 
 def check_fit(model: nn.Module, names: list[str], loras: dict) -> None:
     """Raise unless every target in ``names`` resolves to a fusable layer that every LoRA's factors fit."""
     modules = {name: find_module(model, name) for name in names}
     _refuse_attached(model, modules)
+    refuse_other_family(model, loras)
     problems = {}
     for name, module in modules.items():
         problem = _module_problem(name, module)

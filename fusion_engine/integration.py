@@ -28,9 +28,9 @@ import torch.nn as nn
 from .context import images_in_batch
 from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
 from .fusion import Fusion, as_lora, attach_model
+from .lora.weights import DENOISERS
 from .trace import Trace
 
-DENOISERS = ("unet", "transformer")
 _PIPELINES: weakref.WeakKeyDictionary[object, PipelineFusion] = weakref.WeakKeyDictionary()
 _FUSED_CLASSES: dict[type, type] = {}
 
@@ -268,9 +268,14 @@ def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> P
 
 
 def _part(lora, component: str):
-    """The part of ``lora`` for ``component`` when the LoRA carries parts for several components."""
+    """The part of ``lora`` for ``component`` when the LoRA carries parts for several components.
+
+    For the denoiser it is the LoRA's denoiser part whatever its name (``"unet"`` or ``"transformer"``): a UNet LoRA
+    given to a FLUX pipeline then fails the attach's family check, which names both, instead of vanishing."""
     if lora is None or not getattr(lora, "components", None):
         return lora
+    if component in DENOISERS and lora.component in DENOISERS:
+        return lora.for_component(lora.component)
     return lora.for_component(component)
 
 
@@ -280,7 +285,7 @@ def _component_loras(pipe, subject, style, denoiser: str):
     names = set()
     for lora in (subject, style):
         names |= set(getattr(lora, "components", None) or ())
-    for component in sorted(names - {denoiser}):
+    for component in sorted(names - set(DENOISERS)):
         if not isinstance(getattr(pipe, component, None), nn.Module):
             raise AttachError(f"the LoRAs have layers for {component!r}, which {type(pipe).__name__} does not have")
         parts = tuple(lora.for_component(component) if lora is not None else None for lora in (subject, style))

@@ -6,6 +6,8 @@ when it loads a text encoder's LoRA; this does the same at attach, in both direc
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch.nn as nn
 
 from .weights import LoRA
@@ -31,5 +33,4 @@ def align_to_model(lora: LoRA | None, model: nn.Module) -> LoRA | None:
     renamed = {_resolve(name, modules): layer for name, layer in lora.layers.items()}
     if list(renamed) == list(lora.layers) or len(renamed) != len(lora.layers):
         return lora
-    return LoRA(renamed, lora.source, lora.layout, lora.scale, list(lora.ignored), lora.component,
-                dict(lora.other_components))
+    return replace(lora, layers=renamed, ignored=list(lora.ignored), other_components=dict(lora.other_components))

@@ -1,4 +1,5 @@
-"""LoRA files -> ``LoRA``: diffusers (old and PEFT) and kohya/A1111 layouts, via diffusers' own converters.
+"""LoRA files -> ``LoRA``: diffusers (old and PEFT), kohya/A1111, BFL and XLabs layouts of SD1.x/SDXL, FLUX.1 and
+SD3 LoRAs, each family through its own diffusers converter (see ``families``).
 
 Every part of a file is kept: the UNet's layers, each text encoder's (``LoRA.components``) and
 DoRA magnitudes; what cannot be applied (LyCORIS kinds, foreign keys) raises, naming the keys.
@@ -14,12 +15,12 @@ import torch
 
 from ..errors import LoRAFileError, LoRAFileNotFoundError, LoRAFormatError, LoRALayoutError, LoRAShapeError, preview
 from .checks import check_alpha, check_layer, check_raw_tensors, check_scale
+from .families import CONVERTERS, FAMILIES, SD_UNET, detect_family, is_transformer_family, refuse_unconvertible
 from .lycoris import refuse_lycoris
 from .patterns import compile_patterns, first_match
 from .safetensors_header import check_safetensors_file
-from .weights import COMPONENTS, DENOISER, TEXT_ENCODERS, LoRA, LoRALayer
+from .weights import COMPONENTS, DENOISER, DENOISERS, TEXT_ENCODERS, TRANSFORMER, LoRA, LoRALayer
 
-_UNET_PREFIX = "unet."
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
 _MAGNITUDE, _DORA_SCALE, _ALPHA = ".lora_magnitude_vector", ".dora_scale", ".alpha"
@@ -34,8 +35,10 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 def detect_layout(keys) -> str:
     """Name the file layout from its raw keys (for reporting; conversion is diffusers' job)."""
     keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in k for k in keys):
         return "kohya"
+    if any(".processor." in k and "lora" in k for k in keys):
+        return "xlabs"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft"
     if any(".lora.down." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in keys):
@@ -55,8 +58,9 @@ def _check_layout(keys, source: str) -> str:
     return layout
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and the PEFT adapter config diffusers stores in the header (``{}`` when absent).
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Tensors, the PEFT adapter config diffusers stores in the header (``{}`` when absent) and the header's
+    other metadata (kohya ``ss_*``, ``modelspec.*``).
 
     The header (framing, key names, layout) is checked before any tensor data is read: a large file
     that is no LoRA is refused after reading its header only.
@@ -74,6 +78,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         header = check_safetensors_file(path)
         metadata = header.pop("__metadata__", None)
+        metadata = metadata if isinstance(metadata, dict) else {}
         if header:
             refuse_lycoris(header, str(path))
             _check_layout(header, str(path))
@@ -84,7 +89,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if isinstance(error, LoRAFormatError):
             raise
         raise LoRAFileError(f"{path}: not a readable safetensors file ({error})") from error
-    return tensors, _adapter_config(path, metadata if isinstance(metadata, dict) else {})
+    return tensors, _adapter_config(path, metadata), metadata
 
 
 def _adapter_config(path: Path, header: dict) -> dict:
@@ -99,17 +104,27 @@ def _adapter_config(path: Path, header: dict) -> dict:
     return config
 
 
-def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config):
-    """Run diffusers' own conversion: kohya/old layouts -> ``unet.<module>.lora_{A,B}`` + alphas."""
-    from diffusers import StableDiffusionXLPipeline
+def _diffusers_state_dict(raw: dict[str, torch.Tensor], source: str, unet_config, family: str = SD_UNET):
+    """Run the family's own diffusers conversion: kohya/BFL/XLabs/old layouts -> ``<component>.<module>.lora_{A,B}``
+    + network alphas (FLUX's kohya converter folds alpha / rank into the factors, as diffusers loads them)."""
+    import diffusers
 
-    if unet_config is None and any(p in k for k in raw for p in _SGM_BLOCKS):
+    pipeline = getattr(diffusers, CONVERTERS[family])
+    if family == SD_UNET and unet_config is None and any(p in k for k in raw for p in _SGM_BLOCKS):
         unet_config = SDXL_UNET_LAYOUT  # only SDXL ships kohya files in its original (sgm) block naming
     try:
-        state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(raw), unet_config=unet_config)
-    except Exception as error:  # diffusers raises bare ValueError/KeyError on foreign layouts
-        raise LoRALayoutError(
-            f"{source}: diffusers cannot convert this LoRA ({type(error).__name__}: {error})") from error
+        if family == SD_UNET:
+            state, alphas = pipeline.lora_state_dict(dict(raw), unet_config=unet_config)
+        elif CONVERTERS[family] == "FluxPipeline":
+            # its kohya converter scales text-encoder factors in place (``*=``): give it copies of those
+            owned = {k: v.clone() if k.startswith("lora_te") else v for k, v in raw.items()}
+            state, alphas = pipeline.lora_state_dict(owned, return_alphas=True)
+        else:  # SD3: diffusers converts nothing; alphas come from the PEFT metadata
+            state, alphas = pipeline.lora_state_dict(dict(raw)), {}
+    except Exception as error:  # diffusers raises bare ValueError/KeyError/AssertionError on foreign layouts
+        converter = f"{CONVERTERS[family]}.lora_state_dict"
+        raise LoRALayoutError(f"{source}: diffusers' {FAMILIES[family]} converter ({converter}) cannot convert this "
+                              f"LoRA ({type(error).__name__}: {error})") from error
     return state, alphas or {}
 
 
@@ -123,9 +138,11 @@ def _to_peft_keys(keys_to_values: Mapping[str, object], source: str = "<state_di
                               f"({type(error).__name__}: {error})") from error
 
 
-def _alpha_by_module(alphas: Mapping[str, float], source: str = "<state_dict>") -> dict[str, float]:
-    """Map diffusers' network-alpha keys (``...to_q_lora.down.weight.alpha``) to module paths."""
-    unet_alphas = {k.removeprefix(_UNET_PREFIX): float(v)
+def _alpha_by_module(alphas: Mapping[str, float], source: str = "<state_dict>",
+                     denoiser: str = DENOISER) -> dict[str, float]:
+    """Map diffusers' network-alpha keys (``...to_q_lora.down.weight.alpha``, FLUX ``transformer.<module>.alpha``)
+    to module paths."""
+    unet_alphas = {k.removeprefix(denoiser + "."): float(v)
                    for k, v in alphas.items() if not k.startswith(_TEXT_PREFIXES)}
     converted = _to_peft_keys(unet_alphas, source)
     return {k.split(".lora_A")[0].removesuffix(".alpha"): v for k, v in converted.items()}
@@ -157,10 +174,11 @@ def _as_alpha(value, where: str, source: str) -> float:
         raise LoRAFormatError(f"{source}: adapter metadata {where} = {value!r:.60} is not a number") from None
 
 
-def _split_components(state: Mapping[str, object]) -> dict[str, dict[str, object]]:
+def _split_components(state: Mapping[str, object], denoiser: str = DENOISER) -> dict[str, dict[str, object]]:
     """``{"unet.x": v, "text_encoder.y": w}`` -> ``{"unet": {"x": v}, "text_encoder": {"y": w}}``.
 
-    Keys without a component prefix are the UNet's (old diffusers attention-processor files);
+    Keys without a component prefix are the denoiser's (old diffusers attention-processor files, PEFT files saved
+    from a bare FLUX/SD3 transformer);
     ``te.``/``te1.``/``te2.`` text-encoder keys, which SD/SDXL loaders do not map, go to ``_FOREIGN``.
     """
     parts: dict[str, dict[str, object]] = {}
@@ -169,7 +187,7 @@ def _split_components(state: Mapping[str, object]) -> dict[str, dict[str, object
         if component in _UNMAPPED_TEXT_PREFIXES:
             component, rest = _FOREIGN, key
         elif component not in COMPONENTS or not rest:
-            component, rest = DENOISER, key
+            component, rest = denoiser, key
         parts.setdefault(component, {})[rest] = value
     return parts
 
@@ -267,10 +285,11 @@ def _component_layers(state, module_alphas, metadata, kohya_magnitudes, source: 
     return layers
 
 
-def _unet_layers(state, alphas, metadata, kohya_magnitudes, source: str):
+def _denoiser_layers(state, alphas, metadata, kohya_magnitudes, source: str, denoiser: str = DENOISER):
     if not any("lora_A" in k for k in state):
         state = _to_peft_keys(state, source)
-    return _component_layers(state, _alpha_by_module(alphas, source), metadata, kohya_magnitudes, source, DENOISER)
+    return _component_layers(state, _alpha_by_module(alphas, source, denoiser), metadata, kohya_magnitudes, source,
+                             denoiser)
 
 
 def _text_encoder_layers(state, alphas, metadata, kohya_magnitudes, source: str, component: str):
@@ -294,7 +313,13 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
 
     Accepts diffusers (old ``lora.down``/``lora.up`` and PEFT ``lora_A``/``lora_B``) and kohya/A1111
     (``lora_unet_*``, ``lora_te*``, ``lora_down``/``lora_up``, ``.alpha``) layouts for SD1.x and SDXL, with
-    DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya ``dora_scale``). The effective per-layer
+    DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya ``dora_scale``). FLUX.1 and SD3 files are recognised
+    from their keys (kohya ``ss_base_model_version`` / ``modelspec.architecture`` decide what the keys leave
+    open; ``LoRA.family``) and converted by that family's diffusers loader (``FluxPipeline.lora_state_dict``,
+    ``StableDiffusion3Pipeline.lora_state_dict``): diffusers/PEFT with or without ``transformer.``, ai-toolkit,
+    kohya/BFL (``lora_unet_double_blocks_0_img_attn_qkv``: fused q/k/v split as diffusers splits it, alpha / rank
+    folded into the factors as diffusers does) and XLabs. Their layers are the ``"transformer"`` component
+    (``fe.attach(pipe.transformer, ...)`` or ``fe.attach(pipe, ...)``). The effective per-layer
     scale is ``alpha / rank * scale`` (alpha = rank when the file has none). kohya files in SDXL's
     original block naming (``input_blocks_4_1_...``) are mapped with ``unet_config.layers_per_block``
     (SDXL's 2 when not given), as diffusers' own loader does. A file's header (framing, key names,
@@ -309,8 +334,8 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
         text_encoder: ``False`` leaves the text-encoder parts out (listed in ``LoRA.ignored``).
 
     Returns:
-        A ``LoRA`` whose ``layers`` are the UNet's; ``components`` / ``for_component`` hold the
-        text-encoder parts (``"text_encoder"``, ``"text_encoder_2"``).
+        A ``LoRA`` whose ``layers`` are the denoiser's (``component``: ``"unet"`` or ``"transformer"``);
+        ``components`` / ``for_component`` hold the text-encoder parts (``"text_encoder"``, ``"text_encoder_2"``).
 
     Example:
         >>> lora = fe.load_lora("dog.safetensors", scale=0.8)
@@ -320,18 +345,21 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
     if isinstance(source, LoRA):
         return source.with_scale(scale)
     if isinstance(source, Mapping):
-        raw, name, metadata = dict(source), "<state_dict>", {}
+        raw, name, metadata, header = dict(source), "<state_dict>", {}, {}
     else:
         path = Path(source)
-        (raw, metadata), name = _read_safetensors(path), str(path)
+        (raw, metadata, header), name = _read_safetensors(path), str(path)
     if not raw:
         raise LoRALayoutError(f"{name}: holds no tensors")
     check_raw_tensors(raw, name)
     refuse_lycoris(raw, name)
     layout = _check_layout(raw, name)
+    family = detect_family(raw, header, name)
+    refuse_unconvertible(family, raw, name)
+    denoiser = TRANSFORMER if is_transformer_family(family) else DENOISER
     kohya_magnitudes = _kohya_magnitudes(raw, name)
-    state, alphas = _diffusers_state_dict(raw, name, unet_config)
-    parts = _split_components(state)
+    state, alphas = _diffusers_state_dict(raw, name, unet_config, family)
+    parts = _split_components(state, denoiser)
     foreign = parts.pop(_FOREIGN, {})
     if foreign:
         raise LoRALayoutError(f"{name}: text-encoder keys under a prefix diffusers' SD/SDXL loaders do not map "
@@ -343,14 +371,31 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
     def part_metadata(component):
         return {k.removeprefix(component + "."): v for k, v in metadata.items() if k.startswith(component + ".")}
 
+    stray = sorted(c for c in DENOISERS if c != denoiser and parts.get(c))
+    if stray:
+        raise LoRALayoutError(f"{name}: a {FAMILIES[family]} LoRA with {stray[0]!r} keys "
+                              f"({preview(sorted(parts[stray[0]]), 2)}); its denoiser is the {denoiser}")
     layers = {}
-    if parts.get(DENOISER):
-        layers = _unet_layers(parts[DENOISER], alphas, part_metadata(DENOISER), kohya_magnitudes, name)
+    if parts.get(denoiser):
+        layers = _denoiser_layers(parts[denoiser], alphas, part_metadata(denoiser), kohya_magnitudes, name, denoiser)
     others = {c: _text_encoder_layers(parts[c], alphas, part_metadata(c), kohya_magnitudes, name, c)
               for c in TEXT_ENCODERS if parts.get(c)}
+    _refuse_lost_magnitudes(kohya_magnitudes, [layers, *others.values()], family, name)
     if not layers and not any(others.values()):
         what = f"only text-encoder layers ({len(ignored)} keys, left out by text_encoder=False)" if ignored \
             else "no LoRA layers"
         raise LoRALayoutError(f"{name}: {what}")
     return LoRA(layers=layers, source=name, layout=layout, scale=float(scale), ignored=ignored,
-                other_components=others)
+                component=denoiser, other_components=others, family=family)
+
+
+def _refuse_lost_magnitudes(kohya_magnitudes, parts, family: str, source: str) -> None:
+    """kohya ``dora_scale`` keys whose layer a converter rebuilt (FLUX's folds alpha into new factor tensors)."""
+    used = {id(layer.lora_a) for layers in parts for layer in layers.values()}
+    lost = sorted(key for down, (key, _) in kohya_magnitudes.items() if down not in used)
+    if lost:
+        keys = lost
+        raise LoRALayoutError(
+            f"{source}: kohya DoRA magnitudes ({preview(keys, 2)}) in a {FAMILIES[family]} LoRA: diffusers' converter "
+            "for this family drops them (it warns and loads plain LoRA), and fusion_engine will not guess; save the "
+            "LoRA in diffusers/PEFT naming (lora_magnitude_vector) to keep DoRA")

@@ -1,7 +1,7 @@
 """In-memory LoRA: per target layer the factors A (``lora_a``, kohya's "down") and B (``lora_b``, "up") and alpha."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -9,8 +9,10 @@ import torch
 from .checks import check_scale
 
 DENOISER = "unet"
+TRANSFORMER = "transformer"  # the denoiser of diffusion transformers (FLUX.1, SD3): pipe.transformer
+DENOISERS = (DENOISER, TRANSFORMER)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-COMPONENTS = (DENOISER, *TEXT_ENCODERS)
+COMPONENTS = (*DENOISERS, *TEXT_ENCODERS)
 
 
 def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -63,6 +65,9 @@ class LoRA:
     component (``"text_encoder"``, ``"text_encoder_2"``); ``components`` shows all of them and
     ``for_component(name)`` gives one as a LoRA of its own, ready for ``fe.attach``.
     ``scale`` is the user's strength; the effective per-layer scale is ``alpha / rank * scale``.
+    ``family`` is the base model the file is for (``lora.families.FAMILIES``: ``"sd-unet"``, ``"flux"``,
+    ``"sd3"``, ``"dit"``), ``None`` for a LoRA built in memory; the denoiser part of a FLUX/SD3 file is the
+    ``"transformer"`` component.
 
     Example:
         >>> lora = fe.load_lora("dreambooth_dog.safetensors")
@@ -78,6 +83,7 @@ class LoRA:
     ignored: list[str] = field(default_factory=list)
     component: str = DENOISER
     other_components: dict[str, dict[str, LoRALayer]] = field(default_factory=dict)
+    family: str | None = None
 
     def layer_scale(self, name: str) -> float:
         layer = self.layers[name]
@@ -102,7 +108,7 @@ class LoRA:
         layers = self.components.get(name)
         if not layers:
             return None
-        return LoRA(dict(layers), self.source, self.layout, self.scale, component=name)
+        return LoRA(dict(layers), self.source, self.layout, self.scale, component=name, family=self.family)
 
     def ranks(self) -> list[int]:
         return sorted({layer.rank for layer in self.layers.values()})
@@ -112,12 +118,12 @@ class LoRA:
 
     def with_scale(self, scale: float) -> LoRA:
         scale = check_scale(scale, f"LoRA({self.name!r}).with_scale")
-        return LoRA(dict(self.layers), self.source, self.layout, scale, list(self.ignored), self.component,
-                    dict(self.other_components))
+        return replace(self, layers=dict(self.layers), scale=scale, ignored=list(self.ignored),
+                       other_components=dict(self.other_components))
 
     def __repr__(self) -> str:
         others = "".join(f", {name}={len(layers)}" for name, layers in self.other_components.items() if layers)
         return (
-            f"LoRA({self.name!r}, layout={self.layout}, layers={len(self.layers)}{others}, "
+            f"LoRA({self.name!r}, layout={self.layout}, family={self.family}, layers={len(self.layers)}{others}, "
             f"ranks={self.ranks()}, alphas={self.alphas()}, scale={self.scale})"
         )

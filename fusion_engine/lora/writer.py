@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ..errors import OptionError
 from ..io import atomic_write
 from .loader import ADAPTER_METADATA_KEY
-from .weights import DENOISER, LoRA, LoRALayer
+from .weights import DENOISER, TRANSFORMER, LoRA, LoRALayer
 
 LAYOUTS = ("peft", "diffusers", "kohya")
 
@@ -78,6 +78,9 @@ def _layer_keys(lora: LoRA, component: str, name: str, layer: LoRALayer, layout:
 def lora_to_state_dict(lora: LoRA, layout: str = "peft") -> dict[str, torch.Tensor]:
     if layout not in LAYOUTS:
         raise OptionError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
+    if layout != "peft" and TRANSFORMER in lora.components:
+        raise OptionError(f"layout {layout!r} is written for UNet LoRAs only; a FLUX/SD3 transformer LoRA is written "
+                          "in the 'peft' layout (transformer.<module>.lora_A.weight, as diffusers saves it)")
     out = {}
     for component, layers in lora.components.items():
         for name, layer in layers.items():
