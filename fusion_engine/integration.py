@@ -28,6 +28,7 @@ import torch.nn as nn
 from .context import images_in_batch
 from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
 from .fusion import Fusion, as_lora, attach_model
+from .samplers import uses_true_cfg
 from .trace import Trace
 
 DENOISERS = ("unet", "transformer")
@@ -181,6 +182,7 @@ class PipelineFusion:
         with_defaults = signature.bind(pipe, *args, **kwargs)
         with_defaults.apply_defaults()
         check_call_arguments(with_defaults.arguments)
+        self._refuse_split_guidance(with_defaults.arguments)
         if "callback_on_step_end" in signature.parameters:
             self._chain_step_callback(bound)
         with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):
@@ -189,6 +191,20 @@ class PipelineFusion:
                 return original(*bound.args, **bound.kwargs)
             finally:
                 self._end()
+
+    def _refuse_split_guidance(self, arguments: dict) -> None:
+        """FLUX's true CFG runs uncond and cond as two transformer calls: FLS cannot pool them per image there."""
+        context = self.fusion.context
+        if not (uses_true_cfg(arguments) and context.policy.uses_divergence and context.granularity in ("image",
+                                                                                                        "batch")):
+            return
+        raise BatchLayoutError(
+            f"{type(self.pipe).__name__} with true_cfg_scale={arguments['true_cfg_scale']} and a negative prompt runs "
+            f"the uncond and cond passes as two {self.denoiser} calls, so granularity {context.granularity!r} cannot "
+            "pool an image's two passes into one decision (each call would decide alone). Use "
+            "fe.FusionPipeline(pipe, ...), whose loop runs both passes as one batch and pools them; or attach with "
+            "granularity='sample' to let each call decide alone; or a static policy"
+        )
 
     def _chain_step_callback(self, bound: inspect.BoundArguments) -> None:
         user = bound.arguments.get("callback_on_step_end")
@@ -271,7 +287,16 @@ def _part(lora, component: str):
     """The part of ``lora`` for ``component`` when the LoRA carries parts for several components."""
     if lora is None or not getattr(lora, "components", None):
         return lora
-    return lora.for_component(component)
+    return lora.for_component(_denoiser_alias(lora, component))
+
+
+def _denoiser_alias(lora, component: str) -> str:
+    """A LoRA's ``"unet"`` part is the denoiser's part: on a transformer pipeline (FLUX, SD3) it fuses
+    ``pipe.transformer`` when the LoRA has no ``"transformer"`` part of its own."""
+    parts = lora.components
+    if component == "transformer" and component not in parts and "unet" in parts:
+        return "unet"
+    return component
 
 
 def _component_loras(pipe, subject, style, denoiser: str):
@@ -279,7 +304,8 @@ def _component_loras(pipe, subject, style, denoiser: str):
     (text encoders), when the LoRA objects carry ``components``."""
     names = set()
     for lora in (subject, style):
-        names |= set(getattr(lora, "components", None) or ())
+        if lora is not None:
+            names |= set(getattr(lora, "components", None) or ()) - {_denoiser_alias(lora, denoiser)}
     for component in sorted(names - {denoiser}):
         if not isinstance(getattr(pipe, component, None), nn.Module):
             raise AttachError(f"the LoRAs have layers for {component!r}, which {type(pipe).__name__} does not have")
