@@ -218,3 +218,12 @@ def test_switch_and_composite_run_on_flux(flux):
     assert [r.choice[0].item() for r in switch.trace.gather() if r.layer == 0] == [SUBJECT, STYLE]  # tau = 1
     composite = fe.FusionPipeline(flux, subject, style, policy="composite")(PROMPT, **kw)
     assert composite.images.shape == (1, 64, 16)
+
+
+def test_sizes_follow_the_pipeline(flux, sd3):
+    """Image sides are multiples of the pixels per token side: FLUX packs 2x2 latents, SD3 patches them."""
+    subject, _ = _loras(flux)
+    assert fe.FusionPipeline(flux, subject).size_multiple() == 2 * flux.vae_scale_factor == 4
+    assert fe.FusionPipeline(flux, subject).default_size() == flux.default_sample_size * flux.vae_scale_factor
+    subject, _ = _loras(sd3)
+    assert fe.FusionPipeline(sd3, subject).size_multiple() == sd3.vae_scale_factor * 2
