@@ -193,18 +193,27 @@ class PipelineFusion:
                 self._end()
 
     def _refuse_split_guidance(self, arguments: dict) -> None:
-        """FLUX's true CFG runs uncond and cond as two transformer calls: FLS cannot pool them per image there."""
+        """Calls whose denoiser batches break the ``copies`` x ``images`` layout, refused where FLS would pool rows
+        per image: FLUX's true CFG (uncond and cond as two transformer calls) and SD3's skip-layer guidance (an
+        extra call on the cond rows alone)."""
         context = self.fusion.context
-        if not (uses_true_cfg(arguments) and context.policy.uses_divergence and context.granularity in ("image",
-                                                                                                        "batch")):
+        if not (context.policy.uses_divergence and context.granularity in ("image", "batch")):
             return
-        raise BatchLayoutError(
-            f"{type(self.pipe).__name__} with true_cfg_scale={arguments['true_cfg_scale']} and a negative prompt runs "
-            f"the uncond and cond passes as two {self.denoiser} calls, so granularity {context.granularity!r} cannot "
-            "pool an image's two passes into one decision (each call would decide alone). Use "
-            "fe.FusionPipeline(pipe, ...), whose loop runs both passes as one batch and pools them; or attach with "
-            "granularity='sample' to let each call decide alone; or a static policy"
-        )
+        if uses_true_cfg(arguments):
+            raise BatchLayoutError(
+                f"{type(self.pipe).__name__} with true_cfg_scale={arguments['true_cfg_scale']} and a negative prompt "
+                f"runs the uncond and cond passes as two {self.denoiser} calls, so granularity "
+                f"{context.granularity!r} cannot pool an image's two passes into one decision (each call would decide "
+                "alone). Use fe.FusionPipeline(pipe, ...), whose loop runs both passes as one batch and pools them; or "
+                "attach with granularity='sample' to let each call decide alone; or a static policy"
+            )
+        if arguments.get("skip_guidance_layers") and context.granularity == "image":
+            raise BatchLayoutError(
+                f"{type(self.pipe).__name__} with skip_guidance_layers={arguments['skip_guidance_layers']} runs an "
+                f"extra {self.denoiser} call on the cond rows alone, whose rows granularity 'image' would group by the "
+                "CFG layout of the main call (wrong images pooled); drop skip_guidance_layers, or attach with "
+                "granularity='sample'"
+            )
 
     def _chain_step_callback(self, bound: inspect.BoundArguments) -> None:
         user = bound.arguments.get("callback_on_step_end")

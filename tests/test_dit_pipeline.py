@@ -151,6 +151,16 @@ def test_attach_refuses_true_cfg_it_cannot_pool(flux):
     assert attached_fusion(flux.transformer) is None
 
 
+def test_attach_refuses_sd3_skip_layer_guidance_at_image_granularity(sd3):
+    subject, style = _loras(sd3)
+    kw = dict(num_inference_steps=1, height=32, width=32, output_type="latent", guidance_scale=5.0,
+              num_images_per_prompt=2, skip_guidance_layers=[0])
+    with fe.attach(sd3, subject, style, policy="fls"), pytest.raises(fe.BatchLayoutError, match="cond rows alone"):
+        sd3(PROMPT, **kw)
+    with fe.attach(sd3, subject, style, policy="fls", granularity="sample"):
+        assert sd3(PROMPT, **kw).images.shape == (2, 4, 16, 16)
+
+
 def test_lean_loop_refuses_arguments_it_does_not_implement(flux):
     subject, style = _loras(flux)
     pipe = fe.FusionPipeline(flux, subject, style)
