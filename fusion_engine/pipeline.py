@@ -50,8 +50,8 @@ class FusionPipeline:
     loop drives ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline`` and
     ``StableDiffusion3Pipeline`` (``fusion_engine.samplers``; others are refused at construction) and
     implements the arguments in its sampler's ``arguments`` (any other is refused at call time), with the
-    pipeline's own defaults. Other transformer (DiT) pipelines than FLUX's and SD3's are refused at
-    construction.
+    pipeline's own defaults. A transformer (DiT) pipeline of another family than FLUX's and SD3's is refused
+    at construction, whatever the policy.
 
     Args:
         pipe: a diffusers pipeline whose denoiser is ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3).
@@ -101,15 +101,15 @@ class FusionPipeline:
         """True with ``refine`` or policy ``"composite"``: fusion_engine's own loop, not the pipeline's."""
         return self.refine is not None or self.policy == "composite"
 
-    def _check_lean_pipeline(self, what: str | None = None) -> None:
+    def _check_lean_pipeline(self) -> None:
         base = pipeline_base_class(self.pipe)
-        what = what or ("refine= (LLR)" if self.refine is not None else "policy 'composite'")
+        what = "refine= (LLR)" if self.refine is not None else "policy 'composite'"
         if self.sampler is None:
             raise OptionError(
                 f"{what} runs fusion_engine's own sampling loop, which drives {', '.join(LEAN_PIPELINES)} only, "
                 f"not {base.__name__}: its own features would be ignored. Use a text-to-image pipeline, or drop {what}"
             )
-        if getattr(getattr(self.pipe, "unet", None), "encoder_hid_proj", None) is not None:
+        if getattr(self.denoiser, "encoder_hid_proj", None) is not None:
             raise OptionError(f"{what} runs fusion_engine's own sampling loop, which does not implement IP-Adapter; "
                               "unload it (pipe.unload_ip_adapter()) or drop " + what)
 

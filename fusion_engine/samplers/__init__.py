@@ -15,7 +15,19 @@ LEAN_PIPELINES = tuple(name for sampler in SAMPLERS for name in sampler.pipeline
 
 
 def sampler_for(pipe, base_class: type) -> Sampler | None:
-    """The lean-loop sampler for ``pipe`` (whose own class is ``base_class``), or None."""
+    """The lean-loop sampler for ``pipe``, or None when no sampler drives its class.
+
+    Args:
+        pipe: a diffusers pipeline object.
+        base_class: the pipeline's own class (``integration.pipeline_base_class(pipe)``: an attached pipeline's
+            class is a same-named subclass); matched by name along its MRO.
+
+    Example:
+        ```py
+        >>> sampler = sampler_for(flux_pipe, type(flux_pipe))
+        >>> conditioning = sampler.condition(["a dog"], {"num_images_per_prompt": 1, "guidance_scale": 3.5}, 1024, 1024)
+        ```
+    """
     names = {cls.__name__ for cls in base_class.__mro__}
     for sampler in SAMPLERS:
         if names & set(sampler.pipelines):

@@ -27,7 +27,17 @@ FLUX_ARGUMENTS = frozenset({
 
 
 def uses_true_cfg(arguments: dict) -> bool:
-    """``FluxPipeline``'s own rule: true CFG when ``true_cfg_scale > 1`` and a negative prompt is given."""
+    """``FluxPipeline``'s own rule: true CFG when ``true_cfg_scale > 1`` and a negative prompt is given.
+
+    Args:
+        arguments: a pipeline call's arguments by name (absent ones count as not given).
+
+    Example:
+        ```py
+        >>> uses_true_cfg({"true_cfg_scale": 4.0, "negative_prompt": "blurry"})
+        True
+        ```
+    """
     has_negative = arguments.get("negative_prompt") is not None or (
         arguments.get("negative_prompt_embeds") is not None
         and arguments.get("negative_pooled_prompt_embeds") is not None)
