@@ -239,12 +239,12 @@ def cmd_generate(args) -> int:
         device=args.device, refine=refine, **_fusion_options(args))
     if args.scheduler is not None:
         _set_scheduler(pipe.pipe, args.scheduler)
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    default, multiple = pipe.default_size(), pipe.size_multiple()
     height, width = args.height or default, args.width or default
     for flag, value in (("height", height), ("width", width)):
-        if value % pipe.vae_scale_factor:
-            raise fe.errors.OptionError(f"--{flag} {value}: not a multiple of this VAE's scale factor "
-                                        f"{pipe.vae_scale_factor}")
+        if value % multiple:
+            raise fe.errors.OptionError(f"--{flag} {value}: not a multiple of {multiple} (this pipeline's pixels per "
+                                        "latent token side)")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     extra = {"subject_prompt": args.subject_prompt, "style_prompt": args.style_prompt} if args.llr else {}
     # prompt and negative as lists: diffusers' encode_prompt refuses a str negative beside the list prompt

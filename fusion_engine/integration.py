@@ -29,6 +29,7 @@ from .context import images_in_batch
 from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
 from .fusion import Fusion, as_lora, attach_model
 from .lora.weights import DENOISERS
+from .samplers import uses_true_cfg
 from .trace import Trace
 
 _PIPELINES: weakref.WeakKeyDictionary[object, PipelineFusion] = weakref.WeakKeyDictionary()
@@ -181,6 +182,7 @@ class PipelineFusion:
         with_defaults = signature.bind(pipe, *args, **kwargs)
         with_defaults.apply_defaults()
         check_call_arguments(with_defaults.arguments)
+        self._refuse_split_guidance(with_defaults.arguments)
         if "callback_on_step_end" in signature.parameters:
             self._chain_step_callback(bound)
         with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):
@@ -189,6 +191,29 @@ class PipelineFusion:
                 return original(*bound.args, **bound.kwargs)
             finally:
                 self._end()
+
+    def _refuse_split_guidance(self, arguments: dict) -> None:
+        """Calls whose denoiser batches break the ``copies`` x ``images`` layout, refused where FLS would pool rows
+        per image: FLUX's true CFG (uncond and cond as two transformer calls) and SD3's skip-layer guidance (an
+        extra call on the cond rows alone)."""
+        context = self.fusion.context
+        if not (context.policy.uses_divergence and context.granularity in ("image", "batch")):
+            return
+        if uses_true_cfg(arguments):
+            raise BatchLayoutError(
+                f"{type(self.pipe).__name__} with true_cfg_scale={arguments['true_cfg_scale']} and a negative prompt "
+                f"runs the uncond and cond passes as two {self.denoiser} calls, so granularity "
+                f"{context.granularity!r} cannot pool an image's two passes into one decision (each call would decide "
+                "alone). Use fe.FusionPipeline(pipe, ...), whose loop runs both passes as one batch and pools them; or "
+                "attach with granularity='sample' to let each call decide alone; or a static policy"
+            )
+        if arguments.get("skip_guidance_layers") and context.granularity == "image":
+            raise BatchLayoutError(
+                f"{type(self.pipe).__name__} with skip_guidance_layers={arguments['skip_guidance_layers']} runs an "
+                f"extra {self.denoiser} call on the cond rows alone, whose rows granularity 'image' would group by the "
+                "CFG layout of the main call (wrong images pooled); drop skip_guidance_layers, or attach with "
+                "granularity='sample'"
+            )
 
     def _chain_step_callback(self, bound: inspect.BoundArguments) -> None:
         user = bound.arguments.get("callback_on_step_end")

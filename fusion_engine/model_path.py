@@ -49,13 +49,14 @@ def _deepest_existing(folder: Path) -> Path | None:
     return None
 
 
-# diffusers pipeline classes whose denoiser is a transformer (FLUX, SD3, ...): not fused yet
-_DIT_DENOISERS = ("transformer",)
+# transformer (DiT) pipeline families this library drives, by diffusers class-name prefix
+DIT_FAMILIES = ("Flux", "StableDiffusion3")
 
 
 def check_supported(folder) -> Path:
-    """``folder`` (a local pipeline folder) if its pipeline has a UNet this library can fuse, else a
-    ``ModelPathError`` that names the pipeline class and says what is supported."""
+    """``folder`` (a local pipeline folder) if its denoiser is one this library can fuse (a UNet, or the
+    transformer of a FLUX or SD3 pipeline), else a ``ModelPathError`` that names the pipeline class and says
+    what is supported."""
     import json
 
     folder = local_pipeline_folder(folder)
@@ -66,14 +67,13 @@ def check_supported(folder) -> Path:
         raise ModelPathError(f"{index_path}: not valid JSON ({error})") from None
     if not isinstance(index, dict):
         raise ModelPathError(f"{index_path}: expected a JSON object (a diffusers model_index.json)")
-    name = index.get("_class_name", "an unnamed pipeline")
-    if "unet" not in index:
-        denoiser = next((key for key in _DIT_DENOISERS if key in index), None)
-        kind = f"its denoiser is a {denoiser}" if denoiser else "it has no UNet"
-        raise ModelPathError(
-            f"{folder}: a {name} folder, and {kind}; FLUX, SD3 and other transformer (DiT) pipelines are not "
-            "supported yet: fusion-engine fuses the UNet of SD 1.x/2.x and SDXL pipelines")
-    return folder
+    name = str(index.get("_class_name", "an unnamed pipeline"))
+    if "unet" in index or ("transformer" in index and name.startswith(DIT_FAMILIES)):
+        return folder
+    kind = "its denoiser is a transformer" if "transformer" in index else "it has no UNet and no transformer"
+    raise ModelPathError(
+        f"{folder}: a {name} folder, and {kind}; fusion-engine fuses the UNet of SD 1.x/2.x and SDXL pipelines and "
+        "the transformer of FLUX and SD3 pipelines, not this one")
 
 
 def load_local_pipeline(path, torch_dtype=None, device=None):

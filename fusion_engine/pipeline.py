@@ -1,4 +1,4 @@
-"""FusionPipeline: a diffusers pipeline's own call with fused LoRAs; a lean loop only for LLR and composite."""
+"""FusionPipeline: a diffusers pipeline's own call with fused LoRAs; a lean loop for LLR, composite, FLUX true CFG."""
 from __future__ import annotations
 
 import inspect
@@ -11,17 +11,17 @@ from tqdm.auto import tqdm
 from .context import images_in_batch
 from .errors import AttachError, OptionError
 from .fusion import as_lora, attach_model
-from .integration import attach_pipeline, call_signature, check_attachable, check_call_arguments, pipeline_base_class
-from .model_path import load_local_pipeline
-from .prompts import encode_prompts
+from .integration import (
+    attach_pipeline,
+    call_signature,
+    check_attachable,
+    check_call_arguments,
+    denoiser_name,
+    pipeline_base_class,
+)
+from .model_path import DIT_FAMILIES, load_local_pipeline
+from .samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
 from .trace import Trace
-
-# What the lean loop (refine= or policy "composite") implements; any other argument is refused there.
-LEAN_ARGUMENTS = frozenset({
-    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "height", "width",
-    "generator", "latents", "output_type", "return_dict",
-})
-LEAN_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # text-to-image SD 1.x/2.x and SDXL
 
 
 @dataclass
@@ -42,14 +42,19 @@ class FusionPipeline:
     is the pipeline's. What it adds: ``progress`` (show the pipeline's progress bar), the trace in the output,
     and, with ``refine``, the LLR arguments.
 
-    Two things a diffusers pipeline cannot do run in fusion_engine's own lean loop instead: ``refine``
-    (Latent-Level Refinement needs the gradient through x_t) and policy ``"composite"`` (one noise
-    prediction per LoRA). The lean loop drives ``StableDiffusionPipeline`` and ``StableDiffusionXLPipeline``
-    only (other pipelines are refused at construction) and implements the arguments in ``LEAN_ARGUMENTS``
-    (any other is refused at call time), with the pipeline's own defaults.
+    Three things a diffusers pipeline cannot do run in fusion_engine's own lean loop instead: ``refine``
+    (Latent-Level Refinement needs the gradient through x_t), policy ``"composite"`` (one noise prediction
+    per LoRA), and FLUX's true CFG (``true_cfg_scale > 1`` with a ``negative_prompt``: ``FluxPipeline`` runs
+    the uncond and cond passes as two transformer calls, which could not share one decision per image; the
+    lean loop runs them as one ``[uncond, cond]`` batch, so they pool as SDXL's CFG halves do). The lean
+    loop drives ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline`` and
+    ``StableDiffusion3Pipeline`` (``fusion_engine.samplers``; others are refused at construction) and
+    implements the arguments in its sampler's ``arguments`` (any other is refused at call time), with the
+    pipeline's own defaults. A transformer (DiT) pipeline of another family than FLUX's and SD3's is refused
+    at construction, whatever the policy.
 
     Args:
-        pipe: a diffusers pipeline whose denoiser is ``pipe.unet`` (or ``pipe.transformer``).
+        pipe: a diffusers pipeline whose denoiser is ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3).
         subject, style: ``LoRA`` objects, paths or state dicts (at least one).
         policy, divergence, granularity, backend, **policy_options: as ``fe.attach``.
         trace: record a per-call trace (``output.trace``: the heatmap of every step and layer).
@@ -76,8 +81,20 @@ class FusionPipeline:
         self.attach_options = dict(divergence=divergence, granularity=granularity, backend=backend, trace=trace,
                                    **policy_options)
         check_attachable(pipe)
+        self._check_denoiser()
         if self.uses_lean_loop:
             self._check_lean_pipeline()
+
+    def _check_denoiser(self) -> None:
+        """Refuse a transformer pipeline of a family this library does not drive (layout, step, CFG unknown)."""
+        base = pipeline_base_class(self.pipe)
+        if denoiser_name(self.pipe) == "transformer" and not base.__name__.startswith(DIT_FAMILIES):
+            raise AttachError(
+                f"FusionPipeline drives UNet pipelines (SD 1.x/2.x, SDXL) and the FLUX and SD3 transformer pipelines, "
+                f"not {base.__name__}: its denoiser is a transformer whose batch layout and guidance this library "
+                "does not know. Attach to the model yourself (fe.attach(pipe.transformer, ...)) and set the layout "
+                "and step per call"
+            )
 
     @property
     def uses_lean_loop(self) -> bool:
@@ -87,12 +104,12 @@ class FusionPipeline:
     def _check_lean_pipeline(self) -> None:
         base = pipeline_base_class(self.pipe)
         what = "refine= (LLR)" if self.refine is not None else "policy 'composite'"
-        if not any(cls.__name__ in LEAN_PIPELINES for cls in base.__mro__):
+        if self.sampler is None:
             raise OptionError(
-                f"{what} runs fusion_engine's own sampling loop, which drives {' and '.join(LEAN_PIPELINES)} only, "
+                f"{what} runs fusion_engine's own sampling loop, which drives {', '.join(LEAN_PIPELINES)} only, "
                 f"not {base.__name__}: its own features would be ignored. Use a text-to-image pipeline, or drop {what}"
             )
-        if getattr(getattr(self.pipe, "unet", None), "encoder_hid_proj", None) is not None:
+        if getattr(self.denoiser, "encoder_hid_proj", None) is not None:
             raise OptionError(f"{what} runs fusion_engine's own sampling loop, which does not implement IP-Adapter; "
                               "unload it (pipe.unload_ip_adapter()) or drop " + what)
 
@@ -107,6 +124,11 @@ class FusionPipeline:
         """Load a diffusers pipeline folder from local disk (never the network)."""
         pipe = load_local_pipeline(path, torch_dtype, device)  # a ModelPathError names what the path is instead
         return cls(pipe, subject, style, policy, **options)
+
+    @property
+    def denoiser(self):
+        """The wrapped pipeline's denoiser: ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3)."""
+        return getattr(self.pipe, denoiser_name(self.pipe))
 
     @property
     def unet(self):
@@ -124,38 +146,23 @@ class FusionPipeline:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _initial_noise(self, images, height, width, generator, latents):
-        from diffusers.utils.torch_utils import randn_tensor
+    def default_size(self) -> int:
+        """The pipeline's default image side in pixels."""
+        sampler = self.sampler
+        if sampler is not None:
+            return sampler.default_size()
+        return self.denoiser.config.sample_size * self.vae_scale_factor
 
-        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise OptionError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        return latents.to(self.unet.device, self.unet.dtype)
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor (FLUX: times 2 for packing; SD3: times the
+        patch size)."""
+        sampler = self.sampler
+        return sampler.size_multiple() if sampler is not None else self.vae_scale_factor
 
-    def _noise(self, fusion, latents, t, prompts, guidance_scale, composite):
-        guided = guidance_scale > 1.0
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
-
-        def predict():
-            return self.unet(model_input, t, encoder_hidden_states=prompts.embeds,
-                             added_cond_kwargs=prompts.added_cond_kwargs, return_dict=False)[0]
-
-        if composite:  # LoRA Composite: one pass per LoRA, predictions averaged before CFG
-            passes = []
-            for branch in ("subject", "style"):
-                fusion.set_branch(branch)
-                passes.append(predict())
-            fusion.set_branch(None)
-            noise = torch.stack(passes).mean(0)
-        else:
-            noise = predict()
-        if guided:
-            uncond, cond = noise.chunk(2)
-            noise = uncond + guidance_scale * (cond - uncond)
-        return noise
+    @property
+    def sampler(self):
+        """The lean loop's parts for this pipeline (``fusion_engine.samplers``), or None when it cannot drive it."""
+        return sampler_for(self.pipe, pipeline_base_class(self.pipe))
 
     def __call__(self, prompt=None, negative_prompt=None, *, progress: bool | None = None, subject_prompt=None,
                  style_prompt=None, reference_images=None, **kwargs):
@@ -178,8 +185,9 @@ class FusionPipeline:
             given = sorted(name for name, value in llr.items() if value is not None)
             raise OptionError(f"{', '.join(given)}: LLR arguments, but this FusionPipeline has no refine=Refiner(...)")
         return_dict = kwargs.pop("return_dict", True)
-        if self.uses_lean_loop:
-            output = self._lean_call(kwargs, progress, llr)
+        lean = self._lean_reason(kwargs)
+        if lean is not None:
+            output = self._lean_call(kwargs, progress, llr, lean)
         else:
             output = self._pipeline_call(kwargs, progress)
         if return_dict:
@@ -196,80 +204,88 @@ class FusionPipeline:
             trace.gather()
         return FusionPipelineOutput(result.images, trace, None, result)
 
-    def _lean_arguments(self, kwargs: dict) -> dict:
+    def _lean_reason(self, kwargs: dict) -> str | None:
+        """Why this call runs in the lean loop (named in its errors), or None for the pipeline's own call."""
+        if self.uses_lean_loop:
+            return "refine= (LLR)" if self.refine is not None else "policy 'composite'"
+        if isinstance(self.sampler, FluxSampler) and uses_true_cfg(kwargs):
+            return "FLUX true CFG (true_cfg_scale > 1 with a negative prompt, pooled per image in one batch)"
+        return None
+
+    def _lean_arguments(self, kwargs: dict, what: str) -> dict:
         """The call's arguments with the pipeline's own defaults, or an ``OptionError`` for one the loop lacks."""
-        unsupported = sorted(set(kwargs) - LEAN_ARGUMENTS)
+        implemented = self.sampler.arguments
+        unsupported = sorted(set(kwargs) - implemented)
         if unsupported:
-            what = "refine= (LLR)" if self.refine is not None else "policy 'composite'"
+            way_out = ("or use fe.attach(pipe, ..., granularity='sample') (each transformer call then decides alone)"
+                       if what.startswith("FLUX") else f"or drop {what}")
             raise OptionError(
                 f"{', '.join(unsupported)}: {what} runs fusion_engine's own sampling loop, which implements only "
-                f"{', '.join(sorted(LEAN_ARGUMENTS))}; drop them, or drop {what} (then every argument of "
+                f"{', '.join(sorted(implemented))}; drop them, {way_out} (then every argument of "
                 f"{pipeline_base_class(self.pipe).__name__}.__call__ is the pipeline's own)"
             )
         defaults = {name: parameter.default for name, parameter in call_signature(self.pipe).parameters.items()
-                    if name in LEAN_ARGUMENTS and parameter.default is not inspect.Parameter.empty}
+                    if name in implemented and parameter.default is not inspect.Parameter.empty}
         arguments = {**defaults, **kwargs}
         check_call_arguments(arguments)
         return arguments
 
     @torch.no_grad()
-    def _lean_call(self, kwargs: dict, progress: bool | None, llr: dict) -> FusionPipelineOutput:
-        """The lean loop (LLR, composite): prompt encoding and decoding borrowed from the pipeline."""
-        args = self._lean_arguments(kwargs)
-        prompt, negative_prompt = args.get("prompt"), args.get("negative_prompt")
-        num_inference_steps, guidance_scale = args["num_inference_steps"], args["guidance_scale"]
-        num_images_per_prompt, generator = args.get("num_images_per_prompt") or 1, args.get("generator")
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = args.get("height") or default_size, args.get("width") or default_size
+    def _lean_call(self, kwargs: dict, progress: bool | None, llr: dict, what: str) -> FusionPipelineOutput:
+        """The lean loop: prompt encoding, latents, timesteps and decoding borrowed from the pipeline (its sampler)."""
+        sampler = self.sampler
+        args = self._lean_arguments(kwargs, what)
+        prompt, num_inference_steps = args.get("prompt"), args["num_inference_steps"]
+        args["num_images_per_prompt"], generator = args.get("num_images_per_prompt") or 1, args.get("generator")
+        height, width = args.get("height") or sampler.default_size(), args.get("width") or sampler.default_size()
         prompts_list = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        images = images_in_batch(prompts_list, num_images_per_prompt, negative_prompt)  # BatchLayoutError if not
-        guided = guidance_scale > 1.0
-        prompts = encode_prompts(self.pipe, prompts_list, negative_prompt, num_images_per_prompt, guided, height, width)
-
-        initial_noise = self._initial_noise(images, height, width, generator, args.get("latents"))
+        images = images_in_batch(prompts_list, args["num_images_per_prompt"], args.get("negative_prompt"))
+        conditioning = sampler.condition(prompts_list, args, height, width)
+        initial_noise = sampler.initial_noise(images, height, width, generator, args.get("latents"), conditioning)
         refinement = None
         if self.refine is not None:  # before set_timesteps: the reference runs share this scheduler
-            refinement = self.refine.start(
-                self, noise=initial_noise, generator=generator, **llr, negative_prompt=negative_prompt,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt, height=height, width=width)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
-        timesteps = self.scheduler.timesteps
-        latents = initial_noise * self.scheduler.init_noise_sigma
+            same_call = {name: value for name, value in args.items()
+                         if name not in ("prompt", "latents", "generator", "output_type", "return_dict")}
+            refinement = self.refine.start(self, noise=initial_noise, generator=generator, **llr,
+                                           unpack=lambda x: sampler.unpack(x, height, width),
+                                           **{**same_call, "height": height, "width": width})
+        timesteps = sampler.set_timesteps(num_inference_steps, initial_noise)
+        latents = sampler.scale_initial_noise(initial_noise)
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
         show = progress if progress is not None else not getattr(self.pipe, "_progress_bar_config", {}).get("disable")
+        composite = self.policy == "composite"
 
-        fusion = attach_model(self.unet, self.subject, self.style, policy=self.policy, **self.attach_options)
+        fusion = attach_model(sampler.denoiser, self.subject, self.style, policy=self.policy, **self.attach_options)
         try:
-            fusion.set_batch_layout(images, 2 if guided else 1)
+            fusion.set_batch_layout(images, conditioning.copies)
             bar = tqdm(timesteps, desc=f"fusion {fusion.policy.describe()}", disable=not show, leave=False)
             for step, t in enumerate(bar):
                 fusion.set_step(step, len(timesteps))
-                composite = self.policy == "composite"
                 if refinement is not None and refinement.active(step, len(timesteps)):
-                    def predict(x, t=t, composite=composite):
-                        return self._noise(fusion, x, t, prompts, guidance_scale, composite)
+                    def predict(x, t=t):
+                        return sampler.predict(fusion, x, t, conditioning, composite)
 
                     latents = refinement.step(fusion, latents, t, predict, step_kwargs)
                     continue
-                noise = self._noise(fusion, latents, t, prompts, guidance_scale, composite)
-                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                output = sampler.predict(fusion, latents, t, conditioning, composite)
+                latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
         finally:
             fusion.detach()
         trace = fusion.trace
         if trace is not None:
             trace.gather()
         references = refinement.reference_images if refinement is not None else None
-        return FusionPipelineOutput(self.decode(latents, args.get("output_type", "pil")), trace, references)
+        images_out = sampler.decode(latents, args.get("output_type", "pil"), height, width)
+        return FusionPipelineOutput(images_out, trace, references)
 
-    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
-        if output_type == "latent":
-            return latents
-        config = self.vae.config
-        scaled = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-        image = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type=output_type)
+    def decode(self, latents: torch.Tensor, output_type: str = "pil", height: int | None = None,
+               width: int | None = None):
+        """Latents as the lean loop returns them -> images, as the pipeline decodes them (``height``/``width``:
+        the image size, needed to unpack FLUX latents; default the pipeline's)."""
+        sampler = self.sampler
+        size = sampler.default_size()
+        return sampler.decode(latents, output_type, height or size, width or size)
 
 
 @contextmanager

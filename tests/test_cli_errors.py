@@ -86,13 +86,14 @@ def test_generate_bad_files_and_folders(folder, capsys, tmp_path, monkeypatch):
     _one_error_line(capsys, argv, "broken.safetensors")
     argv[argv.index("--style") + 1] = str(tmp_path / "missing.safetensors")
     _one_error_line(capsys, argv, "missing.safetensors")
-    # a FLUX folder: named as such, not supported yet
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["x", "y"]}))
+    # a transformer pipeline of a family not driven (FLUX and SD3 are): named as such
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline",
+                                                         "transformer": ["x", "y"]}))
     argv = _generate(folder)
-    argv[argv.index("--model") + 1] = str(flux)
-    _one_error_line(capsys, argv, "FluxPipeline", "transformer", "not supported yet")
+    argv[argv.index("--model") + 1] = str(pixart)
+    _one_error_line(capsys, argv, "PixArtSigmaPipeline", "transformer", "FLUX and SD3")
     # a mistyped relative path is a missing folder, never a Hub id
     monkeypatch.chdir(folder)
     for typo, hint in (("./modle", "no such folder"), ("model/sd15", "model exists, but not sd15 in it")):

@@ -34,6 +34,7 @@ LAYERS = {
     "fusion_engine.image_files": 2,  # generated PNGs with their parameters
     "fusion_engine.fusion": 3,
     "fusion_engine.integration": 3,  # attach to a pipeline object: above fusion, below the pipeline
+    "fusion_engine.samplers": 3,  # the lean loop's per-family parts (UNet, FLUX, SD3), used by the pipeline
     "fusion_engine.pipeline": 4,
     "fusion_engine.refine": 4,
     "fusion_engine": 4,  # the package itself (the public API: re-exports of layers <= 4); matched exactly

@@ -149,7 +149,8 @@ def test_lean_loop_refuses_what_it_does_not_implement(tiny_pipe, loras):
     with pytest.raises(errors.OptionError, match=r"guidance_rescale, prompt_embeds: policy 'composite' runs .*own"):
         pipe(**CALL, guidance_rescale=0.7, prompt_embeds=torch.zeros(1, 7, 32))
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
-    with pytest.raises(errors.OptionError, match="drives StableDiffusionPipeline and StableDiffusionXLPipeline only, "
+    with pytest.raises(errors.OptionError, match="drives StableDiffusionPipeline, StableDiffusionXLPipeline, "
+                                                 "FluxPipeline, StableDiffusion3Pipeline only, "
                                                  "not StableDiffusionImg2ImgPipeline"):
         fe.FusionPipeline(img2img, *loras, policy="composite")
     with pytest.raises(errors.OptionError, match="subject_prompt: LLR arguments, but .* no refine"):

@@ -79,7 +79,7 @@ class Evaluator:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return _denoiser(self.pipe).device
 
     def lora(self, path: Path):
         from ..lora import load_lora
@@ -193,13 +193,25 @@ def report(out: Path, items: list[WorkItem], policies: list[str], notes: list[st
     return write_report(out, rows, policies, len(items), notes, problems), len(keys - rows.keys())
 
 
+def _denoiser(pipe):
+    """The pipeline's denoiser: ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3)."""
+    from ..integration import denoiser_name
+
+    return getattr(pipe, denoiser_name(pipe))
+
+
 def _check_size(settings: EvalSettings, pipe) -> None:
-    """Height and width must be multiples of the VAE's downsampling factor (8 for SD/SDXL)."""
-    factor = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
+    """Height and width must be multiples of the pixels per latent token side (the VAE's downsampling factor,
+    8 for SD/SDXL; times 2 for FLUX's packing, times the patch size for SD3)."""
+    from ..integration import pipeline_base_class
+    from ..samplers import sampler_for
+
+    sampler = sampler_for(pipe, pipeline_base_class(pipe)) if pipe is not None else None
+    factor = sampler.size_multiple() if sampler is not None else getattr(pipe, "vae_scale_factor", 8) or 8
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value is not None and value % factor:
-            raise OptionError(f"{name} must be a multiple of {factor} (the VAE's scale factor), got {value}")
+            raise OptionError(f"{name} must be a multiple of {factor} (pixels per latent token side), got {value}")
 
 
 def run(settings: EvalSettings) -> int:
@@ -226,7 +238,7 @@ def run(settings: EvalSettings) -> int:
         raise OptionError("EvalSettings needs pairs= (a pairs.toml) or make_pairs= (a writer of one)")
     device = resolve_device(s.device)
     pipe = None if s.report_only and s.pairs is not None else load_pipe(s, device)
-    pairs = load_pairs(s.pairs if s.pairs is not None else s.make_pairs(out / "default_pairs", unet=pipe.unet))
+    pairs = load_pairs(s.pairs if s.pairs is not None else s.make_pairs(out / "default_pairs", unet=_denoiser(pipe)))
     items = plan(pairs, policies, s.seeds)
     _check_size(s, pipe)
     model = s.model_label or (str(Path(s.model).resolve()) if s.model is not None else "a pipeline given by the caller")

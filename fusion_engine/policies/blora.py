@@ -1,4 +1,10 @@
-"""B-LoRA: the subject delta only in one block, the style delta only in another, nothing elsewhere."""
+"""B-LoRA: the subject delta only in one block, the style delta only in another, nothing elsewhere.
+
+The default blocks are SDXL's, from the B-LoRA paper's analysis (Frenkel et al., "Implicit Style-Content
+Separation using B-LoRA", ECCV 2024: ``up_blocks.0.attentions.0`` content, ``up_blocks.0.attentions.1``
+style). No published analysis this library knows of names such blocks for FLUX or SD3 transformers, so on a
+transformer there is no preset: ``blocks=`` is required there (an ``AttachError`` says so).
+"""
 from __future__ import annotations
 
 from ..errors import AttachError, OptionError
@@ -6,6 +12,7 @@ from .base import Policy
 
 # SDXL's two blocks from the B-LoRA paper; any UNet with these module paths can use them.
 SDXL_BLOCKS = {"subject": ("up_blocks.0.attentions.0",), "style": ("up_blocks.0.attentions.1",)}
+DIT_BLOCKS = ("transformer_blocks", "single_transformer_blocks")  # FLUX and SD3 top-level block lists
 
 
 def _inside(name: str, prefixes) -> bool:
@@ -18,6 +25,7 @@ class BLoRAPolicy(Policy):
     def __init__(self, blocks: dict | None = None):
         if not isinstance(blocks, (dict, type(None))):
             raise OptionError(f"blora: blocks must be a dict {{'subject': [...], 'style': [...]}}, got {blocks!r:.80}")
+        self.preset = blocks is None
         blocks = dict(SDXL_BLOCKS if blocks is None else blocks)
         unknown = set(blocks) - {"subject", "style"}
         if unknown:
@@ -39,6 +47,13 @@ class BLoRAPolicy(Policy):
             for layer in layers
         }
         if not any(sum(w) for w in self._weights.values()):
+            if self.preset and any(_inside(layer.name, DIT_BLOCKS) for layer in layers):
+                raise AttachError(
+                    "blora: this model is a diffusion transformer (FLUX/SD3 transformer_blocks), and B-LoRA's "
+                    "published block analysis covers SDXL's UNet only, so there is no preset for it; pass "
+                    "blocks={'subject': [...], 'style': [...]} with module-path prefixes, e.g. "
+                    "blocks={'subject': ['transformer_blocks.0'], 'style': ['single_transformer_blocks.0']}"
+                )
             raise AttachError(
                 f"blora: no fused layer lies in the subject blocks {list(self.subject_blocks)} or the style "
                 f"blocks {list(self.style_blocks)}; pass blocks={{'subject': [...], 'style': [...]}} for this UNet"

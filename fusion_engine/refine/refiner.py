@@ -7,7 +7,8 @@
                style_prompt="a painting in szn style", generator=torch.Generator().manual_seed(0))
     out.references  # (Ic, Is), the images R was measured against
 
-At every step (inside ``step_window``): x0_hat from x_t and the fused, CFG-combined noise prediction; decode;
+At every step (inside ``step_window``): x0_hat from x_t and the fused, CFG-combined model output (noise,
+v or, for FLUX/SD3 flow matching, the velocity: x0_hat = x_t - sigma_t * v); decode;
 S1 = cos(CLIP(Ic), CLIP(img)), S2 = cos(CLIP(Is), CLIP(img)), S3 = cos(DINO(Is), DINO(img));
 R = 1 - (S1 + S2 + S3) / 3; x_{t-1} = scheduler_step(x_t) - m * grad_{x_t} R.
 """
@@ -75,8 +76,14 @@ class Refiner:
         return self._objective
 
     def start(self, pipeline, *, noise, generator, subject_prompt=None, style_prompt=None, reference_images=None,
-              **call_options) -> Refinement:
-        """Make (or take) the references and embed them; called by FusionPipeline before fusion sampling."""
+              unpack=None, **call_options) -> Refinement:
+        """Make (or take) the references and embed them; called by FusionPipeline before fusion sampling.
+
+        Args:
+            unpack: the sampler's latents -> (B, C, h, w) VAE latents (FLUX's packed tokens); None: as they are.
+            call_options: the fused call's own arguments, so the references run the same sampler.
+        """
+        unpack = unpack if unpack is not None else _same
         if reference_images is not None:
             subject_images, style_images = user_references(reference_images)
         else:
@@ -85,8 +92,8 @@ class Refiner:
         references = ReferenceEmbeddings.of(self.clip, self.dino, subject_images, style_images, len(noise),
                                             self.dino_reference)
         objective = self.objective(pipeline.vae, noise.device)
-        objective.warm_up(noise, references.clip_subject, references.clip_style, references.dino)
-        return Refinement(self, pipeline, references, objective, (subject_images, style_images))
+        objective.warm_up(unpack(noise), references.clip_subject, references.clip_style, references.dino)
+        return Refinement(self, pipeline, references, objective, (subject_images, style_images), unpack)
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Refinement:
     references: ReferenceEmbeddings
     objective: CompiledOrEager
     reference_images: tuple
+    unpack: object = None  # sampler latents -> VAE latents (FLUX: unpack the 2x2 tokens); None: as they are
 
     def active(self, step: int, num_steps: int) -> bool:
         window = self.refiner.step_window
@@ -115,6 +123,8 @@ class Refinement:
                 with torch.no_grad():
                     noise = predict_noise(latents)
             x0 = predict_x0(scheduler, x, noise, t)
+            if self.unpack is not None:
+                x0 = self.unpack(x0)
             objective, _scores = self.objective(x0, refs.clip_subject, refs.clip_style, refs.dino)
             with _trace_paused(fusion):  # checkpoint recomputation must not record the step twice
                 (grad,) = torch.autograd.grad(objective.sum(), x)
@@ -124,9 +134,9 @@ class Refinement:
 
     @contextmanager
     def _guided_forward(self, fusion):
-        """For this step only: the reference backend (autograd), UNet/VAE gradient checkpointing if asked, and
-        frozen UNet/VAE weights (nothing trains; weight-gradient bookkeeping would only hold memory)."""
-        refiner, models = self.refiner, (self.pipeline.unet, self.pipeline.vae)
+        """For this step only: the reference backend (autograd), denoiser/VAE gradient checkpointing if asked, and
+        frozen denoiser/VAE weights (nothing trains; weight-gradient bookkeeping would only hold memory)."""
+        refiner, models = self.refiner, (self.pipeline.denoiser, self.pipeline.vae)
         context, backend = fusion.context, fusion.context.backend
         trainable = [p for model in models for p in model.parameters() if p.requires_grad]
         for parameter in trainable:
@@ -147,6 +157,10 @@ class Refinement:
                 model.disable_gradient_checkpointing()
             for parameter in trainable:
                 parameter.requires_grad_(True)
+
+
+def _same(latents):
+    return latents
 
 
 @contextmanager

@@ -6,6 +6,8 @@ Every family is written as x_t * c = alpha * x0 + sigma * eps (c = the model-inp
 * DPM-Solver family (DPM-Solver(++), UniPC, DEIS, SA-Solver): alpha and sigma from the scheduler's own
   ``_sigma_to_alpha_sigma_t``, c = 1;
 * alpha family (DDIM, DDPM, PNDM, ...): alpha = sqrt(alphas_cumprod[t]), sigma = sqrt(1 - alphas_cumprod[t]), c = 1.
+* flow matching (FLUX, SD3: ``FlowMatchEulerDiscreteScheduler``): x_t = (1 - sigma) x0 + sigma eps and the
+  model predicts the velocity v = eps - x0, so x0 = x_t - sigma * v whatever ``prediction_type`` says.
 Prediction types: ``epsilon`` x0 = (c x_t - sigma eps) / alpha; ``v_prediction`` x0 = alpha c x_t - sigma v;
 ``sample`` x0 = model output.
 """
@@ -23,6 +25,9 @@ DPM_FAMILY = (
     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
     "SASolverScheduler",
 )
+
+
+FLOW_MATCH_FAMILY = ("FlowMatchEulerDiscreteScheduler",)
 
 
 def _step_index(scheduler, t) -> int:
@@ -44,12 +49,16 @@ def noise_levels(scheduler, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if hasattr(scheduler, "alphas_cumprod") and not hasattr(scheduler, "sigmas"):
         alpha_bar = scheduler.alphas_cumprod[int(t)].double().cpu()
         return torch.ones((), dtype=torch.float64), alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    raise OptionError(f"LLR cannot predict x0 for {name}: supported are {SIGMA_FAMILY + DPM_FAMILY} and "
+    supported = SIGMA_FAMILY + DPM_FAMILY + FLOW_MATCH_FAMILY
+    raise OptionError(f"LLR cannot predict x0 for {name}: supported are {supported} and "
                      "alphas_cumprod schedulers (DDIM, DDPM, PNDM)")
 
 
 def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
     """x0_hat for ``sample`` (x_t, unscaled as the scheduler holds it); differentiable in both inputs."""
+    if type(scheduler).__name__ in FLOW_MATCH_FAMILY:
+        sigma = scheduler.sigmas[_step_index(scheduler, t)].to(sample.device, sample.dtype)
+        return sample - sigma * model_output
     prediction = scheduler.config.prediction_type
     if prediction == "sample":
         return model_output

@@ -41,3 +41,19 @@ def clip_tokenizer():
 
     with tempfile.TemporaryDirectory() as folder:
         return CLIPTokenizer.from_pretrained(write_clip_vocab(folder), model_max_length=77)
+
+
+def t5_tokenizer():
+    """transformers' T5 tokenizer (a Unigram model) over a small vocabulary: ``<pad>``, ``</s>``, ``<unk>``,
+    the word-start marker, lower-case letters, digits and the marker with each letter; no download.
+
+    Not T5's real vocabulary (that needs its SentencePiece file): for tiny random text encoders only.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    marker = "\u2581"
+    pieces = [marker, *string.ascii_lowercase, *string.digits, *(marker + c for c in string.ascii_lowercase)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(piece, -float(len(piece))) for piece in pieces]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
