@@ -23,6 +23,8 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
     ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
     │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
+    │   ├── UnknownLoRAError (KeyError) ..... a LoRA name that the LoRA pool does not hold
+    │   ├── PoolBudgetError ................. adding a LoRA would take the pool past its byte budget
     │   └── InputFileNotFoundError (FileNotFoundError) .. a file the caller named (pairs.toml) is not there
     └── LayerAttributeError (AttributeError)  an attribute neither a dynamic layer nor its base layer has
 """
@@ -106,6 +108,17 @@ class OptionError(FusionEngineError, ValueError):
 class OptionTypeError(OptionError, TypeError):
     """Options of the wrong kind, where Python itself would raise ``TypeError`` (options beside a ready policy,
     keywords a policy does not take); ``except TypeError`` and ``except OptionError`` both catch it."""
+
+
+class UnknownLoRAError(OptionError, KeyError):
+    """A LoRA name the pool does not hold (in an assignment, ``pool.remove``, or removed since it was assigned)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PoolBudgetError(OptionError):
+    """Adding a LoRA would take a ``LoRAPool`` past its byte budget; the pool is left as it was."""
 
 
 class InputFileNotFoundError(OptionError, FileNotFoundError):
