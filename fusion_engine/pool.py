@@ -130,6 +130,11 @@ class LoRAPool:
     def layer(self, name: str) -> PoolLayer | None:
         return self.layers.get(name)
 
+    def __deepcopy__(self, memo) -> LoRAPool:
+        """The pool itself: a deep copy of a model attached to a pool shares the pool (it is a device-wide store
+        of factors, not part of the model; ``fe.detach_all(copy)`` strips the copy's fused layers)."""
+        return self
+
     def __repr__(self) -> str:
         return (f"LoRAPool({len(self)} LoRAs: {preview(self.names)}, layers={len(self.layers)}, "
                 f"nbytes={self.nbytes}, device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})")
@@ -181,7 +186,8 @@ class LoRAPool:
     def add(self, name: str, lora) -> LoRAPool:
         """Put LoRA ``lora`` (a ``LoRA``, a file path or a state dict) in the pool as ``name``; returns the pool.
 
-        Allowed while a fusion is attached (between calls): the fusion takes the new LoRA's layers at once.
+        Allowed while a fusion is attached, between calls (during another thread's call: ``ConcurrentUseError``):
+        the fusion takes the new LoRA's layers at once.
         Raises ``OptionError`` (a name in use; a DoRA or conv layer), ``LoRAShapeError`` (a layer shaped unlike
         the pool's LoRAs there), ``ModelMismatchError`` (a layer the attached model lacks), ``PoolBudgetError``.
         Nothing changes when it raises.
@@ -208,6 +214,7 @@ class LoRAPool:
                     f"{len(prepared)} layers); remove a LoRA first or raise budget_bytes")
             shapes = {layer_name: (b.shape[0], a.shape[1]) for layer_name, (a, b, _) in prepared.items()}
             for watcher in self._live_watchers():
+                watcher.owner.check_free(f"LoRAPool.add({name!r})")  # not while another thread runs the model
                 watcher.check_pool_layers(name, shapes)
             self._commit(slot, capacity, prepared)
             self._slots[name] = slot
@@ -261,6 +268,8 @@ class LoRAPool:
         no LoRA adapts any more is dropped, and trailing free slots are released. Returns the pool."""
         with self._lock:
             slot = self.slot(name)
+            for watcher in self._live_watchers():
+                watcher.owner.check_free(f"LoRAPool.remove({name!r})")
             del self._slots[name]
             for layer_name in list(self.layers):
                 held = self.layers[layer_name]
