@@ -1,4 +1,5 @@
 """fusion_engine: training-free dynamic fusion of a subject LoRA and a style LoRA in diffusion models."""
+from . import serve
 from .errors import (
     AlreadyAttachedError,
     AttachError,
@@ -20,6 +21,7 @@ from .errors import (
     OptionError,
     OptionTypeError,
     PoolBudgetError,
+    ServiceBusyError,
     StepContextError,
     StepRangeError,
     UnknownLoRAError,
@@ -40,9 +42,9 @@ __all__ = [
     "AlreadyAttachedError", "AttachError", "BackendError", "BatchLayoutError", "ConcurrentUseError",
     "FusionEngineError", "InputFileNotFoundError", "LayerAttributeError", "LoRADtypeError", "LoRAFileError",
     "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError", "LoRAValueError",
-    "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "PoolBudgetError", "StepContextError",
-    "StepRangeError", "UnknownLoRAError",
+    "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "PoolBudgetError", "ServiceBusyError",
+    "StepContextError", "StepRangeError", "UnknownLoRAError",
     # the API
     "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "LoRAPool", "POLICIES", "PipelineFusion",
-    "Refiner", "Trace", "attach", "detach_all", "load_lora", "make_policy", "save_lora",
+    "Refiner", "Trace", "attach", "detach_all", "load_lora", "make_policy", "save_lora", "serve",
 ]

@@ -21,6 +21,7 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     │   └── ConcurrentUseError .............. a second thread using an attached model while another one does
     ├── ModelPathError (FileNotFoundError) .. a model path that is not local (pipeline folder, encoder checkpoint)
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
+    ├── ServiceBusyError (RuntimeError) ..... a BatchFusion queue that is full (retry later)
     ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
     │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
     │   ├── UnknownLoRAError (KeyError) ..... a LoRA name that the LoRA pool does not hold
@@ -98,6 +99,10 @@ class ModelPathError(FusionEngineError, FileNotFoundError):
 class BackendError(FusionEngineError, RuntimeError):
     """A compute backend that cannot run on these tensors here (triton not importable, CPU tensors
     without the Triton interpreter, CUDA tensors with it)."""
+
+
+class ServiceBusyError(FusionEngineError, RuntimeError):
+    """``fe.serve.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
 
 
 class OptionError(FusionEngineError, ValueError):

@@ -42,6 +42,7 @@ LAYERS = {
     "fusion_engine.pool_fusion": 3,  # attach a pool (to a model or a pipeline object)
     "fusion_engine.pipeline": 4,
     "fusion_engine.refine": 4,
+    "fusion_engine.serve": 4,  # BatchFusion: requests -> batched calls of a pool-attached pipeline
     "fusion_engine": 4,  # the package itself (the public API: re-exports of layers <= 4); matched exactly
     "fusion_engine.eval": 5,
     "fusion_engine.cli": 6,
