@@ -16,6 +16,7 @@ from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, ModelMi
 from .fit import check_fit, find_module
 from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _swap_in
 from .integration import PipelineFusion, attached_pipeline, check_attachable
+from .ops import check_supported
 from .pool_context import PoolContext
 from .pool_modules import PooledLoRALinear
 from .pool_policies import make_pool_policy
@@ -105,12 +106,10 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
         divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
-        backend: ``"auto"`` or ``"reference"``: the pooled ops run on the reference path (pure torch, any device).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``: N-way FLS runs the pooled reference op (pure torch,
+            any device); ``direct`` and ``switch`` run the pooled Triton kernel where the backend is triton.
         trace: as in ``attach_model``; the records are ``PoolRecord``s (positions in each image's names).
     """
-    if backend not in ("auto", "reference"):
-        raise AttachError(f"backend {backend!r}: a pool fusion runs the pooled reference ops (pure torch, any device) "
-                          "so far; use backend='auto' or 'reference'")
     granularity = granularity or "image"
     if granularity == "batch":
         raise OptionError("granularity 'batch' with a LoRA pool: images that name different LoRAs cannot share one "
@@ -118,6 +117,10 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     if policy == "fls" or policy is None:
         policy_options["divergence"] = divergence
     policy = make_pool_policy(policy, **policy_options)
+    if policy.uses_divergence and backend == "triton":
+        raise AttachError("backend 'triton': N-way FLS over a pool runs the pooled reference op so far (the pooled "
+                          "Triton kernel covers policies 'direct' and 'switch'); use backend='auto' or 'reference'")
+    backend = "reference" if policy.uses_divergence else backend
     with _ATTACH_LOCK:
         if model in _ATTACHED:
             raise AlreadyAttachedError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it "
@@ -129,9 +132,13 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
         shapes = {name: pool.layers[name].shape if name in pool.layers else
                   tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
         _raise_misfit(_fit_problems(model, pool, shapes), "cannot attach the pool")
+        for name in names:  # what the backend declines fails here, not at the first launch
+            weight = model.get_submodule(name).weight
+            check_supported(backend, "linear", weight.dtype, (pool.layers[name].rank if name in pool.layers else 0,),
+                            device=weight.device, layer=name)
         max_records = DEFAULT_MAX_RECORDS if trace is True else int(trace)
         trace_object = PoolTrace(names, policy.describe(), max_records) if trace else None
-        context = PoolContext(pool, policy, granularity, "reference", trace_object)
+        context = PoolContext(pool, policy, granularity, backend, trace_object)
         originals = {name: model.get_submodule(name) for name in names}
         layers = [PooledLoRALinear(module, name, index, context) for index, (name, module) in
                   enumerate(originals.items())]

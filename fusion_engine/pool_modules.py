@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .modules import DynamicLoRALayer
-from .ops.pooled import pooled_fls_linear, pooled_mix_linear
+from .ops.pooled import pooled_fls_linear
 
 
 class PooledLoRALinear(DynamicLoRALayer):
     """A Linear layer whose LoRAs come from the context's pool, per image (``PoolContext.sample_slots``).
 
-    Seen from outside it is the base layer (attributes, ``state_dict``), as every ``DynamicLoRALayer``. A layer
-    no pool LoRA adapts any more (all removed) runs as its base layer.
+    N-way FLS runs the pooled reference op on every device; the static policies run the pooled Triton kernel
+    (``csrc_triton/pooled_mix_linear.py``) where the backend resolves to triton. Seen from outside it is the base
+    layer (attributes, ``state_dict``), as every ``DynamicLoRALayer``. A layer no pool LoRA adapts any more (all
+    removed) runs as its base layer.
     """
 
     def __init__(self, base: torch.nn.Module, name: str, index: int, context):
@@ -34,8 +37,9 @@ class PooledLoRALinear(DynamicLoRALayer):
             )
             self.keep_decisions(choice, scores)
         else:
-            out = pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, held.scales, slots,
-                                    context.sample_weights(batch, x.device))
+            out = ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, held.scales, slots,
+                                        context.sample_weights(batch, x.device),
+                                        backend=ops.resolve_backend(context.backend, x.device))
         return out.reshape(*lead, out.shape[-1])
 
     def extra_repr(self) -> str:

@@ -93,3 +93,36 @@ def test_pooled_mix_launcher_names_the_bad_input():
         pooled_mix_linear_fwd(**{**inputs, "sample_slots": inputs["sample_slots"][:2]})
     with pytest.raises(ValueError, match=r"b_stack \(S, N=45, R\)"):
         pooled_mix_linear_fwd(**{**inputs, "b_stack": inputs["b_stack"][:, :-1]})
+
+
+@pytest.mark.parametrize("policy, options", [("direct", {"weights": (0.7, 1.3, 0.5)}), ("switch", {"tau": 1})])
+def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkeypatch):
+    """``fe.attach(model, pool=, backend="triton")``: the same images as the reference backend; FLS is refused."""
+    import fusion_engine as fe
+
+    launches = []
+    monkeypatch.setattr(csrc_triton, "pooled_mix_linear_fwd",
+                        lambda *args: launches.append(1) or pooled_mix_linear_fwd(*args))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
+    pool = fe.LoRAPool()
+    g = torch.Generator().manual_seed(1)
+    for index, rank in enumerate((3, 5, 8)):
+        layers = {name: fe.LoRALayer(torch.randn(rank, k, generator=g) * 0.3, torch.randn(n, rank, generator=g), 2.0)
+                  for name, k, n in (("0", 24, 40), ("2", 40, 24)) if index != 2 or name == "0"}
+        pool.add(f"lora{index}", fe.LoRA(layers))
+    x = torch.randn(3, 2, 9, 24, generator=g)  # (copies x images, rows, features): 3 images x CFG
+    x = x.reshape(6, 9, 24)
+    outputs = {}
+    for backend in ("reference", "triton"):
+        with fe.attach(model, pool=pool, policy=policy, backend=backend, **options) as fusion:
+            fusion.set_batch_layout(3, 2)
+            fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+            fusion.set_step(1, 4)
+            with torch.no_grad(), kt.poisoned_outputs():
+                outputs[backend] = model(x)
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], atol=1e-4, rtol=1e-4)
+    assert len(launches) == 2  # one per fused layer, triton backend only
+    with pytest.raises(fe.AttachError, match="N-way FLS over a pool runs the pooled reference op"):
+        fe.attach(model, pool=pool, backend="triton")
