@@ -61,6 +61,7 @@ class PoolFusion(Fusion):
         """Which LoRAs each image fuses, one entry per image (a name or a tuple of names, in priority order):
         ``[("dog", "watercolor"), ("cat", "pixel-art"), "dog"]``. CFG copies follow their image. Names are
         checked now (``UnknownLoRAError`` naming the image and the name) and resolved to slots per call."""
+        self.owner.check_free("set_assignment")  # not while another thread runs the model
         self.context.set_assignment(entries)
 
     @property
@@ -182,13 +183,14 @@ class PoolPipelineFusion(PipelineFusion):
         bound = inspect.signature(original).bind(pipe, *args, **kwargs)
         bound.apply_defaults()
         context = self.fusion.context
-        before = context.assignment
-        context.set_assignment(_per_image(pairs, bound.arguments))
-        try:
-            return super().call(original, pipe, args, kwargs)
-        finally:
-            context.assignment = before
-            context._tables.clear()
+        with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
+            before = context.assignment
+            context.set_assignment(_per_image(pairs, bound.arguments))
+            try:
+                return super().call(original, pipe, args, kwargs)
+            finally:
+                context.assignment = before
+                context._tables.clear()
 
     def _begin(self) -> None:
         super()._begin()

@@ -1,6 +1,7 @@
 """The LoRA pool's mechanics: memory accounting and budget, add/remove while attached, errors that name the fault,
 a failed attach or add that changes nothing, and the N-way decision rule on hand-made scores."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -200,3 +201,32 @@ def test_a_deep_copy_of_a_pool_attached_model_is_stripped_by_detach_all(tiny_pip
         clone = fe.detach_all(copy.deepcopy(unet))
     assert not any(isinstance(m, DynamicLoRALayer) for m in clone.modules())
     _assert_untouched(unet, modules, state)
+
+
+def test_another_thread_cannot_change_the_assignment_or_the_pool_during_a_call(tiny_pipe):
+    subject, style = default_loras(tiny_pipe.unet, seed=0)
+    pool = fe.LoRAPool().add("s", subject)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_at_step(pipe, step, timestep, callback_kwargs):
+        inside.set()
+        release.wait(60)
+        return {}
+
+    with fe.attach(tiny_pipe, pool=pool) as fusion:
+        worker = threading.Thread(target=lambda: tiny_pipe(["a"], pairs=["s"], num_inference_steps=1, output_type="pt",
+                                                           callback_on_step_end=hold_at_step))
+        worker.start()
+        try:
+            assert inside.wait(60)
+            with pytest.raises(fe.ConcurrentUseError, match="set_assignment"):
+                fusion.set_assignment(["s"])
+            with pytest.raises(fe.ConcurrentUseError, match=r"LoRAPool.add\('t'\)"):
+                pool.add("t", style)
+            with pytest.raises(fe.ConcurrentUseError, match=r"LoRAPool.remove\('s'\)"):
+                pool.remove("s")
+        finally:
+            release.set()
+            worker.join()
+        assert pool.names == ["s"]
+        pool.add("t", style)  # between calls: fine
