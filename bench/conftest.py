@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 
 MEDIANS: dict[tuple[str, str], float] = {}  # (case, method) -> median seconds, filled by the tests
+POOL_MEDIANS: dict[tuple[int, str], float] = {}  # (requests K, method) -> median seconds (bench/test_bench_pool.py)
 
 
 def pytest_terminal_summary(terminalreporter):
+    _pool_summary(terminalreporter)
     if not MEDIANS:
         return
     cases = sorted({case for case, _ in MEDIANS})
@@ -28,5 +30,27 @@ def pytest_terminal_summary(terminalreporter):
 def record_median():
     def record(case: str, method: str, benchmark) -> None:
         MEDIANS[(case, method)] = benchmark.stats.stats.median
+
+    return record
+
+
+def _pool_summary(tr) -> None:
+    counts = sorted({count for count, _ in POOL_MEDIANS})
+    if not counts:
+        return
+    tr.section("LoRA pool CPU throughput (same run; K requests, K distinct pairs)")
+    tr.write_line("| K | pool: one call (images/s) | attach/sample/detach per request (images/s) | ratio |")
+    tr.write_line("|---|---|---|---|")
+    for count in counts:
+        pool, single = POOL_MEDIANS.get((count, "pool")), POOL_MEDIANS.get((count, "per_request"))
+        if pool is None or single is None:
+            continue
+        tr.write_line(f"| {count} | {count / pool:.2f} | {count / single:.2f} | {single / pool:.2f}x |")
+
+
+@pytest.fixture
+def record_pool():
+    def record(count: int, method: str, benchmark) -> None:
+        POOL_MEDIANS[(count, method)] = benchmark.stats.stats.median
 
     return record

@@ -21,8 +21,11 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     │   └── ConcurrentUseError .............. a second thread using an attached model while another one does
     ├── ModelPathError (FileNotFoundError) .. a model path that is not local (pipeline folder, encoder checkpoint)
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
+    ├── ServiceBusyError (RuntimeError) ..... a BatchFusion queue that is full (retry later)
     ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
     │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
+    │   ├── UnknownLoRAError (KeyError) ..... a LoRA name that the LoRA pool does not hold
+    │   ├── PoolBudgetError ................. adding a LoRA would take the pool past its byte budget
     │   └── InputFileNotFoundError (FileNotFoundError) .. a file the caller named (pairs.toml) is not there
     └── LayerAttributeError (AttributeError)  an attribute neither a dynamic layer nor its base layer has
 """
@@ -98,6 +101,10 @@ class BackendError(FusionEngineError, RuntimeError):
     without the Triton interpreter, CUDA tensors with it)."""
 
 
+class ServiceBusyError(FusionEngineError, RuntimeError):
+    """``fe.serve.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
+
+
 class OptionError(FusionEngineError, ValueError):
     """A bad argument, option or options file (an unknown policy, divergence, backend; a value out of range;
     a pairs.toml that lacks a field)."""
@@ -106,6 +113,17 @@ class OptionError(FusionEngineError, ValueError):
 class OptionTypeError(OptionError, TypeError):
     """Options of the wrong kind, where Python itself would raise ``TypeError`` (options beside a ready policy,
     keywords a policy does not take); ``except TypeError`` and ``except OptionError`` both catch it."""
+
+
+class UnknownLoRAError(OptionError, KeyError):
+    """A LoRA name the pool does not hold (in an assignment, ``pool.remove``, or removed since it was assigned)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PoolBudgetError(OptionError):
+    """Adding a LoRA would take a ``LoRAPool`` past its byte budget; the pool is left as it was."""
 
 
 class InputFileNotFoundError(OptionError, FileNotFoundError):

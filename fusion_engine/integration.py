@@ -318,11 +318,18 @@ def _component_loras(pipe, subject, style, denoiser: str):
             yield component, parts
 
 
-def attach(target, subject=None, style=None, **options):
+def attach(target, subject=None, style=None, *, pool=None, **options):
     """``fe.attach``: to a diffusers pipeline object (``PipelineFusion``) or to a model (``Fusion``).
 
-    See ``fusion_engine.fusion.attach_model`` for the options.
+    See ``fusion_engine.fusion.attach_model`` for the options. With ``pool=`` (a ``fe.LoRAPool``, no subject or
+    style) each image fuses the LoRAs it names: see ``fusion_engine.pool_fusion.attach_pool``.
     """
+    if pool is not None:
+        if subject is not None or style is not None:
+            raise AttachError("attach takes a subject/style pair or a pool=, not both")
+        from .pool_fusion import attach_pool_target  # the pool path sits beside the pair path
+
+        return attach_pool_target(target, pool, **options)
     if is_pipeline(target):
         return attach_pipeline(target, subject, style, **options)
     return attach_model(target, subject, style, **options)

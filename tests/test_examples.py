@@ -26,6 +26,7 @@ EXPECTED = {
                               *[f"eval/images/my_pair/{p}/seed00{s}.png" for p in ("direct", "fls") for s in (0, 1)]],
     "gpu_benchmark.py": [],
     "custom_policy.py": ["updown.png"],
+    "serve_lora_pool.py": [*[f"request{i}.png" for i in range(4)], "results.json"],
 }
 
 
@@ -48,4 +49,7 @@ def test_example_runs(script, tmp_path):
         trace = json.loads((tmp_path / "trace.json").read_text())
         assert trace["steps"] == [0, 1] and len(trace["records"]) == 2 * len(trace["layers"]) > 0
         assert all(set(r["choice"]) <= {"subject", "style"} for r in trace["records"])
+    if script == "serve_lora_pool.py":  # the request naming an unknown LoRA fails alone
+        results = json.loads((tmp_path / "results.json").read_text())
+        assert [("error" in r) for r in results] == [False] * 4 + [True] and "no_such_lora" in results[4]["error"]
 

@@ -32,11 +32,18 @@ LAYERS = {
     "fusion_engine.model_path": 2,
     "fusion_engine.owner": 2,
     "fusion_engine.image_files": 2,  # generated PNGs with their parameters
+    "fusion_engine.pool": 2,  # the LoRA pool: stacked factors by slot
+    "fusion_engine.pool_trace": 2,
+    "fusion_engine.pool_policies": 2,
+    "fusion_engine.pool_context": 2,
+    "fusion_engine.pool_modules": 2,
     "fusion_engine.fusion": 3,
     "fusion_engine.integration": 3,  # attach to a pipeline object: above fusion, below the pipeline
     "fusion_engine.samplers": 3,  # the lean loop's per-family parts (UNet, FLUX, SD3), used by the pipeline
+    "fusion_engine.pool_fusion": 3,  # attach a pool (to a model or a pipeline object)
     "fusion_engine.pipeline": 4,
     "fusion_engine.refine": 4,
+    "fusion_engine.serve": 4,  # BatchFusion: requests -> batched calls of a pool-attached pipeline
     "fusion_engine": 4,  # the package itself (the public API: re-exports of layers <= 4); matched exactly
     "fusion_engine.eval": 5,
     "fusion_engine.cli": 6,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AttachError, OptionError
-from . import reference
+from . import pooled, reference
 from .reference import DIVERGENCES
 
 BACKENDS = ("auto", "reference", "triton")
@@ -88,5 +88,12 @@ def mix_linear(*args, backend: str = "reference", **kwargs):
     return reference.mix_linear(*args, **kwargs)
 
 
-__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "resolve_backend",
-           "reference"]
+def pooled_mix_linear(*args, backend: str = "reference", **kwargs):
+    """See ``pooled.pooled_mix_linear`` (the LoRA pool's static policies)."""
+    if backend == "triton":
+        return _triton_ops().pooled_mix_linear(*args, **kwargs)
+    return pooled.pooled_mix_linear(*args, **kwargs)
+
+
+__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "pooled_mix_linear",
+           "reference", "resolve_backend"]

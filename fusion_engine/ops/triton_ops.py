@@ -183,4 +183,24 @@ def mix_linear(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
     return out.reshape(*lead, out.shape[-1])
 
 
-__all__ = ["fls_linear", "is_available", "mix_linear", "unsupported"]
+# --------------------------------------------------------------------------- pooled_mix_linear (the LoRA pool)
+
+def _pooled_mix_linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
+                            scales: Tensor, sample_slots: Tensor, sample_weights: Tensor) -> Tensor:
+    _check_device(x)
+    return _kernels.pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
+
+
+_pooled_mix_linear_op = torch.library.custom_op("fusion_engine::pooled_mix_linear_triton", _pooled_mix_linear_impl,
+                                                mutates_args=())
+_pooled_mix_linear_op.register_fake(lambda x, weight, *_stacks_and_tables: x.new_empty((x.shape[0], weight.shape[0])))
+
+
+def pooled_mix_linear(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights):
+    """The pool's static-weight linear (see ``fusion_engine.ops.pooled.pooled_mix_linear``); forward only (no
+    autograd registration yet: a guided backward runs the reference ops)."""
+    _check_device(x)
+    return _pooled_mix_linear_op(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
+
+
+__all__ = ["fls_linear", "is_available", "mix_linear", "pooled_mix_linear", "unsupported"]

@@ -1,0 +1,65 @@
+"""CPU throughput of the LoRA pool on the embedded world: run with `pytest bench/test_bench_pool.py -m bench`.
+
+K requests, each with its own (subject, style) pair, K = 1, 2, 4, 8, 16, made two ways:
+* pool        - one `fe.attach(pipe, pool=pool)` and one pipeline call of K images, `pairs=` one per image;
+* per_request - for each request: `fe.attach(pipe, subject, style)`, a one-image call, `detach` (what a
+  service does without a pool).
+The K pairs are the world's subject and style LoRAs at K different scales, each its own pool entry (the pool
+gathers each image's factors by slot whatever they hold, so this costs what K unrelated LoRA pairs of the same
+ranks cost). Same seeds, steps and guidance both ways; images/s and the ratio are printed at the end
+(bench/conftest.py). Steps: FUSION_BENCH_STEPS (default 4); rounds: FUSION_BENCH_ROUNDS (default 3). On a shared
+machine pass `--benchmark-timer time.process_time`: both ways run on one thread, so CPU time measures the work.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fusion_engine as fe
+
+pytest.importorskip("pytest_benchmark")
+pytestmark = pytest.mark.bench
+
+COUNTS = (1, 2, 4, 8, 16)
+STEPS = int(os.environ.get("FUSION_BENCH_STEPS", "4"))
+ROUNDS = int(os.environ.get("FUSION_BENCH_ROUNDS", "3"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from fusion_engine.worlds import load_world
+
+    world = load_world("auto", folder=tmp_path_factory.mktemp("world"))
+    subject, style = world.subject(), world.style()
+    pairs = [(subject.with_scale(1 + 0.05 * k), style.with_scale(1 + 0.05 * k)) for k in range(max(COUNTS))]
+    pool = fe.LoRAPool()
+    for k, (s, t) in enumerate(pairs):
+        pool.add(f"subject{k}", s).add(f"style{k}", t)
+    return world, pairs, pool
+
+
+def _options(seed):
+    return dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="pt",
+                generator=[torch.Generator().manual_seed(s) for s in seed])
+
+
+@pytest.mark.parametrize("count", COUNTS)
+@pytest.mark.parametrize("method", ["pool", "per_request"])
+def test_pool_throughput_cpu(benchmark, record_pool, world, method, count):
+    world, pairs, pool = world
+    pipe, prompts = world.pipe, [world.prompt] * count
+
+    def batched():
+        with fe.attach(pipe, pool=pool):
+            pipe(prompts, pairs=[(f"subject{k}", f"style{k}") for k in range(count)], **_options(range(count)))
+
+    def one_by_one():
+        for k in range(count):
+            with fe.attach(pipe, *pairs[k]):
+                pipe(prompts[:1], **_options([k]))
+
+    with torch.inference_mode():
+        benchmark.pedantic(batched if method == "pool" else one_by_one, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    record_pool(count, method, benchmark)

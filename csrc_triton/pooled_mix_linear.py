@@ -1,0 +1,147 @@
+"""Pooled static-weight LoRA linear: every sample of the batch adds its own LoRAs from a pool (a slot table),
+out[b] = y0[b] + sum_l w[b, l] * s[slot(b, l)] * (x_b A_slot^T) B_slot^T.
+
+Segments (SGMV-style): the rows are ``B`` samples of ``T`` rows each (``x`` is a ``(B, T, K)`` activation
+flattened), and a sample's rows all use the same slots, so one program owns a BLOCK_M x BLOCK_N tile *inside one
+sample*: its slots are scalars, read from the slot table on the device, and the tile's LoRA products are plain
+dots. The grid is ``B * cdiv(T, BLOCK_M) * cdiv(N, BLOCK_N)``: shapes only, never the slot table, so a step with a
+fixed batch shape can be captured in a CUDA graph and the assignment changed between replays.
+
+Algorithm (one program per tile):
+1. the base tile y0 = x W^T + b in fp32 (``_linear_tile``, rows clamped into the sample);
+2. for each of the ``NUM_POSITIONS`` positions (a constexpr: the widest image's LoRA count): read the slot;
+   a slot < 0 (the image names fewer LoRAs) adds nothing. Else the shrink x_tile A_slot^T over K in fp32,
+   rounded to x's dtype (as eager LoRA does), then the expand against B_slot's tile, scaled by
+   ``weights[b, l] * scales[slot]`` and added in fp32;
+3. one rounding to x's dtype on the store.
+The stacks hold every slot at the layer's largest rank, zero-padded, so different ranks share one RANK_PAD.
+This version recomputes the shrink in every N-tile (rank / BLOCK_N extra FLOPs per LoRA); a separate pooled
+shrink launch (as ``lora_shrink`` for a pair) is the next step once it is measured on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import MAX_RANK, _linear_tile, dot_pad, dot_precision, gemm_config, new_empty, require
+
+
+@triton.jit
+def _slot_shrink(x_ptr, a_ptr, offs_m, offs_r, offs_k, R, K, stride_xm, BLOCK_M: tl.constexpr,
+                 RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_M, RANK_PAD) tile of x A^T for one slot's A ``(R, K)`` at ``a_ptr``; padded ranks are zeros."""
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    at_ptrs = a_ptr + offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_K, RANK_PAD) view of A^T
+    xa = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        in_k = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+        at = tl.load(at_ptrs, mask=(offs_r[None, :] < R) & in_k[:, None], other=0.0)
+        xa = tl.dot(xt, at, xa, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        at_ptrs += BLOCK_K
+    return xa
+
+
+@triton.jit
+def _pooled_mix_linear_kernel(
+    x_ptr,  # (B * T, K), unit stride along K
+    w_ptr,  # (N, K) contiguous
+    bias_ptr,  # (N,); read only when HAS_BIAS
+    a_ptr,  # (S, R, K) contiguous: every slot's A, zero-padded to the rank R
+    b_ptr,  # (S, N, R) contiguous: every slot's B
+    scales_ptr,  # (S,) float32: alpha / rank times the LoRA's scale
+    slots_ptr,  # (B, NUM_POSITIONS) int64: each sample's slots, -1 = none
+    weights_ptr,  # (B, NUM_POSITIONS) float32: the policy's weight of each position
+    out_ptr,  # (B * T, N) out, x's dtype
+    T, N, K, R, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, NUM_POSITIONS: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // (num_pid_t * num_pid_n)
+    pid_t = (pid // num_pid_n) % num_pid_t
+    pid_n = pid % num_pid_n
+    offs_t = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_t = offs_t < T
+    mask_n = offs_n < N
+    offs_m = sample * T + tl.minimum(offs_t, T - 1)  # clamped into the sample: loads need no row mask
+
+    acc = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, K, stride_xm, stride_wn,
+                       HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    offs_r = tl.arange(0, RANK_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    for position in tl.static_range(NUM_POSITIONS):
+        slot = tl.load(slots_ptr + sample * NUM_POSITIONS + position)
+        if slot >= 0:
+            coef = tl.load(weights_ptr + sample * NUM_POSITIONS + position) * tl.load(scales_ptr + slot)
+            xa = _slot_shrink(x_ptr, a_ptr + slot * R * K, offs_m, offs_r, offs_k, R, K, stride_xm, BLOCK_M,
+                              RANK_PAD, BLOCK_K, DOT_PRECISION)
+            # (RANK_PAD, BLOCK_N) tile of B_slot^T; padded ranks load zeros
+            bt = tl.load(b_ptr + slot * N * R + offs_n[None, :] * R + offs_r[:, None],
+                         mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+            acc += coef * tl.dot(xa.to(x_ptr.dtype.element_ty), bt, input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_n[None, :])
+
+
+def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights):
+    """Launch the pooled mix linear. Same contract as ``fusion_engine.ops.pooled.pooled_mix_linear``.
+
+    Args:
+        x: (M, K) activations, M = B * T sample-major (fp16, bf16 or fp32); the output has its dtype.
+        weight, bias: the base linear, (N, K) and (N,) or None.
+        a_stack, b_stack: (S, R, K) and (S, N, R), the pool's stacks of one layer (cast to x's dtype).
+        scales: (S,) each slot's LoRA scale.
+        sample_slots: (B, L) int64 slots per sample, -1 = none; B must divide M.
+        sample_weights: (B, L) the policy's weight of each position.
+
+    Returns:
+        (M, N) tensor in x.dtype.
+    """
+    require(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1],
+            f"pooled_mix_linear: x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    M, K = x.shape
+    N = weight.shape[0]
+    require(a_stack.dim() == 3 and a_stack.shape[2] == K and tuple(b_stack.shape) == (a_stack.shape[0], N,
+                                                                                     a_stack.shape[1]),
+            f"pooled_mix_linear: a_stack (S, R, K={K}) and b_stack (S, N={N}, R), got {tuple(a_stack.shape)} and "
+            f"{tuple(b_stack.shape)}")
+    S, R = a_stack.shape[:2]
+    require(R <= MAX_RANK, f"pooled_mix_linear: the stacks' rank {R} exceeds the kernels' limit of {MAX_RANK}")
+    require(tuple(scales.shape) == (S,), f"pooled_mix_linear: scales must be (S={S},), got {tuple(scales.shape)}")
+    require(sample_slots.dim() == 2 and sample_slots.dtype == torch.int64 and sample_slots.shape[0] > 0
+            and M % sample_slots.shape[0] == 0,
+            f"pooled_mix_linear: sample_slots must be (B, L) int64 with B dividing M={M}, got "
+            f"{tuple(sample_slots.shape)} {sample_slots.dtype}")
+    require(sample_weights.shape == sample_slots.shape,
+            f"pooled_mix_linear: sample_weights {tuple(sample_weights.shape)} != sample_slots "
+            f"{tuple(sample_slots.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("a_stack", a_stack), ("b_stack", b_stack),
+                    ("scales", scales), ("sample_slots", sample_slots), ("sample_weights", sample_weights)):
+        if t is not None:
+            require(t.device == x.device, f"pooled_mix_linear: {name} is on {t.device}, x on {x.device}")
+    batch, positions = sample_slots.shape
+    T = M // batch
+    out = new_empty((M, N), x.dtype, x.device)
+    if M == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight, a_stack, b_stack = (t.to(x.dtype).contiguous() for t in (weight, a_stack, b_stack))
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    scales, sample_weights = (t.to(torch.float32).contiguous() for t in (scales, sample_weights))
+
+    cfg = gemm_config(T, N, K, "mix")
+    num_pid_t, num_pid_n = triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    grid = (batch * num_pid_t * num_pid_n,)
+    _pooled_mix_linear_kernel[grid](
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, a_ptr=a_stack, b_ptr=b_stack,
+        scales_ptr=scales, slots_ptr=sample_slots.contiguous(), weights_ptr=sample_weights, out_ptr=out,
+        T=T, N=N, K=K, R=R, num_pid_t=num_pid_t, num_pid_n=num_pid_n,
+        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0),
+        HAS_BIAS=bias is not None, NUM_POSITIONS=positions, RANK_PAD=dot_pad(R),
+        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
+    )
+    return out

@@ -1,0 +1,221 @@
+"""Attach a LoRA pool once, choose per image: ``fe.attach(model_or_pipe, pool=pool)`` and ``set_assignment``.
+
+Every Linear layer a pool LoRA adapts is swapped for a ``PooledLoRALinear``; each image of a batch then fuses
+the LoRAs it names (one, a pair, or more) with the policy, and an image's result is the one a single-pair
+attach of its own pair gives (``tests/test_pool_equivalence.py``). LoRAs added to the pool while attached are
+taken at once (their new layers are swapped in); removed ones leave their layers running the others.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+
+import torch.nn as nn
+
+from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, ModelMismatchError, OptionError
+from .fit import check_fit, find_module
+from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _swap_in
+from .integration import PipelineFusion, attached_pipeline, check_attachable
+from .ops import check_supported
+from .pool_context import PoolContext
+from .pool_modules import PooledLoRALinear
+from .pool_policies import make_pool_policy
+from .pool_trace import PoolTrace
+from .trace import DEFAULT_MAX_RECORDS
+
+
+def _fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """Why pool layers ``shapes`` (name -> (N, K)) cannot go on ``model``: missing, not Linear, other shapes,
+    another device or dtype than the pool's."""
+    problems = []
+    for name, shape in shapes.items():
+        module = find_module(model, name)
+        if module is None:
+            problems.append(f"{name}: no such module in the model")
+        elif type(module) is not nn.Linear:
+            problems.append(f"{name}: is a {type(module).__name__}; the pool fuses nn.Linear layers only")
+        elif tuple(module.weight.shape) != tuple(shape):
+            problems.append(f"{name}: the pool's LoRAs need weight {tuple(shape)}, the model's is "
+                            f"{tuple(module.weight.shape)}")
+        elif module.weight.device != pool.device or module.weight.dtype != pool.dtype:
+            problems.append(f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
+                            f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
+    return problems
+
+
+def _raise_misfit(problems: list[str], what: str) -> None:
+    if problems:
+        raise ModelMismatchError(f"{what}: {len(problems)} layer(s) do not fit this model:\n  "
+                                 + "\n  ".join(problems[:10]) + (f"\n  ... (+{len(problems) - 10} more)"
+                                                                 if len(problems) > 10 else ""))
+
+
+class PoolFusion(Fusion):
+    """Handle of a pool attached to a model: ``set_assignment``, the trace, ``detach`` (see ``Fusion``)."""
+
+    def __init__(self, model, pool, context: PoolContext, layers, originals):
+        super().__init__(model, None, None, context, layers, originals)
+        self.pool = pool
+
+    def set_assignment(self, entries) -> None:
+        """Which LoRAs each image fuses, one entry per image (a name or a tuple of names, in priority order):
+        ``[("dog", "watercolor"), ("cat", "pixel-art"), "dog"]``. CFG copies follow their image. Names are
+        checked now (``UnknownLoRAError`` naming the image and the name) and resolved to slots per call."""
+        self.owner.check_free("set_assignment")  # not while another thread runs the model
+        self.context.set_assignment(entries)
+
+    @property
+    def assignment(self) -> list[tuple[str, ...]] | None:
+        return self.context.assignment
+
+    # -- the pool's watcher protocol: LoRAs added while attached -------------------------------------------------
+    def check_pool_layers(self, lora_name: str, shapes: dict[str, tuple[int, int]]) -> None:
+        covered = set(self.layer_names)
+        _raise_misfit(_fit_problems(self.model, self.pool, {n: s for n, s in shapes.items() if n not in covered}),
+                      f"cannot add pool LoRA {lora_name!r} while attached")
+
+    def cover_pool_layers(self, names: list[str]) -> None:
+        covered = set(self.layer_names)
+        new = [name for name in names if name not in covered]
+        if not new or not self.attached:
+            return
+        originals = {name: self.model.get_submodule(name) for name in new}
+        layers = [PooledLoRALinear(module, name, len(self.layers) + i, self.context)
+                  for i, (name, module) in enumerate(originals.items())]
+        _swap_in(self.model, layers, originals)
+        self.layers.extend(layers)
+        self._originals.update(originals)
+        if self.context.trace is not None:
+            self.context.trace.layer_names.extend(new)
+
+    def detach(self) -> None:
+        super().detach()
+        self.pool.unwatch(self)
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"PoolFusion({self.policy.describe()}, {len(self.pool)} LoRAs, layers={len(self.layers)}, {state})"
+
+
+def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", granularity: str | None = None,
+                backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> PoolFusion:
+    """Attach ``pool`` to ``model``: every Linear layer a pool LoRA adapts (and every name in ``targets``, for
+    LoRAs added later) becomes a ``PooledLoRALinear``. Nothing changes unless every layer fits.
+
+    Args:
+        policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``).
+        divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
+        granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
+            different LoRAs cannot share a decision).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``: N-way FLS runs the pooled reference op (pure torch,
+            any device); ``direct`` and ``switch`` run the pooled Triton kernel where the backend is triton.
+        trace: as in ``attach_model``; the records are ``PoolRecord``s (positions in each image's names).
+    """
+    granularity = granularity or "image"
+    if granularity == "batch":
+        raise OptionError("granularity 'batch' with a LoRA pool: images that name different LoRAs cannot share one "
+                          "decision; use 'image' (default), 'sample' or 'token'")
+    if policy == "fls" or policy is None:
+        policy_options["divergence"] = divergence
+    policy = make_pool_policy(policy, **policy_options)
+    if policy.uses_divergence and backend == "triton":
+        raise AttachError("backend 'triton': N-way FLS over a pool runs the pooled reference op so far (the pooled "
+                          "Triton kernel covers policies 'direct' and 'switch'); use backend='auto' or 'reference'")
+    backend = "reference" if policy.uses_divergence else backend
+    with _ATTACH_LOCK:
+        if model in _ATTACHED:
+            raise AlreadyAttachedError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it "
+                                       "first")
+        wanted = set(pool.layers) | set(targets)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        names = sorted(wanted, key=lambda n: (order.get(n, len(order)), n))
+        check_fit(model, names, {})
+        shapes = {name: pool.layers[name].shape if name in pool.layers else
+                  tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
+        _raise_misfit(_fit_problems(model, pool, shapes), "cannot attach the pool")
+        for name in names:  # what the backend declines fails here, not at the first launch
+            weight = model.get_submodule(name).weight
+            check_supported(backend, "linear", weight.dtype, (pool.layers[name].rank if name in pool.layers else 0,),
+                            device=weight.device, layer=name)
+        max_records = DEFAULT_MAX_RECORDS if trace is True else int(trace)
+        trace_object = PoolTrace(names, policy.describe(), max_records) if trace else None
+        context = PoolContext(pool, policy, granularity, backend, trace_object)
+        originals = {name: model.get_submodule(name) for name in names}
+        layers = [PooledLoRALinear(module, name, index, context) for index, (name, module) in
+                  enumerate(originals.items())]
+        _swap_in(model, layers, originals)
+        fusion = PoolFusion(model, pool, context, layers, originals)
+        fusion.attached_by = threading.current_thread().name
+        fusion._install_hooks()
+        _ATTACHED[model] = fusion
+        pool.watch(fusion)
+    return fusion
+
+
+def _per_image(pairs, arguments: dict) -> list:
+    """``pairs`` given per prompt (expanded by ``num_images_per_prompt``, diffusers' prompt-major order) or per
+    image."""
+    prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
+    prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(pairs)
+    pairs = list(pairs)
+    if len(pairs) == prompts:
+        return [entry for entry in pairs for _ in range(per_prompt)]
+    if len(pairs) == prompts * per_prompt:
+        return pairs
+    raise BatchLayoutError(f"pairs has {len(pairs)} entries for {prompts} prompt(s) x {per_prompt} image(s) each: "
+                           "give one per prompt or one per image")
+
+
+class PoolPipelineFusion(PipelineFusion):
+    """A pool attached to a pipeline: every call may pass ``pairs=[...]`` (one per prompt or per image)."""
+
+    def set_assignment(self, entries) -> None:
+        self.fusion.set_assignment(entries)
+
+    @property
+    def pool(self):
+        return self.fusion.pool
+
+    def call(self, original, pipe, args, kwargs):
+        pairs = kwargs.pop("pairs", None)
+        if pairs is None:
+            return super().call(original, pipe, args, kwargs)
+        bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        context = self.fusion.context
+        with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
+            before = context.assignment
+            context.set_assignment(_per_image(pairs, bound.arguments))
+            try:
+                return super().call(original, pipe, args, kwargs)
+            finally:
+                context.assignment = before
+                context._tables.clear()
+
+    def _begin(self) -> None:
+        super()._begin()
+        if self._trace_enabled:
+            self.fusion.context.trace = PoolTrace(self.fusion.layer_names, self.policy.describe())
+
+
+def attach_pool_target(target, pool, *, trace: bool = True, **options):
+    """``fe.attach(target, pool=pool, ...)``: to a pipeline object (``PoolPipelineFusion``) or a model."""
+    if not (hasattr(pool, "layers") and hasattr(pool, "slot")):
+        raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
+    if isinstance(target, nn.Module) or not isinstance(getattr(target, "components", None), dict):
+        return attach_pool(target, pool, trace=trace, **options)
+    if attached_pipeline(target) is not None:
+        raise AlreadyAttachedError(f"this pipeline already has a fusion attached ({attached_pipeline(target)!r}); "
+                                   "detach it first")
+    name = check_attachable(target)
+    fusion = attach_pool(getattr(target, name), pool, trace=trace, **options)
+    try:
+        handle = PoolPipelineFusion(target, name, fusion, {}, trace)
+        handle.install()
+    except BaseException:
+        fusion.detach()
+        raise
+    return handle
+
+
+__all__ = ["PoolFusion", "PoolPipelineFusion", "attach_pool", "attach_pool_target"]

@@ -1,0 +1,128 @@
+"""The pooled Triton kernel (csrc_triton/pooled_mix_linear.py) against a float64 run of the pooled reference
+(fusion_engine/ops/pooled.py), under the Triton interpreter: 4 pool slots of ranks 3, 5, 8 and a freed one,
+samples naming 1, 2 and 3 LoRAs, odd shapes beside aligned ones, fp32 and fp16. Tolerance: 2x the error of the
+same computation done eagerly by torch in the input dtype, plus ``ATOL`` (tests/test_kernels.py's rule)."""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+csrc_triton = pytest.importorskip("csrc_triton")
+if not csrc_triton.INTERPRET:  # pragma: no cover - another module imported it first
+    pytest.skip("csrc_triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+from csrc_triton import testing as kt  # noqa: E402
+from csrc_triton.pooled_mix_linear import pooled_mix_linear_fwd  # noqa: E402
+from fusion_engine.ops.pooled import pooled_mix_linear  # noqa: E402
+
+# (samples B, rows per sample T, K, N)
+SHAPES = {"odd": (5, 7, 37, 45), "aligned": (2, 32, 32, 64)}
+RANKS = (3, 5, 8, 0)  # slot 3 is a freed slot (zeros, scale 0)
+SLOTS = [[2, -1, -1], [0, 1, -1], [1, 0, 2], [2, 1, -1], [0, -1, -1]]  # samples name 1, 2 and 3 LoRAs
+
+
+def _inputs(shape, dtype, seed):
+    batch, rows, K, N = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, std=1.0):
+        return torch.randn(*size, generator=g) * std
+
+    R = max(RANKS)
+    a_stack, b_stack = torch.zeros(len(RANKS), R, K), torch.zeros(len(RANKS), N, R)
+    for slot, rank in enumerate(RANKS):  # zero-padded as the pool stores them
+        a_stack[slot, :rank], b_stack[slot, :, :rank] = rnd(rank, K, std=K ** -0.5), rnd(N, rank, std=0.5)
+    slots = torch.tensor(SLOTS[:batch], dtype=torch.int64)
+    return dict(x=rnd(batch * rows, K).to(dtype), weight=rnd(N, K, std=K ** -0.5).to(dtype), bias=rnd(N).to(dtype),
+                a_stack=a_stack.to(dtype), b_stack=b_stack.to(dtype), scales=torch.tensor([0.5, 1.25, 0.8, 0.0]),
+                sample_slots=slots, sample_weights=(rnd(*slots.shape) + 1.0) * (slots >= 0))
+
+
+def _eager(inputs):
+    """Same-dtype eager torch, one sample at a time: every intermediate rounded to the dtype."""
+    x, slots = inputs["x"], inputs["sample_slots"]
+    y = F.linear(x, inputs["weight"], inputs["bias"]).reshape(slots.shape[0], -1, inputs["weight"].shape[0])
+    xs = x.reshape(slots.shape[0], -1, x.shape[1])
+    outs = []
+    for sample, row in enumerate(slots.tolist()):
+        out = y[sample]
+        for position, slot in enumerate(row):
+            if slot >= 0:
+                coef = (inputs["sample_weights"][sample, position] * inputs["scales"][slot]).to(x.dtype)
+                out = out + F.linear(F.linear(xs[sample], inputs["a_stack"][slot]), inputs["b_stack"][slot]) * coef
+        outs.append(out)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_pooled_mix_kernel_matches_float64_reference(shape, dtype, bias):
+    inputs = _inputs(shape, dtype, seed=len(shape) + 3 * bias)
+    if not bias:
+        inputs["bias"] = None
+    with kt.poisoned_outputs():
+        out = pooled_mix_linear_fwd(**inputs)
+    ref = pooled_mix_linear(**kt.to_float64(inputs))
+    tol = 2 * kt.max_error(_eager(inputs), ref) + kt.ATOL[dtype] * max(1.0, ref.abs().max().item())
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert kt.max_error(out, ref) <= tol, (kt.max_error(out, ref), tol)
+    # the LoRAs matter: without them the output is far from the reference
+    no_lora = pooled_mix_linear(**{**kt.to_float64(inputs), "sample_weights": inputs["sample_weights"] * 0})
+    assert kt.max_error(no_lora, ref) > 10 * tol
+
+
+def test_pooled_mix_kernel_follows_a_new_slot_table_without_new_shapes():
+    """Same shapes, another assignment: the grid is the same, the output follows the table."""
+    inputs = _inputs("odd", torch.float32, seed=9)
+    swapped = {**inputs, "sample_slots": inputs["sample_slots"].flip(0)}
+    for case in (inputs, swapped):
+        ref = pooled_mix_linear(**kt.to_float64(case))
+        assert kt.max_error(pooled_mix_linear_fwd(**case), ref) <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_pooled_mix_launcher_names_the_bad_input():
+    inputs = _inputs("odd", torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"sample_slots must be \(B, L\) int64 with B dividing M=35"):
+        pooled_mix_linear_fwd(**{**inputs, "sample_slots": inputs["sample_slots"][:2]})
+    with pytest.raises(ValueError, match=r"b_stack \(S, N=45, R\)"):
+        pooled_mix_linear_fwd(**{**inputs, "b_stack": inputs["b_stack"][:, :-1]})
+
+
+@pytest.mark.parametrize("policy, options", [("direct", {"weights": (0.7, 1.3, 0.5)}), ("switch", {"tau": 1})])
+def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkeypatch):
+    """``fe.attach(model, pool=, backend="triton")``: the same images as the reference backend; FLS is refused."""
+    import fusion_engine as fe
+
+    launches = []
+    monkeypatch.setattr(csrc_triton, "pooled_mix_linear_fwd",
+                        lambda *args: launches.append(1) or pooled_mix_linear_fwd(*args))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
+    pool = fe.LoRAPool()
+    g = torch.Generator().manual_seed(1)
+    for index, rank in enumerate((3, 5, 8)):
+        layers = {name: fe.LoRALayer(torch.randn(rank, k, generator=g) * 0.3, torch.randn(n, rank, generator=g), 2.0)
+                  for name, k, n in (("0", 24, 40), ("2", 40, 24)) if index != 2 or name == "0"}
+        pool.add(f"lora{index}", fe.LoRA(layers))
+    x = torch.randn(3, 2, 9, 24, generator=g)  # (copies x images, rows, features): 3 images x CFG
+    x = x.reshape(6, 9, 24)
+    outputs = {}
+    for backend in ("reference", "triton"):
+        with fe.attach(model, pool=pool, policy=policy, backend=backend, **options) as fusion:
+            fusion.set_batch_layout(3, 2)
+            fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+            fusion.set_step(1, 4)
+            with torch.no_grad(), kt.poisoned_outputs():
+                outputs[backend] = model(x)
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], atol=1e-4, rtol=1e-4)
+    assert len(launches) == 2  # one per fused layer, triton backend only
+    with pytest.raises(fe.AttachError, match="N-way FLS over a pool runs the pooled reference op"):
+        fe.attach(model, pool=pool, backend="triton")
