@@ -1,6 +1,5 @@
 """fusion-engine generate and eval on a tiny FLUX folder (save_pretrained of a tiny random FluxPipeline)."""
 import csv
-from dataclasses import replace
 
 import pytest
 import torch
@@ -16,14 +15,15 @@ SIZE = ["--height", "32", "--width", "32"]
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    """``model/`` (a FluxPipeline folder), ``subject.safetensors`` and ``style.safetensors`` (PEFT layout, keyed
-    by the transformer's module names; the loader of this branch reads them back as the denoiser's part)."""
+    """``model/`` (a FluxPipeline folder), ``subject.safetensors`` and ``style.safetensors`` (PEFT layout, keys
+    ``transformer.<module name>``; the loader reads them back as a FLUX.1 LoRA's transformer part)."""
     root = tmp_path_factory.mktemp("flux_folder")
     pipe = build_tiny_flux(0)
     pipe.save_pretrained(root / "model")
     for role, lora in zip(("subject", "style"), dit_loras(pipe.transformer, 0)):
-        path = save_lora(replace(lora, component="unet"), root / f"{role}.safetensors", layout="peft")
+        path = save_lora(lora, root / f"{role}.safetensors", layout="peft")
         back = load_lora(path)
+        assert back.component == "transformer" and back.family == "flux"
         assert back.layers.keys() == lora.layers.keys()
         for name, layer in lora.layers.items():
             assert torch.equal(back.layers[name].lora_a, layer.lora_a)
