@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from fusion_engine.cli import main
@@ -76,7 +77,8 @@ def test_rerun_skips_finished_images_and_finishes_missing_ones(single_run, tmp_p
 def test_two_process_sharded_run_gives_the_same_table(single_run, tmp_path):
     out = tmp_path / "sharded"
     command = [sys.executable, "-m", "fusion_engine.cli", "eval", "--out", str(out), *ARGS, "--wait-timeout", "240"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+    # the shards use the thread count of the single run: float sums differ between thread counts
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()), "WORLD_SIZE": "2",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     processes = [subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
