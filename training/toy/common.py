@@ -18,11 +18,10 @@ def log(message: str) -> None:
 def adapt_threads(cap: int = 2) -> None:
     """``cap`` threads on an idle machine, fewer while something else is busy (oversubscribed threads spin).
 
-    ``TOY_TRAIN_FIXED_THREADS=1`` keeps ``cap``: for a machine whose other work runs at ``nice 19``, which the
-    load average counts but which yields the cores to training.
+    ``TOY_TRAIN_FIXED_THREADS=1`` keeps the count the script set (``--threads``): for a machine whose other
+    work runs at ``nice 19``, which the load average counts but which yields the cores to training.
     """
     if os.environ.get("TOY_TRAIN_FIXED_THREADS") == "1":
-        torch.set_num_threads(cap)
         return
     busy = os.getloadavg()[0] - torch.get_num_threads()
     torch.set_num_threads(max(1, min(cap, round(os.cpu_count() - busy))))

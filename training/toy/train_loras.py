@@ -1,22 +1,27 @@
-"""Train the toy world's two LoRAs on the frozen base model, on the attention projections (to_q, to_k, to_v,
-to_out.0) as in the paper's recipe, rank and steps scaled down. Seeded; CPU.
+"""Train the toy world's two LoRAs on the frozen base model. Seeded; CPU.
 
-* subject: DreamBooth-style, 12 images of the mushroom in its own colours ("a sks mushroom"), rank 8,
-  alpha 8, saved in the PEFT (diffusers) layout;
+Targets (``--targets``): the attention projections (to_q, to_k, to_v, to_out.0: the paper's recipe) or those
+and each transformer block's feed-forward linears (ff.net.0.proj, ff.net.2; the shipped files: 100 layers).
+The shipped settings (``scripts/train_toy_world.sh``):
+
+* subject: DreamBooth-style, 12 images of the mushroom in its own colours ("a sks mushroom"), rank 16,
+  alpha 16, 600 steps at lr 2e-3, saved in the PEFT (diffusers) layout;
 * style: 36 images of the held-out style on the base shapes ("a circle in zzt style" / "an image in zzt
-  style"), rank 8, alpha 4, saved in the kohya layout.
+  style"), rank 32, alpha 16, 2400 steps at lr 3e-3 decaying (cosine) to 0.1x, saved in the kohya layout.
 
 Both use DreamBooth's prior preservation: a quarter of every batch (``--prior-share``) is the base world's own
 images and captions (rendered, not sampled: this world's prior is known exactly), so each LoRA changes what its
 token asks for and leaves the rest of the model (the empty prompt of CFG included) close to the base.
 
     python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
+        [--rank 8] [--targets attention|attention+ff] [--cosine]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -43,12 +48,23 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.alpha / self.rank) * F.linear(F.linear(x, self.lora_a), self.lora_b)
 
 
-def inject(unet, rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")  # a transformer block's GEGLU input and output linears
+
+
+def lora_targets(unet, targets: str) -> list[str]:
+    """``"attention"``: the paper's targets (to_q/k/v/out.0); ``"attention+ff"``: and each block's feed-forward."""
     from fusion_engine.worlds.random import attention_targets
 
+    names = attention_targets(unet)
+    if targets == "attention+ff":
+        names += [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(FEED_FORWARD)]
+    return names
+
+
+def inject(unet, rank: int, alpha: float, seed: int, targets: str) -> dict[str, LoRALinear]:
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}
-    for name in attention_targets(unet):
+    for name in lora_targets(unet, targets):
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name)
         if child.isdigit():  # to_out.0
@@ -69,14 +85,17 @@ def encode(world, images, captions):
     return latents * pipe.vae.config.scaling_factor, context
 
 
-def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, batch=16, prior_share=0.5):
+def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, batch=16, prior_share=0.5,
+               cosine=False):
     from fusion_engine.lora import LoRA, LoRALayer
 
     torch.manual_seed(seed)
     unet = copy.deepcopy(world.pipe.unet).requires_grad_(False)
-    layers = inject(unet, rank, alpha, seed)
+    layers = inject(unet, rank, alpha, seed, targets)
     params = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    decay = (lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))) if cosine else (lambda s: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)  # cosine: to 0.1x over the run
     (latents, context), (prior_latents, prior_context) = data, prior
     n_prior = round(batch * prior_share)
     alphas = alphas_cumprod()
@@ -91,6 +110,7 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, batch=16, pr
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             adapt_threads()
@@ -112,6 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prior-share", type=float, default=0.25, help="share of each batch from the base world")
     parser.add_argument("--only", choices=["subject", "style"], default=None)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--cosine", action="store_true", help="decay the learning rate to 0.1x (cosine)")
+    parser.add_argument("--targets", choices=["attention", "attention+ff"], default="attention")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,13 +149,15 @@ def main(argv=None) -> int:
         if args.only not in (None, role):
             continue
         images, captions = dataset(seed=args.seed + data_seed)
-        lora, seconds = train_lora(world, encode(world, images, captions), prior, rank=8, alpha=alpha,
-                                   steps=args.steps, seed=args.seed + train_seed, lr=args.lr, batch=args.batch,
-                                   prior_share=args.prior_share)
+        lora, seconds = train_lora(world, encode(world, images, captions), prior, rank=args.rank,
+                                   alpha=alpha * args.rank / 8, steps=args.steps, seed=args.seed + train_seed,
+                                   lr=args.lr, targets=args.targets, batch=args.batch, prior_share=args.prior_share,
+                                   cosine=args.cosine)
         save_lora(lora, out / file, layout=layout)
         (out / f"times_{role}.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
                                                             "batch": args.batch, "lr": args.lr,
-                                                            "prior_share": args.prior_share}))
+                                                            "prior_share": args.prior_share, "rank": args.rank,
+                                                            "targets": args.targets, "cosine": args.cosine}))
         log(f"{role} LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
     return 0
 
