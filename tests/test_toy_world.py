@@ -66,7 +66,8 @@ def test_world_loads_from_the_shipped_files():
     world = load_toy_world()
     subject, style = world.subject(), world.style()
     assert subject.layout == "peft" and style.layout == "kohya"
-    assert all(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in subject.layers)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # the trainer's attention+ff
+    assert len(subject.layers) == 100 and all(name.endswith(targets) for name in subject.layers)
     assert set(subject.layers) == set(style.layers)
     clip, dino = load_judges()
     image = torch.from_numpy(render(SUBJECT_SHAPE, HELD_STYLE)).permute(2, 0, 1)[None]
