@@ -256,7 +256,7 @@ def attach_model(
     if backend not in BACKENDS:
         raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if model in _ATTACHED:  # checked again under the lock below
-        raise AlreadyAttachedError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it first")
+        raise _already_attached(_ATTACHED[model])
     policy, granularity = component_defaults(subject, style, policy, granularity)
     refuse_unsupported_backend(subject, style, backend)
     warn_unapplied_components(subject, style)
@@ -267,11 +267,7 @@ def attach_model(
 
     with _ATTACH_LOCK:  # check-and-register is atomic: of two threads attaching to one model, one wins
         if model in _ATTACHED:
-            other = _ATTACHED[model]
-            raise AlreadyAttachedError(
-                f"this model already has a fusion attached ({other!r}, attached by thread {other.attached_by!r}); "
-                "detach it first"
-            )
+            raise _already_attached(_ATTACHED[model])
         wanted = set(subject.layers if subject else ()) | set(style.layers if style else ())
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         names = sorted(wanted, key=lambda n: (order.get(n, len(order)), n))
@@ -298,6 +294,12 @@ def attach_model(
         fusion._install_hooks()
         _ATTACHED[model] = fusion
     return fusion
+
+
+def _already_attached(other: Fusion) -> AlreadyAttachedError:
+    """The error for a second attach, the same whichever check finds it (before or under the attach lock)."""
+    return AlreadyAttachedError(f"this model already has a fusion attached ({other!r}, attached by thread "
+                                f"{other.attached_by!r}); detach it first")
 
 
 def attached_fusion(model: nn.Module) -> Fusion | None:
