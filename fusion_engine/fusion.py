@@ -268,9 +268,7 @@ def attach_model(
     with _ATTACH_LOCK:  # check-and-register is atomic: of two threads attaching to one model, one wins
         if model in _ATTACHED:
             raise _already_attached(_ATTACHED[model])
-        wanted = set(subject.layers if subject else ()) | set(style.layers if style else ())
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        names = sorted(wanted, key=lambda n: (order.get(n, len(order)), n))
+        names = in_module_order(model, set(subject.layers if subject else ()) | set(style.layers if style else ()))
         check_fit(model, names, {"subject": subject, "style": style})
         _refuse_fused_projections(model)
 
@@ -289,10 +287,22 @@ def attach_model(
         policy.setup(layers)
 
         _swap_in(model, layers, originals)
-        fusion = Fusion(model, subject, style, context, layers, originals)
-        fusion.attached_by = threading.current_thread().name
-        fusion._install_hooks()
-        _ATTACHED[model] = fusion
+        fusion = register(model, Fusion(model, subject, style, context, layers, originals))
+    return fusion
+
+
+def in_module_order(model: nn.Module, wanted) -> list[str]:
+    """``wanted`` layer names in the model's module order (names the model lacks last, by name)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(wanted, key=lambda n: (order.get(n, len(order)), n))
+
+
+def register(model: nn.Module, fusion):
+    """Record ``fusion`` (its layers already swapped in) as ``model``'s: its attaching thread, its hooks. Call under
+    ``_ATTACH_LOCK``."""
+    fusion.attached_by = threading.current_thread().name
+    fusion._install_hooks()
+    _ATTACHED[model] = fusion
     return fusion
 
 

@@ -8,13 +8,12 @@ taken at once (their new layers are swapped in); removed ones leave their layers
 from __future__ import annotations
 
 import inspect
-import threading
 
 import torch.nn as nn
 
 from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, ModelMismatchError, OptionError
 from .fit import check_fit, find_module
-from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _swap_in
+from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _already_attached, _swap_in, in_module_order, register
 from .integration import PipelineFusion, attached_pipeline, check_attachable
 from .ops import check_supported
 from .pool_context import PoolContext
@@ -124,11 +123,8 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     backend = "reference" if policy.uses_divergence else backend
     with _ATTACH_LOCK:
         if model in _ATTACHED:
-            raise AlreadyAttachedError(f"this model already has a fusion attached ({_ATTACHED[model]!r}); detach it "
-                                       "first")
-        wanted = set(pool.layers) | set(targets)
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        names = sorted(wanted, key=lambda n: (order.get(n, len(order)), n))
+            raise _already_attached(_ATTACHED[model])
+        names = in_module_order(model, set(pool.layers) | set(targets))
         check_fit(model, names, {})
         shapes = {name: pool.layers[name].shape if name in pool.layers else
                   tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
@@ -144,10 +140,7 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
         layers = [PooledLoRALinear(module, name, index, context) for index, (name, module) in
                   enumerate(originals.items())]
         _swap_in(model, layers, originals)
-        fusion = PoolFusion(model, pool, context, layers, originals)
-        fusion.attached_by = threading.current_thread().name
-        fusion._install_hooks()
-        _ATTACHED[model] = fusion
+        fusion = register(model, PoolFusion(model, pool, context, layers, originals))
         pool.watch(fusion)
     return fusion
 
