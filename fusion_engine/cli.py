@@ -245,6 +245,10 @@ def cmd_generate(args) -> int:
         if value % multiple:
             raise fe.errors.OptionError(f"--{flag} {value}: not a multiple of {multiple} (this pipeline's pixels per "
                                         "latent token side)")
+    if args.negative_prompt is not None and type(pipe.sampler).__name__ == "FluxSampler":
+        raise fe.errors.OptionError("--negative-prompt on a FLUX pipeline: FLUX uses a negative prompt only with "
+                                    "true CFG (true_cfg_scale > 1), which this command does not run yet; drop it, or "
+                                    "call FusionPipeline(..., true_cfg_scale=...) from Python")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     extra = {"subject_prompt": args.subject_prompt, "style_prompt": args.style_prompt} if args.llr else {}
     # prompt and negative as lists: diffusers' encode_prompt refuses a str negative beside the list prompt

@@ -60,3 +60,12 @@ def test_eval_runs_flux_pairs(flux_folder, tmp_path):
     assert sorted(row["policy"] for row in rows) == ["direct", "fls", "fls+llr"]
     assert all(0 < float(row["style_sim"]) <= 100 for row in rows)
     assert "fls+llr" in (out / "report.md").read_text()
+
+
+def test_generate_refuses_a_negative_prompt_flux_would_ignore(flux_folder, tmp_path, capsys):
+    argv = ["generate", "--model", str(flux_folder / "model"), "--subject", str(flux_folder / "subject.safetensors"),
+            "--prompt", "a sbu dog", "--negative-prompt", "blurry", "--steps", "1", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "out"), *SIZE]
+    assert main(argv) == 2
+    assert "--negative-prompt on a FLUX pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
