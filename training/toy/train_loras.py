@@ -14,7 +14,7 @@ images and captions (rendered, not sampled: this world's prior is known exactly)
 token asks for and leaves the rest of the model (the empty prompt of CFG included) close to the base.
 
     python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
-        [--rank 8] [--targets attention|attention+ff] [--cosine]
+        [--rank 8] [--targets attention|attention+ff|all] [--cosine]
 """
 from __future__ import annotations
 
@@ -35,6 +35,23 @@ from fusion_engine.worlds.toy.world import STYLE_FILE, SUBJECT_FILE, load_toy_wo
 from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
 
 
+class LoRAConv2d(nn.Module):
+    """``base(x) + (alpha / rank) * up(down(x))``: down is the base's kernel, stride and padding into ``rank``
+    channels, up a 1x1 conv (kohya's conv LoRA, "LoCon"); A Gaussian, B zero at the start."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.alpha = base, rank, alpha
+        fan_in = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_channels, *base.kernel_size, generator=generator)
+                                   / fan_in**0.5)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1))
+
+    def forward(self, x):
+        return self.base(x) + (self.alpha / self.rank) * F.conv2d(self.base._conv_forward(x, self.lora_a, None),
+                                                                   self.lora_b)
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (alpha / rank) * x A^T B^T``, with A Gaussian and B zero at the start (PEFT's init)."""
 
@@ -49,29 +66,34 @@ class LoRALinear(nn.Module):
 
 
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")  # a transformer block's GEGLU input and output linears
+RESNET_CONVS = ("conv1", "conv2")  # a resnet block's two 3x3 convolutions
 
 
 def lora_targets(unet, targets: str) -> list[str]:
-    """``"attention"``: the paper's targets (to_q/k/v/out.0); ``"attention+ff"``: and each block's feed-forward."""
+    """``"attention"``: the paper's targets (to_q/k/v/out.0); ``"attention+ff"``: and each block's feed-forward;
+    ``"all"``: and each resnet block's two convolutions (where palette and texture are drawn)."""
     from fusion_engine.worlds.random import attention_targets
 
     names = attention_targets(unet)
-    if targets == "attention+ff":
+    if targets in ("attention+ff", "all"):
         names += [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(FEED_FORWARD)]
+    if targets == "all":
+        names += [n for n, m in unet.named_modules() if type(m) is nn.Conv2d and ".resnets." in n
+                  and n.endswith(RESNET_CONVS)]
     return names
 
 
-def inject(unet, rank: int, alpha: float, seed: int, targets: str) -> dict[str, LoRALinear]:
+def inject(unet, rank: int, alpha: float, seed: int, targets: str) -> dict[str, nn.Module]:
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}
     for name in lora_targets(unet, targets):
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name)
-        if child.isdigit():  # to_out.0
-            layer = LoRALinear(parent[int(child)], rank, alpha, generator)
+        base = parent[int(child)] if child.isdigit() else getattr(parent, child)  # to_out.0
+        layer = (LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear)(base, rank, alpha, generator)
+        if child.isdigit():
             parent[int(child)] = layer
         else:
-            layer = LoRALinear(getattr(parent, child), rank, alpha, generator)
             setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=["subject", "style"], default=None)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--cosine", action="store_true", help="decay the learning rate to 0.1x (cosine)")
-    parser.add_argument("--targets", choices=["attention", "attention+ff"], default="attention")
+    parser.add_argument("--targets", choices=["attention", "attention+ff", "all"], default="attention")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
