@@ -40,9 +40,10 @@ Where y0 comes from (the ``BASE`` constexpr of both kernels; one code path, two 
   Precision: y0 is rounded to x's dtype once by cuBLAS (as the merged layer rounds it), then upcast;
   the deltas are added in fp32 and the sum rounded again. That is one rounding more than the
   reference contract's "accumulated in float32, rounded once" (fusion_engine/ops/reference.py) and
-  than the fused variant: at most half an ulp of y0 in x's dtype per element, less than the eager
-  same-dtype computation the tolerance is measured against (it also rounds each delta), and the
-  statistics see the rounded y0 as eager FLS would. fp32 y0 follows torch's matmul settings like
+  than the fused variant: at most half an ulp of y0 in x's dtype per element. The eager same-dtype
+  computation the tolerance is measured against rounds y0 the same way and each delta besides, so
+  the split variant meets the same per-dtype tolerance (tests/test_kernels.py checks fp32 and bf16);
+  its statistics see the rounded y0, as eager FLS would. fp32 y0 follows torch's matmul settings like
   the merged layer (``torch.backends.cuda.matmul.allow_tf32``, False by default: full fp32).
   ``csrc_triton.utils.fls_base_config`` picks the mode by size class; ``base=`` overrides it.
 
