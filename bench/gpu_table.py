@@ -16,7 +16,9 @@
    merged-weight linear (the floor), naive eager FLS (three branch outputs, F.kl_div, `.item()`),
    K-LoRA with its scores cached at attach (one chosen delta, unmerged), a diffusers/peft-style
    two-adapter unmerged forward, the fused FLS op with a correct guess (decisions stable from the
-   last step) and with a wrong guess (every tile fixed up: the worst case), and the mix op
+   last step) and with a wrong guess (every tile fixed up: the worst case), the same two for the
+   split variant of the op (``base="cublas"``: the base GEMM in cuBLAS, the Triton kernels read y0
+   from memory; verified like the fused variant, decisions compared with it), and the mix op
    (direct merge). Each as a ratio to the floor. Two timings per method: the eager call (Python
    launch overhead included) and the same call replayed from a CUDA graph (the kernels alone).
 3. FLUX table (bf16, ranks 16, 64, 128, M=4608 tokens = 4096 image + 512 text at 1024x1024): the
@@ -24,7 +26,8 @@
    up 3072->12288 and down 12288->3072; the image and text streams' linears together modelled as
    one M=4608 linear) and of a single block (q/k/v 3072->3072, proj_mlp 3072->12288, proj_out
    15360->3072), the same methods and ratios as table 2; then each block's set of linears summed
-   with its multiplicities, as a ratio to the merged-weight sum.
+   with its multiplicities, as a ratio to the merged-weight sum; then issue 9's target line (fused
+   and split FLS at the attention shape, <= 1.3x merged at rank 64).
 4. Step table: NOT the diffusers UNet (no diffusers here). A self-contained approximation of the
    attention part of one SDXL UNet step at 1024x1024 with CFG (batch 2, one image, so one
    decision group): the 70 SDXL transformer blocks (down 2x2 @64x64/640ch, down 2x10 @32x32/1280,
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import subprocess
 import sys
@@ -69,7 +73,9 @@ FLUX_BLOCKS = {  # block -> {linear: how many per block}
 FLUX_RANKS = [16, 64, 128]
 LAYER_METHODS = [("merged", "merged (floor)"), ("naive", "naive eager FLS"), ("klora", "K-LoRA cached"),
                  ("two_adapter", "2-adapter unmerged"), ("fused", "fused FLS, stable"),
-                 ("fused_flip", "fused FLS, guess wrong"), ("mix", "mix (direct)")]
+                 ("fused_flip", "fused FLS, guess wrong"), ("split", "split FLS (cuBLAS base), stable"),
+                 ("split_flip", "split FLS, guess wrong"), ("mix", "mix (direct)")]
+FLS_BASES = {"fused": "fused", "split": "cublas"}  # table name -> the op's base= override
 
 # filled by setup(): the run's mode and the modules loaded for it
 RUN = types.SimpleNamespace(smoke=False, device="cuda", triton=None, reference=None, ops=None, checks=None,
@@ -180,9 +186,9 @@ class Layer:
         return naive_fls(*(a[k] for k in ("x", "weight", "bias", "subject_a", "subject_b", "subject_scale",
                                            "style_a", "style_b", "style_scale")))
 
-    def fused(self, x=None, prev=None):
+    def fused(self, x=None, prev=None, base="fused"):  # base="cublas": the split variant
         guess = self.prev if prev is None else prev
-        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=guess)[0]
+        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=guess, base=base)[0]
 
     def fused_step(self, x):  # with the per-layer speculation state updated on the device
         out, _, _, choose = RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=self.prev)
@@ -202,34 +208,44 @@ class Layer:
         return RUN.ops.mix_linear(**RUN.checks.mix_inputs(self.inputs_for(x), self.coef))
 
 
-VERIFY_HEADER = ["| layer | out err / tol | score err / tol | decision | speculation | mix err / tol | |",
-                 "|---|---|---|---|---|---|---|"]
+VERIFY_HEADER = ["| layer | FLS variant | out err / tol | score err / tol | decision | speculation | mix err / tol | |",
+                 "|---|---|---|---|---|---|---|---|"]
 
 
 def verify_layer(L: Layer, tag: str) -> str:
-    """The shared kernel checks at this layer's shape; returns the table row (failures recorded)."""
+    """The shared kernel checks at this layer's shape, for the fused and the split variant of the FLS
+    op (the mix op on the first row); returns the table rows (failures recorded)."""
     checks, reference, ops = RUN.checks, RUN.reference, RUN.ops
-    result = ops.fls_linear(**L.inputs, divergence="kl")
-    fls = checks.check_fls_linear(result, L.inputs, "kl", reference)
-    speculation = checks.check_speculation(ops.fls_linear, L.inputs, "kl", [~result[3]])
     mix_inputs = checks.mix_inputs(L.inputs, L.coef)
     mix = checks.check_mix_linear(ops.mix_linear(**mix_inputs), mix_inputs, reference)
-    problems = fls.problems + speculation.problems + [f"mix: {p}" for p in mix.problems]
-    if problems:
-        RUN.failures.append(tag)
-    status = "ok" if not problems else "FAIL " + "; ".join(problems)
-    return (f"| {tag} | {fls.out_error:.2e} / {fls.out_tol:.2e} | {fls.score_error:.2e} / {fls.score_tol:.2e} "
-            f"| {int(result[3].sum())}/{L.inputs['num_groups']} subject "
-            f"| wrong guess {'bitwise' if speculation.ok else 'DIFFERS'} | {mix.out_error:.2e} / {mix.out_tol:.2e} "
-            f"| {status} |")
+    rows, fused_choice = [], None
+    for name, base in FLS_BASES.items():
+        fls_linear = functools.partial(ops.fls_linear, base=base)
+        result = fls_linear(**L.inputs, divergence="kl")
+        fls = checks.check_fls_linear(result, L.inputs, "kl", reference)
+        speculation = checks.check_speculation(fls_linear, L.inputs, "kl", [~result[3]])
+        problems = fls.problems + speculation.problems + ([f"mix: {p}" for p in mix.problems] if not rows else [])
+        if problems:
+            RUN.failures.append(f"{tag} ({name})")
+        fused_choice = result[3] if fused_choice is None else fused_choice
+        same = "" if not rows else (", = fused" if torch.equal(result[3], fused_choice) else ", DIFFERS from fused")
+        status = "ok" if not problems else "FAIL " + "; ".join(problems)
+        mix_cell = f"{mix.out_error:.2e} / {mix.out_tol:.2e}" if not rows else ""
+        rows.append(f"| {tag if not rows else ''} | {name} | {fls.out_error:.2e} / {fls.out_tol:.2e} "
+                    f"| {fls.score_error:.2e} / {fls.score_tol:.2e} "
+                    f"| {int(result[3].sum())}/{L.inputs['num_groups']} subject{same} "
+                    f"| wrong guess {'bitwise' if speculation.ok else 'DIFFERS'} | {mix_cell} | {status} |")
+    return "\n".join(rows)
 
 
 def time_layer(L: Layer) -> dict:
     """{mode: {method: median ms or None}} for the eager call and (on a GPU) the CUDA-graph replay."""
     with torch.no_grad():
         choose = RUN.ops.fls_linear(**L.inputs, divergence="kl")[3]
-        fns = {"merged": L.merged, "naive": L.naive, "klora": L.klora, "two_adapter": L.two_adapter,
-               "fused": lambda: L.fused(prev=choose), "fused_flip": lambda: L.fused(prev=~choose), "mix": L.mix}
+        fns = {"merged": L.merged, "naive": L.naive, "klora": L.klora, "two_adapter": L.two_adapter, "mix": L.mix}
+        for name, base in FLS_BASES.items():
+            fns[name] = lambda base=base: L.fused(prev=choose, base=base)
+            fns[f"{name}_flip"] = lambda base=base: L.fused(prev=~choose, base=base)
         times = {"eager call": {key: bench(fns[key]) for key, _ in LAYER_METHODS}}
         if not RUN.smoke:
             graph_times = {}
@@ -308,6 +324,14 @@ def flux_tables():
                     total[key] = None if any(t is None for _, t in parts) else sum(n * t for n, t in parts)
                 emit(ratio_row(f"{block} ({sum(counts.values())} linears) r={r}", total))
         emit()
+    name = "attn q/k/v/out"
+    M, K, N = shapes[name]
+    for mode in next(iter(all_times.values())):
+        for r in ranks:
+            times = all_times[f"{name} M={M} K={K} N={N} r={r} {dtype_name(dtype)}"][mode]
+            emit(f"issue 9 target (<= 1.3x merged at r=64): {name} r={r} ({mode}): fused FLS "
+                 f"{times['fused'] / times['merged']:.2f}x, split FLS {times['split'] / times['merged']:.2f}x")
+    emit()
 
 
 # ----------------------------------------------------------------------------- step table

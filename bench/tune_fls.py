@@ -9,7 +9,8 @@ replay (the kernels alone; do_bench median):
 
 1. ``lora_shrink`` alone, for each candidate shrink config (a wrong config only costs time: the
    shrink is checked below as part of the op);
-2. with the fastest shrink, the whole fused FLS op (stable guess) and the mix op for each candidate
+2. with the fastest shrink, the whole fused FLS op (stable guess), its split variant (base GEMM in
+   cuBLAS, the same tiles for the kernels' epilogue pass) and the mix op for each candidate
    GEMM config, each config first verified against the float64 reference by the checks of
    tests/test_kernels.py (a config that fails is reported and never chosen);
 3. a plain Triton GEMM built from the same tile helper (``_linear_tile``) with that config, so the
@@ -122,35 +123,39 @@ def tune_shape(M, K, N, rank, dtype, gemm_candidates, shrink_candidates):
     emit()
     emit("shrink: " + ", ".join(f"{c} {t * 1e3:.1f} us" for c, t in shrink_times.items()) + f"; best {best_shrink}")
     emit()
-    emit("| config (BM, BN, BK, warps, stages) | verified | fused FLS (x merged) | mix (x merged) | plain Triton GEMM "
-         "(x merged) |")
-    emit("|---|---|---|---|---|")
+    emit("| config (BM, BN, BK, warps, stages) | verified | fused FLS (x merged) | split FLS (x merged) "
+         "| mix (x merged) | plain Triton GEMM (x merged) |")
+    emit("|---|---|---|---|---|---|")
     rows = {}
     with torch.no_grad():
         for c in gemm_candidates:
             use(gemm=as_gemm(c))
+            failures_before = len(RUN.failures)
             try:
-                problems = gpu_table.verify_layer(L, f"{c}")
+                gpu_table.verify_layer(L, f"{c}")  # both FLS variants and the mix op
             except Exception as e:  # a config the compiler rejects (shared memory, registers)  # noqa: BLE001
-                emit(f"| {c} | compile/launch failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |")
+                emit(f"| {c} | compile/launch failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |")
+                del RUN.failures[failures_before:]
                 continue
-            ok = problems.rstrip(" |").endswith("ok")
-            if not ok:
-                RUN.failures.pop()
+            ok = len(RUN.failures) == failures_before
+            del RUN.failures[failures_before:]  # a failing config is reported here and never chosen
             choose = RUN.ops.fls_linear(**a, divergence="kl")[3]
             fused = kernel_time(lambda choose=choose, L=L: L.fused(prev=choose))
+            split = kernel_time(lambda choose=choose, L=L: L.fused(prev=choose, base="cublas"))
             mix = kernel_time(L.mix)
             plain = kernel_time(lambda c=c: plain_gemm(a["x"], a["weight"], as_gemm(c)))
-            rows[c] = (ok, fused, mix, plain)
+            rows[c] = (ok, fused, mix, plain, split)
             emit(f"| {c} | {'ok' if ok else 'FAIL'} | {fused * 1e3:.1f} us ({fused / merged:.2f}x) | "
+                 f"{split * 1e3:.1f} us ({split / merged:.2f}x) | "
                  f"{mix * 1e3:.1f} us ({mix / merged:.2f}x) | {plain * 1e3:.1f} us ({plain / merged:.2f}x) |")
     good = {c: r for c, r in rows.items() if r[0]}
     if good:
         best_fused = min(good, key=lambda c: good[c][1])
         best_mix = min(good, key=lambda c: good[c][2])
+        best_split = min(good, key=lambda c: good[c][4])
         emit()
-        emit(f"best fused FLS: {best_fused} {good[best_fused][1] / merged:.2f}x; best mix: {best_mix} "
-             f"{good[best_mix][2] / merged:.2f}x")
+        emit(f"best fused FLS: {best_fused} {good[best_fused][1] / merged:.2f}x; best split FLS: {best_split} "
+             f"{good[best_split][4] / merged:.2f}x; best mix: {best_mix} {good[best_mix][2] / merged:.2f}x")
     emit()
 
 

@@ -20,12 +20,40 @@ the same grid (M tiles x N tiles, the N-tiles of a row tile adjacent):
   affected tiles only (at worst 2x, the "recompute" mechanism).
 
 The output is therefore exactly y0 + d_chosen for THIS step, whatever the guess.
+
+Where y0 comes from (the ``BASE`` constexpr of both kernels; one code path, two compiled variants):
+
+* ``_BASE_COMPUTED`` ("fused"): each tile computes its y0 with the Triton GEMM tile
+  (``_linear_tile``, fp32 accumulator), the whole op in one kernel pair.
+* ``_BASE_LOADED`` ("split", ``base="cublas"``): the launcher first runs the base GEMM in cuBLAS,
+  ``y0 = F.linear(x, W, b)`` in x's dtype, exactly the merged / unfused layer's own call, into a
+  y0 buffer of its own; the kernels then read their y0 tile from it instead of computing it, and do
+  everything else as above (the rank-r expand from the shrink, statistics, y0 + d_guess, fix-up).
+  Why: on an H200 Triton's plain GEMM with the same tiles is 1.35-2x slower than cuBLAS at FLUX
+  sizes (bench/RESULTS.md), so no kernel that does the base GEMM in Triton gets near the merged
+  linear there; the split op costs cuBLAS's GEMM plus a memory-bound epilogue pass.
+  Exactness: the speculate kernel writes y0 + d_guess into the OUTPUT buffer, never over y0, so the
+  fix-up re-reads the very y0 it needs for rows whose guess was wrong. Recovering y0 as
+  out - d_guess instead would save that buffer (M x N in x's dtype: 28 MB at FLUX's
+  4608 x 3072 in bf16, one extra write + read, small beside an 87-GFLOP GEMM) but is not exact
+  in floating point (out was rounded to x's dtype), so the output would depend on the guess.
+  Precision: y0 is rounded to x's dtype once by cuBLAS (as the merged layer rounds it), then upcast;
+  the deltas are added in fp32 and the sum rounded again. That is one rounding more than the
+  reference contract's "accumulated in float32, rounded once" (fusion_engine/ops/reference.py) and
+  than the fused variant: at most half an ulp of y0 in x's dtype per element. The eager same-dtype
+  computation the tolerance is measured against rounds y0 the same way and each delta besides, so
+  the split variant meets the same per-dtype tolerance (tests/test_kernels.py checks fp32 and bf16);
+  its statistics see the rounded y0, as eager FLS would. fp32 y0 follows torch's matmul settings like
+  the merged layer (``torch.backends.cuda.matmul.allow_tf32``, False by default: full fp32).
+  ``csrc_triton.utils.fls_base_config`` picks the mode by size class; ``base=`` overrides it.
+
 JS divergence needs the row's LSEs before its second sweep; it stays on the reference path
 (see fusion_engine/ops/triton_ops.py).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -38,6 +66,7 @@ from .utils import (
     check_lora_linear_inputs,
     dot_pad,
     dot_precision,
+    fls_base_config,
     gemm_config,
     new_empty,
     require,
@@ -48,6 +77,11 @@ _DIVERGENCE_KL = tl.constexpr(0)
 _DIVERGENCE_COSINE = tl.constexpr(1)
 _DIVERGENCE_DOT = tl.constexpr(2)
 DIVERGENCE_CODES = {"kl": _DIVERGENCE_KL.value, "cosine": _DIVERGENCE_COSINE.value, "dot": _DIVERGENCE_DOT.value}
+
+# ---- where y0 comes from (a constexpr: one compiled variant each)
+_BASE_COMPUTED = tl.constexpr(0)  # the tile's own GEMM (fp32 accumulator)
+_BASE_LOADED = tl.constexpr(1)  # read from the y0 buffer cuBLAS wrote (x's dtype)
+BASE_CODES = {"fused": _BASE_COMPUTED.value, "cublas": _BASE_LOADED.value}
 
 # ---- per-(row, N-tile) partial statistics: slots of the `part` buffer (slot, n_tile, row)
 # kl: (max, sum exp) of y0, and (max, sum exp, sum exp * d) of each y1 = y0 + d
@@ -122,10 +156,22 @@ def _branch_tiles(x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, of
                   style_offset, HAS_BIAS: tl.constexpr, HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr,
                   SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 tiles of y0 and both scaled deltas (zeros for an absent LoRA). Both kernels compute
-    their tiles here, so a fixed-up tile is bit-identical to a correctly guessed one."""
+    """fp32 tiles of y0 (the Triton GEMM) and both scaled deltas (zeros for an absent LoRA)."""
     y0 = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
                       HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    subject_delta, style_delta = _delta_tiles(
+        xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank, subject_scale,
+        style_scale, stride_xam, style_offset, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M,
+        BLOCK_N, DOT_PRECISION)
+    return y0, subject_delta, style_delta
+
+
+@triton.jit
+def _delta_tiles(xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank,
+                 subject_scale, style_scale, stride_xam, style_offset, HAS_SUBJECT: tl.constexpr,
+                 HAS_STYLE: tl.constexpr, SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 tiles of both scaled deltas from the shrink buffer (zeros for an absent LoRA)."""
     if HAS_SUBJECT:
         subject_delta = subject_scale * _expand_tile(xa_ptr, subject_b_ptr, offs_am, offs_n, mask_n, subject_rank,
                                                      stride_xam, 0, SUBJECT_RANK_PAD, DOT_PRECISION)
@@ -136,6 +182,32 @@ def _branch_tiles(x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, of
                                                  stride_xam, style_offset, STYLE_RANK_PAD, DOT_PRECISION)
     else:
         style_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return subject_delta, style_delta
+
+
+@triton.jit
+def _base_and_delta_tiles(x_ptr, w_ptr, bias_ptr, y0_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n,
+                          mask_n, K, subject_rank, style_rank, subject_scale, style_scale, stride_xm, stride_wn,
+                          stride_y0m, stride_xam, style_offset, BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr, SUBJECT_RANK_PAD: tl.constexpr,
+                          STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 tiles of y0 and both scaled deltas, y0 computed or loaded as ``BASE`` says. Both kernels
+    get their tiles here, so a fixed-up tile is bit-identical to a correctly guessed one."""
+    if BASE == _BASE_LOADED:
+        # masked columns load as exact zeros, as _linear_tile leaves them (the statistics rely on it)
+        y0 = tl.load(y0_ptr + offs_am[:, None] * stride_y0m + offs_n[None, :], mask=mask_n[None, :],
+                     other=0.0).to(tl.float32)
+        subject_delta, style_delta = _delta_tiles(
+            xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank, subject_scale,
+            style_scale, stride_xam, style_offset, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD,
+            BLOCK_M, BLOCK_N, DOT_PRECISION)
+    else:
+        y0, subject_delta, style_delta = _branch_tiles(
+            x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, K, subject_rank,
+            style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, style_offset, HAS_BIAS,
+            HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+            DOT_PRECISION)
     return y0, subject_delta, style_delta
 
 
@@ -330,9 +402,10 @@ def _accumulate_groups(gacc_ptr, group, mask_m, row_subject, row_style, subject_
 
 @triton.jit
 def _fls_speculate_kernel(
-    x_ptr,  # (M, K), unit stride along K
-    w_ptr,  # (N, K) contiguous: the base weight
-    bias_ptr,  # (N,); read only when HAS_BIAS
+    x_ptr,  # (M, K), unit stride along K; read only when BASE == _BASE_COMPUTED
+    w_ptr,  # (N, K) contiguous: the base weight; read only when BASE == _BASE_COMPUTED
+    bias_ptr,  # (N,); read only when HAS_BIAS and BASE == _BASE_COMPUTED
+    y0_ptr,  # (M, N) x's dtype: F.linear(x, W, b) (cuBLAS); read only when BASE == _BASE_LOADED
     xa_ptr,  # (M, style_offset + pad(style_rank)): x [subject_a; style_a]^T (lora_shrink)
     subject_b_ptr,  # (N, subject_rank) contiguous
     style_b_ptr,  # (N, style_rank) contiguous
@@ -343,22 +416,23 @@ def _fls_speculate_kernel(
     ticket_ptr,  # (cdiv(M, BLOCK_M),) int32, zeroed: N-tiles of each row tile done so far
     gacc_ptr,  # (num_groups, GROUP_SLOTS) float32, zeroed: per-group sums
     M, N, K, subject_rank, style_rank, num_groups, num_pid_n, subject_scale, style_scale,
-    stride_xm, stride_wn, stride_xam, stride_om,
+    stride_xm, stride_wn, stride_y0m, stride_xam, stride_om,
     style_offset,  # first column of the style block in xa
-    DIVERGENCE: tl.constexpr, LIVE_SLOT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SUBJECT: tl.constexpr,
-    HAS_STYLE: tl.constexpr, HAS_GUESS: tl.constexpr, SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DIVERGENCE: tl.constexpr, LIVE_SLOT: tl.constexpr, BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr, HAS_GUESS: tl.constexpr, SUBJECT_RANK_PAD: tl.constexpr,
+    STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Speculate: write y0 + d_guess and the tile's statistics; the row tile's last N-tile reduces
     the rows' scores into the group sums."""
     pid, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, offs_am, group = _tile_coords(
         row_group_ptr, M, N, num_pid_n, BLOCK_M, BLOCK_N)
     guess = _guessed_rows(guess_ptr, group, HAS_SUBJECT, HAS_STYLE, HAS_GUESS, BLOCK_M)
-    y0, subject_delta, style_delta = _branch_tiles(
-        x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, K, subject_rank,
-        style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, style_offset, HAS_BIAS,
-        HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    y0, subject_delta, style_delta = _base_and_delta_tiles(
+        x_ptr, w_ptr, bias_ptr, y0_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, K, subject_rank,
+        style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_y0m, stride_xam, style_offset, BASE,
+        HAS_BIAS, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        DOT_PRECISION)
     out = tl.where(guess[:, None], y0 + subject_delta, y0 + style_delta)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -382,9 +456,10 @@ def _fls_speculate_kernel(
 
 @triton.jit
 def _fls_fix_up_kernel(
-    x_ptr,  # (M, K), unit stride along K
-    w_ptr,  # (N, K) contiguous
-    bias_ptr,  # (N,); read only when HAS_BIAS
+    x_ptr,  # (M, K), unit stride along K; read only when BASE == _BASE_COMPUTED
+    w_ptr,  # (N, K) contiguous; read only when BASE == _BASE_COMPUTED
+    bias_ptr,  # (N,); read only when HAS_BIAS and BASE == _BASE_COMPUTED
+    y0_ptr,  # (M, N) x's dtype: the y0 the speculate kernel read; read only when BASE == _BASE_LOADED
     xa_ptr,  # (M, style_offset + pad(style_rank)): the shrink buffer
     subject_b_ptr,  # (N, subject_rank) contiguous
     style_b_ptr,  # (N, style_rank) contiguous
@@ -396,11 +471,12 @@ def _fls_fix_up_kernel(
     style_score_ptr,  # (num_groups,) float32 out
     choose_subject_ptr,  # (num_groups,) uint8 out (viewed as bool by the launcher)
     M, N, K, subject_rank, style_rank, num_groups, num_pid_n, subject_scale, style_scale,
-    stride_xm, stride_wn, stride_xam, stride_om,
+    stride_xm, stride_wn, stride_y0m, stride_xam, stride_om,
     style_offset,  # first column of the style block in xa
-    HAS_BIAS: tl.constexpr, HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr, HAS_GUESS: tl.constexpr,
-    SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr,
+    HAS_GUESS: tl.constexpr, SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Decide + fix up: the decision is final; recompute and rewrite the rows whose guess was wrong.
     Program 0 also writes every group's scores and decision."""
@@ -410,11 +486,11 @@ def _fls_fix_up_kernel(
     _, _, take = _group_decision(gacc_ptr, group, mask_m, HAS_SUBJECT, HAS_STYLE)
     wrong = (take != guess) & mask_m
     if tl.max(wrong.to(tl.int32), axis=0) > 0:
-        y0, subject_delta, style_delta = _branch_tiles(
-            x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, K, subject_rank,
-            style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, style_offset, HAS_BIAS,
-            HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-            DOT_PRECISION)
+        y0, subject_delta, style_delta = _base_and_delta_tiles(
+            x_ptr, w_ptr, bias_ptr, y0_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, K,
+            subject_rank, style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_y0m, stride_xam,
+            style_offset, BASE, HAS_BIAS, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M, BLOCK_N,
+            BLOCK_K, EVEN_K, DOT_PRECISION)
         out = tl.where(take[:, None], y0 + subject_delta, y0 + style_delta)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=wrong[:, None] & mask_n[None, :])
@@ -431,7 +507,7 @@ def _fls_fix_up_kernel(
 # ============================================================================ launcher
 
 def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group,
-                   num_groups, divergence="kl", prev_choose=None):
+                   num_groups, divergence="kl", prev_choose=None, base=None):
     """Launch the fused FLS linear. Same contract as ``fusion_engine.ops.reference.fls_linear``
     for ``divergence`` in ``DIVERGENCE_CODES`` (kl, cosine, dot).
 
@@ -445,6 +521,9 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         divergence: "kl", "cosine" or "dot".
         prev_choose: optional (G,) bool/uint8 device tensor, the decisions of the previous call of
             this layer; used only as the speculation guess (a wrong guess costs time, never accuracy).
+        base: where y0 comes from: "fused" (the kernels' own GEMM), "cublas" (the split variant:
+            ``F.linear`` into a y0 buffer the kernels read; see the module docstring), or None for the
+            size-class default of ``csrc_triton.utils.fls_base_config``.
 
     Returns:
         (out, subject_score, style_score, choose_subject): out (M, N) in x.dtype, scores float32 (G,),
@@ -464,6 +543,8 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
                                     and prev_choose.device == x.device),
             f"fls_linear: prev_choose must be (G={G},) bool/uint8 on {x.device}, got "
             f"{None if prev_choose is None else (tuple(prev_choose.shape), prev_choose.dtype, prev_choose.device)}")
+    require(base is None or base in BASE_CODES, f"fls_linear: base must be one of {tuple(BASE_CODES)} or None, "
+            f"got {base!r}")
     code = DIVERGENCE_CODES[divergence]
     subject_rank, style_rank = subject_a.shape[0], style_a.shape[0]
     dev = x.device
@@ -485,6 +566,9 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     xa, style_offset = lora_shrink(x, subject_a, style_a)
 
     cfg = gemm_config(M, N, K, "fls")
+    base = fls_base_config(M, N, K) if base is None else base
+    # split: the merged layer's own cuBLAS call, into a buffer of its own (the kernels never overwrite it)
+    y0 = F.linear(x, weight, bias) if base == "cublas" else None
     num_pid_m, num_pid_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     live_slot = NUM_STATS[code]
     part = new_empty((live_slot + NUM_LIVE, num_pid_n, M), torch.float32, dev)
@@ -496,14 +580,15 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         guess = guess.view(torch.uint8)
 
     shared = dict(
-        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa if xa is not None else x,
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, y0_ptr=y0 if y0 is not None else x,
+        xa_ptr=xa if xa is not None else x,
         subject_b_ptr=subject_b, style_b_ptr=style_b, row_group_ptr=row_group,
         guess_ptr=guess if guess is not None else choose_subject, out_ptr=out, gacc_ptr=gacc,
         M=M, N=N, K=K, subject_rank=subject_rank, style_rank=style_rank, num_groups=G, num_pid_n=num_pid_n,
         subject_scale=float(subject_scale), style_scale=float(style_scale),
-        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_xam=xa.stride(0) if xa is not None else 0,
-        stride_om=out.stride(0), style_offset=style_offset,
-        HAS_BIAS=bias is not None, HAS_SUBJECT=subject_rank > 0, HAS_STYLE=style_rank > 0,
+        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_y0m=y0.stride(0) if y0 is not None else 0,
+        stride_xam=xa.stride(0) if xa is not None else 0, stride_om=out.stride(0), style_offset=style_offset,
+        BASE=BASE_CODES[base], HAS_BIAS=bias is not None, HAS_SUBJECT=subject_rank > 0, HAS_STYLE=style_rank > 0,
         HAS_GUESS=guess is not None, SUBJECT_RANK_PAD=dot_pad(subject_rank), STYLE_RANK_PAD=dot_pad(style_rank),
         EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )

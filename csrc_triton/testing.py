@@ -15,6 +15,9 @@ The rules (FlashAttention's tolerance, from the project's DESIGN.md):
 * Speculation: whatever the guess, the output and decisions are bit-for-bit those of the unguessed call.
 * Poison: under ``poisoned_outputs()`` every buffer a launcher allocates starts as NaN / 0x5A, so
   an element a kernel forgets to write fails the checks instead of passing on lucky zeros.
+* bf16 under the interpreter: ``interpreter_bf16_dot()`` makes the interpreter's ``tl.dot`` read
+  bf16 operands as numbers (it multiplies their raw uint16 bits otherwise), so bf16 kernels can be
+  checked on CPU; loads, stores and casts of bf16 are right in the interpreter already.
 
 Example:
     >>> from fusion_engine.ops import reference, triton_ops
@@ -35,6 +38,36 @@ from . import utils
 
 # added to 2x the eager error, relative to the output / score scale
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@contextlib.contextmanager
+def interpreter_bf16_dot():
+    """While the block runs, the Triton interpreter's ``tl.dot`` widens bf16 operands to fp32 first.
+
+    The interpreter stores bf16 as uint16 bits and its dot multiplies those bits as integers. A bf16
+    x bf16 product is exact in fp32 (8-bit significands), so widening first gives what a GPU's bf16
+    dot with an fp32 accumulator computes, up to the order of the additions. bf16 elementwise
+    arithmetic stays wrong in the interpreter (the kernels cast to fp32 before any)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    create_dot = builder.create_dot
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot_widened(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot_widened
+    try:
+        yield
+    finally:
+        builder.create_dot = create_dot
 
 
 @contextlib.contextmanager

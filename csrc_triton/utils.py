@@ -137,6 +137,21 @@ def gemm_config(M: int, N: int, K: int, epilogue: str = "fls") -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
+# Where the FLS op's base output y0 comes from, by size class: "fused" = the kernels' own GEMM tile
+# (one launch pair, no y0 buffer), "cublas" = torch's F.linear into a y0 buffer that the kernels read
+# (the "split" mechanism of csrc_triton/fls_linear.py). Not measured yet: the H200 sweep found
+# Triton's GEMM 1.35-2x cuBLAS at FLUX sizes, so "large" splits; the other classes keep the fused
+# path until bench/gpu_table.py's side-by-side columns say otherwise.
+FLS_BASES = ("fused", "cublas")
+_FLS_BASE_TABLE = {"small_m": "fused", "mid": "fused", "large": "cublas"}
+
+
+def fls_base_config(M: int, N: int, K: int) -> str:
+    """The FLS op's base mode for this shape ("fused" or "cublas", see ``FLS_BASES``), by size class
+    only, like ``gemm_config``."""
+    return _FLS_BASE_TABLE[_size_class(M, N, K)]
+
+
 def shrink_config(M: int, K: int) -> dict:
     """Block sizes of lora_shrink, by shape only (a tuned table, as ``gemm_config``). One program
     walks the whole K for its BLOCK_M rows, so small BLOCK_M keeps the GPU busy at small M."""

@@ -1,7 +1,8 @@
 """Triton kernels (csrc_triton) against a float64 run of the reference, under the Triton interpreter.
 
-The interpreter is switched on here, before triton is imported. It gets bf16 wrong, so these tests
-cover fp32 and fp16; bf16 is checked on a GPU by bench/gpu_table.py.
+The interpreter is switched on here, before triton is imported. Its tl.dot gets bf16 wrong, so most
+tests cover fp32 and fp16; the split-variant tests run bf16 too, with the interpreter's dot patched
+(csrc_triton.testing.interpreter_bf16_dot); bf16 at real shapes is checked on a GPU by bench/gpu_table.py.
 
 Tolerance (FlashAttention's rule): the kernel's max error against the float64 reference must be at
 most twice the error of the same computation done eagerly by torch in the input dtype (F.linear
@@ -12,6 +13,7 @@ decision the kernel reported. Every other group must match the reference decisio
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -120,6 +122,56 @@ def test_fls_speculation_is_exact(divergence):
     kt.check_speculation(triton_ops.fls_linear, a, divergence, guesses).assert_ok()
 
 
+# The split variant (base="cublas": y0 from F.linear, read by the kernels), forced by the override
+# (tiny shapes pick the fused path by default). K = N odd, M not a multiple of the block, three groups.
+# case -> (dtype, divergence, presence, bias, interleaved groups)
+SPLIT_CASES = {
+    "fp32-kl": (torch.float32, "kl", "both", True, False),
+    "bf16-kl": (torch.bfloat16, "kl", "both", True, False),
+    "fp32-cosine-no-bias-interleaved": (torch.float32, "cosine", "both", False, True),
+    "bf16-dot-no-style": (torch.bfloat16, "dot", "no_style", True, False),
+}
+
+
+def _split_inputs(dtype, presence, bias, interleave, seed):
+    rc, rs = (r if present else 0 for r, present in zip((3, 5), PRESENCE[presence]))
+    return kt.make_fls_inputs(41, 61, 61, rc, rs, (10, 20, 11), dtype, seed, bias=bias, interleave=interleave)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_variant_matches_float64_reference_and_the_fused_decisions(case):
+    """Same per-dtype tolerance against float64 as the fused variant; the same decisions as it."""
+    dtype, divergence, presence, bias, interleave = SPLIT_CASES[case]
+    a = _split_inputs(dtype, presence, bias, interleave, seed=31 + len(case))
+    with kt.interpreter_bf16_dot():
+        split = triton_ops.fls_linear(**a, divergence=divergence, base="cublas")
+        fused = triton_ops.fls_linear(**a, divergence=divergence, base="fused")
+    assert split[0].dtype == dtype
+    kt.check_fls_linear(split, a, divergence, R).assert_ok()
+    kt.check_fls_linear(fused, a, divergence, R).assert_ok()
+    assert torch.equal(split[3], fused[3]), (split[3], fused[3])
+
+
+def test_split_variant_speculation_is_exact():
+    """Split variant: a right, a wrong and a mixed guess give bitwise the same output and decisions."""
+    a = _split_inputs(torch.float16, "both", True, False, seed=31)
+    a["style_b"] = a["style_b"] * torch.tensor(0.5, dtype=torch.float16)  # groups disagree: guesses partly wrong
+    split = functools.partial(triton_ops.fls_linear, base="cublas")
+    ch = split(**a, divergence="kl")[3]
+    assert not (ch.all() or (~ch).all()), "the test needs groups that decide differently"
+    kt.check_speculation(split, a, "kl", [ch, ~ch, torch.ones(3, dtype=torch.bool)]).assert_ok()
+
+
+def test_base_mode_is_picked_by_size_class():
+    """FLUX-sized GEMMs take the base from cuBLAS; SDXL's and cross-attention's keep the fused kernel."""
+    from csrc_triton.utils import fls_base_config
+
+    assert fls_base_config(4608, 3072, 3072) == "cublas"
+    assert fls_base_config(4608, 12288, 3072) == "cublas"
+    assert fls_base_config(8192, 640, 640) == "fused"
+    assert fls_base_config(154, 2048, 1280) == "fused"
+
+
 @pytest.mark.parametrize("presence", list(PRESENCE))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -185,6 +237,7 @@ def test_launchers_name_the_tensor_that_breaks_the_contract():
         "prev_choose": ({"prev_choose": torch.ones(2, dtype=torch.bool)}, "prev_choose must be (G=3,)"),
         "x dtype": ({"x": a["x"].double()}, "x dtype torch.float64"),
         "rank": ({"style_a": torch.randn(129, 61), "style_b": torch.randn(77, 129)}, "style rank 129 exceeds"),
+        "base": ({"base": "cuda"}, "base must be one of ('fused', 'cublas') or None, got 'cuda'"),
     }
     for change, message in bad.values():
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -349,7 +402,9 @@ for (M, K, N), (rc, rs) in (((8192, 640, 640), (64, 64)), ((41, 61, 77), (0, 5))
     ac, bc, as_, bs = (torch.empty(s, dtype=dt) for s in ((rc, K), (N, rc), (rs, K), (N, rs)))
     rg = torch.zeros(M, dtype=torch.long)
     for div in ("kl", "cosine", "dot"):
-        fls_linear_fwd(x, w, b, ac, bc, 1.0, as_, bs, 1.0, rg, 2, div, prev_choose=torch.ones(2, dtype=torch.bool))
+        for base in ("fused", "cublas") if M < 100 else ("fused",):  # cublas: F.linear runs on the CPU here
+            fls_linear_fwd(x, w, b, ac, bc, 1.0, as_, bs, 1.0, rg, 2, div, prev_choose=torch.ones(2, dtype=torch.bool),
+                           base=base)
     mix_linear_fwd(x, w, None, ac, bc, as_, bs, torch.ones(2))
 print("COMPILED")
 """

@@ -18,6 +18,10 @@ Contract shared with ``csrc_triton`` (both must agree on every point):
   pick a LoRA that adds nothing over one that does. Both zero: the subject (a no-op either way).
   Kernels: a per-group "any d != 0" flag per branch, reduced like the scores.
 * Outputs are accumulated in float32 (float64 for float64 inputs) and rounded once to ``x.dtype``.
+  One documented exception: the kernels' split variant (``base="cublas"``, the default for
+  FLUX-sized layers) takes y0 from cuBLAS already rounded to ``x.dtype`` (the merged layer's own
+  ``F.linear``) and adds the deltas in float32, so y0 is rounded once more; it is held to the same
+  tolerance against this reference (see csrc_triton/fls_linear.py).
 """
 from __future__ import annotations
 
