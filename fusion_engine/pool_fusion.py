@@ -112,12 +112,14 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     LoRAs added later) becomes a ``PooledLoRALinear``. Nothing changes unless every layer fits.
 
     Args:
-        policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``).
+        policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``),
+            ``"klora"`` (``pattern=``; K-LoRA per image and layer, see ``pool_policies.PoolKLoRA``).
         divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``: N-way FLS runs the pooled reference op (pure torch,
-            any device); ``direct`` and ``switch`` run the pooled Triton kernel where the backend is triton.
+            any device); ``direct``, ``switch`` and ``klora`` run the pooled Triton kernel where the backend is
+            triton.
         trace: as in ``attach_model``; the records are ``PoolRecord``s (positions in each image's names).
     """
     granularity = granularity or "image"
