@@ -59,6 +59,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def true_cfg_scale(text: str) -> float:
+    """FLUX's true CFG scale: a finite number > 1 (1 or less turns true CFG off)."""
+    value = _number(text, float)
+    if value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not > 1 (true CFG runs only above 1; drop --true-cfg for none)")
+    return value
+
+
 def image_size(text: str) -> int:
     """Pixels: a positive multiple of 8 (the SD/SDXL VAE downsamples by 8)."""
     value = _number(text, int)
@@ -158,6 +166,33 @@ def _check_generate(args) -> None:
                 raise OptionError(f"--{flag.replace('_', '-')} {path}: no such file")
 
 
+FLUX_GUIDANCE, CFG_GUIDANCE = 3.5, 5.0  # --guidance defaults: FluxPipeline's own guidance_scale; the SD default
+
+
+def _check_guidance_flags(args, class_name: str) -> None:
+    """Per family, before the pipeline loads: ``--guidance``'s default, and ``--true-cfg``/``--negative-prompt``.
+
+    On FLUX a negative prompt is used only by true CFG, so it needs ``--true-cfg`` (and ``--true-cfg`` needs it);
+    other families run CFG with ``--guidance`` and refuse ``--true-cfg``.
+    """
+    from fusion_engine.errors import OptionError
+
+    flux = class_name.startswith("Flux")
+    if args.guidance is None:
+        args.guidance = FLUX_GUIDANCE if flux else CFG_GUIDANCE
+    if not flux:
+        if args.true_cfg is not None:
+            raise OptionError(f"--true-cfg is FLUX's true CFG; {class_name} runs classifier-free guidance with "
+                              "--guidance (and --negative-prompt): drop --true-cfg")
+        return
+    if args.negative_prompt is not None and args.true_cfg is None:
+        raise OptionError("--negative-prompt on a FLUX pipeline: FLUX uses a negative prompt only with true CFG; "
+                          "add --true-cfg SCALE (> 1; two passes per step, uncond and cond as one batch) or drop it")
+    if args.true_cfg is not None and args.negative_prompt is None:
+        raise OptionError("--true-cfg on a FLUX pipeline runs the uncond pass on a negative prompt: add "
+                          "--negative-prompt (e.g. \"blurry, low quality\"), or drop --true-cfg")
+
+
 def _set_scheduler(pipe, name: str) -> None:
     """Replace ``pipe.scheduler`` by the compatible diffusers scheduler class ``name``, same config."""
     from fusion_engine.errors import OptionError
@@ -201,8 +236,9 @@ def _image_record(args, pipe, height: int, width: int) -> dict:
                "style_prompt": args.style_prompt}
     return {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-        "num_images": args.num_images, "steps": args.steps, "guidance": args.guidance, "height": height,
-        "width": width, "model": str(Path(args.model).resolve()), "scheduler": type(pipe.scheduler).__name__,
+        "num_images": args.num_images, "steps": args.steps, "guidance": args.guidance, "true_cfg": args.true_cfg,
+        "height": height, "width": width, "model": str(Path(args.model).resolve()),
+        "scheduler": type(pipe.scheduler).__name__,
         "dtype": args.dtype, "device": args.device, "subject": lora(args.subject, args.subject_scale),
         "style": lora(args.style, args.style_scale), "policy": args.policy, "options": _fusion_options(args),
         "llr": llr, "version": fe.__version__,
@@ -225,7 +261,7 @@ def cmd_generate(args) -> int:
     from fusion_engine.dtypes import torch_dtype
     from fusion_engine.image_files import save_run
     from fusion_engine.io import atomic_write
-    from fusion_engine.model_path import check_supported
+    from fusion_engine.model_path import check_supported, pipeline_class_name
 
     _check_generate(args)
     if args.quiet:
@@ -233,6 +269,7 @@ def cmd_generate(args) -> int:
     subject = fe.load_lora(args.subject, args.subject_scale) if args.subject is not None else None
     style = fe.load_lora(args.style, args.style_scale) if args.style is not None else None
     folder = check_supported(args.model)
+    _check_guidance_flags(args, pipeline_class_name(folder))
     refine = _refiner(args, torch.device(args.device)) if args.llr else None
     pipe = fe.FusionPipeline.from_pretrained(
         folder, subject=subject, style=style, policy=args.policy, torch_dtype=torch_dtype(args.dtype),
@@ -245,12 +282,10 @@ def cmd_generate(args) -> int:
         if value % multiple:
             raise fe.errors.OptionError(f"--{flag} {value}: not a multiple of {multiple} (this pipeline's pixels per "
                                         "latent token side)")
-    if args.negative_prompt is not None and type(pipe.sampler).__name__ == "FluxSampler":
-        raise fe.errors.OptionError("--negative-prompt on a FLUX pipeline: FLUX uses a negative prompt only with "
-                                    "true CFG (true_cfg_scale > 1), which this command does not run yet; drop it, or "
-                                    "call FusionPipeline(..., true_cfg_scale=...) from Python")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     extra = {"subject_prompt": args.subject_prompt, "style_prompt": args.style_prompt} if args.llr else {}
+    if args.true_cfg is not None:
+        extra["true_cfg_scale"] = args.true_cfg
     # prompt and negative as lists: diffusers' encode_prompt refuses a str negative beside the list prompt
     # FusionPipeline hands it
     negative = [args.negative_prompt] if args.negative_prompt is not None else None
@@ -463,9 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--subject-scale", type=finite_float, default=1.0)
     gen.add_argument("--style-scale", type=finite_float, default=1.0)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None, help="on FLUX only with --true-cfg")
     gen.add_argument("--steps", type=positive_int, default=50)
-    gen.add_argument("--guidance", type=non_negative_float, default=5.0, help="CFG scale; <= 1 turns CFG off")
+    gen.add_argument("--guidance", type=non_negative_float, default=None,
+                     help="CFG scale (default 5 on SD 1.x/2.x, SDXL and SD3; <= 1 turns CFG off); on FLUX the "
+                          "distilled guidance embedding (default 3.5, FluxPipeline's own)")
+    gen.add_argument("--true-cfg", type=true_cfg_scale, default=None,
+                     help="FLUX only: true CFG scale (> 1), with --negative-prompt; uncond and cond run as one batch")
     gen.add_argument("--num-images", type=positive_int, default=1)
     gen.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=image_size, default=None)

@@ -29,6 +29,8 @@ def a1111_parameters(info: dict) -> str:
         "Steps": info["steps"], "Sampler": info["scheduler"], "CFG scale": info["guidance"], "Seed": info["seed"],
         "Batch index": info["index"], "Size": f"{info['width']}x{info['height']}", "Model": info["model"],
     }
+    if info.get("true_cfg"):
+        fields["True CFG scale"] = info["true_cfg"]
     loras = [f"{role}: {Path(lora['file']).name} ({lora['scale']:g})" for role in ("subject", "style")
              if (lora := info.get(role)) is not None]
     fields["LoRAs"] = ", ".join(loras)

@@ -53,13 +53,9 @@ def _deepest_existing(folder: Path) -> Path | None:
 DIT_FAMILIES = ("Flux", "StableDiffusion3")
 
 
-def check_supported(folder) -> Path:
-    """``folder`` (a local pipeline folder) if its denoiser is one this library can fuse (a UNet, or the
-    transformer of a FLUX or SD3 pipeline), else a ``ModelPathError`` that names the pipeline class and says
-    what is supported."""
+def _model_index(folder: Path) -> dict:
     import json
 
-    folder = local_pipeline_folder(folder)
     index_path = folder / "model_index.json"
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -67,6 +63,26 @@ def check_supported(folder) -> Path:
         raise ModelPathError(f"{index_path}: not valid JSON ({error})") from None
     if not isinstance(index, dict):
         raise ModelPathError(f"{index_path}: expected a JSON object (a diffusers model_index.json)")
+    return index
+
+
+def pipeline_class_name(folder) -> str:
+    """The pipeline class a local folder's ``model_index.json`` names (``"FluxPipeline"``, ...), read without loading
+    anything; a ``ModelPathError`` for a folder that is not a pipeline folder.
+
+    Example:
+        >>> pipeline_class_name("./flux-dev")
+        'FluxPipeline'
+    """
+    return str(_model_index(local_pipeline_folder(folder)).get("_class_name", "an unnamed pipeline"))
+
+
+def check_supported(folder) -> Path:
+    """``folder`` (a local pipeline folder) if its denoiser is one this library can fuse (a UNet, or the
+    transformer of a FLUX or SD3 pipeline), else a ``ModelPathError`` that names the pipeline class and says
+    what is supported."""
+    folder = local_pipeline_folder(folder)
+    index = _model_index(folder)
     name = str(index.get("_class_name", "an unnamed pipeline"))
     if "unet" in index or ("transformer" in index and name.startswith(DIT_FAMILIES)):
         return folder

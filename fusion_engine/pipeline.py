@@ -20,6 +20,8 @@ from .integration import (
     pipeline_base_class,
 )
 from .model_path import DIT_FAMILIES, load_local_pipeline
+from .pool_context import normalize_assignment
+from .pool_fusion import attach_pool, attach_pool_target, pairs_per_image, pool_policy
 from .samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
 from .trace import Trace
 
@@ -30,6 +32,7 @@ class FusionPipelineOutput:
     trace: Trace | None
     references: tuple | None = None  # with refine: (Ic, Is), (B, 3, H, W) tensors in [0, 1]
     pipeline_output: object = None  # the wrapped pipeline's own output (e.g. its nsfw_content_detected)
+    pairs: list | None = None  # with a pool: each image's LoRA names (trace.image_summary(i, pairs[i]))
 
 
 class FusionPipeline:
@@ -53,10 +56,17 @@ class FusionPipeline:
     pipeline's own defaults. A transformer (DiT) pipeline of another family than FLUX's and SD3's is refused
     at construction, whatever the policy.
 
+    With ``pool=`` (a ``fe.LoRAPool``, instead of ``subject``/``style``) every call takes ``pairs=[...]`` beside its
+    prompts, one entry per prompt or per image (a LoRA name, a pair, or more names): each image (and its CFG copy)
+    fuses its own LoRAs, as ``fe.attach(pipe, pool=pool)`` does, and is the image a single-pair FusionPipeline of
+    its own pair makes with the same seed. ``refine`` and policy ``"composite"`` need a single pair.
+
     Args:
         pipe: a diffusers pipeline whose denoiser is ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3).
-        subject, style: ``LoRA`` objects, paths or state dicts (at least one).
-        policy, divergence, granularity, backend, **policy_options: as ``fe.attach``.
+        subject, style: ``LoRA`` objects, paths or state dicts (at least one), or neither with ``pool``.
+        policy, divergence, granularity, backend, **policy_options: as ``fe.attach`` (with ``pool``: as
+            ``fe.attach(pipe, pool=pool, ...)``).
+        pool: a ``fe.LoRAPool`` on the denoiser's device and dtype; each call then names LoRAs per image.
         trace: record a per-call trace (``output.trace``: the heatmap of every step and layer).
         refine: a ``fusion_engine.refine.Refiner`` for LLR (each call then takes ``subject_prompt`` and
             ``style_prompt`` to make the references, or ``reference_images``).
@@ -65,16 +75,22 @@ class FusionPipeline:
         >>> pipe = fe.FusionPipeline(sd_pipe, subject, style, policy="fls")
         >>> out = pipe("a sbu dog in szn style", num_inference_steps=30, generator=torch.Generator().manual_seed(0))
         >>> out.images[0].save("out.png"); out.trace.heatmap("heatmap.png")
+        >>> pooled = fe.FusionPipeline(sd_pipe, pool=pool, policy="fls")
+        >>> out = pooled(["a dog", "a cat"], pairs=[("dog", "watercolor"), ("cat", "pixel-art")])
+        >>> out.trace.image_summary(1, out.pairs[1])  # how often each of image 1's LoRAs was kept
     """
 
     def __init__(self, pipe, subject=None, style=None, policy="fls", *, divergence: str = "kl",
-                 granularity: str = "image", backend: str = "auto", trace: bool = True, refine=None,
+                 granularity: str = "image", backend: str = "auto", trace: bool = True, refine=None, pool=None,
                  **policy_options):
         self.pipe = pipe
         self.refine = refine
+        self.pool = pool
         self.subject, self.style = as_lora(subject, "subject"), as_lora(style, "style")
-        if self.subject is None and self.style is None:
-            raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both")
+        if pool is not None:
+            self._check_pool(policy, divergence, granularity, policy_options)
+        elif self.subject is None and self.style is None:
+            raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both (or a pool=)")
         if policy == "composite" and (self.subject is None or self.style is None):
             raise AttachError("policy 'composite' averages a subject pass and a style pass: it needs both LoRAs")
         self.policy = policy
@@ -84,6 +100,17 @@ class FusionPipeline:
         self._check_denoiser()
         if self.uses_lean_loop:
             self._check_lean_pipeline()
+
+    def _check_pool(self, policy, divergence: str, granularity: str, policy_options: dict) -> None:
+        """Refuse, before any call, what a pool FusionPipeline cannot run (the attach's own checks come per call)."""
+        if self.subject is not None or self.style is not None:
+            raise AttachError("FusionPipeline takes a subject/style pair or a pool=, not both")
+        if not (hasattr(self.pool, "layers") and hasattr(self.pool, "slot")):
+            raise AttachError(f"pool must be a fe.LoRAPool, got {type(self.pool).__name__}")
+        if self.refine is not None:
+            raise OptionError("refine= (LLR) makes its references from one subject and one style LoRA: it runs on a "
+                              "single pair (FusionPipeline(pipe, subject, style, refine=...)), not with a pool")
+        pool_policy(policy, divergence, granularity, dict(policy_options))  # what the attach would refuse, now
 
     def _check_denoiser(self) -> None:
         """Refuse a transformer pipeline of a family this library does not drive (layout, step, CFG unknown)."""
@@ -164,14 +191,16 @@ class FusionPipeline:
         """The lean loop's parts for this pipeline (``fusion_engine.samplers``), or None when it cannot drive it."""
         return sampler_for(self.pipe, pipeline_base_class(self.pipe))
 
-    def __call__(self, prompt=None, negative_prompt=None, *, progress: bool | None = None, subject_prompt=None,
-                 style_prompt=None, reference_images=None, **kwargs):
+    def __call__(self, prompt=None, negative_prompt=None, *, pairs=None, progress: bool | None = None,
+                 subject_prompt=None, style_prompt=None, reference_images=None, **kwargs):
         """Run the wrapped pipeline's call with the fusion attached; returns a ``FusionPipelineOutput``.
 
         Args:
             prompt, negative_prompt, **kwargs: the pipeline's own ``__call__`` arguments (every one, by keyword
                 beyond these two), with the pipeline's defaults. ``return_dict=False`` returns the pipeline's
                 tuple with the trace appended.
+            pairs: with ``pool`` only (and then required): the LoRAs of each prompt or of each image, e.g.
+                ``[("dog", "watercolor"), ("cat", "pixel-art"), "cat"]``; checked against the pool before sampling.
             progress: show (True) or hide (False) the pipeline's progress bar for this call; None leaves the
                 pipeline's setting.
             subject_prompt, style_prompt, reference_images: LLR only (see ``refine``).
@@ -184,20 +213,44 @@ class FusionPipeline:
         if self.refine is None and any(value is not None for value in llr.values()):
             given = sorted(name for name, value in llr.items() if value is not None)
             raise OptionError(f"{', '.join(given)}: LLR arguments, but this FusionPipeline has no refine=Refiner(...)")
+        assignment = self._assignment(pairs, kwargs)
         return_dict = kwargs.pop("return_dict", True)
         lean = self._lean_reason(kwargs)
         if lean is not None:
-            output = self._lean_call(kwargs, progress, llr, lean)
+            output = self._lean_call(kwargs, progress, llr, lean, assignment)
         else:
-            output = self._pipeline_call(kwargs, progress)
+            output = self._pipeline_call(kwargs, progress, assignment)
+        output.pairs = assignment
         if return_dict:
             return output
         own = output.pipeline_output.to_tuple() if output.pipeline_output is not None else (output.images,)
         return (*own, output.trace)
 
-    def _pipeline_call(self, kwargs: dict, progress: bool | None) -> FusionPipelineOutput:
-        with _progress_bar(self.pipe, progress), attach_pipeline(
-                self.pipe, self.subject, self.style, policy=self.policy, **self.attach_options) as fusion:
+    def _assignment(self, pairs, kwargs: dict) -> list[tuple[str, ...]] | None:
+        """With a pool: each image's LoRA names, checked against the pool (``UnknownLoRAError``) and the call's
+        prompts (``BatchLayoutError`` naming both counts) before anything runs. Without: None."""
+        if self.pool is None:
+            if pairs is not None:
+                raise OptionError("pairs= names LoRAs per image from a pool, but this FusionPipeline fuses one "
+                                  "subject/style pair: make it with FusionPipeline(pipe, pool=pool, ...)")
+            return None
+        if pairs is None:
+            raise OptionError("this FusionPipeline fuses a LoRA pool: pass pairs=[...] with the prompts, one entry "
+                              "per prompt or per image (a LoRA name or a tuple of names)")
+        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+            raise OptionError(f"pairs must be a list with one entry per prompt or per image, got {pairs!r:.80}")
+        with_defaults = {"num_images_per_prompt": 1, **kwargs}
+        return normalize_assignment(pairs_per_image(pairs, with_defaults), self.pool)
+
+    def _attach_to_pipe(self, assignment):
+        if assignment is None:
+            return attach_pipeline(self.pipe, self.subject, self.style, policy=self.policy, **self.attach_options)
+        return attach_pool_target(self.pipe, self.pool, policy=self.policy, **self.attach_options)
+
+    def _pipeline_call(self, kwargs: dict, progress: bool | None, assignment) -> FusionPipelineOutput:
+        if assignment is not None:
+            kwargs = {**kwargs, "pairs": assignment}
+        with _progress_bar(self.pipe, progress), self._attach_to_pipe(assignment) as fusion:
             result = self.pipe(**kwargs, return_dict=True)
         trace = fusion.trace
         if trace is not None:
@@ -231,7 +284,8 @@ class FusionPipeline:
         return arguments
 
     @torch.no_grad()
-    def _lean_call(self, kwargs: dict, progress: bool | None, llr: dict, what: str) -> FusionPipelineOutput:
+    def _lean_call(self, kwargs: dict, progress: bool | None, llr: dict, what: str,
+                   assignment=None) -> FusionPipelineOutput:
         """The lean loop: prompt encoding, latents, timesteps and decoding borrowed from the pipeline (its sampler)."""
         sampler = self.sampler
         args = self._lean_arguments(kwargs, what)
@@ -256,9 +310,15 @@ class FusionPipeline:
         show = progress if progress is not None else not getattr(self.pipe, "_progress_bar_config", {}).get("disable")
         composite = self.policy == "composite"
 
-        fusion = attach_model(sampler.denoiser, self.subject, self.style, policy=self.policy, **self.attach_options)
+        if assignment is None:
+            fusion = attach_model(sampler.denoiser, self.subject, self.style, policy=self.policy,
+                                  **self.attach_options)
+        else:
+            fusion = attach_pool(sampler.denoiser, self.pool, policy=self.policy, **self.attach_options)
         try:
             fusion.set_batch_layout(images, conditioning.copies)
+            if assignment is not None:
+                fusion.set_assignment(assignment)
             bar = tqdm(timesteps, desc=f"fusion {fusion.policy.describe()}", disable=not show, leave=False)
             for step, t in enumerate(bar):
                 fusion.set_step(step, len(timesteps))

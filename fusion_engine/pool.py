@@ -93,6 +93,7 @@ class LoRAPool:
         self.device, self.dtype, self.budget_bytes = torch.device(device), dtype, budget_bytes
         self.layers: dict[str, PoolLayer] = {}
         self._slots: dict[str, int] = {}  # name -> slot
+        self._ranks: dict[str, dict[str, tuple[int, float]]] = {}  # name -> layer -> (the LoRA's rank, its scale)
         self._capacity = 0
         self._lock = threading.RLock()
         self._watchers: list[weakref.ref] = []
@@ -129,6 +130,18 @@ class LoRAPool:
 
     def layer(self, name: str) -> PoolLayer | None:
         return self.layers.get(name)
+
+    def lora_layers(self, name: str) -> dict[str, tuple[int, float]]:
+        """Layer -> (rank, scale) of LoRA ``name`` as added (its own rank, not the stack's padded one; the scale
+        as a float, alpha / rank times the LoRA's scale). ``UnknownLoRAError`` when the pool holds no ``name``."""
+        self.slot(name)
+        return self._ranks[name]
+
+    def factors(self, name: str, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, K), B (N, r)) of LoRA ``name`` at ``layer_name``, unpadded, as the pool holds them."""
+        rank = self.lora_layers(name)[layer_name][0]
+        held, slot = self.layers[layer_name], self.slot(name)
+        return held.a[slot, :rank].contiguous(), held.b[slot, :, :rank].contiguous()
 
     def __deepcopy__(self, memo) -> LoRAPool:
         """The pool itself: a deep copy of a model attached to a pool shares the pool (it is a device-wide store
@@ -218,6 +231,7 @@ class LoRAPool:
                 watcher.check_pool_layers(name, shapes)
             self._commit(slot, capacity, prepared)
             self._slots[name] = slot
+            self._ranks[name] = {layer_name: (a.shape[0], scale) for layer_name, (a, _, scale) in prepared.items()}
             self.version += 1
             try:
                 for watcher in self._live_watchers():
@@ -271,6 +285,7 @@ class LoRAPool:
             for watcher in self._live_watchers():
                 watcher.owner.check_free(f"LoRAPool.remove({name!r})")
             del self._slots[name]
+            del self._ranks[name]
             for layer_name in list(self.layers):
                 held = self.layers[layer_name]
                 held.a[slot].zero_()

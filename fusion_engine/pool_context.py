@@ -67,16 +67,29 @@ class PoolContext(FusionContext):
         return [row % images for row in range(batch)]
 
     def _key(self, kind: str, batch: int, device) -> tuple:
-        step = self.step if kind == "weights" and self.policy.needs_step else None
+        step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
         return (kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale)
 
     def sample_slots(self, batch: int, device) -> torch.Tensor:
         """``(batch, L)`` int64 pool slots of each batch row's image, ``-1`` padded (built once per shape)."""
         return self._table("slots", batch, device, torch.int64, self._image_slots, -1)
 
-    def sample_weights(self, batch: int, device) -> torch.Tensor:
-        """``(batch, L)`` float32 static-policy weights of each row's image, times the call's LoRA scale."""
-        return self._table("weights", batch, device, torch.float32, self._image_weights, 0.0)
+    def sample_weights(self, batch: int, device, layer: str | None = None) -> torch.Tensor:
+        """``(batch, L)`` float32 static-policy weights of each row's image, times the call's LoRA scale.
+
+        Args:
+            layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``) gets one table
+                per layer, built once per step and kept together as one entry.
+        """
+        if not getattr(self.policy, "per_layer", False):
+            return self._table("weights", batch, device, torch.float32, self._image_weights, 0.0)
+        by_layer = self._table("layer weights", batch, device, None, None, None)
+        if layer not in by_layer:
+            def per_image(image, names):
+                return [w * self.lora_scale for w in self.policy.layer_weights(layer, names, self)]
+
+            by_layer[layer] = self._build(batch, device, torch.float32, per_image, 0.0)
+        return by_layer[layer]
 
     def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
         try:
@@ -88,17 +101,21 @@ class PoolContext(FusionContext):
         return [w * self.lora_scale for w in self.policy.image_weights(len(names), self)]
 
     def _table(self, kind: str, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
-        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image."""
+        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image
+        (``per_image`` None: an empty dict to fill, e.g. one table per layer)."""
         key = self._key(kind, batch, device)
         if key not in self._tables:
-            rows = self._images_of_rows(batch)
-            width = max(len(names) for names in self.assignment)
-            table = [per_image(image, names) for image, names in enumerate(self.assignment)]
-            table = [values + [pad] * (width - len(values)) for values in table]
-            self._store(key, torch.tensor([table[image] for image in rows], dtype=dtype).to(device))
+            self._store(key, {} if per_image is None else self._build(batch, device, dtype, per_image, pad))
         return self._tables[key]
 
-    def _store(self, key: tuple, table: torch.Tensor) -> None:
+    def _build(self, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
+        rows = self._images_of_rows(batch)
+        width = max(len(names) for names in self.assignment)
+        table = [per_image(image, names) for image, names in enumerate(self.assignment)]
+        table = [values + [pad] * (width - len(values)) for values in table]
+        return torch.tensor([table[image] for image in rows], dtype=dtype).to(device)
+
+    def _store(self, key: tuple, table) -> None:
         if len(self._tables) >= 64:  # a long-lived attach meets many steps and shapes: keep the newest few
             self._tables.clear()
         self._tables[key] = table

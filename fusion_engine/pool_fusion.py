@@ -96,27 +96,34 @@ class PoolFusion(Fusion):
         return f"PoolFusion({self.policy.describe()}, {len(self.pool)} LoRAs, layers={len(self.layers)}, {state})"
 
 
+def pool_policy(policy, divergence: str, granularity: str, policy_options: dict):
+    """The pool policy for these attach options, or the ``OptionError`` an attach would raise (a policy the pool
+    does not run, granularity ``"batch"``)."""
+    if granularity == "batch":
+        raise OptionError("granularity 'batch' with a LoRA pool: images that name different LoRAs cannot share one "
+                          "decision; use 'image' (default), 'sample' or 'token'")
+    extra = {"divergence": divergence} if policy == "fls" or policy is None else {}
+    return make_pool_policy(policy, **policy_options, **extra)
+
+
 def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", granularity: str | None = None,
                 backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> PoolFusion:
     """Attach ``pool`` to ``model``: every Linear layer a pool LoRA adapts (and every name in ``targets``, for
     LoRAs added later) becomes a ``PooledLoRALinear``. Nothing changes unless every layer fits.
 
     Args:
-        policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``).
+        policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``),
+            ``"klora"`` (``pattern=``; K-LoRA per image and layer, see ``pool_policies.PoolKLoRA``).
         divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``: N-way FLS runs the pooled reference op (pure torch,
-            any device); ``direct`` and ``switch`` run the pooled Triton kernel where the backend is triton.
+            any device); ``direct``, ``switch`` and ``klora`` run the pooled Triton kernel where the backend is
+            triton.
         trace: as in ``attach_model``; the records are ``PoolRecord``s (positions in each image's names).
     """
     granularity = granularity or "image"
-    if granularity == "batch":
-        raise OptionError("granularity 'batch' with a LoRA pool: images that name different LoRAs cannot share one "
-                          "decision; use 'image' (default), 'sample' or 'token'")
-    if policy == "fls" or policy is None:
-        policy_options["divergence"] = divergence
-    policy = make_pool_policy(policy, **policy_options)
+    policy = pool_policy(policy, divergence, granularity, policy_options)
     if policy.uses_divergence and backend == "triton":
         raise AttachError("backend 'triton': N-way FLS over a pool runs the pooled reference op so far (the pooled "
                           "Triton kernel covers policies 'direct' and 'switch'); use backend='auto' or 'reference'")
@@ -145,9 +152,18 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     return fusion
 
 
-def _per_image(pairs, arguments: dict) -> list:
+def pairs_per_image(pairs, arguments: dict) -> list:
     """``pairs`` given per prompt (expanded by ``num_images_per_prompt``, diffusers' prompt-major order) or per
-    image."""
+    image; a ``BatchLayoutError`` naming both counts otherwise.
+
+    Args:
+        pairs: one entry per prompt or per image (a LoRA name or a tuple of names).
+        arguments: the pipeline call's arguments by name (``prompt``, ``num_images_per_prompt``).
+
+    Example:
+        >>> pairs_per_image([("dog", "ink"), "cat"], {"prompt": ["a", "b"], "num_images_per_prompt": 2})
+        [('dog', 'ink'), ('dog', 'ink'), 'cat', 'cat']
+    """
     prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
     prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(pairs)
     pairs = list(pairs)
@@ -178,7 +194,7 @@ class PoolPipelineFusion(PipelineFusion):
         context = self.fusion.context
         with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
             before = context.assignment
-            context.set_assignment(_per_image(pairs, bound.arguments))
+            context.set_assignment(pairs_per_image(pairs, bound.arguments))
             try:
                 return super().call(original, pipe, args, kwargs)
             finally:
@@ -211,4 +227,4 @@ def attach_pool_target(target, pool, *, trace: bool = True, **options):
     return handle
 
 
-__all__ = ["PoolFusion", "PoolPipelineFusion", "attach_pool", "attach_pool_target"]
+__all__ = ["PoolFusion", "PoolPipelineFusion", "attach_pool", "attach_pool_target", "pairs_per_image", "pool_policy"]

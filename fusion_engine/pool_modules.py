@@ -38,7 +38,7 @@ class PooledLoRALinear(DynamicLoRALayer):
             self.keep_decisions(choice, scores)
         else:
             out = ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, held.scales, slots,
-                                        context.sample_weights(batch, x.device),
+                                        context.sample_weights(batch, x.device, self.name),
                                         backend=ops.resolve_backend(context.backend, x.device))
         return out.reshape(*lead, out.shape[-1])
 

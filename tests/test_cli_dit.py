@@ -1,5 +1,6 @@
 """fusion-engine generate and eval on a tiny FLUX folder (save_pretrained of a tiny random FluxPipeline)."""
 import csv
+import re
 
 import pytest
 import torch
@@ -62,10 +63,54 @@ def test_eval_runs_flux_pairs(flux_folder, tmp_path):
     assert "fls+llr" in (out / "report.md").read_text()
 
 
-def test_generate_refuses_a_negative_prompt_flux_would_ignore(flux_folder, tmp_path, capsys):
-    argv = ["generate", "--model", str(flux_folder / "model"), "--subject", str(flux_folder / "subject.safetensors"),
-            "--prompt", "a sbu dog", "--negative-prompt", "blurry", "--steps", "1", "--device", "cpu", "--quiet",
-            "--out", str(tmp_path / "out"), *SIZE]
-    assert main(argv) == 2
-    assert "--negative-prompt on a FLUX pipeline" in capsys.readouterr().err
+def _flux_generate(flux_folder, out, *extra):
+    return ["generate", "--model", str(flux_folder / "model"), "--subject", str(flux_folder / "subject.safetensors"),
+            "--style", str(flux_folder / "style.safetensors"), "--prompt", "a sbu dog in szn style", "--steps", "2",
+            "--seed", "4", "--device", "cpu", "--dtype", "float32", "--quiet", "--out", str(out), *SIZE, *extra]
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return torch.tensor(list(image.getdata()), dtype=torch.float32)
+
+
+def test_generate_true_cfg_on_flux_runs_and_changes_the_image(flux_folder, tmp_path):
+    plain, true_cfg = tmp_path / "plain", tmp_path / "true_cfg"
+    assert main(_flux_generate(flux_folder, plain)) == 0
+    assert main(_flux_generate(flux_folder, true_cfg, "--true-cfg", "4", "--negative-prompt", "blurry")) == 0
+    info = read_parameters(true_cfg / "00001_4_0.png")
+    assert info["true_cfg"] == 4.0 and info["negative_prompt"] == "blurry"
+    assert read_parameters(plain / "00001_4_0.png")["true_cfg"] is None
+    assert not torch.equal(_pixels(plain / "00001_4_0.png"), _pixels(true_cfg / "00001_4_0.png"))
+    assert (true_cfg / "00001_trace.json").is_file()  # tests/test_dit_pipeline.py: one decision per image
+
+
+def test_generate_guidance_defaults_per_family(flux_folder, pipeline_folder, tmp_path):
+    """FLUX: FluxPipeline's own 3.5 (the distilled guidance embedding); SD: 5, as before."""
+    assert main(_flux_generate(flux_folder, tmp_path / "flux", "--steps", "1")) == 0
+    assert read_parameters(tmp_path / "flux" / "00001_4_0.png")["guidance"] == 3.5
+    sd = ["generate", "--model", str(pipeline_folder / "model"), "--subject",
+          str(pipeline_folder / "subject.safetensors"), "--prompt", "a dog", "--steps", "1", "--seed", "4",
+          "--device", "cpu", "--quiet", "--out", str(tmp_path / "sd")]
+    assert main(sd) == 0
+    assert read_parameters(tmp_path / "sd" / "00001_4_0.png")["guidance"] == 5.0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--negative-prompt", "blurry"], "--negative-prompt on a FLUX pipeline: .* add --true-cfg"),
+    (["--true-cfg", "4"], "--true-cfg on a FLUX pipeline .* add --negative-prompt"),
+    (["--true-cfg", "1", "--negative-prompt", "blurry"], "--true-cfg: 1 is not > 1"),
+])
+def test_generate_refuses_flux_true_cfg_flags_alone(flux_folder, tmp_path, capsys, extra, message):
+    assert main(_flux_generate(flux_folder, tmp_path / "out", *extra)) == 2
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generate_refuses_true_cfg_on_a_unet_folder(pipeline_folder, tmp_path, capsys):
+    argv = ["generate", "--model", str(pipeline_folder / "model"), "--subject",
+            str(pipeline_folder / "subject.safetensors"), "--prompt", "a dog", "--negative-prompt", "blurry",
+            "--true-cfg", "4", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--true-cfg is FLUX's true CFG" in err and "StableDiffusionPipeline" in err

@@ -157,8 +157,8 @@ def test_failed_attach_leaves_the_model_exactly_as_it_was(tiny_pipe):
         fe.attach(unet, pool=fe.LoRAPool().add("s", subject), granularity="batch")
     with pytest.raises(fe.AttachError, match="backend 'triton'"):
         fe.attach(unet, pool=fe.LoRAPool().add("s", subject), backend="triton")
-    with pytest.raises(fe.OptionError, match="policy 'klora' is not available with a LoRA pool"):
-        fe.attach(unet, pool=fe.LoRAPool().add("s", subject), policy="klora")
+    with pytest.raises(fe.OptionError, match="policy 'blora' is not available with a LoRA pool"):
+        fe.attach(unet, pool=fe.LoRAPool().add("s", subject), policy="blora")
     with pytest.raises(fe.AttachError, match="not both"):
         fe.attach(unet, subject, pool=fe.LoRAPool())
     _assert_untouched(unet, modules, state)

@@ -147,15 +147,81 @@ def test_n_way_fls_matches_a_float64_oracle(tiny_pipe, divergence):
     assert -1 in [int(r.choice[3]) for r in records], "image 3's style skips the mid block: base there"
 
 
-@pytest.mark.parametrize("policy, options", [("direct", {}), ("switch", {"tau": 1})])
+@pytest.mark.parametrize("policy, options", [("direct", {}), ("switch", {"tau": 1}), ("klora", {}),
+                                             ("klora", {"pattern": "s"})])
 def test_static_policies_per_image_equal_single_pair(tiny_pipe, policy, options):
     unet, pool, loras, inputs = float64_setup(tiny_pipe, seed=4)
     assignment = ASSIGNMENT[:2] + [("t1", "s0"), ("s1", "t0")]
-    for step in (0, 1):
+    kept = set()
+    for step in (0, 1, 3):
         got, _, _ = run_pool(unet, pool, inputs, assignment, policy=policy, step=step, **options)
         for image, names in enumerate(assignment):
             expected, _, _ = run_single(unet, loras, inputs, image, names, policy=policy, step=step, **options)
             torch.testing.assert_close(got[image_rows(image)], expected, atol=1e-10, rtol=1e-10)
+            if policy == "klora":
+                kept |= klora_decisions_match(unet, pool, loras, names, step, options)
+    assert policy != "klora" or kept == {0, 1}, "the test needs both LoRAs kept somewhere"
+
+
+def klora_decisions_match(unet, pool, loras, names, step, options) -> set:
+    """Every layer's pooled K-LoRA position equals the single-pair policy's choice; returns the positions kept."""
+    with fe.attach(copy.deepcopy(unet), *[loras[n] for n in names], policy="klora", **options) as single, \
+            fe.attach(copy.deepcopy(unet), pool=pool, policy="klora", **options) as pooled:
+        single.set_step(step, 4)
+        pooled.set_step(step, 4)
+        kept = set()
+        for layer in single.layers:
+            weights = single.policy.weights(layer, single.context)
+            position = pooled.policy.layer_choice(layer.name, names, pooled.context)
+            assert position == (0 if weights == (1.0, 0.0) else 1), (layer.name, step)
+            kept.add(position)
+        return kept
+
+
+def klora_oracle(loras, names, step, num_steps=4):
+    """The pool's N-way K-LoRA rule from its docstring, from the LoRA objects (float64, no cache, no pool)."""
+    def total(p, layer):
+        return float((loras[names[p]].layer_scale(layer) * loras[names[p]].layers[layer].delta_weight()).abs().sum())
+
+    adapted = [set(loras[n].layers) for n in names]
+    gamma = [1.0] * len(names)
+    for p in (0, *range(2, len(names))):
+        ratios = [total(p, layer) / total(1, layer) for layer in adapted[p] & adapted[1]]
+        ratios = [r for r in ratios if r > 0]
+        mean = sum(ratios) / len(ratios)
+        kept = [r for r in ratios if r < 3 * mean]
+        gamma[p] = sum(kept) / len(kept)
+    progress = step / num_steps
+    time_scale = (1.5 * progress + 1.275) % 1.5
+    choices = {}
+    for layer in set().union(*adapted):
+        candidates = [p for p in range(len(names)) if layer in adapted[p]]
+        if len(candidates) == 1:
+            choices[layer] = candidates[0]
+            continue
+        ranks = sorted((loras[names[p]].layers[layer].rank for p in candidates), reverse=True)
+        values = {}
+        for p in candidates:
+            delta = (loras[names[p]].layer_scale(layer) * loras[names[p]].layers[layer].delta_weight()).abs()
+            score = float(delta.flatten().topk(ranks[0] * ranks[1]).values.sum())
+            values[p] = score / gamma[0] if p == 0 else score * time_scale / gamma[p]
+        best_style = max((p for p in values if p > 0), key=lambda p: (values[p], -p))
+        choices[layer] = 0 if 0 in values and values[0] > values[best_style] else best_style
+    return choices
+
+
+def test_klora_n_way_follows_its_documented_rule(tiny_pipe):
+    unet, pool, loras, _ = float64_setup(tiny_pipe, seed=4)
+    names = ("s0", "t1", "r16")
+    with fe.attach(unet, pool=pool, policy="klora") as fusion:
+        seen = set()
+        for step in range(4):
+            fusion.set_step(step, 4)
+            expected = klora_oracle(loras, names, step)
+            got = {layer: fusion.policy.layer_choice(layer, names, fusion.context) for layer in expected}
+            assert got == expected, step
+            seen |= set(got.values())
+    assert seen == {0, 1, 2}, f"each of the three LoRAs should win somewhere: {sorted(seen)}"
 
 
 PROMPTS = ["a sbu dog in szn style", "a red car", "a house"]

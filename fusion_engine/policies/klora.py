@@ -12,12 +12,14 @@ subject/style magnitude ratio); with no layer where both deltas are non-zero, ga
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 
 import torch
 
 from ..errors import OptionError
+from ..lora.weights import delta_weight
 from .base import Policy
 
 PATTERNS = ("s*", "s")
@@ -39,9 +41,9 @@ def robust_gamma(ratios: list[float]) -> float:
     """Mean of sum|dWc| / sum|dWs| over layers, ignoring ratios at or above 3x the mean."""
     if not ratios:
         return 1.0
-    mean = sum(ratios) / len(ratios)
+    mean = math.fsum(ratios) / len(ratios)  # fsum: the same gamma whatever order the layers come in
     kept = [r for r in ratios if r < 3.0 * mean] or ratios
-    return sum(kept) / len(kept)
+    return math.fsum(kept) / len(kept)
 
 
 def _fingerprint(*tensors: torch.Tensor) -> bytes:
@@ -62,13 +64,24 @@ def branch_scores(layer, branch: str, k: int) -> tuple[float, float]:
     """(top-k sum, total sum) of |scale * B @ A| for one branch of a fused layer, cached by content."""
     lora_a, lora_b = (layer.subject_a, layer.subject_b) if branch == "subject" else (layer.style_a, layer.style_b)
     scale = layer.subject_scale if branch == "subject" else layer.style_scale
-    key = (_fingerprint(lora_a, lora_b), tuple(layer.base.weight.shape), float(scale), k)
+    return factor_scores(lora_a, lora_b, scale, k)
+
+
+def factor_scores(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, k: int) -> tuple[float, float]:
+    """(top-k sum, total sum) of |scale * B @ A| (``B @ A`` in float32), cached by the factors' content.
+
+    Args:
+        lora_a, lora_b: one LoRA's factors at a layer, (r, K) and (N, r) (or their conv shapes).
+        scale: the layer's scale (alpha / rank times the LoRA's scale).
+        k: how many of the largest magnitudes to sum (K-LoRA: the product of both LoRAs' ranks).
+    """
+    key = (_fingerprint(lora_a, lora_b), float(scale), k)
     with _score_lock:
         if key in _score_cache:
             _score_cache.move_to_end(key)
             return _score_cache[key]
     with torch.no_grad():
-        delta = scale * layer.delta_weight(branch)
+        delta = scale * delta_weight(lora_a, lora_b)
         scores = (topk_abs_sum(delta, k), delta_abs_sum(delta))
     with _score_lock:
         _score_cache[key] = scores
