@@ -26,10 +26,12 @@ table or the decisions, so a step can be captured in a CUDA graph and the assign
   so bit-identical to a correct guess) and rewrites those rows. Program 0 also writes every group's (G, L)
   scores and (G,) choices. A right guess costs a few loads per program; a wrong one the affected tiles only.
 
-The output is exactly y0 + d_chosen for THIS call, whatever the guess. The stacks hold every slot at the layer's
-largest rank, zero-padded, so slots of different ranks share one RANK_PAD (padded ranks add exact zeros).
-JS divergence needs the rows' LSEs before a second sweep: it stays on the reference path (see
-fusion_engine/ops/triton_ops.py). Forward only: no autograd is registered for this op.
+The output is exactly y0 + d_chosen for THIS call, whatever the guess. Group scores are float32 sums by atomics: on
+a GPU their order varies between runs, so two positions with bitwise-equal deltas (the same LoRA named twice, which
+an assignment refuses) may differ in the last bit and their tie go either way; the interpreter's order is fixed. The
+stacks hold every slot at the layer's largest rank, zero-padded, so slots of different ranks share one RANK_PAD
+(padded ranks add exact zeros). JS divergence needs the rows' LSEs before a second sweep: it stays on the reference
+path (see fusion_engine/ops/triton_ops.py). Forward only: no autograd is registered for this op.
 """
 from __future__ import annotations
 

@@ -201,3 +201,32 @@ def test_pooled_fls_launcher_names_the_bad_input():
         pooled_fls_linear_fwd(**inputs, prev_choice=torch.zeros(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="supports .*not 'js'"):
         pooled_fls_linear_fwd(**inputs, divergence="js")
+
+
+@pytest.mark.slow  # every attention Linear of the tiny UNet through the interpreter: minutes on 2 cores
+def test_pool_fls_attach_on_the_tiny_unet_matches_the_reference_backend(tiny_pipe):
+    """``fe.attach(unet, pool=, policy="fls", backend="triton")`` on tests/test_pool_equivalence.py's tiny UNet and
+    pool (float32): the same output and per-layer choices as ``backend="reference"``, images naming 3 and 1 LoRAs."""
+    from conftest import unet_inputs
+    from test_pool_equivalence import make_pool
+
+    import fusion_engine as fe
+
+    unet = tiny_pipe.unet
+    pool, _ = make_pool(unet, torch.float32)
+    assignment = [("s0", "t1", "r16"), ("t0",)]
+    inputs = unet_inputs(unet, 2 * len(assignment), seed=4)
+    results = {}
+    for backend in ("reference", "triton"):
+        with fe.attach(unet, pool=pool, backend=backend) as fusion:
+            fusion.set_batch_layout(len(assignment), 2)
+            fusion.set_assignment(assignment)
+            with torch.no_grad():
+                sample, t, context = inputs
+                out = unet(sample, t, encoder_hidden_states=context).sample
+            results[backend] = out, fusion.trace.gather()
+    (ref_out, ref_records), (out, records) = results["reference"], results["triton"]
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    assert len(records) == len(ref_records) > 0
+    for record, ref in zip(records, ref_records):
+        assert record.layer == ref.layer and torch.equal(record.choice, ref.choice), (record.layer, record.choice)
