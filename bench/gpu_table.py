@@ -38,6 +38,9 @@
    overhead of a full UNet step. Modes: merged weights, fused FLS (speculation state kept per
    layer on the device), the reference FLS path (pure torch, capturable), naive eager FLS (host
    syncs: not capturable); eager and CUDA-graph-captured (torch.cuda.CUDAGraph).
+5. Pool table (bf16, rank 64, 8 images x 4096 tokens, K=N=640 and 1280): 8 distinct pairs (16 pool slots) in one
+   pooled FLS call against 8 single-pair fls_linear calls of one image each and the merged-weight linear of the
+   batch (the floor), eager calls, correct guesses; the pooled call's choices checked against float64 first.
 """
 from __future__ import annotations
 
@@ -443,13 +446,78 @@ def step_table(rank: int, dtype):
         emit()
 
 
+# ----------------------------------------------------------------------------- pool table
+
+POOL_SHAPES = [(8, 4096, 640, 640), (8, 4096, 1280, 1280)]  # (images, tokens, K, N): SDXL self-attention at 64x64
+POOL_RANK = 64
+
+
+def pool_row(images: int, tokens: int, K: int, N: int, rank: int, dtype) -> str:
+    """One row of the pool table: verify the pooled FLS call against float64, then time the three methods."""
+    from fusion_engine.ops import pooled
+
+    g = torch.Generator(device=RUN.device).manual_seed(images + tokens + K)
+
+    def rnd(*size, std=1.0):
+        return (torch.randn(*size, generator=g, device=RUN.device) * std).to(dtype)
+
+    slots = 2 * images  # image i fuses slots 2i (subject) and 2i + 1 (style)
+    x, weight = rnd(images * tokens, K), rnd(N, K, std=K ** -0.5)
+    a_stack, b_stack = rnd(slots, rank, K, std=K ** -0.5), rnd(slots, N, rank, std=0.5)
+    scales = torch.full((slots,), 0.8, device=RUN.device)
+    present = torch.ones(slots, dtype=torch.bool, device=RUN.device)
+    sample_slots = torch.arange(slots, device=RUN.device).reshape(images, 2)
+    row_group = torch.arange(images, device=RUN.device).repeat_interleave(tokens)
+    args = (x, weight, None, a_stack, b_stack, scales, present, sample_slots, row_group, images)
+    rows = [slice(i * tokens, (i + 1) * tokens) for i in range(images)]
+    one_group = torch.zeros(tokens, dtype=torch.int32, device=RUN.device)
+
+    def pair_call(i, guess=None):
+        return RUN.ops.fls_linear(x[rows[i]], weight, None, a_stack[2 * i], b_stack[2 * i], 0.8, a_stack[2 * i + 1],
+                                  b_stack[2 * i + 1], 0.8, one_group, 1, "kl", prev_choose=guess)
+
+    with torch.no_grad():
+        out, _, choice = RUN.ops.pooled_fls_linear(*args, "kl")
+        ref_out, _, ref_choice = pooled.pooled_fls_linear(
+            *(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in args), "kl")
+        same = bool(torch.equal(choice, ref_choice))
+        if not same:
+            RUN.failures.append(f"pool {images}x{tokens} K={K}: choices differ from float64")
+        error = (out.double() - ref_out).abs().max().item()
+        guesses = [pair_call(i)[3] for i in range(images)]
+        floor = bench(lambda: F.linear(x, weight))
+        pooled_ms = bench(lambda: RUN.ops.pooled_fls_linear(*args, "kl", prev_choice=choice))
+        per_image_ms = bench(lambda: [pair_call(i, guesses[i]) for i in range(images)])
+    return (f"| {images} x {tokens}, {K} | {'yes' if same else 'NO'} | {error:.2e} | {floor * 1e3:.1f} us | "
+            f"{pooled_ms / floor:.2f}x | {per_image_ms / floor:.2f}x |")
+
+
+def pool_table():
+    """The LoRA pool: ``images`` images, each with its own pair (2 * images pool slots), in one pooled FLS call
+    (correct guess) against one single-pair fls_linear call per image (correct guesses) and the merged-weight
+    linear of the whole batch (the floor). Verified first: choices equal to a float64 run of the pooled reference,
+    output error reported."""
+    shapes, rank = ([(4, 16, 32, 32)], 8) if RUN.smoke else (POOL_SHAPES, POOL_RANK)
+    dtype = torch.float32 if RUN.smoke else torch.bfloat16
+    emit(f"## LoRA pool: one pooled FLS call (kl) for N images with N distinct pairs, rank {rank}, "
+         f"{dtype_name(dtype)}; eager calls (x = ratio to the merged-weight linear of the batch)")
+    emit()
+    emit("| images x tokens, K=N | choices = float64 | out max error | merged (floor) | pooled FLS | "
+         "per-image fls_linear |")
+    emit("|---|---|---|---|---|---|")
+    for images, tokens, K, N in shapes:
+        emit(pool_row(images, tokens, K, N, rank, dtype))
+    emit()
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (logic check only)")
     p.add_argument("--out", type=Path, help="append the markdown tables to this file")
-    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step"], default=["sdxl", "flux", "step"],
+    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step", "pool"],
+                   default=["sdxl", "flux", "step", "pool"],
                    help="which tables to run (default: all)")
     p.add_argument("--step-ranks", type=int, nargs="+", default=[64], help="LoRA ranks of the step table")
     return p.parse_args(argv)
@@ -479,6 +547,8 @@ def main(argv=None) -> int:
     if "step" in args.tables:
         for rank in args.step_ranks:
             step_table(rank if not args.smoke else min(rank, 8), torch.float32 if args.smoke else torch.bfloat16)
+    if "pool" in args.tables:
+        pool_table()
     emit(f"total {time.time() - t0:.0f} s; verification failures: {RUN.failures or 'none'}")
     if args.out:
         with open(args.out, "a") as f:

@@ -5,6 +5,7 @@
 * ``mix_linear``  y0 + coef[0] d_subject + coef[1] d_style with coef a device tensor (direct / schedules).
 * ``lora_shrink`` x [subject_a; style_a]^T for both adapters in one pass, shared by the two ops.
 * ``pooled_mix_linear`` the LoRA pool's static-weight linear: each sample adds its own LoRAs by a slot table.
+* ``pooled_fls_linear`` the LoRA pool's N-way FLS linear: fls_linear's speculate + fix-up over each sample's slots.
 * ``utils``       limits (MAX_RANK, SUPPORTED_DTYPES), the launch contract, tile configs, tile helpers.
 * ``testing``     the accuracy checks shared by tests/test_kernels.py and bench/gpu_table.py.
 
@@ -13,8 +14,9 @@ Set TRITON_INTERPRET=1 *before* importing this package to run the kernels on CPU
 from .fls_linear import DIVERGENCE_CODES, fls_linear_fwd
 from .lora_shrink import lora_shrink
 from .mix_linear import mix_linear_fwd
+from .pooled_fls_linear import pooled_fls_linear_fwd
 from .pooled_mix_linear import pooled_mix_linear_fwd
 from .utils import INTERPRET, MAX_RANK, SUPPORTED_DTYPES
 
 __all__ = ["DIVERGENCE_CODES", "INTERPRET", "MAX_RANK", "SUPPORTED_DTYPES", "fls_linear_fwd", "lora_shrink",
-           "mix_linear_fwd", "pooled_mix_linear_fwd"]
+           "mix_linear_fwd", "pooled_fls_linear_fwd", "pooled_mix_linear_fwd"]

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_RANK, _linear_tile, dot_pad, dot_precision, gemm_config, new_empty, require
+from .utils import MAX_RANK, SUPPORTED_DTYPES, _linear_tile, dot_pad, dot_precision, gemm_config, new_empty, require
 
 
 @triton.jit
@@ -42,6 +42,20 @@ def _slot_shrink(x_ptr, a_ptr, offs_m, offs_r, offs_k, R, K, stride_xm, BLOCK_M:
         x_ptrs += BLOCK_K
         at_ptrs += BLOCK_K
     return xa
+
+
+@triton.jit
+def _slot_delta(x_ptr, a_ptr, b_ptr, slot, offs_m, offs_n, mask_n, N, K, R, stride_xm, BLOCK_M: tl.constexpr,
+                RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of the unscaled (x A_slot^T) B_slot^T of one valid slot, the shrink rounded to
+    x's dtype between the two products (as eager LoRA does). ``a_ptr`` / ``b_ptr`` are the stacks."""
+    offs_r = tl.arange(0, RANK_PAD)
+    xa = _slot_shrink(x_ptr, a_ptr + slot * R * K, offs_m, offs_r, tl.arange(0, BLOCK_K), R, K, stride_xm, BLOCK_M,
+                      RANK_PAD, BLOCK_K, DOT_PRECISION)
+    # (RANK_PAD, BLOCK_N) tile of B_slot^T; padded ranks load zeros
+    bt = tl.load(b_ptr + slot * N * R + offs_n[None, :] * R + offs_r[:, None],
+                 mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+    return tl.dot(xa.to(x_ptr.dtype.element_ty), bt, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -71,20 +85,54 @@ def _pooled_mix_linear_kernel(
 
     acc = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, K, stride_xm, stride_wn,
                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
-    offs_r = tl.arange(0, RANK_PAD)
-    offs_k = tl.arange(0, BLOCK_K)
     for position in tl.static_range(NUM_POSITIONS):
         slot = tl.load(slots_ptr + sample * NUM_POSITIONS + position)
         if slot >= 0:
             coef = tl.load(weights_ptr + sample * NUM_POSITIONS + position) * tl.load(scales_ptr + slot)
-            xa = _slot_shrink(x_ptr, a_ptr + slot * R * K, offs_m, offs_r, offs_k, R, K, stride_xm, BLOCK_M,
-                              RANK_PAD, BLOCK_K, DOT_PRECISION)
-            # (RANK_PAD, BLOCK_N) tile of B_slot^T; padded ranks load zeros
-            bt = tl.load(b_ptr + slot * N * R + offs_n[None, :] * R + offs_r[:, None],
-                         mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-            acc += coef * tl.dot(xa.to(x_ptr.dtype.element_ty), bt, input_precision=DOT_PRECISION)
+            acc += coef * _slot_delta(x_ptr, a_ptr, b_ptr, slot, offs_m, offs_n, mask_n, N, K, R, stride_xm, BLOCK_M,
+                                      RANK_PAD, BLOCK_K, DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_n[None, :])
+
+
+def check_pool_inputs(op: str, x, weight, bias, a_stack, b_stack, scales, sample_slots) -> None:
+    """The launch contract shared by the pooled launchers; a ValueError names the tensor at fault.
+
+    x (M, K) in a supported dtype, M = B * T; weight (N, K); bias (N,) or None; a_stack (S, R, K) and b_stack
+    (S, N, R) with R <= MAX_RANK; scales (S,); sample_slots (B, L) int64 with B dividing M and L >= 1; every
+    tensor on x's device. Slot values are not checked (that would read the table on the host): the pool writes
+    them in [-1, S).
+    """
+    require(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1],
+            f"{op}: x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    require(x.dtype in SUPPORTED_DTYPES, f"{op}: x dtype {x.dtype} not in {SUPPORTED_DTYPES}")
+    M, K = x.shape
+    N = weight.shape[0]
+    require(bias is None or tuple(bias.shape) == (N,),
+            f"{op}: bias must be (N={N},), got {None if bias is None else tuple(bias.shape)}")
+    require(a_stack.dim() == 3 and a_stack.shape[2] == K and tuple(b_stack.shape) == (a_stack.shape[0], N,
+                                                                                     a_stack.shape[1]),
+            f"{op}: a_stack (S, R, K={K}) and b_stack (S, N={N}, R), got {tuple(a_stack.shape)} and "
+            f"{tuple(b_stack.shape)}")
+    S, R = a_stack.shape[:2]
+    require(R <= MAX_RANK, f"{op}: the stacks' rank {R} exceeds the kernels' limit of {MAX_RANK}")
+    require(tuple(scales.shape) == (S,), f"{op}: scales must be (S={S},), got {tuple(scales.shape)}")
+    require(sample_slots.dim() == 2 and sample_slots.dtype == torch.int64 and sample_slots.shape[0] > 0
+            and sample_slots.shape[1] > 0 and M % sample_slots.shape[0] == 0,
+            f"{op}: sample_slots must be (B, L) int64 with B dividing M={M} and L >= 1, got "
+            f"{tuple(sample_slots.shape)} {sample_slots.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("a_stack", a_stack), ("b_stack", b_stack),
+                    ("scales", scales), ("sample_slots", sample_slots)):
+        if t is not None:
+            require(t.device == x.device, f"{op}: {name} is on {t.device}, x on {x.device}")
+
+
+def pool_operands(x, weight, bias, a_stack, b_stack):
+    """The pooled launchers' operands: x with unit stride along K, the base linear and the stacks contiguous in
+    x's dtype (no-ops in the usual case)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight, a_stack, b_stack = (t.to(x.dtype).contiguous() for t in (weight, a_stack, b_stack))
+    return x, weight, None if bias is None else bias.to(x.dtype).contiguous(), a_stack, b_stack
 
 
 def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights):
@@ -101,36 +149,17 @@ def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slot
     Returns:
         (M, N) tensor in x.dtype.
     """
-    require(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1],
-            f"pooled_mix_linear: x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
-    M, K = x.shape
-    N = weight.shape[0]
-    require(a_stack.dim() == 3 and a_stack.shape[2] == K and tuple(b_stack.shape) == (a_stack.shape[0], N,
-                                                                                     a_stack.shape[1]),
-            f"pooled_mix_linear: a_stack (S, R, K={K}) and b_stack (S, N={N}, R), got {tuple(a_stack.shape)} and "
-            f"{tuple(b_stack.shape)}")
-    S, R = a_stack.shape[:2]
-    require(R <= MAX_RANK, f"pooled_mix_linear: the stacks' rank {R} exceeds the kernels' limit of {MAX_RANK}")
-    require(tuple(scales.shape) == (S,), f"pooled_mix_linear: scales must be (S={S},), got {tuple(scales.shape)}")
-    require(sample_slots.dim() == 2 and sample_slots.dtype == torch.int64 and sample_slots.shape[0] > 0
-            and M % sample_slots.shape[0] == 0,
-            f"pooled_mix_linear: sample_slots must be (B, L) int64 with B dividing M={M}, got "
-            f"{tuple(sample_slots.shape)} {sample_slots.dtype}")
-    require(sample_weights.shape == sample_slots.shape,
-            f"pooled_mix_linear: sample_weights {tuple(sample_weights.shape)} != sample_slots "
-            f"{tuple(sample_slots.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("a_stack", a_stack), ("b_stack", b_stack),
-                    ("scales", scales), ("sample_slots", sample_slots), ("sample_weights", sample_weights)):
-        if t is not None:
-            require(t.device == x.device, f"pooled_mix_linear: {name} is on {t.device}, x on {x.device}")
+    check_pool_inputs("pooled_mix_linear", x, weight, bias, a_stack, b_stack, scales, sample_slots)
+    require(sample_weights.shape == sample_slots.shape and sample_weights.device == x.device,
+            f"pooled_mix_linear: sample_weights must be like sample_slots {tuple(sample_slots.shape)} on {x.device}, "
+            f"got {tuple(sample_weights.shape)} on {sample_weights.device}")
+    (M, K), N, R = x.shape, weight.shape[0], a_stack.shape[1]
     batch, positions = sample_slots.shape
     T = M // batch
     out = new_empty((M, N), x.dtype, x.device)
     if M == 0:
         return out
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight, a_stack, b_stack = (t.to(x.dtype).contiguous() for t in (weight, a_stack, b_stack))
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    x, weight, bias, a_stack, b_stack = pool_operands(x, weight, bias, a_stack, b_stack)
     scales, sample_weights = (t.to(torch.float32).contiguous() for t in (scales, sample_weights))
 
     cfg = gemm_config(T, N, K, "mix")

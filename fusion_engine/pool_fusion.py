@@ -117,17 +117,15 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
         divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``: N-way FLS runs the pooled reference op (pure torch,
-            any device); ``direct``, ``switch`` and ``klora`` run the pooled Triton kernel where the backend is
-            triton.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``: where it resolves to triton (``"auto"`` on CUDA), N-way
+            FLS runs the pooled FLS kernel (kl, cosine, dot; ``js`` the pooled reference op on the same device)
+            and ``direct``, ``switch`` and ``klora`` the pooled mix kernel; elsewhere the pooled reference ops (pure
+            torch, any device). The pooled kernels are forward only: a forward that carries a gradient to the layer's
+            input (guidance) runs the reference ops, whatever the backend.
         trace: as in ``attach_model``; the records are ``PoolRecord``s (positions in each image's names).
     """
     granularity = granularity or "image"
     policy = pool_policy(policy, divergence, granularity, policy_options)
-    if policy.uses_divergence and backend == "triton":
-        raise AttachError("backend 'triton': N-way FLS over a pool runs the pooled reference op so far (the pooled "
-                          "Triton kernel covers policies 'direct' and 'switch'); use backend='auto' or 'reference'")
-    backend = "reference" if policy.uses_divergence else backend
     with _ATTACH_LOCK:
         if model in _ATTACHED:
             raise _already_attached(_ATTACHED[model])

@@ -18,6 +18,7 @@ if not csrc_triton.INTERPRET:  # pragma: no cover - another module imported it f
     pytest.skip("csrc_triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 from csrc_triton import testing as kt  # noqa: E402
+from csrc_triton.pooled_fls_linear import pooled_fls_linear_fwd  # noqa: E402
 from csrc_triton.pooled_mix_linear import pooled_mix_linear_fwd  # noqa: E402
 from fusion_engine.ops.pooled import pooled_mix_linear  # noqa: E402
 
@@ -95,14 +96,10 @@ def test_pooled_mix_launcher_names_the_bad_input():
         pooled_mix_linear_fwd(**{**inputs, "b_stack": inputs["b_stack"][:, :-1]})
 
 
-@pytest.mark.parametrize("policy, options", [("direct", {"weights": (0.7, 1.3, 0.5)}), ("switch", {"tau": 1})])
-def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkeypatch):
-    """``fe.attach(model, pool=, backend="triton")``: the same images as the reference backend; FLS is refused."""
+def _small_pool_model():
+    """(a two-Linear model, a pool of LoRAs of ranks 3, 5, 8 (the last on the first layer only), its input of 3 images
+    x 2 CFG copies)."""
     import fusion_engine as fe
-
-    launches = []
-    monkeypatch.setattr(csrc_triton, "pooled_mix_linear_fwd",
-                        lambda *args: launches.append(1) or pooled_mix_linear_fwd(*args))
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
@@ -113,16 +110,78 @@ def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkey
                   for name, k, n in (("0", 24, 40), ("2", 40, 24)) if index != 2 or name == "0"}
         pool.add(f"lora{index}", fe.LoRA(layers))
     x = torch.randn(3, 2, 9, 24, generator=g)  # (copies x images, rows, features): 3 images x CFG
-    x = x.reshape(6, 9, 24)
-    outputs = {}
-    for backend in ("reference", "triton"):
-        with fe.attach(model, pool=pool, policy=policy, backend=backend, **options) as fusion:
-            fusion.set_batch_layout(3, 2)
-            fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
-            fusion.set_step(1, 4)
-            with torch.no_grad(), kt.poisoned_outputs():
-                outputs[backend] = model(x)
+    return model, pool, x.reshape(6, 9, 24)
+
+
+def _run_pool(model, pool, x, backend, **options):
+    """(output, trace records) of one forward with the pool attached; launcher buffers poisoned."""
+    import fusion_engine as fe
+
+    with fe.attach(model, pool=pool, backend=backend, **options) as fusion:
+        fusion.set_batch_layout(3, 2)
+        fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+        fusion.set_step(1, 4)
+        with torch.no_grad(), kt.poisoned_outputs():
+            out = model(x)
+        return out, fusion.trace.gather()
+
+
+@pytest.mark.parametrize("policy, options", [("direct", {"weights": (0.7, 1.3, 0.5)}), ("switch", {"tau": 1})])
+def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkeypatch):
+    """``fe.attach(model, pool=, backend="triton")``: the same images as the reference backend."""
+    launches = []
+    monkeypatch.setattr(csrc_triton, "pooled_mix_linear_fwd",
+                        lambda *args: launches.append(1) or pooled_mix_linear_fwd(*args))
+    model, pool, x = _small_pool_model()
+    outputs = {backend: _run_pool(model, pool, x, backend, policy=policy, **options)[0]
+               for backend in ("reference", "triton")}
     torch.testing.assert_close(outputs["triton"], outputs["reference"], atol=1e-4, rtol=1e-4)
     assert len(launches) == 2  # one per fused layer, triton backend only
-    with pytest.raises(fe.AttachError, match="N-way FLS over a pool runs the pooled reference op"):
-        fe.attach(model, pool=pool, backend="triton")
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_pool_attach_runs_the_fls_kernel(divergence, monkeypatch):
+    """N-way FLS with ``backend="triton"``: the pooled FLS kernel (JS: the pooled reference op on the same device),
+    the same output and per-layer choices as the reference backend; a second call speculates on the first's
+    choices and gives the same again."""
+    launches = []
+    monkeypatch.setattr(csrc_triton, "pooled_fls_linear_fwd",
+                        lambda *args: launches.append(args[-1].clone()) or pooled_fls_linear_fwd(*args))
+    model, pool, x = _small_pool_model()
+    ref_out, ref_records = _run_pool(model, pool, x, "reference", divergence=divergence)
+    import fusion_engine as fe
+
+    with fe.attach(model, pool=pool, backend="triton", divergence=divergence) as fusion:
+        fusion.set_batch_layout(3, 2)
+        fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+        fusion.set_step(1, 4)
+        for _ in range(2):
+            with torch.no_grad(), kt.poisoned_outputs():
+                out = model(x)
+            torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+        records = fusion.trace.gather()
+    assert len(records) == 2 * len(ref_records) == 4
+    for record, ref in zip(records, ref_records + ref_records):
+        assert record.layer == ref.layer and torch.equal(record.choice, ref.choice)
+        torch.testing.assert_close(record.scores, ref.scores, atol=1e-5, rtol=1e-5)
+    if divergence == "js":
+        assert not launches
+    else:  # one launch per fused layer and call: the first guesses position 0, the second the first's choices
+        assert len(launches) == 4 and not launches[0].any() and not launches[1].any()
+        assert all(torch.equal(guess, record.choice) for guess, record in zip(launches[2:], records[:2]))
+
+
+def test_pool_fls_with_a_gradient_runs_the_reference_ops():
+    """The pooled kernels are forward only: a forward that carries a gradient (guidance) takes the reference ops."""
+    import fusion_engine as fe
+
+    model, pool, x = _small_pool_model()
+    grads = {}
+    for backend in ("reference", "triton"):
+        with fe.attach(model, pool=pool, backend=backend) as fusion:
+            fusion.set_batch_layout(3, 2)
+            fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+            leaf = x.clone().requires_grad_(True)
+            model(leaf).square().sum().backward()
+            grads[backend] = leaf.grad
+    torch.testing.assert_close(grads["triton"], grads["reference"])

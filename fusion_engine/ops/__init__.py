@@ -88,6 +88,17 @@ def mix_linear(*args, backend: str = "reference", **kwargs):
     return reference.mix_linear(*args, **kwargs)
 
 
+def pooled_fls_linear(*args, backend: str = "reference", prev_choice=None, **kwargs):
+    """See ``pooled.pooled_fls_linear`` (the LoRA pool's N-way FLS); returns (out, scores, choice).
+
+    ``prev_choice``: the layer's last choices, the Triton kernel's speculation guess (it never changes the result,
+    only the cost); the reference ignores it.
+    """
+    if backend == "triton":
+        return _triton_ops().pooled_fls_linear(*args, prev_choice=prev_choice, **kwargs)
+    return pooled.pooled_fls_linear(*args, **kwargs)
+
+
 def pooled_mix_linear(*args, backend: str = "reference", **kwargs):
     """See ``pooled.pooled_mix_linear`` (the LoRA pool's static policies)."""
     if backend == "triton":
@@ -95,5 +106,5 @@ def pooled_mix_linear(*args, backend: str = "reference", **kwargs):
     return pooled.pooled_mix_linear(*args, **kwargs)
 
 
-__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "pooled_mix_linear",
-           "reference", "resolve_backend"]
+__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "pooled_fls_linear",
+           "pooled_mix_linear", "reference", "resolve_backend"]

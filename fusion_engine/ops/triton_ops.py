@@ -23,7 +23,7 @@ import os
 import torch
 
 from ..errors import BackendError
-from . import reference
+from . import pooled, reference
 
 try:
     import triton  # noqa: F401
@@ -206,4 +206,44 @@ def pooled_mix_linear(x, weight, bias, a_stack, b_stack, scales, sample_slots, s
     return _pooled_mix_linear_op(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
 
 
-__all__ = ["fls_linear", "is_available", "mix_linear", "pooled_mix_linear", "unsupported"]
+# --------------------------------------------------------------------------- pooled_fls_linear (the LoRA pool)
+
+def _pooled_fls_linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
+                            scales: Tensor, present: Tensor, sample_slots: Tensor, row_group: Tensor, num_groups: int,
+                            divergence: str, prev_choice: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _check_device(x)
+    return _kernels.pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
+                                          num_groups, divergence, prev_choice)
+
+
+def _pooled_fls_linear_fake(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, num_groups,
+                            divergence, prev_choice):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((num_groups, sample_slots.shape[1]), dtype=torch.float32),
+            x.new_empty((num_groups,), dtype=torch.int64))
+
+
+_pooled_fls_linear_op = torch.library.custom_op("fusion_engine::pooled_fls_linear_triton", _pooled_fls_linear_impl,
+                                                mutates_args=())
+_pooled_fls_linear_op.register_fake(_pooled_fls_linear_fake)
+
+
+def pooled_fls_linear(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, num_groups,
+                      divergence="kl", prev_choice=None):
+    """The pool's N-way FLS linear (see ``fusion_engine.ops.pooled.pooled_fls_linear``); returns (out, scores,
+    choice). Forward only, as ``pooled_mix_linear`` (a guided backward runs the reference ops).
+
+    ``prev_choice`` (optional, extra to the reference signature): the (G,) int64 choices this layer returned on its
+    previous call, only the kernel's speculation guess (a stale or wrong guess costs a recompute of the affected
+    tiles, never accuracy). ``divergence="js"`` is not fused: it runs the pooled reference op on the same device.
+    """
+    _check_device(x)
+    reference.check_divergence(divergence)
+    if divergence == "js":
+        return pooled.pooled_fls_linear(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
+                                        num_groups, divergence)
+    return _pooled_fls_linear_op(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
+                                 int(num_groups), divergence, prev_choice)
+
+
+__all__ = ["fls_linear", "is_available", "mix_linear", "pooled_fls_linear", "pooled_mix_linear", "unsupported"]
