@@ -212,3 +212,24 @@ def test_conv_lora_of_another_kernel_size_is_refused_naming_layer_and_shapes(tin
                                                         r"weight \(64, 64\).*kernel of 1x1 .*, the conv's is 3x3"):
             pool.add("stray", stray)
         assert (pool.nbytes, pool.names, pool.version, len(fusion.layers)) == before
+
+
+def test_kohya_conv_files_in_a_pool_equal_single_pair_pipeline_calls(tiny_pipe, tmp_path):
+    """LoCon files in kohya's layout through the normal loader: a pool call per image equals its pair's call."""
+    loras = conv_loras(tiny_pipe.unet)
+    pool = fe.LoRAPool()
+    for name in ("s", "t"):
+        fe.save_lora(loras[name], tmp_path / f"{name}.safetensors", layout="kohya")
+        pool.add(name, tmp_path / f"{name}.safetensors")
+    assert pool.layers[THREE_WAY_LAYER].is_conv
+    torch.testing.assert_close(pool.factors("t", THREE_WAY_LAYER)[0], loras["t"].layers[THREE_WAY_LAYER].lora_a)
+    prompts, pairs, seeds = ["a sbu dog in szn style", "a red car"], [("s", "t"), ("t", "s")], [11, 12]
+    options = dict(guidance_scale=4.0, num_inference_steps=2, output_type="pt")
+    with fe.attach(tiny_pipe, pool=pool) as fusion:
+        got = tiny_pipe(prompts, pairs=pairs, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                        **options).images
+        assert any(isinstance(layer, PooledLoRAConv2d) for layer in fusion.fusion.layers)
+    for image, (prompt, pair, seed) in enumerate(zip(prompts, pairs, seeds)):
+        with fe.attach(tiny_pipe, *[fe.load_lora(tmp_path / f"{n}.safetensors") for n in pair]):
+            expected = tiny_pipe([prompt], generator=[torch.Generator().manual_seed(seed)], **options).images
+        torch.testing.assert_close(got[image:image + 1], expected, atol=2e-5, rtol=1e-4)
