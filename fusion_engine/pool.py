@@ -1,10 +1,13 @@
 """A LoRA pool: many LoRAs held on one device, so every image of a batch can fuse its own (``fe.attach(..., pool=)``).
 
-Storage, per adapted layer: the factors of every pool slot stacked and padded with zeros to the layer's
-largest rank, ``a`` ``(S, R, K)`` and ``b`` ``(S, N, R)``, beside ``scales`` ``(S,)`` (alpha / rank times the
-LoRA's scale) and ``present`` ``(S,)`` (the slot's LoRA adapts this layer). A slot is one LoRA, the same index
-in every layer; a removed LoRA's slot is zeroed and reused by the next ``add``. Zero padding adds exact zeros,
-so a rank-4 LoRA beside a rank-64 one computes the same delta (up to the summation order of the GEMM).
+Storage, per adapted layer: the factors of every pool slot stacked and padded with zeros to the layer's largest
+rank, ``a`` ``(S, R, K)`` and ``b`` ``(S, N, R)``, beside ``scales`` ``(S,)`` (alpha / rank times the LoRA's
+scale) and ``present`` ``(S,)`` (the slot's LoRA adapts this layer). A conv (LoCon) layer with a kernel larger
+than 1x1 stacks ``a`` ``(S, R, C_in, kh, kw)`` (B is a 1x1 conv: ``b`` ``(S, N, R)`` as for a Linear); 1x1-conv
+storage is flattened to the Linear shapes and fits an ``nn.Linear`` or a 1x1 ``nn.Conv2d``. A slot is one LoRA,
+the same index in every layer; a removed LoRA's slot is zeroed and reused by the next ``add``. Zero padding adds
+exact zeros, so a rank-4 LoRA beside a rank-64 one computes the same delta (up to the summation order of the
+GEMM).
 
 ``nbytes`` counts what the stacks hold on the device, padding and zeroed slots included: it is what a
 ``budget_bytes`` limits. ``add`` writes into the existing stacks in place when a free slot exists and the rank
@@ -12,6 +15,7 @@ fits (tensors keep their identity: a captured CUDA graph stays valid); otherwise
 """
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 import weakref
@@ -29,15 +33,20 @@ from .ops.reference import accumulation_dtype
 class PoolLayer:
     """One adapted layer's stacks (see the module docstring)."""
 
-    a: torch.Tensor  # (S, R, K)
+    a: torch.Tensor  # (S, R, K), or (S, R, C_in, kh, kw) for a conv layer
     b: torch.Tensor  # (S, N, R)
     scales: torch.Tensor  # (S,) accumulation dtype
     present: torch.Tensor  # (S,) bool
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(N, K)``: the base layer's weight shape."""
-        return self.b.shape[1], self.a.shape[2]
+    def shape(self) -> tuple[int, ...]:
+        """The base layer's weight shape: ``(N, K)``, or ``(N, C_in, kh, kw)`` for a conv layer."""
+        return (self.b.shape[1], *self.a.shape[2:])
+
+    @property
+    def is_conv(self) -> bool:
+        """A conv layer with a kernel larger than 1x1 (its ``a`` is 5-dimensional)."""
+        return self.a.ndim == 5
 
     @property
     def rank(self) -> int:
@@ -48,24 +57,30 @@ class PoolLayer:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.scales, self.present))
 
 
-def _layer_bytes(slots: int, rank: int, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    out_features, in_features = shape
+def _weight_shape(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[int, ...]:
+    """The base weight shape one LoRA's (A (r, ...), B (N, r)) adapts: ``(N, *A.shape[1:])``."""
+    return (lora_b.shape[0], *lora_a.shape[1:])
+
+
+def _layer_bytes(slots: int, rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    out_features, in_features = shape[0], math.prod(shape[1:])
     factors = slots * rank * (in_features + out_features) * torch.empty(0, dtype=dtype).element_size()
     return factors + slots * (torch.empty(0, dtype=accumulation_dtype(dtype)).element_size() + 1)
 
 
-def _linear_factors(lora: LoRA, name: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, K), B (N, r)) of a Linear LoRA layer; a 1x1-conv storage is flattened; others are refused."""
+def _pool_factors(lora: LoRA, name: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B (N, r)) of a LoRA layer as the pool stores it: A (r, K) for a Linear or 1x1-conv storage (flattened),
+    (r, C_in, kh, kw) for a conv (LoCon) layer; a B that is not a 1x1 conv, and DoRA layers, are refused."""
     lora_a, lora_b = layer.lora_a, layer.lora_b
-    if lora_a.ndim == 4 and lora_a.shape[2:] == (1, 1) and lora_b.shape[2:] == (1, 1):
-        lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
-    if lora_a.ndim != 2:
-        raise OptionError(f"{lora.source}: layer {name}: a conv (LoCon) LoRA of shape {tuple(lora_a.shape)}; the "
-                          "LoRA pool takes Linear layers only (attach it as a pair: fe.attach(model, subject, style))")
+    if lora_b.ndim == 4 and lora_b.shape[2:] != (1, 1):
+        raise LoRAShapeError(f"{lora.source}: layer {name}: B {tuple(lora_b.shape)} is not a 1x1 conv; the LoRA pool "
+                             "takes conv (LoCon) layers whose B is 1x1 (kohya's and PEFT's layout)")
+    if lora_a.ndim == 4 and lora_a.shape[2:] == (1, 1):
+        lora_a = lora_a.flatten(1)
     if layer.magnitude is not None:
         raise OptionError(f"{lora.source}: layer {name}: a DoRA layer; the LoRA pool takes plain LoRA layers only "
                           "(attach it as a pair with fe.attach(model, subject, style))")
-    return lora_a, lora_b
+    return lora_a, lora_b.flatten(1)
 
 
 class LoRAPool:
@@ -138,7 +153,8 @@ class LoRAPool:
         return self._ranks[name]
 
     def factors(self, name: str, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (r, K), B (N, r)) of LoRA ``name`` at ``layer_name``, unpadded, as the pool holds them."""
+        """(A (r, K) or (r, C_in, kh, kw), B (N, r)) of LoRA ``name`` at ``layer_name``, unpadded, as the pool holds
+        them."""
         rank = self.lora_layers(name)[layer_name][0]
         held, slot = self.layers[layer_name], self.slot(name)
         return held.a[slot, :rank].contiguous(), held.b[slot, :, :rank].contiguous()
@@ -168,7 +184,7 @@ class LoRAPool:
         """Per layer: (A, B) cast to the pool and the scale; every check before anything changes."""
         prepared = {}
         for layer_name, layer in lora.layers.items():
-            lora_a, lora_b = _linear_factors(lora, layer_name, layer)
+            lora_a, lora_b = _pool_factors(lora, layer_name, layer)
             cast_a = lora_a.to(device=self.device, dtype=self.dtype)
             cast_b = lora_b.to(device=self.device, dtype=self.dtype)
             check_cast_factor(lora.source, layer_name, "lora_a", lora_a, cast_a)
@@ -176,7 +192,7 @@ class LoRAPool:
             scale = lora.layer_scale(layer_name)
             check_layer_scale(lora.source, layer_name, scale)
             held = self.layers.get(layer_name)
-            shape = (cast_b.shape[0], cast_a.shape[1])
+            shape = _weight_shape(cast_a, cast_b)
             if held is not None and held.shape != shape:
                 raise LoRAShapeError(
                     f"pool LoRA {name!r} ({lora.source}): layer {layer_name} has A {tuple(cast_a.shape)} / B "
@@ -189,8 +205,7 @@ class LoRAPool:
         total = 0
         for layer_name in set(self.layers) | set(prepared):
             held = self.layers.get(layer_name)
-            shape = held.shape if held is not None else (prepared[layer_name][1].shape[0],
-                                                         prepared[layer_name][0].shape[1])
+            shape = held.shape if held is not None else _weight_shape(*prepared[layer_name][:2])
             rank = max(held.rank if held is not None else 0,
                        prepared[layer_name][0].shape[0] if layer_name in prepared else 0)
             total += _layer_bytes(capacity, rank, shape, self.dtype)
@@ -201,8 +216,9 @@ class LoRAPool:
 
         Allowed while a fusion is attached, between calls (during another thread's call: ``ConcurrentUseError``):
         the fusion takes the new LoRA's layers at once.
-        Raises ``OptionError`` (a name in use; a DoRA or conv layer), ``LoRAShapeError`` (a layer shaped unlike
-        the pool's LoRAs there), ``ModelMismatchError`` (a layer the attached model lacks), ``PoolBudgetError``.
+        Raises ``OptionError`` (a name in use; a DoRA layer), ``LoRAShapeError`` (a layer shaped unlike the pool's
+        LoRAs there, e.g. a conv LoRA of another kernel size; a conv B that is not 1x1), ``ModelMismatchError`` (a
+        layer the attached model lacks or that does not fit it), ``PoolBudgetError``.
         Nothing changes when it raises.
         """
         if not isinstance(name, str) or not name:
@@ -225,7 +241,7 @@ class LoRAPool:
                     f"LoRAPool.add({name!r}): the pool would hold {after} bytes, over its budget of "
                     f"{self.budget_bytes} (it holds {self.nbytes} bytes in {len(self)} LoRAs now; the LoRA has "
                     f"{len(prepared)} layers); remove a LoRA first or raise budget_bytes")
-            shapes = {layer_name: (b.shape[0], a.shape[1]) for layer_name, (a, b, _) in prepared.items()}
+            shapes = {layer_name: _weight_shape(a, b) for layer_name, (a, b, _) in prepared.items()}
             for watcher in self._live_watchers():
                 watcher.owner.check_free(f"LoRAPool.add({name!r})")  # not while another thread runs the model
                 watcher.check_pool_layers(name, shapes)
@@ -260,12 +276,10 @@ class LoRAPool:
 
     def _grown(self, layer_name: str, held: PoolLayer | None, capacity: int, rank: int, prepared) -> PoolLayer:
         """A layer's stacks re-allocated for ``capacity`` slots of ``rank``, the held slots copied in."""
-        if held is not None:
-            out_features, in_features = held.shape
-        else:
-            out_features, in_features = prepared[layer_name][1].shape[0], prepared[layer_name][0].shape[1]
+        shape = held.shape if held is not None else _weight_shape(*prepared[layer_name][:2])
+        out_features, in_shape = shape[0], shape[1:]
         options = dict(device=self.device, dtype=self.dtype)
-        grown = PoolLayer(torch.zeros(capacity, rank, in_features, **options),
+        grown = PoolLayer(torch.zeros(capacity, rank, *in_shape, **options),
                           torch.zeros(capacity, out_features, rank, **options),
                           torch.zeros(capacity, dtype=accumulation_dtype(self.dtype), device=self.device),
                           torch.zeros(capacity, dtype=torch.bool, device=self.device))

@@ -1,6 +1,7 @@
 """Attach a LoRA pool once, choose per image: ``fe.attach(model_or_pipe, pool=pool)`` and ``set_assignment``.
 
-Every Linear layer a pool LoRA adapts is swapped for a ``PooledLoRALinear``; each image of a batch then fuses
+Every Linear (Conv2d) layer a pool LoRA adapts is swapped for a ``PooledLoRALinear`` (``PooledLoRAConv2d``: conv
+layers run the pooled conv reference ops whatever the backend, as single-pair conv layers do); each image then fuses
 the LoRAs it names (one, a pair, or more) with the policy, and an image's result is the one a single-pair
 attach of its own pair gives (``tests/test_pool_equivalence.py``). LoRAs added to the pool while attached are
 taken at once (their new layers are swapped in); removed ones leave their layers running the others.
@@ -17,25 +18,51 @@ from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _already_attached, _swap_in
 from .integration import PipelineFusion, attached_pipeline, check_attachable
 from .ops import check_supported
 from .pool_context import PoolContext
-from .pool_modules import PooledLoRALinear
+from .pool_modules import PooledLoRAConv2d, PooledLoRALinear
 from .pool_policies import make_pool_policy
 from .pool_trace import PoolTrace
 from .trace import DEFAULT_MAX_RECORDS
 
 
-def _fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, int]]) -> list[str]:
-    """Why pool layers ``shapes`` (name -> (N, K)) cannot go on ``model``: missing, not Linear, other shapes,
-    another device or dtype than the pool's."""
+def _pooled_layer(module: nn.Module, name: str, index: int, context):
+    """The pool's stand-in for ``module``: a ``PooledLoRAConv2d`` for an ``nn.Conv2d``, else a ``PooledLoRALinear``."""
+    kind = PooledLoRAConv2d if type(module) is nn.Conv2d else PooledLoRALinear
+    return kind(module, name, index, context)
+
+
+def _shape_problem(name: str, module: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why pool LoRAs for weight ``shape`` do not fit ``module`` (an nn.Linear or nn.Conv2d), None when they do: a
+    conv needs the same kernel (1x1-conv storage, ``(N, K)``, fits a 1x1 conv)."""
+    weight = tuple(module.weight.shape)
+    if type(module) is nn.Linear:
+        fits = weight == tuple(shape)
+    else:
+        fits = weight == tuple(shape) or (len(shape) == 2 and weight == (*shape, 1, 1))
+        if fits and module.groups != 1:
+            return (f"{name}: is a grouped Conv2d (groups={module.groups}); the pool fuses conv layers with "
+                    "groups=1 only (attach it as a pair)")
+    if fits:
+        return None
+    lora_kernel = "x".join(map(str, shape[2:])) or "1x1 (or a Linear layer's LoRA)"
+    kind = "" if type(module) is nn.Linear else (f" (a LoRA kernel of {lora_kernel}, the conv's is "
+                                                 f"{'x'.join(map(str, weight[2:]))})")
+    return (f"{name}: the pool's LoRAs need weight {tuple(shape)}, the model's {type(module).__name__} is "
+            f"{weight}{kind}")
+
+
+def _fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Why pool layers ``shapes`` (name -> base weight shape) cannot go on ``model``: missing, not Linear or Conv2d,
+    other shapes (a conv LoRA of another kernel size), another device or dtype than the pool's."""
     problems = []
     for name, shape in shapes.items():
         module = find_module(model, name)
         if module is None:
             problems.append(f"{name}: no such module in the model")
-        elif type(module) is not nn.Linear:
-            problems.append(f"{name}: is a {type(module).__name__}; the pool fuses nn.Linear layers only")
-        elif tuple(module.weight.shape) != tuple(shape):
-            problems.append(f"{name}: the pool's LoRAs need weight {tuple(shape)}, the model's is "
-                            f"{tuple(module.weight.shape)}")
+        elif type(module) not in (nn.Linear, nn.Conv2d):
+            problems.append(f"{name}: is a {type(module).__name__}; the pool fuses nn.Linear and nn.Conv2d layers "
+                            "only")
+        elif problem := _shape_problem(name, module, shape):
+            problems.append(problem)
         elif module.weight.device != pool.device or module.weight.dtype != pool.dtype:
             problems.append(f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
                             f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
@@ -79,7 +106,7 @@ class PoolFusion(Fusion):
         if not new or not self.attached:
             return
         originals = {name: self.model.get_submodule(name) for name in new}
-        layers = [PooledLoRALinear(module, name, len(self.layers) + i, self.context)
+        layers = [_pooled_layer(module, name, len(self.layers) + i, self.context)
                   for i, (name, module) in enumerate(originals.items())]
         _swap_in(self.model, layers, originals)
         self.layers.extend(layers)
@@ -108,8 +135,9 @@ def pool_policy(policy, divergence: str, granularity: str, policy_options: dict)
 
 def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", granularity: str | None = None,
                 backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> PoolFusion:
-    """Attach ``pool`` to ``model``: every Linear layer a pool LoRA adapts (and every name in ``targets``, for
-    LoRAs added later) becomes a ``PooledLoRALinear``. Nothing changes unless every layer fits.
+    """Attach ``pool`` to ``model``: every Linear (Conv2d) layer a pool LoRA adapts (and every name in ``targets``,
+    for LoRAs added later) becomes a ``PooledLoRALinear`` (``PooledLoRAConv2d``). Nothing changes unless every layer
+    fits.
 
     Args:
         policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``),
@@ -121,7 +149,8 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
             FLS runs the pooled FLS kernel (kl, cosine, dot; ``js`` the pooled reference op on the same device)
             and ``direct``, ``switch`` and ``klora`` the pooled mix kernel; elsewhere the pooled reference ops (pure
             torch, any device). The pooled kernels are forward only: a forward that carries a gradient to the layer's
-            input (guidance) runs the reference ops, whatever the backend.
+            input (guidance) runs the reference ops, whatever the backend. Conv (LoCon) layers run the pooled conv
+            reference ops on every backend.
         trace: as in ``attach_model``; the records are ``PoolRecord``s (positions in each image's names).
     """
     granularity = granularity or "image"
@@ -136,13 +165,14 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
         _raise_misfit(_fit_problems(model, pool, shapes), "cannot attach the pool")
         for name in names:  # what the backend declines fails here, not at the first launch
             weight = model.get_submodule(name).weight
-            check_supported(backend, "linear", weight.dtype, (pool.layers[name].rank if name in pool.layers else 0,),
+            kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
+            check_supported(backend, kind, weight.dtype, (pool.layers[name].rank if name in pool.layers else 0,),
                             device=weight.device, layer=name)
         max_records = DEFAULT_MAX_RECORDS if trace is True else int(trace)
         trace_object = PoolTrace(names, policy.describe(), max_records) if trace else None
         context = PoolContext(pool, policy, granularity, backend, trace_object)
         originals = {name: model.get_submodule(name) for name in names}
-        layers = [PooledLoRALinear(module, name, index, context) for index, (name, module) in
+        layers = [_pooled_layer(module, name, index, context) for index, (name, module) in
                   enumerate(originals.items())]
         _swap_in(model, layers, originals)
         fusion = register(model, PoolFusion(model, pool, context, layers, originals))

@@ -1,10 +1,11 @@
-"""The fused stand-in of a Linear layer under a pool fusion: every image fuses the LoRAs it names."""
+"""The fused stand-ins of Linear and Conv2d layers under a pool fusion: every image fuses the LoRAs it names."""
 from __future__ import annotations
 
 import torch
 
 from . import ops
 from .modules import DynamicLoRALayer
+from .ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 
 
 class PooledLoRALinear(DynamicLoRALayer):
@@ -61,3 +62,32 @@ class PooledLoRALinear(DynamicLoRALayer):
     def extra_repr(self) -> str:
         held = self.context.pool.layer(self.name)
         return f"{self.name}, pool rank={held.rank if held is not None else 0}"
+
+
+class PooledLoRAConv2d(PooledLoRALinear):
+    """A Conv2d layer (conv / LoCon LoRAs) whose LoRAs come from the context's pool, per image.
+
+    Every policy runs the pooled conv reference ops (``ops/pooled.py``: grouped convolutions over the samples, the
+    base layer's stride, padding, dilation and padding mode) whatever the backend, as single-pair conv layers do:
+    there is no Triton conv kernel. FLS decides per group over output pixels with channels at dim 1, exactly as
+    ``DynamicLoRAConv2d`` decides for a pair.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context, base = self.context, self.base
+        held = context.pool.layer(self.name)
+        if not context.enabled or held is None:
+            return base(x)
+        if x.ndim == 3:  # an unbatched input, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        batch = x.shape[0]
+        slots = context.sample_slots(batch, x.device)
+        if not context.policy.uses_divergence:
+            return pooled_mix_conv2d(x, base, held.a, held.b, held.scales, slots,
+                                     context.sample_weights(batch, x.device, self.name))
+        out, scores, choice = pooled_fls_conv2d(
+            x, base, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            lambda pixels: context.row_groups(batch, pixels, x.device), context.policy.divergence,
+        )
+        self.keep_decisions(choice, scores)
+        return out

@@ -74,9 +74,9 @@ def test_add_and_name_errors(tiny_pipe):
     wide = fe.LoRA({next(iter(subject.layers)): fe.LoRALayer(torch.randn(4, 7), torch.randn(9, 4), 4.0)})
     with pytest.raises(fe.LoRAShapeError, match=r"layer .*to_q has A \(4, 7\) / B \(9, 4\).*another base model"):
         pool.add("wide", wide)
-    conv = fe.LoRA({"conv_in": fe.LoRALayer(torch.randn(2, 4, 3, 3), torch.randn(8, 2, 1, 1), 2.0)})
-    with pytest.raises(fe.OptionError, match="conv_in: a conv .*Linear layers only"):
-        pool.add("conv", conv)
+    conv = fe.LoRA({"conv_in": fe.LoRALayer(torch.randn(2, 4, 3, 3), torch.randn(8, 2, 3, 3), 2.0)})
+    with pytest.raises(fe.LoRAShapeError, match=r"conv_in: B \(8, 2, 3, 3\) is not a 1x1 conv"):
+        pool.add("conv", conv)  # conv (LoCon) layers are pooled (tests/test_pool_conv.py), with a 1x1 B
     dora = fe.LoRA({"x": fe.LoRALayer(layer.lora_a, layer.lora_b, 4.0, magnitude=torch.ones(layer.lora_b.shape[0]))})
     with pytest.raises(fe.OptionError, match="x: a DoRA layer"):
         pool.add("dora", dora)
@@ -139,7 +139,8 @@ def test_add_that_does_not_fit_the_attached_model_changes_nothing(tiny_pipe):
     stray = fe.LoRA({"down_blocks.0.resnets.0.conv1": fe.LoRALayer(torch.randn(2, 8), torch.randn(8, 2), 2.0)})
     with fe.attach(unet, pool=pool) as fusion:
         layers, before = len(fusion.layers), (pool.nbytes, pool.names, pool.version)
-        with pytest.raises(fe.ModelMismatchError, match="(?s)cannot add pool LoRA 'stray'.*conv1: is a Conv2d"):
+        with pytest.raises(fe.ModelMismatchError, match=r"(?s)cannot add pool LoRA 'stray'.*conv1: the pool's "
+                                                        r"LoRAs need weight \(8, 8\), the model's Conv2d is"):
             pool.add("stray", stray)
         assert (pool.nbytes, pool.names, pool.version) == before and len(fusion.layers) == layers
 

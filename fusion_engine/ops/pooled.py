@@ -17,12 +17,19 @@ Contract (what a pooled kernel must meet; the single-pair contract of ``referenc
 * Scores are reported for every position, candidate or not (a zero delta scores as ``y0`` against itself).
 * Gathering the factors per sample is a device index (no host sync, no Python loop over images); the only
   Python loop is over the ``L`` positions.
+* Conv (LoCon) layers (``pooled_fls_conv2d``, ``pooled_mix_conv2d``): ``x`` ``(B, C_in, H, W)``, ``a_stack``
+  ``(S, R, C_in, kh, kw)`` (or ``(S, R, C_in)`` for 1x1-conv storage) and ``b_stack`` ``(S, N, R)``; a sample's delta
+  is the base conv's convolution (stride, padding, dilation, padding mode) with its A, then a 1x1 conv with its B,
+  all samples at once as grouped convolutions (``groups=B``). The rows of the rule are the output pixels, channels
+  at dim 1, ``H_out * W_out`` rows per sample in row-major pixel order (the single-pair conv module's layout). These
+  run here on every backend (there is no Triton conv kernel), as single-pair conv layers do.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .reference import base_linear, group_mean, group_nonzero, row_divergence
+from .reference import accumulation_dtype, base_linear, group_mean, group_nonzero, row_divergence
 
 
 def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, slots: torch.Tensor,
@@ -63,6 +70,40 @@ def decide_n(scores: torch.Tensor, candidate: torch.Tensor, live: torch.Tensor) 
     return torch.where(candidate.any(-1), choice, torch.full_like(choice, -1))
 
 
+def select_n(y0: torch.Tensor, deltas: list[torch.Tensor], candidates: list[torch.Tensor], row_group: torch.Tensor,
+             num_groups: int, divergence: str):
+    """The N-way FLS rule on precomputed rows (see the module contract), shared by the linear and conv ops.
+
+    Args:
+        y0: ``(M, N)`` base features at accumulation precision, ``B`` samples of ``M / B`` rows, sample-major.
+        deltas: one ``(M, N)`` delta per position (its scale folded in; zeros where the position has no LoRA).
+        candidates: one ``(B,)`` bool per position: the sample's LoRA there targets the layer.
+        row_group: ``(M,)`` the decision group of each row; ``num_groups`` groups.
+        divergence: ``"kl"``, ``"js"``, ``"cosine"`` or ``"dot"``.
+
+    Returns:
+        ``(out, scores, choice)``: ``y0`` plus each group's chosen delta (accumulation precision), ``(G, L)`` scores
+        and ``(G,)`` int64 choices (``-1``: base).
+
+    Example:
+        >>> out, scores, choice = select_n(y0, [d0, d1], [c0, c1], row_group, groups, "kl")  # doctest: +SKIP
+    """
+    rows_per_sample = y0.shape[0] // max(candidates[0].shape[0], 1)
+    scores, group_candidates, lives = [], [], []
+    for delta, candidate in zip(deltas, candidates):
+        scores.append(group_mean(row_divergence(y0 + delta, y0, divergence), row_group, num_groups))
+        lives.append(group_nonzero(delta, row_group, num_groups))
+        row_candidate = candidate.to(y0.dtype).repeat_interleave(rows_per_sample)
+        group_candidates.append(y0.new_zeros(num_groups).index_add_(0, row_group.long(), row_candidate) > 0)
+    scores, group_candidates, lives = (torch.stack(t, -1) for t in (scores, group_candidates, lives))
+    choice = decide_n(scores, group_candidates, lives)
+    row_choice = choice[row_group.long()].unsqueeze(-1)
+    chosen = torch.zeros_like(y0)
+    for position, delta in enumerate(deltas):
+        chosen = torch.where(row_choice == position, delta, chosen)
+    return y0 + chosen, scores, choice
+
+
 def pooled_fls_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
                       b_stack: torch.Tensor, scales: torch.Tensor, present: torch.Tensor, sample_slots: torch.Tensor,
                       row_group: torch.Tensor, num_groups: int, divergence: str = "kl"):
@@ -71,23 +112,13 @@ def pooled_fls_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     batch = sample_slots.shape[0]
     y0 = base_linear(x, weight, bias)
     x3 = x.to(y0.dtype).reshape(batch, -1, x.shape[-1])
-    rows_per_sample = x3.shape[1]
-    deltas, scores, candidates, lives = [], [], [], []
+    deltas, candidates = [], []
     for position in range(sample_slots.shape[1]):
         index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
-        delta = gathered_delta(x3, a_stack, b_stack, index, coef)
-        deltas.append(delta)
-        scores.append(group_mean(row_divergence(y0 + delta, y0, divergence), row_group, num_groups))
-        lives.append(group_nonzero(delta, row_group, num_groups))
-        row_candidate = candidate.to(y0.dtype).repeat_interleave(rows_per_sample)
-        candidates.append(y0.new_zeros(num_groups).index_add_(0, row_group.long(), row_candidate) > 0)
-    scores, candidates, lives = (torch.stack(t, -1) for t in (scores, candidates, lives))
-    choice = decide_n(scores, candidates, lives)
-    row_choice = choice[row_group.long()].unsqueeze(-1)
-    chosen = torch.zeros_like(y0)
-    for position, delta in enumerate(deltas):
-        chosen = torch.where(row_choice == position, delta, chosen)
-    return (y0 + chosen).to(x.dtype), scores, choice
+        deltas.append(gathered_delta(x3, a_stack, b_stack, index, coef))
+        candidates.append(candidate)
+    out, scores, choice = select_n(y0, deltas, candidates, row_group, num_groups, divergence)
+    return out.to(x.dtype), scores, choice
 
 
 def pooled_mix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
@@ -108,4 +139,106 @@ def pooled_mix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y.to(x.dtype)
 
 
-__all__ = ["decide_n", "gathered_delta", "pooled_fls_linear", "pooled_mix_linear"]
+def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, groups: int, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """``conv``'s convolution (its stride, padding, dilation and padding mode, as ``conv._conv_forward``) of ``x``
+    with another ``weight``, in ``groups`` groups and without bias.
+
+    Args:
+        x: ``(1, groups * C_in, H, W)``: the samples side by side along channels.
+        weight: ``(groups * R, C_in, kh, kw)``: each sample's kernel.
+        groups: the number of samples.
+        conv: the base layer (an ``nn.Conv2d`` with ``groups == 1``).
+
+    Example:
+        >>> grouped_conv2d(x.reshape(1, -1, h, w), a.reshape(-1, *a.shape[2:]), batch, unet.conv_in)  # doctest: +SKIP
+    """
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+    return F.conv2d(x, weight, None, conv.stride, padding, conv.dilation, groups)
+
+
+def gathered_conv_delta(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                        slots: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``coef[b] * B_{slot_b} * (A_{slot_b} * x_b)`` for every sample ``b`` (``*``: ``conv``'s convolution, then a
+    1x1 one), ``(B, N, H_out, W_out)``, with no loop over samples.
+
+    Args:
+        x: ``(B, C_in, H, W)`` at accumulation precision.
+        a_stack: ``(S, R, C_in, kh, kw)``; ``b_stack`` ``(S, N, R)``.
+        slots: ``(B,)`` int64, valid slot indices (an invalid position has ``coef`` 0).
+        coef: ``(B,)`` at accumulation precision.
+    """
+    batch, channels, height, width = x.shape
+    a = a_stack[slots].to(x.dtype)  # (B, R, C_in, kh, kw)
+    b = b_stack[slots].to(x.dtype)  # (B, N, R)
+    rank, out_channels = a.shape[1], b.shape[1]
+    hidden = grouped_conv2d(x.reshape(1, batch * channels, height, width), a.reshape(batch * rank, *a.shape[2:]),
+                            batch, conv)  # (1, B * R, H_out, W_out)
+    delta = F.conv2d(hidden, b.reshape(batch * out_channels, rank, 1, 1), groups=batch)
+    return delta.reshape(batch, out_channels, *delta.shape[2:]) * coef.reshape(-1, 1, 1, 1)
+
+
+def _conv_setup(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor):
+    """(x at accumulation precision, the base output y0 there, ``a_stack`` with a kernel: 1x1 storage viewed 5-d)."""
+    x = x.to(accumulation_dtype(x.dtype))
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    y0 = conv._conv_forward(x, conv.weight.to(x.dtype), bias)
+    return x, y0, a_stack if a_stack.ndim == 5 else a_stack[..., None, None]
+
+
+def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                      scales: torch.Tensor, present: torch.Tensor, sample_slots: torch.Tensor, row_groups,
+                      divergence: str = "kl"):
+    """N-way FLS conv over pool slots (see the module contract): the linear op's rule with channels at dim 1.
+
+    Args:
+        x: ``(B, C_in, H, W)``.
+        conv: the base ``nn.Conv2d`` (its weight, bias and geometry).
+        row_groups: ``pixels -> (row_group, num_groups)``, called once the output size is known (``H_out * W_out``
+            pixels a sample): ``row_group`` ``(B * pixels,)`` the decision group of each output pixel, sample-major.
+
+    Returns:
+        ``(out, scores, choice)``: ``out`` ``(B, N, H_out, W_out)`` in ``x.dtype``, ``scores`` ``(G, L)``,
+        ``choice`` ``(G,)`` int64 (``-1``: base).
+
+    Example:
+        >>> groups_of = lambda pixels: context.row_groups(batch, pixels, device)
+        >>> out, scores, choice = pooled_fls_conv2d(x, conv, held.a, held.b, held.scales, held.present, slots,
+        ...                                         groups_of)  # doctest: +SKIP
+    """
+    dtype = x.dtype
+    x, y0, a_stack = _conv_setup(x, conv, a_stack)
+    batch, channels, height, width = y0.shape
+    row_group, num_groups = row_groups(height * width)
+
+    def to_rows(t):
+        return t.permute(0, 2, 3, 1).reshape(-1, channels)
+
+    deltas, candidates = [], []
+    for position in range(sample_slots.shape[1]):
+        index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
+        deltas.append(to_rows(gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)))
+        candidates.append(candidate)
+    out, scores, choice = select_n(to_rows(y0), deltas, candidates, row_group, num_groups, divergence)
+    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype), scores, choice
+
+
+def pooled_mix_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                      scales: torch.Tensor, sample_slots: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+    """Static per-image weights on a conv layer: ``y0 + sum_l w[b, l] * s_l * delta_l`` (see ``pooled_mix_linear``).
+
+    Example:
+        >>> out = pooled_mix_conv2d(x, conv, held.a, held.b, held.scales, slots, weights)  # doctest: +SKIP
+    """
+    dtype = x.dtype
+    x, y, a_stack = _conv_setup(x, conv, a_stack)
+    weights = sample_weights.to(y.dtype)
+    for position in range(sample_slots.shape[1]):
+        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
+        y = y + gathered_conv_delta(x, conv, a_stack, b_stack, index, coef * weights[:, position])
+    return y.to(dtype)
+
+
+__all__ = ["decide_n", "gathered_conv_delta", "gathered_delta", "grouped_conv2d", "pooled_fls_conv2d",
+           "pooled_fls_linear", "pooled_mix_conv2d", "pooled_mix_linear", "select_n"]
