@@ -41,6 +41,20 @@
 5. Pool table (bf16, rank 64, 8 images x 4096 tokens, K=N=640 and 1280): 8 distinct pairs (16 pool slots) in one
    pooled FLS call against 8 single-pair fls_linear calls of one image each and the merged-weight linear of the
    batch (the floor), eager calls, correct guesses; the pooled call's choices checked against float64 first.
+6. Pool step table (issue 13's GPU target; bf16, rank 64): table 4's attention-only step (same blocks, shapes and
+   attention) for P = 8 images with CFG, batch 2P copy-major as diffusers batches it (rows 0..P-1 uncond, P..2P-1
+   cond), each image with its own random (subject, style) pair at every linear (2P pool slots per layer; an image's
+   decision group is its two CFG copies, as the library's pool). Modes: (a) pooled, one batch-2P step through
+   pooled_fls_linear at every linear (speculation state kept per layer on the device); (b) per request, P steps of
+   batch 2, each image's own pair through the single-pair fused fls_linear (correct guesses) - sampling only: the
+   attach/detach a real service pays per request is NOT modelled, so (b) is a lower bound on its cost; (c) merged
+   weights, one batch-2P step with one pair merged for all (the floor of a batch that size). Reported: ms per step
+   and images/s per denoising step (P images per step for a and c, P steps for b), eager and CUDA-graph replay, and
+   issue 13's targets: (a)/(b) images/s >= 4x, (a)/(c) cost per image <= 1.3x. Verified first: every pooled linear,
+   on the input the pooled reference step gives it, each image's rows checked against float64 by table 4's
+   single-pair check (near-tie decisions that differ from float64's are counted); then, for information, how many
+   (layer, image) decisions of the last pooled step equal the last per-request steps'. Smoke: one block per
+   resolution, P = 2, rank 8, fp32.
 """
 from __future__ import annotations
 
