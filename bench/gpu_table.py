@@ -41,6 +41,20 @@
 5. Pool table (bf16, rank 64, 8 images x 4096 tokens, K=N=640 and 1280): 8 distinct pairs (16 pool slots) in one
    pooled FLS call against 8 single-pair fls_linear calls of one image each and the merged-weight linear of the
    batch (the floor), eager calls, correct guesses; the pooled call's choices checked against float64 first.
+6. Pool step table (issue 13's GPU target; bf16, rank 64): table 4's attention-only step (same blocks, shapes and
+   attention) for P = 8 images with CFG, batch 2P copy-major as diffusers batches it (rows 0..P-1 uncond, P..2P-1
+   cond), each image with its own random (subject, style) pair at every linear (2P pool slots per layer; an image's
+   decision group is its two CFG copies, as the library's pool). Modes: (a) pooled, one batch-2P step through
+   pooled_fls_linear at every linear (speculation state kept per layer on the device); (b) per request, P steps of
+   batch 2, each image's own pair through the single-pair fused fls_linear (correct guesses) - sampling only: the
+   attach/detach a real service pays per request is NOT modelled, so (b) is a lower bound on its cost; (c) merged
+   weights, one batch-2P step with one pair merged for all (the floor of a batch that size). Reported: ms per step
+   and images/s per denoising step (P images per step for a and c, P steps for b), eager and CUDA-graph replay, and
+   issue 13's targets: (a)/(b) images/s >= 4x, (a)/(c) cost per image <= 1.3x. Verified first: every pooled linear,
+   on the input the pooled reference step gives it, each image's rows checked against float64 by table 4's
+   single-pair check (near-tie decisions that differ from float64's are counted); then, for information, how many
+   (layer, image) decisions of the last pooled step equal the last per-request steps'. Smoke: one block per
+   resolution, P = 2, rank 8, fp32.
 """
 from __future__ import annotations
 
@@ -150,6 +164,9 @@ def capture(fn):
 
 # ----------------------------------------------------------------------------- one layer
 
+LORA_B_STD = (0.2, 0.25)  # (subject, style) B factors' std times sqrt(rank): deltas ~20% of y0, style a bit larger
+
+
 class Layer:
     """One LoRA-targeted linear: base W (N, K), optional bias, two LoRAs, its merged weight."""
 
@@ -158,7 +175,7 @@ class Layer:
         # the device: the step has ~1e9 weights
         self.inputs = RUN.checks.make_fls_inputs(
             M, K, N, r, r, (M,), dtype, seed, bias=bias, device=RUN.device, bias_std=0.5,
-            b_std=(0.2 * r ** -0.5, 0.25 * r ** -0.5), scales=(1.0, 1.0), with_x=with_x)  # scale: alpha = rank
+            b_std=tuple(std * r ** -0.5 for std in LORA_B_STD), scales=(1.0, 1.0), with_x=with_x)  # alpha = rank
         self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
         a = self.inputs
         self.w_merged = (a["weight"].float() + a["subject_scale"] * a["subject_b"].float() @ a["subject_a"].float()
@@ -339,6 +356,21 @@ def flux_tables():
 
 # ----------------------------------------------------------------------------- step table
 
+def time_step(name: str, fn, capturable: bool = True) -> tuple:
+    """(eager ms, CUDA-graph replay ms or None) of one step function ``fn``; no graph in smoke mode. A failed
+    capture is reported and recorded, and the run goes on (capture success is one of the targets)."""
+    eager, graph = bench(fn), None
+    if capturable and not RUN.smoke:
+        try:
+            g = capture(fn)
+            graph = bench(g.replay)
+            del g
+        except Exception as exc:
+            emit(f"capture of {name} FAILED: {exc!r}")
+            RUN.failures.append(f"capture {name}")
+    return eager, graph
+
+
 def sdxl_blocks(smoke: bool):
     """(resolution key, channels) of the 70 SDXL transformer blocks in UNet order."""
     if smoke:
@@ -349,18 +381,16 @@ def sdxl_blocks(smoke: bool):
 class AttentionStack:
     """The attention linears of one SDXL UNet step (see the module docstring)."""
 
-    def __init__(self, rank, dtype, smoke):
-        tokens = {"hi": 64, "lo": 16} if smoke else {"hi": 4096, "lo": 1024}
+    def __init__(self, rank, dtype, smoke, blocks=slice(None)):
+        """``blocks``: which of sdxl_blocks' blocks to build (a slice, for a shorter smoke run; default all)."""
+        self.tokens = tokens = {"hi": 64, "lo": 16} if smoke else {"hi": 4096, "lo": 1024}
         self.ctx_dim, self.ctx_len, self.batch = (48, 7, 2) if smoke else (2048, 77, 2)
         self.head_dim = 16 if smoke else 64
-        channels = {res: C for res, C in sdxl_blocks(smoke)}
-        g = torch.Generator(device=RUN.device).manual_seed(0)
-        self.h = {res: torch.randn(self.batch, t, channels[res], generator=g, device=RUN.device).to(dtype)
-                  for res, t in tokens.items()}
-        self.ctx = torch.randn(self.batch, self.ctx_len, self.ctx_dim, generator=g, device=RUN.device).to(dtype)
+        self.channels, self.dtype = {res: C for res, C in sdxl_blocks(smoke)}, dtype
+        self.h, self.ctx = self.random_inputs(self.batch)
         self.blocks = []
         seed = 0
-        for res, C in sdxl_blocks(smoke):
+        for res, C in sdxl_blocks(smoke)[blocks]:
             T = self.batch * tokens[res]
             Tc = self.batch * self.ctx_len
             specs = [(T, C, C, False), (T, C, C, False), (T, C, C, False), (T, C, C, True),  # self q k v out
@@ -372,19 +402,33 @@ class AttentionStack:
             self.blocks.append((res, C, layers))
         self.num_linears = sum(len(b[2]) for b in self.blocks)
 
+    def random_inputs(self, batch: int, seed: int = 0):
+        """({res: (batch, tokens, C)} activations, (batch, ctx_len, ctx_dim) text context), standard normal."""
+        g = torch.Generator(device=RUN.device).manual_seed(seed)
+        h = {res: torch.randn(batch, t, self.channels[res], generator=g, device=RUN.device).to(self.dtype)
+             for res, t in self.tokens.items()}
+        return h, torch.randn(batch, self.ctx_len, self.ctx_dim, generator=g, device=RUN.device).to(self.dtype)
+
     def _attn(self, q, k, v, C):
-        B = self.batch
+        B = q.shape[0]
         heads = C // self.head_dim
         q, k, v = (t.reshape(B, -1, heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, C)
 
     def step(self, mode: str, **options):
-        h = dict(self.h)
-        ctx2 = self.ctx.reshape(-1, self.ctx_dim)
-        for res, C, (q, k, v, o, q2, k2, v2, o2) in self.blocks:
+        """One step of this stack's Layers in ``mode`` (a Layer method) on the stack's batch-2 inputs."""
+        return self.run(self.blocks, lambda L, x: getattr(L, mode)(x, **options), self.h, self.ctx)
+
+    def run(self, blocks, linear, h: dict, ctx):
+        """One step over ``blocks`` ((res, C, 8 layers) in UNet order) on activations ``h`` ({res: (B, T, C)}) and
+        context ``ctx`` (B, Tc, D), any batch B; ``linear(layer, x)`` maps the (B * T, K) rows of one linear."""
+        h = dict(h)
+        B = ctx.shape[0]
+        ctx2 = ctx.reshape(-1, self.ctx_dim)
+        for res, C, (q, k, v, o, q2, k2, v2, o2) in blocks:
             x = h[res]
             x2 = x.reshape(-1, C)
-            lin = lambda L, inp: getattr(L, mode)(inp, **options).reshape(self.batch, -1, L.N)  # noqa: E731
+            lin = lambda L, inp: linear(L, inp).unflatten(0, (B, -1))  # noqa: E731
             a = self._attn(lin(q, x2), lin(k, x2), lin(v, x2), C)
             x = x + lin(o, a.reshape(-1, C))
             x2 = x.reshape(-1, C)
@@ -428,17 +472,7 @@ def step_table(rank: int, dtype):
         rows = {}
         for mode, label in (("merged", "merged weights (floor)"), ("fused_step", "fused FLS"),
                             ("reference", "reference FLS (torch)"), ("naive", "naive eager FLS")):
-            eager = bench(lambda mode=mode: S.step(mode))
-            graph = None
-            if mode != "naive" and not RUN.smoke:
-                try:
-                    g = capture(lambda mode=mode: S.step(mode))
-                    graph = bench(g.replay)
-                    del g
-                except Exception as exc:  # report, keep going: capture success is one of the targets
-                    emit(f"capture of {mode} FAILED: {exc!r}")
-                    RUN.failures.append(f"capture {mode}")
-            rows[mode] = (label, eager, graph)
+            rows[mode] = (label, *time_step(mode, lambda mode=mode: S.step(mode), capturable=mode != "naive"))
         fe, fg = rows["merged"][1], rows["merged"][2]
         for label, eager, graph in rows.values():
             gcell = "n/a | -" if graph is None or fg is None else f"{graph:.2f} | {graph / fg:.2f}x"
@@ -510,14 +544,201 @@ def pool_table():
     emit()
 
 
+# ----------------------------------------------------------------------------- pool step table
+
+POOL_STEP_IMAGES = 8  # issue 13: 8 distinct pairs at SDXL 1024px
+
+
+class PoolLayout:
+    """The batch of P images with CFG, copy-major as diffusers batches it: rows 0..P-1 are the images' uncond
+    copies, P..2P-1 their cond copies, so batch row b is image b % P. Image i fuses pool slots 2i (subject) and
+    2i + 1 (style) and is one decision group, both its CFG copies (fusion_engine/pool_context.py's row groups)."""
+
+    def __init__(self, images: int):
+        self.images = images
+        image = torch.arange(2 * images, device=RUN.device) % images
+        self.sample_slots = torch.stack([2 * image, 2 * image + 1], -1)  # (2P, 2) int64
+        self._row_groups = {}
+
+    def row_group(self, rows_per_sample: int) -> torch.Tensor:
+        """(2P * rows_per_sample,) int32 decision group of each row (built once per shape)."""
+        if rows_per_sample not in self._row_groups:
+            image = torch.arange(2 * self.images, device=RUN.device, dtype=torch.int32) % self.images
+            self._row_groups[rows_per_sample] = image.repeat_interleave(rows_per_sample)
+        return self._row_groups[rows_per_sample]
+
+    def image_samples(self, t: torch.Tensor, image: int) -> torch.Tensor:
+        """One image's (uncond, cond) samples (2, ...) of a batch-2P tensor (2P, ...)."""
+        return t[[image, self.images + image]]
+
+    def image_rows(self, rows: torch.Tensor, image: int) -> torch.Tensor:
+        """One image's (2 * T, F) rows of the batch-2P rows (2P * T, F), sample-major."""
+        samples = rows.reshape(2 * self.images, -1, rows.shape[-1])
+        return self.image_samples(samples, image).reshape(-1, rows.shape[-1])
+
+
+class PoolLayer:
+    """One linear of the pool step: a step Layer's base weight and bias, and each image's own (subject, style) pair
+    of the Layer's rank, stacked as the pool's slots (a_stack (2P, r, K), b_stack (2P, N, r); see
+    fusion_engine/ops/pooled.py), drawn like the Layer's own pair. Keeps each mode's speculation state on the
+    device: (P,) int64 choices for the pooled op, one (1,) bool per image for the single-pair op."""
+
+    def __init__(self, layer: Layer, layout: PoolLayout, index: int):
+        self.layer, self.layout, self.index = layer, layout, index
+        (N, K), r, P, dev = layer.inputs["weight"].shape, layer.r, layout.images, RUN.device
+        g = torch.Generator(device=dev).manual_seed(10_000 + index)
+        b_std = torch.tensor(LORA_B_STD, device=dev).repeat(P).reshape(-1, 1, 1) * r ** -0.5
+        self.a_stack = (torch.randn(2 * P, r, K, generator=g, device=dev) * K ** -0.5).to(layer.dtype)
+        self.b_stack = (torch.randn(2 * P, N, r, generator=g, device=dev) * b_std).to(layer.dtype)
+        self.scales = layer.coef.repeat(P)  # the Layer's (subject, style) scales for every image
+        self.present = torch.ones(2 * P, dtype=torch.bool, device=dev)
+        self.pairs = [{"subject_a": self.a_stack[2 * i], "subject_b": self.b_stack[2 * i],
+                       "style_a": self.a_stack[2 * i + 1], "style_b": self.b_stack[2 * i + 1]} for i in range(P)]
+        self.prev_choice = torch.zeros(P, dtype=torch.int64, device=dev)
+        self.prev_pair = [torch.ones(1, dtype=torch.bool, device=dev) for _ in range(P)]
+
+    def pool_args(self, x) -> tuple:
+        """Positional arguments of pooled_fls_linear (up to num_groups) for the batch-2P rows x."""
+        a, layout = self.layer.inputs, self.layout
+        return (x, a["weight"], a["bias"], self.a_stack, self.b_stack, self.scales, self.present, layout.sample_slots,
+                layout.row_group(x.shape[0] // (2 * layout.images)), layout.images)
+
+    def pair_inputs(self, x, image: int) -> dict:
+        """fls_linear's keyword arguments for one image's pair on its batch-2 rows x (one decision group)."""
+        return {**self.layer.inputs_for(x), **self.pairs[image]}
+
+    def pooled(self, x):  # (a): every image's pair in one call, speculation state updated on the device
+        out, _, choice = RUN.ops.pooled_fls_linear(*self.pool_args(x), "kl", prev_choice=self.prev_choice)
+        self.prev_choice.copy_(choice)
+        return out
+
+    def pair(self, x, image: int):  # (b): one image's pair, the single-pair fused op
+        out, _, _, choose = RUN.ops.fls_linear(**self.pair_inputs(x, image), divergence="kl",
+                                               prev_choose=self.prev_pair[image])
+        self.prev_pair[image].copy_(choose)
+        return out
+
+    def checked(self, x, checks: list):
+        """The pooled op on x, each image's rows checked against float64 by the layer tables' single-pair check
+        (with two positions the pool's N-way rule is the pair's); appends (index, image, KernelCheck) to checks and
+        passes on the pooled reference op's output, as Layer.checked does."""
+        from fusion_engine.ops import pooled
+
+        args = self.pool_args(x)
+        out, scores, choice = RUN.ops.pooled_fls_linear(*args, "kl")
+        for image in range(self.layout.images):
+            result = (self.layout.image_rows(out, image), scores[image:image + 1, 0], scores[image:image + 1, 1],
+                      choice[image:image + 1] == 0)
+            inputs = self.pair_inputs(self.layout.image_rows(x, image), image)
+            checks.append((self.index, image, RUN.checks.check_fls_linear(result, inputs, "kl", RUN.reference)))
+        return pooled.pooled_fls_linear(*args, "kl")[0]
+
+
+class PoolStack:
+    """AttentionStack's step for P images with CFG (batch 2P), each image with its own pair at every linear; the
+    three modes of the pool step table (module docstring, 6)."""
+
+    def __init__(self, stack: AttentionStack, images: int):
+        self.stack, self.layout = stack, PoolLayout(images)
+        self.h, self.ctx = stack.random_inputs(2 * images, seed=1)
+        self.blocks, index = [], 0
+        for res, C, layers in stack.blocks:
+            self.blocks.append((res, C, [PoolLayer(L, self.layout, index + i) for i, L in enumerate(layers)]))
+            index += len(layers)
+        self.requests = [({res: self.layout.image_samples(h, i) for res, h in self.h.items()},
+                          self.layout.image_samples(self.ctx, i)) for i in range(images)]
+
+    def pooled(self):
+        return self.stack.run(self.blocks, PoolLayer.pooled, self.h, self.ctx)
+
+    def per_request(self):
+        return [self.stack.run(self.blocks, lambda L, x, i=i: L.pair(x, i), h, ctx)
+                for i, (h, ctx) in enumerate(self.requests)]
+
+    def merged(self):  # one pair merged for the whole batch: the cost floor
+        return self.stack.run(self.stack.blocks, Layer.merged, self.h, self.ctx)
+
+    def checked(self) -> list:
+        checks = []
+        self.stack.run(self.blocks, lambda L, x: L.checked(x, checks), self.h, self.ctx)
+        return checks
+
+    def layers(self):
+        return [L for _, _, layers in self.blocks for L in layers]
+
+    def decisions_agree(self) -> int:
+        """Decisions (layer x image) where the pooled mode's last step chose as the image's own last step did."""
+        return sum(int(((L.prev_choice == 0) == torch.cat(L.prev_pair)).sum()) for L in self.layers())
+
+
+POOL_STEP_MODES = (("pooled", "(a) pooled FLS: one batch-2P step", 1),  # (method, label, steps per P images)
+                   ("per_request", "(b) per request: P single-pair fused steps of batch 2", None),
+                   ("merged", "(c) merged weights: one batch-2P step (floor)", 1))
+
+
+def verify_pool_step(S: PoolStack) -> None:
+    """Every pooled linear on the input the reference pool step gives it, each image against float64; reported."""
+    checks = S.checked()
+    problems = [f"linear {i} image {image}: {p}" for i, image, c in checks for p in c.problems]
+    flips = sum(c.near_tie_flips for _, _, c in checks)
+    emit(f"each pooled linear, each image vs float64 on the reference pool step's input ({len(checks)} checks): "
+         f"{'ok' if not problems else 'FAIL: ' + '; '.join(problems[:3])}; {flips} near-tie decision(s) unlike "
+         "float64's (allowed: the float64 scores are within the tolerance)")
+    if problems:
+        RUN.failures.append(f"pool step P={S.layout.images}")
+
+
+def pool_step_table(images: int, rank: int, dtype):
+    """Issue 13's GPU target (module docstring, 6): the pool step against per-request steps and the merged floor."""
+    torch.manual_seed(0)
+    # smoke: one block per resolution (the pooled kernel is slow under the interpreter)
+    S = PoolStack(AttentionStack(rank, dtype, RUN.smoke, blocks=slice(1, 3) if RUN.smoke else slice(None)), images)
+    emit(f"## Pool step: {S.stack.num_linears} attention linears, SDXL shapes, {images} images with CFG (batch "
+         f"{2 * images}), each with its own pair, rank {rank}, {dtype_name(dtype)} (attention-only approximation; "
+         "per request = sampling only, the service's attach/detach per request not modelled)")
+    emit()
+    with torch.no_grad():
+        verify_pool_step(S)
+        times = {method: time_step(method, getattr(S, method)) for method, _, _ in POOL_STEP_MODES}
+        agree = S.decisions_agree()  # the speculation states hold the last timed step's choices
+    emit(f"pooled vs per-request decisions on their last steps: {agree}/{len(S.layers()) * images} equal "
+         "(information: the two chains differ by rounding, and a near-tie flip moves everything after it)")
+    emit()
+    emit_pool_step_times(times, images)
+    del S
+    if not RUN.smoke:
+        torch.cuda.empty_cache()
+
+
+def emit_pool_step_times(times: dict, images: int) -> None:
+    """The pool step table (ms per step, images/s per denoising step) and issue 13's two target ratios."""
+    emit("| mode | eager ms / step | eager images/s | CUDA graph ms / step | CUDA graph images/s |")
+    emit("|---|---|---|---|---|")
+    for method, label, steps in POOL_STEP_MODES:
+        cells = []
+        for ms in times[method]:
+            per_step = None if ms is None else ms / (steps or images)
+            cells += ["n/a", "n/a"] if ms is None else [f"{per_step:.2f}", f"{images * 1e3 / ms:.1f}"]
+        emit(f"| {label} | " + " | ".join(cells) + " |")
+    emit()
+    for column, mode in enumerate(("eager", "CUDA graph")):
+        pooled, request, merged = (times[method][column] for method, _, _ in POOL_STEP_MODES)
+        if None in (pooled, request, merged):
+            emit(f"issue 13 targets ({mode}): n/a")
+            continue
+        emit(f"issue 13 targets, P={images} ({mode}): pooled / per-request images/s {request / pooled:.2f}x "
+             f"(target >= 4x); pooled / merged cost per image {pooled / merged:.2f}x (target <= 1.3x)")
+    emit()
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (logic check only)")
     p.add_argument("--out", type=Path, help="append the markdown tables to this file")
-    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step", "pool"],
-                   default=["sdxl", "flux", "step", "pool"],
+    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step", "pool", "pool_step"],
+                   default=["sdxl", "flux", "step", "pool", "pool_step"],
                    help="which tables to run (default: all)")
     p.add_argument("--step-ranks", type=int, nargs="+", default=[64], help="LoRA ranks of the step table")
     return p.parse_args(argv)
@@ -549,6 +770,9 @@ def main(argv=None) -> int:
             step_table(rank if not args.smoke else min(rank, 8), torch.float32 if args.smoke else torch.bfloat16)
     if "pool" in args.tables:
         pool_table()
+    if "pool_step" in args.tables:
+        pool_step_table(2 if args.smoke else POOL_STEP_IMAGES, 8 if args.smoke else POOL_RANK,
+                        torch.float32 if args.smoke else torch.bfloat16)
     emit(f"total {time.time() - t0:.0f} s; verification failures: {RUN.failures or 'none'}")
     if args.out:
         with open(args.out, "a") as f:
