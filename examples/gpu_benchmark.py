@@ -1,17 +1,18 @@
 """The GPU benchmark of the fused FLS kernels: runs ``bench/gpu_table.py`` when CUDA is there, else says how.
 
 Run (from a checkout of the repository; ``bench/`` is not part of the installed package):
-    python examples/gpu_benchmark.py                  # the full tables, < 5 min on an H100
+    python examples/gpu_benchmark.py                  # every table (a few minutes on an H100/H200)
     python examples/gpu_benchmark.py --out RESULTS.md # ... and append them to a file
 
 ``bench/gpu_table.py`` first checks the Triton op against a float64 run of the reference at every shape,
-rank and dtype it times, then prints two markdown tables: one LoRA linear at SDXL's shapes (merged
-weights, naive eager FLS, K-LoRA, two-adapter unmerged, the fused op with a right and a wrong guess) and
-the attention part of one SDXL UNet step, eager and from a CUDA graph. Arguments are passed on.
+rank and dtype it times, then prints markdown tables: one LoRA linear at SDXL's and at FLUX's shapes (merged
+weights, naive eager FLS, K-LoRA, two-adapter unmerged, the fused and the split op with a right and a wrong
+guess), the attention part of one SDXL UNet step, and the LoRA pool (one pooled call and one pooled step for
+8 images with 8 pairs against one pair at a time), eager and from a CUDA graph. Arguments are passed on.
 
 Example:
     ```sh
-    python bench/gpu_table.py --skip-step            # the layer table only
+    python bench/gpu_table.py --tables sdxl flux     # the layer tables only
     python bench/gpu_table.py --smoke                # CPU + Triton interpreter: checks the logic, no timings
     ```
 """
