@@ -68,7 +68,10 @@ def test_world_loads_from_the_shipped_files():
     assert subject.layout == "peft" and style.layout == "kohya"
     targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # the trainer's attention+ff
     assert len(subject.layers) == 100 and all(name.endswith(targets) for name in subject.layers)
-    assert set(subject.layers) == set(style.layers)
+    convs = set(style.layers) - set(subject.layers)  # the style's --targets all: and every resnet's conv1/conv2
+    assert set(subject.layers) < set(style.layers) and len(convs) == 22
+    assert all(".resnets." in name and name.endswith(("conv1", "conv2")) and style.layers[name].is_conv
+               for name in convs)
     clip, dino = load_judges()
     image = torch.from_numpy(render(SUBJECT_SHAPE, HELD_STYLE)).permute(2, 0, 1)[None]
     assert clip(image).shape[0] == 1 and dino(image).shape[0] == 1

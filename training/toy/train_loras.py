@@ -1,13 +1,15 @@
 """Train the toy world's two LoRAs on the frozen base model. Seeded; CPU.
 
-Targets (``--targets``): the attention projections (to_q, to_k, to_v, to_out.0: the paper's recipe) or those
-and each transformer block's feed-forward linears (ff.net.0.proj, ff.net.2; the shipped files: 100 layers).
+Targets (``--targets``): ``attention``, the attention projections (to_q, to_k, to_v, to_out.0: the paper's
+recipe); ``attention+ff``, those and each transformer block's feed-forward linears (ff.net.0.proj, ff.net.2:
+100 layers); ``all``, those and each resnet's two 3x3 convolutions (conv LoRAs, kohya's LoCon: 122 layers).
 The shipped settings (``scripts/train_toy_world.sh``):
 
 * subject: DreamBooth-style, 12 images of the mushroom in its own colours ("a sks mushroom"), rank 16,
-  alpha 16, 600 steps at lr 2e-3, saved in the PEFT (diffusers) layout;
+  alpha 16, attention+ff, 600 steps at lr 2e-3, saved in the PEFT (diffusers) layout;
 * style: 36 images of the held-out style on the base shapes ("a circle in zzt style" / "an image in zzt
-  style"), rank 32, alpha 16, 2400 steps at lr 3e-3 decaying (cosine) to 0.1x, saved in the kohya layout.
+  style"), rank 32, alpha 16, all (convs included), 4800 steps at lr 3e-3 decaying (cosine) to 0.1x, saved
+  in the kohya layout.
 
 Both use DreamBooth's prior preservation: a quarter of every batch (``--prior-share``) is the base world's own
 images and captions (rendered, not sampled: this world's prior is known exactly), so each LoRA changes what its
