@@ -39,13 +39,18 @@ def _pool_summary(tr) -> None:
     if not counts:
         return
     tr.section("LoRA pool CPU throughput (same run; K requests, K distinct pairs)")
-    tr.write_line("| K | pool: one call (images/s) | attach/sample/detach per request (images/s) | ratio |")
-    tr.write_line("|---|---|---|---|")
+    tr.write_line("| K | pool, fls, one call (images/s) | attach/sample/detach per request (images/s) | ratio | "
+                  "pool, direct, one call (images/s) | diffusers set_adapters per request (images/s) | "
+                  "pool direct / diffusers |")
+    tr.write_line("|---|---|---|---|---|---|---|")
     for count in counts:
         pool, single = POOL_MEDIANS.get((count, "pool")), POOL_MEDIANS.get((count, "per_request"))
         if pool is None or single is None:
             continue
-        tr.write_line(f"| {count} | {count / pool:.2f} | {count / single:.2f} | {single / pool:.2f}x |")
+        direct, adapters = POOL_MEDIANS.get((count, "pool_direct")), POOL_MEDIANS.get((count, "diffusers"))
+        tail = ("- | - | -" if direct is None or adapters is None
+                else f"{count / direct:.2f} | {count / adapters:.2f} | {adapters / direct:.2f}x")
+        tr.write_line(f"| {count} | {count / pool:.2f} | {count / single:.2f} | {single / pool:.2f}x | {tail} |")
 
 
 @pytest.fixture
