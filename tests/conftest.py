@@ -36,6 +36,19 @@ def tiny_pipe(_tiny_pipe_master):
     return copy.deepcopy(_tiny_pipe_master)
 
 
+@pytest.fixture(scope="session")
+def _tiny_flux_master():
+    from fusion_engine.worlds.dit import build_tiny_flux
+
+    return build_tiny_flux(0)
+
+
+@pytest.fixture
+def tiny_flux(_tiny_flux_master):
+    """A fresh copy of the tiny FLUX pipeline per test, as ``tiny_pipe``."""
+    return copy.deepcopy(_tiny_flux_master)
+
+
 @pytest.fixture
 def loras(tiny_pipe):
     return default_loras(tiny_pipe.unet, seed=0)

@@ -10,20 +10,15 @@ import fusion_engine as fe
 import fusion_engine.refine.refiner as refiner_module
 from fusion_engine.encoders import tiny_dino, tiny_openclip
 from fusion_engine.refine import Refiner
-from fusion_engine.worlds.dit import build_tiny_flux, build_tiny_sd3, dit_loras
+from fusion_engine.worlds.dit import build_tiny_sd3, dit_loras
 
 PROMPT, SUBJECT_PROMPT, STYLE_PROMPT = "a sbu dog in szn style", "a photo of sbu dog", "a painting in szn style"
 SIZE = dict(height=32, width=32)
 
 
-@pytest.fixture(scope="module")
-def _flux():
-    return build_tiny_flux(0)
-
-
 @pytest.fixture
-def flux(_flux):
-    return copy.deepcopy(_flux)
+def flux(tiny_flux):
+    return tiny_flux
 
 
 @pytest.fixture(scope="module")

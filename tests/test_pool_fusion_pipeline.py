@@ -3,14 +3,13 @@ pair, and equals the image a single-pair FusionPipeline of that pair makes with 
 output to fp32 rounding). Both ways a FusionPipeline runs: the pipeline's own call (tiny SD UNet, tiny FLUX) and the
 lean loop (FLUX true CFG, uncond and cond as one batch). Plus the call's refusals, all before any sampling.
 """
-import copy
 
 import pytest
 import torch
 from test_pool_equivalence import PAIRS, PROMPTS, make_pool
 
 import fusion_engine as fe
-from fusion_engine.worlds.dit import build_tiny_flux, dit_loras
+from fusion_engine.worlds.dit import dit_loras
 
 SEEDS = [11, 12, 13]
 
@@ -54,14 +53,9 @@ def test_sd_fusion_pipeline_pairs_equal_single_pair_pipelines(tiny_pipe, policy)
                                             guidance_scale=4.0, num_inference_steps=3, output_type="pt")
 
 
-@pytest.fixture(scope="module")
-def _flux_master():
-    return build_tiny_flux(0)
-
-
 @pytest.fixture
-def flux(_flux_master):
-    return copy.deepcopy(_flux_master)
+def flux(tiny_flux):
+    return tiny_flux
 
 
 def flux_pool(pipe):
