@@ -249,6 +249,25 @@ def _kl_tile_stats(y0m, d, mask_n):
 
 
 @triton.jit
+def _tile_live(delta, mask_n):
+    """1.0 per row where the delta has a non-zero element in this tile's columns."""
+    return tl.max(tl.where(mask_n[None, :] & (delta != 0.0), 1.0, 0.0), axis=1)
+
+
+@triton.jit
+def _kl_row_score(y1_max, y1_sumexp, y1_exp_delta, y0_max, y0_sumexp):
+    """KL(P(y1)||P(y0)) = E_q1[d] - (LSE(y1) - LSE(y0)) from whole-row statistics; the LSE difference is
+    taken as (m1 - m0) + log(s1 / s0) so the large LSEs never cancel in fp32."""
+    return y1_exp_delta / y1_sumexp - (y1_max - y0_max) - tl.log(y1_sumexp / y0_sumexp)
+
+
+@triton.jit
+def _cosine_row_score(dot_y0, y1_sqnorm, y0_sqnorm):
+    """1 - cos(y1, y0) from whole-row sums, each norm clamped at eps=1e-12 as torch's cosine_similarity."""
+    return 1.0 - dot_y0 / (tl.maximum(tl.sqrt(y1_sqnorm), 1e-12) * tl.maximum(tl.sqrt(y0_sqnorm), 1e-12))
+
+
+@triton.jit
 def _store_tile_stats(part_ptrs, stat_stride, mask_m, mask_n, y0, subject_delta, style_delta,
                       DIVERGENCE: tl.constexpr, LIVE_SLOT: tl.constexpr, HAS_SUBJECT: tl.constexpr,
                       HAS_STYLE: tl.constexpr):
@@ -278,8 +297,8 @@ def _store_tile_stats(part_ptrs, stat_stride, mask_m, mask_n, y0, subject_delta,
                      mask=mask_m)
             tl.store(part_ptrs + _STAT_STYLE_SQNORM * stat_stride, tl.sum(y1_style * y1_style, axis=1), mask=mask_m)
     if HAS_SUBJECT and HAS_STYLE:  # does the row's delta have a non-zero element in this tile
-        subject_live = tl.max(tl.where(mask_n[None, :] & (subject_delta != 0.0), 1.0, 0.0), axis=1)
-        style_live = tl.max(tl.where(mask_n[None, :] & (style_delta != 0.0), 1.0, 0.0), axis=1)
+        subject_live = _tile_live(subject_delta, mask_n)
+        style_live = _tile_live(style_delta, mask_n)
         tl.store(part_ptrs + (LIVE_SLOT + _LIVE_SUBJECT) * stat_stride, subject_live, mask=mask_m)
         tl.store(part_ptrs + (LIVE_SLOT + _LIVE_STYLE) * stat_stride, style_live, mask=mask_m)
 
@@ -328,11 +347,8 @@ def _row_scores(row_ptrs, M, stat_stride, num_pid_n, mask_m, DIVERGENCE: tl.cons
                 tile_subject_exp_delta)
             style_max, style_sumexp, style_exp_delta = _merge_lse(
                 style_max, style_sumexp, style_exp_delta, tile_style_max, tile_style_sumexp, tile_style_exp_delta)
-        # KL(P(y1)||P(y0)) = E_q1[d] - (LSE(y1) - LSE(y0)); the LSE difference is taken as
-        # (m1 - m0) + log(s1 / s0) so the large LSEs never cancel in fp32
-        row_subject = (subject_exp_delta / subject_sumexp - (subject_max - y0_max)
-                       - tl.log(subject_sumexp / y0_sumexp))
-        row_style = style_exp_delta / style_sumexp - (style_max - y0_max) - tl.log(style_sumexp / y0_sumexp)
+        row_subject = _kl_row_score(subject_max, subject_sumexp, subject_exp_delta, y0_max, y0_sumexp)
+        row_style = _kl_row_score(style_max, style_sumexp, style_exp_delta, y0_max, y0_sumexp)
     else:
         subject_dot = tl.zeros((BLOCK_M,), tl.float32)
         style_dot = tl.zeros((BLOCK_M,), tl.float32)
@@ -348,10 +364,8 @@ def _row_scores(row_ptrs, M, stat_stride, num_pid_n, mask_m, DIVERGENCE: tl.cons
                 subject_sqnorm += _load_stat(p, _STAT_SUBJECT_SQNORM, stat_stride, mask_m, 0.0)
                 style_sqnorm += _load_stat(p, _STAT_STYLE_SQNORM, stat_stride, mask_m, 0.0)
         if DIVERGENCE == _DIVERGENCE_COSINE:
-            # torch's cosine_similarity: each norm clamped at eps=1e-12
-            y0_norm = tl.maximum(tl.sqrt(y0_sqnorm), 1e-12)
-            row_subject = 1.0 - subject_dot / (tl.maximum(tl.sqrt(subject_sqnorm), 1e-12) * y0_norm)
-            row_style = 1.0 - style_dot / (tl.maximum(tl.sqrt(style_sqnorm), 1e-12) * y0_norm)
+            row_subject = _cosine_row_score(subject_dot, subject_sqnorm, y0_sqnorm)
+            row_style = _cosine_row_score(style_dot, style_sqnorm, y0_sqnorm)
         else:
             row_subject = -subject_dot
             row_style = -style_dot

@@ -43,9 +43,12 @@ from .fls_linear import (
     _DIVERGENCE_COSINE,
     _DIVERGENCE_KL,
     DIVERGENCE_CODES,
+    _cosine_row_score,
+    _kl_row_score,
     _kl_tile_stats,
     _load_stat,
     _merge_lse,
+    _tile_live,
 )
 from .pooled_mix_linear import _slot_delta, check_pool_inputs, pool_operands
 from .utils import ROW_GROUP_DTYPES, _linear_tile, dot_pad, dot_precision, gemm_config, new_empty, require
@@ -198,8 +201,7 @@ def _store_position_stats(part_ptrs, stat_stride, mask_m, mask_n, y0, delta, pos
             tl.store(stat + _COSINE_SQNORM * stat_stride, tl.sum(y1 * y1, axis=1), mask=mask_m)
         else:
             tl.store(part_ptrs + position * stat_stride, tl.sum(y1 * y0, axis=1), mask=mask_m)
-    live = tl.max(tl.where(mask_n[None, :] & (delta != 0.0), 1.0, 0.0), axis=1)
-    tl.store(part_ptrs + (LIVE_SLOT + position) * stat_stride, live, mask=mask_m)
+    tl.store(part_ptrs + (LIVE_SLOT + position) * stat_stride, _tile_live(delta, mask_n), mask=mask_m)
 
 
 @triton.jit
@@ -237,8 +239,7 @@ def _row_score(row_ptrs, M, stat_stride, num_pid_n, mask_m, y0_first, y0_second,
                 y1_max, y1_sumexp, y1_exp_delta, _load_stat(p, first + _KL_MAX, stat_stride, mask_m, 0.0),
                 _load_stat(p, first + _KL_SUMEXP, stat_stride, mask_m, 1.0),
                 _load_stat(p, first + _KL_EXP_DELTA, stat_stride, mask_m, 0.0))
-        # KL(P(y1)||P(y0)) = E_q1[d] - (LSE(y1) - LSE(y0)), the LSE difference as (m1 - m0) + log(s1 / s0)
-        score = y1_exp_delta / y1_sumexp - (y1_max - y0_max) - tl.log(y1_sumexp / y0_sumexp)
+        score = _kl_row_score(y1_max, y1_sumexp, y1_exp_delta, y0_max, y0_sumexp)
     elif DIVERGENCE == _DIVERGENCE_COSINE:
         first = _COSINE_FIRST + position * _COSINE_PER_POSITION
         dot_y0 = tl.zeros((BLOCK_M,), tl.float32)
@@ -247,8 +248,7 @@ def _row_score(row_ptrs, M, stat_stride, num_pid_n, mask_m, y0_first, y0_second,
             p = row_ptrs + t * M
             dot_y0 += _load_stat(p, first + _COSINE_DOT_Y0, stat_stride, mask_m, 0.0)
             sqnorm += _load_stat(p, first + _COSINE_SQNORM, stat_stride, mask_m, 0.0)
-        # torch's cosine_similarity: each norm clamped at eps=1e-12
-        score = 1.0 - dot_y0 / (tl.maximum(tl.sqrt(sqnorm), 1e-12) * tl.maximum(tl.sqrt(y0_first), 1e-12))
+        score = _cosine_row_score(dot_y0, sqnorm, y0_first)
     else:
         dot_y0 = tl.zeros((BLOCK_M,), tl.float32)
         for t in range(0, num_pid_n):
