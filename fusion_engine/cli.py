@@ -330,7 +330,7 @@ def cmd_demo(args) -> int:
         clip, dino = tiny_openclip(0), tiny_dino(1)
         print(f"default world: tiny random SD pipeline; subject {subject}; style {style}")
     seeds = list(range(args.seed, args.seed + args.images))  # column i is seed args.seed + i, as in the eval
-    rows, labels, fls_trace = [], [], None
+    rows, labels, fls_trace, single = [], [], None, {}
     for label, policy, which in GRID_POLICIES:
         llr = policy.endswith("+llr")
         policy = policy.removesuffix("+llr")
@@ -340,10 +340,16 @@ def cmd_demo(args) -> int:
             refine=Refiner(clip, dino) if llr else None,
         )
         prompt = {"subject": world.subject_prompt, "style": world.style_prompt}.get(which, world.prompt)
-        extra = {"subject_prompt": world.subject_prompt, "style_prompt": world.style_prompt} if llr else {}
+        # LLR's references (Eqs. 14-15) are exactly the subject-only and style-only rows (the same prompts, seeds
+        # and sampler): hand it those rows' tensors rather than sampling them again.
+        extra = {"reference_images": (single["subject"], single["style"])} if llr else {}
         result = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       num_images_per_prompt=len(seeds), latents=seed_latents(world.pipe, seeds),
-                      progress=not args.quiet, **extra)
+                      progress=not args.quiet, output_type="pt" if which in ("subject", "style") else "pil", **extra)
+        if which in ("subject", "style"):
+            single[which] = result.images
+            processor = world.pipe.image_processor
+            result.images = processor.numpy_to_pil(processor.pt_to_numpy(result.images))
         rows.append(result.images)
         if measures is not None:  # the toy world's transparent scores, mean over the row
             recognised, styled = measures.recognised_as_subject(result.images), measures.carries_style(result.images)

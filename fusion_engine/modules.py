@@ -257,18 +257,20 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
             return base(x)
         x = x.to(accumulation_dtype(dtype))
         y0 = self._conv(x, base.weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+        if not context.policy.uses_divergence and not self.has_dora:
+            coef, out = self.static_coefficients(x.device).to(y0.dtype), y0
+            for index, (lora_a, lora_b) in enumerate(((self.subject_a, self.subject_b), (self.style_a, self.style_b))):
+                if lora_a.shape[0] > 0:  # an absent LoRA adds nothing (its zeros are not materialised)
+                    out = out + coef[index] * self._raw_delta(x, y0, lora_a, lora_b)
+            return out.to(dtype)
         subject_raw = self._raw_delta(x, y0, self.subject_a, self.subject_b)
         style_raw = self._raw_delta(x, y0, self.style_a, self.style_b)
         base_out = y0 if base.bias is None or not self.has_dora else y0 - base.bias.to(y0.dtype).reshape(-1, 1, 1)
         subject_delta = self.branch_delta("subject", base_out, subject_raw)
         style_delta = self.branch_delta("style", base_out, style_raw)
-        if not context.policy.uses_divergence and self.has_dora:
+        if not context.policy.uses_divergence:  # DoRA (plain LoRA returned above)
             subject_weight, style_weight = self.policy_weights()
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(dtype)
-        if not context.policy.uses_divergence:
-            coef = self.static_coefficients(x.device)
-            coef = coef.to(y0.dtype)
-            return (y0 + coef[0] * subject_raw + coef[1] * style_raw).to(dtype)
         batch, channels, height, width = y0.shape
 
         def to_rows(t):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import accumulation_dtype, base_linear, group_mean, group_nonzero, row_divergence
+from .reference import accumulation_dtype, base_linear, base_log_probs, group_mean, group_nonzero, row_divergence
 
 
 def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, slots: torch.Tensor,
@@ -90,8 +90,9 @@ def select_n(y0: torch.Tensor, deltas: list[torch.Tensor], candidates: list[torc
     """
     rows_per_sample = y0.shape[0] // max(candidates[0].shape[0], 1)
     scores, group_candidates, lives = [], [], []
+    log_p0 = base_log_probs(y0, divergence)
     for delta, candidate in zip(deltas, candidates):
-        scores.append(group_mean(row_divergence(y0 + delta, y0, divergence), row_group, num_groups))
+        scores.append(group_mean(row_divergence(y0 + delta, y0, divergence, log_p0), row_group, num_groups))
         lives.append(group_nonzero(delta, row_group, num_groups))
         row_candidate = candidate.to(y0.dtype).repeat_interleave(rows_per_sample)
         group_candidates.append(y0.new_zeros(num_groups).index_add_(0, row_group.long(), row_candidate) > 0)

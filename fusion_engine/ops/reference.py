@@ -61,15 +61,24 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y0 if bias is None else y0 + bias.to(acc)
 
 
-def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str) -> torch.Tensor:
-    """Per-row perturbation score of y1 against y0 (both float32, rows x channels)."""
+def base_log_probs(y0: torch.Tensor, divergence: str) -> torch.Tensor | None:
+    """log P(y0) when ``divergence`` needs it (``kl``, ``js``), else None: computed once per layer call and
+    passed to every branch's ``row_divergence`` (the same values as computing it there)."""
+    return F.log_softmax(y0, dim=-1) if divergence in ("kl", "js") else None
+
+
+def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str,
+                   log_p0: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row perturbation score of y1 against y0 (both float32, rows x channels); ``log_p0``: optional
+    ``base_log_probs(y0, divergence)``, when several branches are scored against one y0."""
     check_divergence(divergence)
+    if divergence in ("kl", "js") and log_p0 is None:
+        log_p0 = F.log_softmax(y0, dim=-1)
     if divergence == "kl":
         log_p1 = F.log_softmax(y1, dim=-1)
-        return (log_p1.exp() * (log_p1 - F.log_softmax(y0, dim=-1))).sum(-1)
+        return (log_p1.exp() * (log_p1 - log_p0)).sum(-1)
     if divergence == "js":
         log_p1 = F.log_softmax(y1, dim=-1)
-        log_p0 = F.log_softmax(y0, dim=-1)
         log_m = torch.logaddexp(log_p1, log_p0) - math.log(2.0)
         kl_1m = (log_p1.exp() * (log_p1 - log_m)).sum(-1)
         kl_0m = (log_p0.exp() * (log_p0 - log_m)).sum(-1)
@@ -121,9 +130,12 @@ def fls_select(y0, subject_delta, style_delta, row_group, num_groups, divergence
 
     Shared by the linear op and the conv module, which only differ in how they get y0 and deltas.
     """
-    subject_score = group_mean(row_divergence(y0 + subject_delta, y0, divergence), row_group, num_groups)
-    style_score = group_mean(row_divergence(y0 + style_delta, y0, divergence), row_group, num_groups)
-    subject_live, style_live = (group_nonzero(d, row_group, num_groups) for d in (subject_delta, style_delta))
+    log_p0 = base_log_probs(y0, divergence)
+    subject_score = group_mean(row_divergence(y0 + subject_delta, y0, divergence, log_p0), row_group, num_groups)
+    style_score = group_mean(row_divergence(y0 + style_delta, y0, divergence, log_p0), row_group, num_groups)
+    subject_live = style_live = None  # liveness only matters when both LoRAs are present (see decide)
+    if has_subject and has_style:
+        subject_live, style_live = (group_nonzero(d, row_group, num_groups) for d in (subject_delta, style_delta))
     choose_subject = decide(subject_score, style_score, has_subject, has_style, subject_live, style_live)
     out = select_rows(y0, subject_delta, style_delta, choose_subject, row_group)
     return out, subject_score, style_score, choose_subject
@@ -171,5 +183,7 @@ def mix_linear(
     """
     y = base_linear(x, weight, bias)
     coef = coef.to(y.dtype)
-    y = y + coef[0] * lora_delta(x, subject_a, subject_b) + coef[1] * lora_delta(x, style_a, style_b)
+    for weight_index, (a, b) in enumerate(((subject_a, subject_b), (style_a, style_b))):
+        if a.shape[0] > 0:  # an absent LoRA adds nothing (its zeros are not materialised)
+            y = y + coef[weight_index] * lora_delta(x, a, b)
     return y.to(x.dtype)
