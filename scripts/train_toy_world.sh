@@ -18,6 +18,6 @@ $python -m training.toy.train_judges --out "$out" 2>&1 | tee "$out/logs/judges.l
 $python -m training.toy.train_base --out "$out" --steps 1000 --threads 2 2>&1 | tee "$out/logs/base.log"
 lora="$python -m training.toy.train_loras --out $out --threads 1"
 $lora --only subject --targets attention+ff --rank 16 --steps 600 --lr 2e-3 > "$out/logs/lora_subject.log" 2>&1 &
-$lora --only style --targets all --rank 32 --steps 4800 --lr 3e-3 --cosine > "$out/logs/lora_style.log" 2>&1 &
+$lora --only style --targets all --rank 32 --steps 4800 --lr 3e-3 --cosine --ema 0.999 > "$out/logs/lora_style.log" 2>&1 &
 wait
 $python -m training.toy.measure_gates --weights "$out" 2>&1 | tee "$out/logs/gates.log"

@@ -8,15 +8,15 @@ The shipped settings (``scripts/train_toy_world.sh``):
 * subject: DreamBooth-style, 12 images of the mushroom in its own colours ("a sks mushroom"), rank 16,
   alpha 16, attention+ff, 600 steps at lr 2e-3, saved in the PEFT (diffusers) layout;
 * style: 36 images of the held-out style on the base shapes ("a circle in zzt style" / "an image in zzt
-  style"), rank 32, alpha 16, all (convs included), 4800 steps at lr 3e-3 decaying (cosine) to 0.1x, saved
-  in the kohya layout.
+  style"), rank 32, alpha 16, all (convs included), 4800 steps at lr 3e-3 decaying (cosine) to 0.1x, the
+  factors' EMA kept (``--ema 0.999``), saved in the kohya layout.
 
 Both use DreamBooth's prior preservation: a quarter of every batch (``--prior-share``) is the base world's own
 images and captions (rendered, not sampled: this world's prior is known exactly), so each LoRA changes what its
 token asks for and leaves the rest of the model (the empty prompt of CFG included) close to the base.
 
     python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
-        [--rank 8] [--targets attention|attention+ff|all] [--cosine]
+        [--rank 8] [--targets attention|attention+ff|all] [--cosine] [--ema 0.999]
 """
 from __future__ import annotations
 
@@ -110,13 +110,16 @@ def encode(world, images, captions):
 
 
 def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, batch=16, prior_share=0.5,
-               cosine=False):
+               cosine=False, ema_decay=0.0):
+    """Train one LoRA; ``ema_decay`` > 0 returns the factors' exponential moving average (with the base's
+    warm-up, ``min(decay, (1 + step) / (10 + step))``) instead of the last step's."""
     from fusion_engine.lora import LoRA, LoRALayer
 
     torch.manual_seed(seed)
     unet = copy.deepcopy(world.pipe.unet).requires_grad_(False)
     layers = inject(unet, rank, alpha, seed, targets)
     params = [p for layer in layers.values() for p in (layer.lora_a, layer.lora_b)]
+    shadows = [p.detach().clone() for p in params] if ema_decay > 0 else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     decay = (lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))) if cosine else (lambda s: 1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)  # cosine: to 0.1x over the run
@@ -135,12 +138,17 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, bat
         loss.backward()
         optimizer.step()
         schedule.step()
+        if shadows is not None:
+            with torch.no_grad():
+                decay_now = min(ema_decay, (1 + step) / (10 + step))
+                for shadow, param in zip(shadows, params):
+                    shadow.lerp_(param, 1.0 - decay_now)
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             adapt_threads()
             log(f"lora step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
-    factors = {name: LoRALayer(lora_a=layer.lora_a.detach().clone(), lora_b=layer.lora_b.detach().clone(),
-                               alpha=float(alpha)) for name, layer in layers.items()}
+    final = iter(shadows if shadows is not None else [p.detach().clone() for p in params])
+    factors = {name: LoRALayer(lora_a=next(final), lora_b=next(final), alpha=float(alpha)) for name in layers}
     lora = LoRA(layers=factors, source="<trained>", layout="peft")
     return lora, time.perf_counter() - start
 
@@ -159,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--cosine", action="store_true", help="decay the learning rate to 0.1x (cosine)")
     parser.add_argument("--targets", choices=["attention", "attention+ff", "all"], default="attention")
+    parser.add_argument("--ema", type=float, default=0.0, help="save the LoRA's EMA with this decay (0: the last step)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -176,12 +185,13 @@ def main(argv=None) -> int:
         lora, seconds = train_lora(world, encode(world, images, captions), prior, rank=args.rank,
                                    alpha=alpha * args.rank / 8, steps=args.steps, seed=args.seed + train_seed,
                                    lr=args.lr, targets=args.targets, batch=args.batch, prior_share=args.prior_share,
-                                   cosine=args.cosine)
+                                   cosine=args.cosine, ema_decay=args.ema)
         save_lora(lora, out / file, layout=layout)
         (out / f"times_{role}.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
                                                             "batch": args.batch, "lr": args.lr,
                                                             "prior_share": args.prior_share, "rank": args.rank,
-                                                            "targets": args.targets, "cosine": args.cosine}))
+                                                            "targets": args.targets, "cosine": args.cosine,
+                                                            "ema": args.ema}))
         log(f"{role} LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
     return 0
 
