@@ -1,8 +1,9 @@
 """Triton kernels (csrc_triton) against a float64 run of the reference, under the Triton interpreter.
 
-The interpreter is switched on here, before triton is imported. Its tl.dot gets bf16 wrong, so most
-tests cover fp32 and fp16; the split-variant tests run bf16 too, with the interpreter's dot patched
-(csrc_triton.testing.interpreter_bf16_dot); bf16 at real shapes is checked on a GPU by bench/gpu_table.py.
+The interpreter is switched on here, before triton is imported. Its tl.dot gets bf16 wrong, so the
+full matrices cover fp32 and fp16, and the bf16 tests (fused FLS, mix and the split variant) run with the
+interpreter's dot patched (csrc_triton.testing.interpreter_bf16_dot); bf16 at real shapes is checked on a GPU
+by bench/gpu_table.py.
 
 Tolerance (FlashAttention's rule): the kernel's max error against the float64 reference must be at
 most twice the error of the same computation done eagerly by torch in the input dtype (F.linear
@@ -74,6 +75,17 @@ def test_fls_linear_matches_float64_reference(shape, dtype, presence, divergence
     bias = presence == "both" or divergence == "kl"  # both bias layouts for the absent-LoRA cases
     a = _make(shape, dtype, PRESENCE[presence], bias=bias, seed=len(shape) * 7 + len(divergence))
     _check_fls(a, divergence, dtype)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "cosine", "dot"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fls_and_mix_linear_bf16_match_float64_reference(shape, divergence):
+    """bf16 inputs (the dtype FLUX and SD3 run in), with the interpreter's bf16 dot patched."""
+    a = _make(shape, torch.bfloat16, (True, True), bias=divergence != "cosine", seed=len(shape) * 5 + len(divergence))
+    with kt.interpreter_bf16_dot():
+        _check_fls(a, divergence, torch.bfloat16)
+        inputs = kt.mix_inputs(a, torch.tensor([0.7, -1.3]))
+        kt.check_mix_linear(triton_ops.mix_linear(**inputs), inputs, R).assert_ok()
 
 
 @pytest.mark.parametrize("divergence", ["kl", "cosine"])
