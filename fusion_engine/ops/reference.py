@@ -183,7 +183,7 @@ def mix_linear(
     """
     y = base_linear(x, weight, bias)
     coef = coef.to(y.dtype)
-    for weight_index, (a, b) in enumerate(((subject_a, subject_b), (style_a, style_b))):
+    for index, (a, b) in enumerate(((subject_a, subject_b), (style_a, style_b))):
         if a.shape[0] > 0:  # an absent LoRA adds nothing (its zeros are not materialised)
-            y = y + coef[weight_index] * lora_delta(x, a, b)
+            y = y + coef[index] * lora_delta(x, a, b)
     return y.to(x.dtype)
