@@ -9,7 +9,7 @@ from . import ops
 from .errors import LayerAttributeError
 from .lora.checks import check_cast_factor, check_layer_scale
 from .lora.weights import delta_weight
-from .ops.reference import accumulation_dtype, base_linear, fls_select, lora_delta
+from .ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
 from .trace import choice_code
 
 
@@ -271,18 +271,14 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         if not context.policy.uses_divergence:  # DoRA (plain LoRA returned above)
             subject_weight, style_weight = self.policy_weights()
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(dtype)
-        batch, channels, height, width = y0.shape
-
-        def to_rows(t):
-            return t.permute(0, 2, 3, 1).reshape(-1, channels)
-
+        batch, _, height, width = y0.shape
         row_group, groups = context.row_groups(batch, height * width, x.device)
         out, subject_score, style_score, choose_subject = fls_select(
-            to_rows(y0), to_rows(subject_delta), to_rows(style_delta), row_group, groups,
+            pixel_rows(y0), pixel_rows(subject_delta), pixel_rows(style_delta), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
         self.keep_decisions(choose_subject, subject_score, style_score)
-        return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype)
+        return from_pixel_rows(out, batch, height, width).to(dtype)
 
 
 def _keys_into_base(state_dict, prefix, *args) -> None:

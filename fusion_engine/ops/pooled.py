@@ -29,7 +29,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import accumulation_dtype, base_linear, base_log_probs, group_mean, group_nonzero, row_divergence
+from .reference import (
+    accumulation_dtype,
+    base_linear,
+    base_log_probs,
+    from_pixel_rows,
+    group_mean,
+    group_nonzero,
+    pixel_rows,
+    row_divergence,
+)
 
 
 def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, slots: torch.Tensor,
@@ -210,19 +219,15 @@ def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
     """
     dtype = x.dtype
     x, y0, a_stack = _conv_setup(x, conv, a_stack)
-    batch, channels, height, width = y0.shape
+    batch, _, height, width = y0.shape
     row_group, num_groups = row_groups(height * width)
-
-    def to_rows(t):
-        return t.permute(0, 2, 3, 1).reshape(-1, channels)
-
     deltas, candidates = [], []
     for position in range(sample_slots.shape[1]):
         index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
-        deltas.append(to_rows(gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)))
+        deltas.append(pixel_rows(gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)))
         candidates.append(candidate)
-    out, scores, choice = select_n(to_rows(y0), deltas, candidates, row_group, num_groups, divergence)
-    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(dtype), scores, choice
+    out, scores, choice = select_n(pixel_rows(y0), deltas, candidates, row_group, num_groups, divergence)
+    return from_pixel_rows(out, batch, height, width).to(dtype), scores, choice
 
 
 def pooled_mix_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,

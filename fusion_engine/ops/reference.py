@@ -72,8 +72,8 @@ def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str,
     """Per-row perturbation score of y1 against y0 (both float32, rows x channels); ``log_p0``: optional
     ``base_log_probs(y0, divergence)``, when several branches are scored against one y0."""
     check_divergence(divergence)
-    if divergence in ("kl", "js") and log_p0 is None:
-        log_p0 = F.log_softmax(y0, dim=-1)
+    if log_p0 is None:
+        log_p0 = base_log_probs(y0, divergence)
     if divergence == "kl":
         log_p1 = F.log_softmax(y1, dim=-1)
         return (log_p1.exp() * (log_p1 - log_p0)).sum(-1)
@@ -86,6 +86,17 @@ def row_divergence(y1: torch.Tensor, y0: torch.Tensor, divergence: str,
     if divergence == "cosine":
         return 1.0 - F.cosine_similarity(y1, y0, dim=-1, eps=1e-12)
     return -(y1 * y0).sum(-1)  # "dot"
+
+
+def pixel_rows(t: torch.Tensor) -> torch.Tensor:
+    """A conv layer's ``(B, C, H, W)`` features as the rule's rows: ``(B * H * W, C)``, one row per output pixel,
+    sample-major, pixels in row-major order (the layout of the single-pair and the pooled conv ops)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def from_pixel_rows(rows: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """``pixel_rows`` undone: ``(B * H * W, C)`` rows back to ``(B, C, H, W)``."""
+    return rows.reshape(batch, height, width, rows.shape[1]).permute(0, 3, 1, 2)
 
 
 def group_mean(values: torch.Tensor, row_group: torch.Tensor, num_groups: int) -> torch.Tensor:
