@@ -340,13 +340,14 @@ def cmd_demo(args) -> int:
             refine=Refiner(clip, dino) if llr else None,
         )
         prompt = {"subject": world.subject_prompt, "style": world.style_prompt}.get(which, world.prompt)
+        alone = which != "both"  # a single-LoRA row, kept as a tensor for LLR
         # LLR's references (Eqs. 14-15) are exactly the subject-only and style-only rows (the same prompts, seeds
         # and sampler): hand it those rows' tensors rather than sampling them again.
         extra = {"reference_images": (single["subject"], single["style"])} if llr else {}
         result = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       num_images_per_prompt=len(seeds), latents=seed_latents(world.pipe, seeds),
-                      progress=not args.quiet, output_type="pt" if which in ("subject", "style") else "pil", **extra)
-        if which in ("subject", "style"):
+                      progress=not args.quiet, output_type="pt" if alone else "pil", **extra)
+        if alone:
             single[which] = result.images
             processor = world.pipe.image_processor
             result.images = processor.numpy_to_pil(processor.pt_to_numpy(result.images))
