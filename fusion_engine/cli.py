@@ -59,6 +59,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def scale_pairs(text: str) -> list[tuple[float, float]]:
+    """``1:1,1:0.7,0.7:1``: (subject, style) LoRA strengths, each a finite number >= 0."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        if item.count(":") != 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not SUBJECT:STYLE (e.g. 1:0.7)")
+        pairs.append(tuple(non_negative_float(value) for value in item.split(":")))
+    return pairs
+
+
 def true_cfg_scale(text: str) -> float:
     """FLUX's true CFG scale: a finite number > 1 (1 or less turns true CFG off)."""
     value = _number(text, float)
@@ -355,7 +365,8 @@ def cmd_demo(args) -> int:
         if measures is not None:  # the toy world's transparent scores, mean over the row
             recognised, styled = measures.recognised_as_subject(result.images), measures.carries_style(result.images)
             scores = measures.transparent_scores(result.images)
-            label = (f"{label}\nSubject IoU {scores['subject_iou'].mean():.2f} ({recognised.sum()}/{len(seeds)})"
+            label = (f"{label}\nboth {int(scores['joint'].sum())}/{len(seeds)}"
+                     f"\nSubject IoU {scores['subject_iou'].mean():.2f} ({recognised.sum()}/{len(seeds)})"
                      f"\nStyle Fid {scores['style_fid'].mean():.2f} ({styled.sum()}/{len(seeds)})")
         labels.append(label)
         if policy == "fls" and not llr:
@@ -363,7 +374,7 @@ def cmd_demo(args) -> int:
         print(f"  {label.splitlines()[0]:<13} done" + (f"  ({', '.join(label.splitlines()[1:])})" if measures else ""))
     title = f"{world.prompt!r}, {args.steps} steps, CFG {args.guidance:g}, seeds {seeds[0]}..{seeds[-1]}"
     if measures is not None:
-        title += "  (n/N: recognised as the subject / carrying the style)"
+        title += "  (n/N: recognised as the subject / carrying the style; both: the two in one image)"
     grid = image_grid(rows, labels, out / "grid.png", title=title)
     fls_trace.save_json(out / "trace.json")
     fls_trace.heatmap(out / "heatmap.png", title="fls[kl] choices (orange: subject, blue: style)")
@@ -415,24 +426,25 @@ def _eval_settings(args):
         seeds=args.seeds, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
         backend=args.backend, divergence=args.divergence, m=args.m, through_unet=not args.llr_constant_noise,
         wait_timeout=args.wait_timeout, report_only=args.report_only, progress=not args.quiet,
-        on_mismatch=args.on_mismatch,
+        on_mismatch=args.on_mismatch, scales=args.scales,
     )
     if args.world == "toy":
         if args.model or args.pairs or args.clip or args.dino:
             raise OptionError("--world toy brings its own model, pairs and judges: drop --model/--pairs/--clip/--dino")
         from fusion_engine.eval.engine import REFERENCE_ROWS
-        from fusion_engine.worlds.toy.measures import transparent_scores
-        from fusion_engine.worlds.toy.world import build_toy_pipeline, load_judges, write_toy_pairs
+        from fusion_engine.worlds.toy.world import build_toy_pipeline, load_judges, world_scores, write_toy_pairs
 
         policies = [*(row for row in REFERENCE_ROWS if row not in options["policies"]), *options["policies"]]
         options.update(
             policies=policies, pairs=write_toy_pairs(out / "toy_pairs"),
-            pipe=build_toy_pipeline() if not args.report_only else None, extra_scores=transparent_scores,
+            pipe=build_toy_pipeline() if not args.report_only else None, extra_scores=world_scores(),
             model_label="the trained toy world (fusion_engine/worlds/toy)",
             encoders_label=("the toy world's trained judges (open_clip CLIP; timm ViT shape + look classifier "
                             "in the DINO slot)"),
-            notes=["Subject IoU / Style Fid: the toy world's transparent measures "
-                   "(fusion_engine/worlds/toy/measures.py)",
+            notes=["Joint success / Subject IoU / Style Fid: the toy world's transparent measures "
+                   "(fusion_engine/worlds/toy/measures.py); joint success: recognised as the subject and carrying "
+                   "the style in the same image. The learned CLIP / DINO scores are the judges that guide LLR, so "
+                   "they score LLR's own objective",
                    "subject-only / style-only: each LoRA alone with its own prompt, the same seed (the references "
                    "the learned scores compare with, so their own CLIP / DINO / Style Sim are 100 by construction)"])
         if not args.report_only:
@@ -576,6 +588,9 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                         help="comma-separated; any policy, '+llr' adds Latent-Level Refinement")
     parser.add_argument("--seeds", type=positive_int, default=10, help="seeds 0..N-1 per pair and policy")
+    parser.add_argument("--scales", type=scale_pairs, default=None,
+                        help="sweep (subject, style) LoRA strengths, e.g. 1:1,1:0.7,0.7:1: one report row group per "
+                             "scale pair (default: full strength only)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None, help="local diffusers pipeline folder (default: the tiny world)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")

@@ -148,7 +148,8 @@ def test_eval_world_toy_reports_references_intervals_and_paired_differences(tmp_
     assert main(["eval", "--world", "toy", "--out", str(out), "--seeds", "2", "--steps", "2",
                  "--policies", "direct,fls", "--quiet"]) == 0
     report = (out / "report.md").read_text()
-    assert "| method | Style Sim | CLIP Score | DINO Score | Subject IoU | Style Fid | images |" in report
+    header = "| method | Joint success | Style Sim | CLIP Score | DINO Score | Subject IoU | Style Fid | images |"
+    assert header in report
     assert CI_HEADING in report and PAIRED_HEADING in report and "toy world" in report
     for row in ("| subject-only | ", "| style-only | ", "| direct | ", "| fls | "):
         assert row in report.split(CI_HEADING)[1].split(PAIRED_HEADING)[0], row
@@ -165,6 +166,7 @@ def test_demo_defaults_to_the_toy_world_and_labels_rows_with_the_transparent_sco
     assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--images", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "trained toy world" in printed and "Subject IoU" in printed and "Style Fid" in printed
+    assert "both 0/1" in printed or "both 1/1" in printed  # each row's joint-success count
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size[1] >= len(GRID_POLICIES) * 128
     assert (tmp_path / "heatmap.png").stat().st_size > 0

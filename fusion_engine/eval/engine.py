@@ -21,7 +21,7 @@ import torch
 from ..errors import OptionError
 from ..io import save_image
 from ..metrics import score_images
-from .pairs import Pair, load_pairs
+from .pairs import Pair, load_pairs, scaled_pairs
 from .recorded import check_recorded, settings_record
 from .report import append_row, read_rows, shard_csv, write_report
 from .settings import EvalSettings
@@ -81,12 +81,12 @@ class Evaluator:
     def device(self) -> torch.device:
         return _denoiser(self.pipe).device
 
-    def lora(self, path: Path):
+    def lora(self, path: Path, scale: float = 1.0):
         from ..lora import load_lora
 
-        if path not in self._loras:
-            self._loras[path] = load_lora(path)
-        return self._loras[path]
+        if (path, scale) not in self._loras:
+            self._loras[(path, scale)] = load_lora(path, scale=scale)
+        return self._loras[(path, scale)]
 
     def _call_options(self, seed: int) -> dict:
         s = self.settings
@@ -102,7 +102,7 @@ class Evaluator:
         return self.reference(pair, seed, "subject"), self.reference(pair, seed, "style")
 
     def _reference_path(self, pair: Pair, seed: int, role: str) -> Path:
-        return self.settings.out / "references" / pair.name / f"seed{seed:03d}_{role}.png"
+        return self.settings.out / "references" / (pair.reference_name or pair.name) / f"seed{seed:03d}_{role}.png"
 
     def reference(self, pair: Pair, seed: int, role: str):
         """The ``role`` LoRA alone with its own prompt and this seed, made once and cached as a PNG."""
@@ -134,7 +134,8 @@ class Evaluator:
             return image, seconds, *self._peak_memory()
         base, llr = parse_policy(item.policy)
         options = {"divergence": s.divergence} if base == "fls" else {}
-        pipe = FusionPipeline(self.pipe, self.lora(pair.subject), self.lora(pair.style), policy=base,
+        subject, style = self.lora(pair.subject, pair.subject_scale), self.lora(pair.style, pair.style_scale)
+        pipe = FusionPipeline(self.pipe, subject, style, policy=base,
                               backend=s.backend, trace=False, refine=self.refiner if llr else None, **options)
         extra = {}
         if llr and pair.has_reference_images:
@@ -239,6 +240,8 @@ def run(settings: EvalSettings) -> int:
     device = resolve_device(s.device)
     pipe = None if s.report_only and s.pairs is not None else load_pipe(s, device)
     pairs = load_pairs(s.pairs if s.pairs is not None else s.make_pairs(out / "default_pairs", unet=_denoiser(pipe)))
+    if s.scales is not None:
+        pairs = scaled_pairs(pairs, s.scales)
     items = plan(pairs, policies, s.seeds)
     _check_size(s, pipe)
     model = s.model_label or (str(Path(s.model).resolve()) if s.model is not None else "a pipeline given by the caller")
@@ -248,6 +251,9 @@ def run(settings: EvalSettings) -> int:
              f"sampler: {s.steps} steps, CFG {s.guidance:g}{size}, policies: {', '.join(policies)}",
              f"LLR: m={s.m:g}, {'through the UNet' if s.through_unet else 'noise prediction constant'}",
              f"encoders: {describe_encoders(s)}", *s.notes]
+    if s.scales is not None:
+        notes.append("scale sweep (subject, style): " + ", ".join(f"{a:g}x{b:g}" for a, b in s.scales)
+                     + "; subject-only / style-only rows stay at full strength")
     if differing:
         notes.append("**resumed with settings that differ from the earlier rows'** (settings.json): "
                      + "; ".join(differing))

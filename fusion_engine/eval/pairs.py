@@ -43,10 +43,23 @@ class Pair:
     style_prompt: str
     subject_image: Path | None = None
     style_image: Path | None = None
+    subject_scale: float = 1.0  # the user's strength of each LoRA in the fused rows (``--scales``)
+    style_scale: float = 1.0
+    reference_name: str | None = None  # the unscaled pair whose references (each LoRA alone) a scaled pair shares
 
     @property
     def has_reference_images(self) -> bool:
         return self.subject_image is not None and self.style_image is not None
+
+
+def scaled_pairs(pairs: list[Pair], scales) -> list[Pair]:
+    """One pair per pair and (subject, style) scale pair, named ``NAME@1x0.7``; the fused rows use the LoRAs at
+    those strengths, the subject-only / style-only references stay at full strength (shared by name)."""
+    from dataclasses import replace
+
+    return [replace(pair, name=f"{pair.name}@{a:g}x{b:g}", subject_scale=float(a), style_scale=float(b),
+                    reference_name=pair.reference_name or pair.name)
+            for pair in pairs for a, b in scales]
 
 
 def _pair_error(path: Path, where: str, message: str) -> OptionError:

@@ -10,16 +10,20 @@ from pathlib import Path
 from ..io import append_line, write_text
 from ..metrics import METRICS
 
-# Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
-EXTRA_METRICS = ("subject_iou", "style_fid")
+# Scores some worlds add (the toy world's transparent measures: joint success, 1 or 0 per image, then the two
+# scores it is decided from); empty in rows that lack them. Joint success, where rows have it, is the first column.
+EXTRA_METRICS = ("joint", "subject_iou", "style_fid")
+HEADLINE = "joint"
 COLUMNS = ("pair", "policy", "seed", *METRICS, *EXTRA_METRICS, "wall_s", "peak_mem_mb", "mem_kind", "device", "rank",
            "image")
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in EXTRA_METRICS)
-METRIC_TITLES = {"style_sim": "Style Sim", "clip_score": "CLIP Score", "dino_score": "DINO Score",
-                 "subject_iou": "Subject IoU", "style_fid": "Style Fid"}
+METRIC_TITLES = {"joint": "Joint success", "style_sim": "Style Sim", "clip_score": "CLIP Score",
+                 "dino_score": "DINO Score", "subject_iou": "Subject IoU", "style_fid": "Style Fid"}
 SCORES_HEADING = "## Scores (mean ± std over images, %)"
 CI_HEADING = "## Means with 95% bootstrap confidence intervals (over images, %)"
 PAIRED_HEADING = "## Paired differences against `direct` (same pair and seed; 95% bootstrap CI, percentage points)"
+JOINT_HEADING = ("## Joint success per pair and policy (%, 95% bootstrap CI over seeds; the image is recognised "
+                 "as the subject and carries the style)")
 BASELINE = "direct"
 
 
@@ -120,8 +124,29 @@ def scores_table(rows: dict, policies: list[str]) -> list[str]:
 
 
 def _metrics(rows: dict) -> list[str]:
+    """The paper's metrics and the extra ones every row has; joint success first when there."""
     extra = [m for m in EXTRA_METRICS if rows and all(row.get(m) not in (None, "") for row in rows.values())]
-    return [*METRICS, *extra]
+    return [*(m for m in extra if m == HEADLINE), *METRICS, *(m for m in extra if m != HEADLINE)]
+
+
+def joint_by_pair_table(rows: dict, policies: list[str]) -> list[str]:
+    """Joint success per pair (a scale sweep makes one pair per scale pair) and policy: % [95% bootstrap CI]
+    over the pair's seeds, then the seed count. Empty when the rows have no joint success."""
+    from ..stats import bootstrap_ci
+
+    if HEADLINE not in _metrics(rows):
+        return []
+    pairs = sorted({key[0] for key in rows})
+    shown = [p for p in policies if any(key[1] == p for key in rows)]
+    lines = ["| pair | " + " | ".join(shown) + " | seeds |", "|---|" + "---|" * (len(shown) + 1)]
+    for pair in pairs:
+        cells, seeds = [], set()
+        for policy in shown:
+            values = [100 * float(row[HEADLINE]) for key, row in rows.items() if key[:2] == (pair, policy)]
+            seeds |= {key[2] for key in rows if key[:2] == (pair, policy)}
+            cells.append("{:.0f} [{:.0f}, {:.0f}]".format(*bootstrap_ci(values)) if values else "-")
+        lines.append(f"| {pair} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    return lines
 
 
 def ci_table(rows: dict, policies: list[str]) -> list[str]:
@@ -181,9 +206,12 @@ def write_report(out: Path, rows: dict, policies: list[str], planned: int, notes
     lines = ["# fusion-engine eval", "", *[f"- {note}" for note in notes], scored,
              "", SCORES_HEADING, "", *scores_table(rows, policies), "",
              CI_HEADING, "", *ci_table(rows, policies), "",
-             PAIRED_HEADING, "", *paired_table(rows, policies), "",
-             "## Cost (per image, generation only; the +llr rows include making the two references)", "",
-             *cost_table(rows, policies), ""]
+             PAIRED_HEADING, "", *paired_table(rows, policies), ""]
+    joint = joint_by_pair_table(rows, policies)
+    if joint:
+        lines += [JOINT_HEADING, "", *joint, ""]
+    lines += ["## Cost (per image, generation only; the +llr rows include making the two references)", "",
+              *cost_table(rows, policies), ""]
     if problems:
         lines += ["## Skipped records (torn by a crash; rerun to make their images again)", "",
                   *[f"- {problem}" for problem in problems], ""]

@@ -31,6 +31,8 @@ class EvalSettings:
         device: default ``cuda:LOCAL_RANK`` when CUDA is there, else cpu.
         policies: any policy name, ``+llr`` adds Latent-Level Refinement.
         seeds: seeds ``0..seeds-1`` per pair and policy.
+        scales: (subject, style) LoRA strengths to sweep: each pair becomes one pair per scale pair
+            (``pairs.scaled_pairs``); ``None`` runs every pair at full strength.
         through_unet: LLR's gradient through the UNet (``False``: the noise prediction is a constant).
         wait_timeout: sharded runs: how long rank 0 waits for the other shards' rows before reporting.
         report_only: only build report.md from the rows that exist.
@@ -64,6 +66,7 @@ class EvalSettings:
     device: str | None = None
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
     seeds: int = 10
+    scales: list[tuple[float, float]] | None = None
     steps: int = 50
     guidance: float = 5.0
     height: int | None = None
@@ -88,6 +91,11 @@ class EvalSettings:
         check_int("steps", self.steps, 1)
         check_float("guidance", self.guidance, 0.0)
         check_float("m", self.m, 0.0)
+        if self.scales is not None:
+            if not self.scales or any(len(pair) != 2 for pair in self.scales):
+                raise OptionError(f"scales must be a non-empty list of (subject, style) pairs, got {self.scales!r}")
+            self.scales = [(check_float("subject scale", a, 0.0), check_float("style scale", b, 0.0))
+                           for a, b in self.scales]
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 8, multiple_of=8)

@@ -27,17 +27,19 @@ class World:
 
 def assemble_pipeline(configs: dict):
     """A StableDiffusionPipeline (Euler, offline CLIP tokenizer) from ``vae``/``unet``/``text_encoder``/
-    ``scheduler`` config dicts; the models are freshly initialised (load weights into them afterwards)."""
+    ``scheduler`` config dicts; the models are freshly initialised (load weights into them afterwards). An
+    optional ``tokenizer`` entry ``{"words": [...]}`` gives a world-sized vocabulary (``world_tokenizer``)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizer import clip_tokenizer
+    from .tokenizer import clip_tokenizer, world_tokenizer
 
     unet = UNet2DConditionModel(**configs["unet"])
     vae = AutoencoderKL(**configs["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        vae=vae, text_encoder=text_encoder, unet=unet,
+        tokenizer=world_tokenizer(configs["tokenizer"]["words"]) if "tokenizer" in configs else clip_tokenizer(),
         scheduler=EulerDiscreteScheduler(**configs["scheduler"]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

@@ -57,3 +57,67 @@ def t5_tokenizer():
     pieces = [marker, *string.ascii_lowercase, *string.digits, *(marker + c for c in string.ascii_lowercase)]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(piece, -float(len(piece))) for piece in pieces]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _bpe(word: str, ranks: dict) -> list[str]:
+    """CLIP's BPE of one word: merge the lowest-ranked adjacent pair (every occurrence) until none is ranked."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def write_world_vocab(folder, words) -> Path:
+    """``vocab.json`` and ``merges.txt`` for a CLIP BPE tokenizer whose vocabulary is CLIP's 512 byte symbols
+    (with and without ``</w>``), the merges that make each word of ``words`` one token (and their intermediate
+    pieces), then the two special tokens: a world-sized table (a few hundred rows instead of 49,408). Each word is
+    merged letter by letter, left to right; where another word's merge cuts in first, a merge of the two pieces
+    it leaves is appended (lowest priority, so no word already whole changes). Any other text falls back to
+    byte symbols, as CLIP's own tokenizer does for rare words."""
+    words = list(dict.fromkeys(words))
+    merges: dict[tuple[str, str], int] = {}  # pair: rank (insertion order)
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.setdefault((merged, piece), len(merges))
+            merged += piece
+    for _ in range(sum(len(word) for word in words)):  # bounded: each pass adds at most one merge per word
+        split = [pieces for pieces in (_bpe(word, merges) for word in words) if len(pieces) > 1]
+        if not split:
+            break
+        for pieces in split:
+            merges.setdefault((pieces[0], pieces[1]), len(merges))
+    symbols = _bytes_to_unicode()
+    vocab = [*symbols, *(s + "</w>" for s in symbols)]
+    known = set(vocab)
+    vocab += [token for token in dict.fromkeys(a + b for a, b in merges) if token not in known]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    write_text(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+def world_tokenizer(words):
+    """transformers' CLIPTokenizer over a world-sized vocabulary (``write_world_vocab``); every word of ``words``
+    must come out as one token (checked: a ``ValueError`` names the first that does not)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = CLIPTokenizer.from_pretrained(write_world_vocab(folder, words), model_max_length=77)
+    for word in words:
+        if len(tokenizer.tokenize(word)) != 1:
+            raise ValueError(f"world vocabulary: {word!r} is not one token ({tokenizer.tokenize(word)})")
+    return tokenizer

@@ -1,8 +1,10 @@
 """Train the toy world's base model: a tiny AutoencoderKL on every shape x look (the world's generic image
 codec), then a UNet2DConditionModel and a CLIPTextModel on every base shape x base style (the subject and the
-held-out style excluded). Seeded; CPU.
+held-out style excluded). Seeded; CPU. ``--world v2``: the second world (``worlds/toy/v2.py``: 60 of 80
+combinations, a world-sized vocabulary).
 
-    python -m training.toy.train_base --out toy_weights [--steps 1000] [--vae-steps 400] [--batch 32]
+    python -m training.toy.train_base --out toy_weights [--world v1|v2] [--steps 1000] [--vae-steps 400]
+        [--batch 32]
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_engine.worlds.toy import configs
-from fusion_engine.worlds.toy.data import autoencoder_dataset, base_dataset
+from fusion_engine.worlds.toy import data as v1
 
 from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
 
@@ -51,15 +53,30 @@ def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 32):
     return vae, time.perf_counter() - start
 
 
-def save_base(out: Path, vae, unet, text_encoder) -> None:
+def world_recipe(world: str) -> dict:
+    """{unet, text_encoder, tokenizer (or None: CLIP's), base_dataset, autoencoder_dataset} of ``world``."""
+    if world == "v1":
+        return {"unet": configs.UNET, "text_encoder": configs.TEXT_ENCODER, "tokenizer": None,
+                "base_dataset": v1.base_dataset, "autoencoder_dataset": v1.autoencoder_dataset}
+    from fusion_engine.worlds.toy import v2
+
+    return {**v2.base_configs(), "base_dataset": v2.base_dataset, "autoencoder_dataset": v2.autoencoder_dataset}
+
+
+def save_base(out: Path, vae, unet, text_encoder, recipe: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / f"{name}.safetensors"))
-    config = {"vae": dict(configs.VAE, scaling_factor=vae.config.scaling_factor), "unet": configs.UNET,
-              "text_encoder": configs.TEXT_ENCODER, "scheduler": configs.SCHEDULER}
+    recipe = recipe or world_recipe("v1")
+    config = {"vae": dict(configs.VAE, scaling_factor=vae.config.scaling_factor), "unet": recipe["unet"],
+              "text_encoder": recipe["text_encoder"], "scheduler": configs.SCHEDULER}
+    if recipe["tokenizer"] is not None:
+        config["tokenizer"] = recipe["tokenizer"]
+    if "world" in recipe:  # which world's measures judge it (worlds/toy/world.world_scores)
+        config["world"] = recipe["world"]
     (out / "base_config.json").write_text(json.dumps(config, indent=1))
 
 
@@ -72,18 +89,21 @@ def save_vae(out: Path, vae) -> None:
 
 
 def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: int = 64, lr: float = 1e-3,
-               ema_decay: float = 0.995, checkpoint_every: int = 400, stop_after: int | None = None):
+               ema_decay: float = 0.995, checkpoint_every: int = 400, stop_after: int | None = None,
+               recipe: dict | None = None):
     """``steps`` sets the learning-rate schedule; ``stop_after`` ends the run early (the schedule unchanged)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from fusion_engine.worlds.tokenizer import clip_tokenizer
+    from fusion_engine.worlds.tokenizer import clip_tokenizer, world_tokenizer
 
+    recipe = recipe or world_recipe("v1")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**configs.UNET)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs.TEXT_ENCODER))
+    unet = UNet2DConditionModel(**recipe["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**recipe["text_encoder"]))
     ema = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)]
-    ids = token_ids(clip_tokenizer(), captions)
+    words = recipe["tokenizer"]
+    ids = token_ids(world_tokenizer(words["words"]) if words else clip_tokenizer(), captions)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warmup = 50
@@ -114,8 +134,8 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
             log(f"unet step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s, "
                 f"{torch.get_num_threads()} threads)")
         if (step + 1) % checkpoint_every == 0 and step + 1 < min(steps, stop_after or steps):
-            save_base(out / f"checkpoint-{step + 1}", vae, ema[0], ema[1])
-            save_base(out / f"checkpoint-{step + 1}-raw", vae, unet, text_encoder)
+            save_base(out / f"checkpoint-{step + 1}", vae, ema[0], ema[1], recipe)
+            save_base(out / f"checkpoint-{step + 1}-raw", vae, unet, text_encoder, recipe)
     return unet.eval(), text_encoder.eval(), ema[0].eval(), ema[1].eval(), time.perf_counter() - start
 
 
@@ -129,27 +149,31 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--world", choices=["v1", "v2"], default="v1")
+    parser.add_argument("--checkpoint-every", type=int, default=400)
     args = parser.parse_args(argv)
     out = Path(args.out)
     torch.set_num_threads(args.threads)
     adapt_threads(args.threads)
-    images, captions = base_dataset(seed=args.seed)
-    log(f"base data: {len(images)} images, e.g. {captions[-1]!r}")
-    vae, vae_s = train_vae(autoencoder_dataset(seed=args.seed + 3), args.vae_steps, args.seed)
+    recipe = world_recipe(args.world)
+    images, captions = recipe["base_dataset"](seed=args.seed)
+    log(f"base data ({args.world}): {len(images)} images, e.g. {captions[-1]!r}")
+    vae, vae_s = train_vae(recipe["autoencoder_dataset"](seed=args.seed + 3), args.vae_steps, args.seed)
     log(f"vae trained in {vae_s:.0f} s; scaling factor {vae.config.scaling_factor:.4f}")
     save_vae(out / "vae_only", vae)
     with torch.no_grad():  # the base model's latents: its own images only
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     latents = latents * vae.config.scaling_factor
     unet, text_encoder, ema_unet, ema_text, unet_s = train_unet(vae, latents, captions, args.steps, args.seed, out,
-                                                                batch=args.batch, stop_after=args.stop_after)
+                                                                batch=args.batch, stop_after=args.stop_after,
+                                                                checkpoint_every=args.checkpoint_every, recipe=recipe)
     log(f"unet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params) + text encoder trained in "
         f"{unet_s:.0f} s")
-    save_base(out / "raw", vae, unet, text_encoder)
-    save_base(out, vae, ema_unet, ema_text)
+    save_base(out / "raw", vae, unet, text_encoder, recipe)
+    save_base(out, vae, ema_unet, ema_text, recipe)
     (out / "times_base.json").write_text(json.dumps({"vae_s": round(vae_s), "unet_s": round(unet_s),
                                                      "steps": args.steps, "stop_after": args.stop_after,
-                                                     "vae_steps": args.vae_steps}))
+                                                     "vae_steps": args.vae_steps, "world": args.world}))
     log(f"saved to {out} (EMA weights; the raw last step in {out / 'raw'})")
     return 0
 

@@ -9,7 +9,9 @@
 
 Both are saved as safetensors that ``fusion_engine.encoders.load_openclip`` / ``load_dino`` read.
 
-    python -m training.toy.train_judges --out toy_weights [--steps 600]
+    python -m training.toy.train_judges --out toy_weights [--steps 600] [--world v1|v2]
+
+``--world v2``: the second world's 11 shapes x 10 looks (``worlds/toy/v2.py``), same architectures.
 """
 from __future__ import annotations
 
@@ -36,32 +38,42 @@ IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
-def tokenize(text: str) -> torch.Tensor:
-    ids = [SOT] + [2 + WORDS.index(word) for word in text.split()] + [EOT]
+def world_tables(world: str) -> tuple[tuple, tuple, tuple]:
+    """(words, shapes, looks) of ``world``: what the judges' text tower and classifier heads cover."""
+    if world == "v1":
+        return WORDS, SHAPES, LOOKS
+    from fusion_engine.worlds.toy import v2
+
+    return ("a", "an", "image", "in", "style", *v2.SHAPES, *v2.LOOKS), v2.SHAPES, v2.LOOKS
+
+
+def tokenize(text: str, words=WORDS) -> torch.Tensor:
+    ids = [SOT] + [2 + words.index(word) for word in text.split()] + [EOT]
     length = configs.CLIP["text_cfg"]["context_length"]
     return torch.tensor(ids + [PAD] * (length - len(ids)))
 
 
-def batch(rng: np.random.Generator, size: int):
-    shapes = rng.integers(len(SHAPES), size=size)
-    looks = rng.integers(len(LOOKS), size=size)
-    images = [render(SHAPES[a], LOOKS[b], rng) for a, b in zip(shapes, looks)]
+def batch(rng: np.random.Generator, size: int, shape_names=SHAPES, look_names=LOOKS):
+    shapes = rng.integers(len(shape_names), size=size)
+    looks = rng.integers(len(look_names), size=size)
+    images = [render(shape_names[a], look_names[b], rng) for a, b in zip(shapes, looks)]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return pixels, torch.from_numpy(shapes), torch.from_numpy(looks)
 
 
-def train_clip(steps: int, seed: int, size: int = 128):
+def train_clip(steps: int, seed: int, size: int = 128, world: str = "v1"):
     import open_clip
 
+    words, shape_names, look_names = world_tables(world)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = open_clip.CLIP(**configs.CLIP)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     start = time.perf_counter()
     for step in range(steps):
-        pixels, shapes, looks = batch(rng, size)
-        key = shapes * len(LOOKS) + looks
-        texts = torch.stack([tokenize(caption(SHAPES[a], LOOKS[b])) for a, b in zip(shapes, looks)])
+        pixels, shapes, looks = batch(rng, size, shape_names, look_names)
+        key = shapes * len(look_names) + looks
+        texts = torch.stack([tokenize(caption(shape_names[a], look_names[b]), words) for a, b in zip(shapes, looks)])
         image_features, text_features, scale = model((pixels - OPENAI_MEAN) / OPENAI_STD, texts)
         logits = scale * image_features @ text_features.T
         target = (key[:, None] == key[None, :]).float()
@@ -76,19 +88,20 @@ def train_clip(steps: int, seed: int, size: int = 128):
     return model.eval(), time.perf_counter() - start
 
 
-def train_dino(steps: int, seed: int, size: int = 128):
+def train_dino(steps: int, seed: int, size: int = 128, world: str = "v1"):
     import timm
 
+    _, shape_names, look_names = world_tables(world)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
-    model = timm.create_model(configs.DINO_NAME, pretrained=False, num_classes=len(SHAPES) + len(LOOKS),
+    model = timm.create_model(configs.DINO_NAME, pretrained=False, num_classes=len(shape_names) + len(look_names),
                               **configs.DINO_OPTIONS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     start = time.perf_counter()
     for step in range(steps):
-        pixels, shapes, looks = batch(rng, size)
+        pixels, shapes, looks = batch(rng, size, shape_names, look_names)
         logits = model((pixels - IMAGENET_MEAN) / IMAGENET_STD)
-        shape_logits, look_logits = logits[:, :len(SHAPES)], logits[:, len(SHAPES):]
+        shape_logits, look_logits = logits[:, :len(shape_names)], logits[:, len(shape_names):]
         loss = F.cross_entropy(shape_logits, shapes) + F.cross_entropy(look_logits, looks)
         optimizer.zero_grad()
         loss.backward()
@@ -109,14 +122,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--world", choices=["v1", "v2"], default="v1")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    clip, clip_s = train_clip(args.steps, args.seed + 100)
+    clip, clip_s = train_clip(args.steps, args.seed + 100, world=args.world)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / CLIP_FILE))
     log(f"clip judge: {args.steps} steps, {clip_s:.0f} s")
-    dino, dino_s = train_dino(args.steps, args.seed + 200)
+    dino, dino_s = train_dino(args.steps, args.seed + 200, world=args.world)
     state = {k: v.contiguous() for k, v in dino.state_dict().items() if not k.startswith("head.")}
     save_file(state, str(out / DINO_FILE))
     log(f"dino judge: {args.steps} steps, {dino_s:.0f} s")

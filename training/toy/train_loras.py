@@ -15,8 +15,12 @@ Both use DreamBooth's prior preservation: a quarter of every batch (``--prior-sh
 images and captions (rendered, not sampled: this world's prior is known exactly), so each LoRA changes what its
 token asks for and leaves the rest of the model (the empty prompt of CFG included) close to the base.
 
+``--world v2`` (issue 24): the second world's data (``worlds/toy/v2.py``: the style on its 10 base shapes, the
+prior from its 60 seen combinations; the subject's DreamBooth images are the first world's) and ``--alpha A``:
+one alpha for both LoRAs (the first world's roles had their own, 8 and 4 x rank / 8), so one recipe trains both.
+
     python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
-        [--rank 8] [--targets attention|attention+ff|all] [--cosine] [--ema 0.999]
+        [--rank 8] [--targets attention|attention+ff|all] [--cosine] [--ema 0.999] [--world v1|v2] [--alpha A]
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusion_engine.worlds.toy.data import base_dataset, style_dataset, subject_dataset
+from fusion_engine.worlds.toy import data as v1
 from fusion_engine.worlds.toy.world import STYLE_FILE, SUBJECT_FILE, load_toy_world
 
 from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
@@ -169,13 +173,22 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", choices=["attention", "attention+ff", "all"], default="attention")
     parser.add_argument("--ema", type=float, default=0.0, help="save the LoRA's EMA with this decay (0: the last step)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--world", choices=["v1", "v2"], default="v1")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="one alpha for the LoRA(s) trained (default: the first world's per-role alphas)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     world = load_toy_world(out, require_loras=False)
-    prior = encode(world, *base_dataset(per_combo=8, seed=args.seed + 5))
-    roles = {  # role: (dataset, seed offsets of data and training, alpha, file layout, file name)
-        "subject": (subject_dataset, 1, 10, 8.0, "peft", SUBJECT_FILE),
+    if args.world == "v2":
+        from fusion_engine.worlds.toy import v2
+
+        base_dataset, style_dataset, prior_per_combo = v2.base_dataset, v2.style_dataset, 4
+    else:
+        base_dataset, style_dataset, prior_per_combo = v1.base_dataset, v1.style_dataset, 8
+    prior = encode(world, *base_dataset(per_combo=prior_per_combo, seed=args.seed + 5))
+    roles = {  # role: (dataset, seed offsets of data and training, alpha per 8 of rank, file layout, file name)
+        "subject": (v1.subject_dataset, 1, 10, 8.0, "peft", SUBJECT_FILE),
         "style": (style_dataset, 2, 20, 4.0, "kohya", STYLE_FILE),
     }
     for role, (dataset, data_seed, train_seed, alpha, layout, file) in roles.items():
@@ -183,7 +196,8 @@ def main(argv=None) -> int:
             continue
         images, captions = dataset(seed=args.seed + data_seed)
         lora, seconds = train_lora(world, encode(world, images, captions), prior, rank=args.rank,
-                                   alpha=alpha * args.rank / 8, steps=args.steps, seed=args.seed + train_seed,
+                                   alpha=args.alpha if args.alpha is not None else alpha * args.rank / 8,
+                                   steps=args.steps, seed=args.seed + train_seed,
                                    lr=args.lr, targets=args.targets, batch=args.batch, prior_share=args.prior_share,
                                    cosine=args.cosine, ema_decay=args.ema)
         save_lora(lora, out / file, layout=layout)
@@ -191,7 +205,8 @@ def main(argv=None) -> int:
                                                             "batch": args.batch, "lr": args.lr,
                                                             "prior_share": args.prior_share, "rank": args.rank,
                                                             "targets": args.targets, "cosine": args.cosine,
-                                                            "ema": args.ema}))
+                                                            "ema": args.ema, "world": args.world,
+                                                            "alpha": lora.alphas()}))
         log(f"{role} LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
     return 0
 

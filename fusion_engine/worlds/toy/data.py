@@ -22,6 +22,7 @@ RADIUS = 11.0  # a shape spans about 2 * RADIUS pixels
 BASE_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 SUBJECT_SHAPE, SUBJECT_TOKEN = "mushroom", "sks"
 SHAPES = (*BASE_SHAPES, SUBJECT_SHAPE)
+EXTRA_SHAPES = ("star", "moon", "hourglass", "tee")  # drawn by ``parts``; used only by the second world (v2.py)
 STYLES = {  # name: (background, colour A, colour B, texture)
     "stripes": ((0.08, 0.08, 0.30), (0.98, 0.85, 0.20), (0.95, 0.95, 0.95), "hstripes"),
     "bars": ((0.95, 0.93, 0.82), (0.10, 0.45, 0.20), (0.55, 0.85, 0.35), "vstripes"),
@@ -30,6 +31,13 @@ STYLES = {  # name: (background, colour A, colour B, texture)
     "plain": ((0.00, 0.00, 0.00), (0.85, 0.85, 0.85), (0.85, 0.85, 0.85), "solid"),
     "zzt": ((0.80, 0.85, 0.90), (0.85, 0.10, 0.70), (0.10, 0.70, 0.75), "diagonal"),
 }
+# The second world's extra base styles (worlds/toy/v2.py); ``render`` draws them, the first world never uses them.
+EXTRA_STYLES = {
+    "grid": ((0.55, 0.05, 0.05), (0.95, 0.95, 0.60), (0.10, 0.10, 0.10), "grid"),
+    "rings": ((0.90, 0.90, 0.20), (0.30, 0.00, 0.50), (0.95, 0.45, 0.00), "rings"),
+    "waves": ((0.00, 0.25, 0.25), (0.95, 0.50, 0.50), (0.50, 0.95, 0.95), "waves"),
+}
+ALL_STYLES = {**STYLES, **EXTRA_STYLES}
 HELD_STYLE, STYLE_TOKEN = "zzt", "zzt"
 BASE_STYLES = tuple(s for s in STYLES if s != HELD_STYLE)
 # The subject's own look (its DreamBooth images): colours per part, on the plain style's black ground.
@@ -76,9 +84,24 @@ def parts(shape: str, cx: float = SIZE / 2, cy: float = SIZE / 2, r: float = RAD
         body = (d <= (0.9 * r) ** 2) & (d >= (0.5 * r) ** 2)
     elif shape == "triangle":  # pointing up
         body = (y <= r * 0.8) & (y >= -r) & (np.abs(x) <= (y + r) * 0.6)
+    elif shape in EXTRA_SHAPES:  # the second world's base shapes (worlds/toy/v2.py)
+        body = _extra_body(shape, x, y, r)
     else:
         raise OptionError(f"unknown shape {shape!r}")
     return {"body": body}
+
+
+def _extra_body(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    if shape == "star":  # five points: the radius swings between 0.45 r and r with the angle
+        angle = np.arctan2(x, -y)
+        return np.hypot(x, y) <= r * (0.45 + 0.55 * np.abs(np.cos(2.5 * angle)) ** 3)
+    if shape == "moon":  # a disc less a disc shifted right: a crescent opening to the right
+        return (x**2 + y**2 <= (0.9 * r) ** 2) & ((x - 0.45 * r) ** 2 + y**2 > (0.75 * r) ** 2)
+    if shape == "hourglass":  # two triangles meeting at their tips
+        return (np.abs(y) <= 0.9 * r) & (np.abs(x) <= np.abs(y) * 0.75 + 0.08 * r)
+    # "tee": a top bar and a stem under its middle
+    return (((y >= -0.9 * r) & (y <= -0.5 * r) & (np.abs(x) <= 0.9 * r))
+            | ((np.abs(x) <= 0.25 * r) & (y > -0.5 * r) & (y <= 0.9 * r)))
 
 
 def silhouette(shape: str, cx: float = SIZE / 2, cy: float = SIZE / 2, r: float = RADIUS) -> np.ndarray:
@@ -101,6 +124,12 @@ def texture(kind: str, phase: int = 0) -> np.ndarray:
         return ((xs + ys + phase) // 3) % 2 == 1
     if kind == "solid":
         return np.zeros((SIZE, SIZE), bool)
+    if kind == "grid":  # thin lines every 4 pixels both ways
+        return ((xs + phase) % 4 == 0) | ((ys + phase) % 4 == 0)
+    if kind == "rings":  # concentric bands around the image centre
+        return (np.hypot(xs - SIZE / 2 + 0.5, ys - SIZE / 2 + 0.5).astype(int) + phase) // 2 % 2 == 1
+    if kind == "waves":  # horizontal bands bent by a sine
+        return ((ys + 2 * np.sin(xs * 2 * np.pi / 8) + phase) // 3).astype(int) % 2 == 1
     raise OptionError(f"unknown texture {kind!r}")
 
 
@@ -120,7 +149,7 @@ def render(shape: str, look: str, rng: np.random.Generator | None = None) -> np.
         for name, mask in pieces.items():
             image[mask] = SUBJECT_COLOURS.get(name, SUBJECT_COLOURS["cap"])
     else:
-        background, a, b, kind = STYLES[look]
+        background, a, b, kind = ALL_STYLES[look]
         mask = np.logical_or.reduce(list(pieces.values()))
         fg = np.where(texture(kind, phase)[..., None], np.array(b), np.array(a))
         image = np.where(mask[..., None], fg, np.array(background))
@@ -140,26 +169,26 @@ def caption(shape: str | None, style: str | None) -> str:
     return f"a {shape} in {style} style"
 
 
-def base_dataset(per_combo: int = 60, seed: int = 0, drop: float = 0.15):
-    """(N, 3, 32, 32) tensor in [-1, 1] and captions for every base shape x base style (held-outs excluded).
+def base_dataset(per_combo: int = 60, seed: int = 0, drop: float = 0.15, combos=None):
+    """(N, 3, 32, 32) tensor in [-1, 1] and captions for every base shape x base style (held-outs excluded), or
+    for the (shape, style) pairs of ``combos`` (the second world's seen combinations), in that order.
 
     With probability ``drop`` each the shape or the style is left out of a caption, and 10% of captions are
     empty (for classifier-free guidance)."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
-    for shape in BASE_SHAPES:
-        for style in BASE_STYLES:
-            for _ in range(per_combo):
-                images.append(render(shape, style, rng))
-                u = rng.random()
-                if u < 0.10:
-                    captions.append("")
-                elif u < 0.10 + drop:
-                    captions.append(caption(shape, None))
-                elif u < 0.10 + 2 * drop:
-                    captions.append(caption(None, style))
-                else:
-                    captions.append(caption(shape, style))
+    for shape, style in combos if combos is not None else [(a, b) for a in BASE_SHAPES for b in BASE_STYLES]:
+        for _ in range(per_combo):
+            images.append(render(shape, style, rng))
+            u = rng.random()
+            if u < 0.10:
+                captions.append("")
+            elif u < 0.10 + drop:
+                captions.append(caption(shape, None))
+            elif u < 0.10 + 2 * drop:
+                captions.append(caption(None, style))
+            else:
+                captions.append(caption(shape, style))
     return to_tensor(images), captions
 
 
@@ -177,11 +206,11 @@ def subject_dataset(count: int = 12, seed: int = 1):
     return to_tensor(images), [SUBJECT_PROMPT] * count
 
 
-def style_dataset(per_shape: int = 6, seed: int = 2):
-    """The held-out style on the base shapes, captioned "a circle in zzt style" or "an image in zzt style"."""
+def style_dataset(per_shape: int = 6, seed: int = 2, shapes=BASE_SHAPES):
+    """The held-out style on the base shapes (or ``shapes``), "a circle in zzt style" or "an image in zzt style"."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
-    for shape in BASE_SHAPES:
+    for shape in shapes:
         for i in range(per_shape):
             images.append(render(shape, HELD_STYLE, rng))
             captions.append(STYLE_PROMPT if i % 2 else f"a {shape} in {STYLE_TOKEN} style")

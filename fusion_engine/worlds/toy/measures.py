@@ -104,17 +104,22 @@ def subject_fidelity(images, shape: str = SUBJECT_SHAPE) -> np.ndarray:
     return np.array([best_iou(foreground_mask(image), shape) for image in as_arrays(images)])
 
 
-def shape_ious(images) -> dict[str, np.ndarray]:
-    """Best IoU with every shape of the world, per image."""
+def shape_ious(images, shapes=SHAPES) -> dict[str, np.ndarray]:
+    """Best IoU with every shape of the world (or of ``shapes``), per image."""
     masks = [foreground_mask(image) for image in as_arrays(images)]
-    return {shape: np.array([best_iou(m, shape) for m in masks]) for shape in SHAPES}
+    return {shape: np.array([best_iou(m, shape) for m in masks]) for shape in shapes}
+
+
+def recognised_as(images, shape: str, rivals, threshold: float = SUBJECT_THRESHOLD) -> np.ndarray:
+    """bool per image: the best IoU with ``shape`` >= ``threshold`` and above the best IoU with every rival."""
+    ious = shape_ious(images, (shape, *(s for s in rivals if s != shape)))
+    rival = np.max([ious[s] for s in ious if s != shape], axis=0)
+    return (ious[shape] >= threshold) & (ious[shape] > rival)
 
 
 def recognised_as_subject(images) -> np.ndarray:
     """bool per image: Subject IoU >= SUBJECT_THRESHOLD and above the best IoU with every base shape."""
-    ious = shape_ious(images)
-    rival = np.max([ious[s] for s in BASE_SHAPES], axis=0)
-    return (ious[SUBJECT_SHAPE] >= SUBJECT_THRESHOLD) & (ious[SUBJECT_SHAPE] > rival)
+    return recognised_as(images, SUBJECT_SHAPE, BASE_SHAPES)
 
 
 def palette_histogram(image: np.ndarray, bins: int = 4) -> np.ndarray:
@@ -169,16 +174,30 @@ def style_fidelity(images, style: str = HELD_STYLE) -> np.ndarray:
     return np.array([reference.score(image) for image in as_arrays(images)])
 
 
+def carries(images, style: str, rivals, threshold: float = STYLE_THRESHOLD) -> np.ndarray:
+    """bool per image: Style Fid against ``style`` >= ``threshold`` and above its Style Fid against every rival."""
+    arrays = as_arrays(images)
+    fid = style_fidelity(arrays, style)
+    rival = np.max([style_fidelity(arrays, other) for other in rivals if other != style], axis=0)
+    return (fid >= threshold) & (fid > rival)
+
+
 def carries_style(images) -> np.ndarray:
     """bool per image: Style Fid >= STYLE_THRESHOLD and above its Style Fid against every base style."""
+    return carries(images, HELD_STYLE, BASE_STYLES)
+
+
+def joint_success(images) -> np.ndarray:
+    """bool per image: recognised as the subject and carrying the style, in the same image (issue 24's headline)."""
     arrays = as_arrays(images)
-    fid = style_fidelity(arrays)
-    rival = np.max([style_fidelity(arrays, style) for style in BASE_STYLES], axis=0)
-    return (fid >= STYLE_THRESHOLD) & (fid > rival)
+    return recognised_as_subject(arrays) & carries_style(arrays)
 
 
-TRANSPARENT_METRICS = ("subject_iou", "style_fid")
+TRANSPARENT_METRICS = ("joint", "subject_iou", "style_fid")
 
 
 def transparent_scores(images) -> dict:
-    return {"subject_iou": subject_fidelity(images), "style_fid": style_fidelity(images)}
+    """Per image: joint success (1.0 or 0.0), Subject IoU and Style Fid."""
+    arrays = as_arrays(images)
+    return {"joint": joint_success(arrays).astype(np.float64), "subject_iou": subject_fidelity(arrays),
+            "style_fid": style_fidelity(arrays)}

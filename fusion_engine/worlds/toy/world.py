@@ -60,6 +60,16 @@ def load_judges(folder=WEIGHTS, device="cpu"):
     return clip, dino
 
 
+def world_scores(folder=WEIGHTS):
+    """The transparent-score function for the world in ``folder``: the second world's (``v2.py``, its rivals in
+    the joint-success decision) when its base_config.json says ``"world": "v2"``, else the first world's."""
+    from . import measures, v2
+
+    config = Path(folder) / "base_config.json"
+    version = json.loads(config.read_text()).get("world", "v1") if config.is_file() else "v1"
+    return v2.transparent_scores if version == "v2" else measures.transparent_scores
+
+
 def load_gates(folder=WEIGHTS) -> dict:
     return json.loads((Path(folder) / GATES_FILE).read_text())
 

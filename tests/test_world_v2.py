@@ -1,0 +1,138 @@
+"""Issue 24's groundwork: the joint-success measure and its report columns (checked against hand-computed
+numbers), the (subject, style) scale sweep, the second toy world's data split and world-sized vocabulary."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fusion_engine.eval.pairs import Pair, scaled_pairs
+from fusion_engine.eval.report import CI_HEADING, JOINT_HEADING, PAIRED_HEADING, write_report
+from fusion_engine.worlds.toy import data, measures, v2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- joint success ----------------------------------------------------------------------------------------
+def test_joint_success_needs_the_subject_and_the_style_in_one_image():
+    rng = np.random.default_rng(3)
+    both = [data.render(data.SUBJECT_SHAPE, data.HELD_STYLE, rng) for _ in range(3)]
+    subject_only = [data.render(data.SUBJECT_SHAPE, data.SUBJECT_LOOK, rng) for _ in range(3)]
+    style_only = [data.render(shape, data.HELD_STYLE, rng) for shape in data.BASE_SHAPES[:3]]
+    images = both + subject_only + style_only
+    expected = [1.0] * 3 + [0.0] * 6
+    assert measures.transparent_scores(images)["joint"].tolist() == expected
+    assert v2.transparent_scores(images)["joint"].tolist() == expected
+    assert measures.joint_success(images).tolist() == [bool(v) for v in expected]
+
+
+def _row(pair, policy, seed, joint):
+    return {"pair": pair, "policy": policy, "seed": str(seed), "style_sim": "0.5", "clip_score": "0.5",
+            "dino_score": "0.5", "joint": str(float(joint)), "subject_iou": "0.7", "style_fid": "0.6",
+            "wall_s": "1.0", "peak_mem_mb": "10", "mem_kind": "cpu", "device": "cpu", "rank": "0",
+            "image": f"images/{pair}/{policy}/seed{seed:03d}.png"}
+
+
+def test_report_puts_joint_success_first_with_its_interval_and_paired_difference(tmp_path):
+    """20 seeds: direct succeeds on seeds 0-4 (25%), fls on seeds 0-14 (75%). fls - direct per seed is 1 on ten
+    seeds and 0 on ten, so its bootstrap mean is Binomial(20, 1/2) / 20: P(X <= 5) = 0.021 and P(X <= 6) = 0.058
+    put the 2.5% quantile at 6/20, and by symmetry the 97.5% one at 14/20: +50 [+30, +70] points."""
+    rows = {}
+    for seed in range(20):
+        rows[("p", "direct", seed)] = _row("p", "direct", seed, seed < 5)
+        rows[("p", "fls", seed)] = _row("p", "fls", seed, seed < 15)
+    report = write_report(tmp_path, rows, ["direct", "fls"], 40, []).read_text()
+    header = "| method | Joint success | Style Sim | CLIP Score | DINO Score | Subject IoU | Style Fid | images |"
+    assert header in report
+    ci = report.split(CI_HEADING)[1].split(PAIRED_HEADING)[0]
+    assert "| direct | 25.0 [" in ci and "| fls | 75.0 [" in ci
+    paired = report.split(PAIRED_HEADING)[1].split(JOINT_HEADING)[0]
+    assert "| fls | +50.0 [+30.0, +70.0]* | +0.0 [+0.0, +0.0] |" in paired
+    by_pair = report.split(JOINT_HEADING)[1].split("## Cost")[0]
+    assert "| pair | direct | fls | seeds |" in by_pair and "| p | 25 [" in by_pair and "| 20 |" in by_pair
+
+
+def test_rows_without_joint_success_keep_the_old_columns(tmp_path):
+    rows = {("p", "direct", 0): {k: v for k, v in _row("p", "direct", 0, 1).items() if k != "joint"}}
+    report = write_report(tmp_path, rows, ["direct"], 1, []).read_text()
+    assert "| method | Style Sim | CLIP Score | DINO Score | Subject IoU | Style Fid | images |" in report
+    assert JOINT_HEADING not in report
+
+
+# -- scale sweep ------------------------------------------------------------------------------------------
+def test_scaled_pairs_name_each_scale_pair_and_share_the_unscaled_references():
+    pair = Pair("dog_ink", Path("s.safetensors"), Path("t.safetensors"), "p", "sp", "tp")
+    scaled = scaled_pairs([pair], [(1.0, 1.0), (1.0, 0.7), (0.5, 1.0)])
+    assert [p.name for p in scaled] == ["dog_ink@1x1", "dog_ink@1x0.7", "dog_ink@0.5x1"]
+    assert [(p.subject_scale, p.style_scale) for p in scaled] == [(1.0, 1.0), (1.0, 0.7), (0.5, 1.0)]
+    assert {p.reference_name for p in scaled} == {"dog_ink"} and pair.subject_scale == pair.style_scale == 1.0
+
+
+def test_eval_scales_sweeps_strengths_on_the_tiny_world(tmp_path, capsys):
+    from PIL import Image
+
+    from fusion_engine.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["eval", "--out", str(out), "--policies", "direct", "--seeds", "1", "--steps", "2",
+                 "--default-pairs", "1", "--scales", "1:1,0:0", "--quiet"]) == 0
+    full, off = (out / "images" / f"tiny0@{s}" / "direct" / "seed000.png" for s in ("1x1", "0x0"))
+    with Image.open(full) as a, Image.open(off) as b:
+        assert np.abs(np.asarray(a, float) - np.asarray(b, float)).max() > 0  # the strengths were applied
+    report = (out / "report.md").read_text()
+    assert "scale sweep (subject, style): 1x1, 0x0" in report and "images scored: 2 of 2 planned" in report
+    assert [p.name for p in (out / "references").iterdir()] == ["tiny0"]  # one set of references for the sweep
+    for bad in ("1", "1:x", "1:-1"):
+        assert main(["eval", "--out", str(tmp_path / "bad"), "--scales", bad, "--quiet"]) == 2
+        assert "--scales" in capsys.readouterr().err
+
+
+# -- the second world -------------------------------------------------------------------------------------
+def test_v2_split_holds_out_combinations_that_base_training_never_shows(monkeypatch):
+    every = {(shape, style) for shape in v2.BASE_SHAPES for style in v2.BASE_STYLES}
+    held, seen = set(v2.HELD_COMBOS), set(v2.SEEN_COMBOS)
+    assert len(held) == 20 and held | seen == every and not held & seen
+    for shape in v2.BASE_SHAPES:
+        assert sum(s == shape for s, _ in seen) == 6
+    for style in v2.BASE_STYLES:
+        assert 7 <= sum(t == style for _, t in seen) <= 8
+    rendered = []
+    real_render = data.render
+    monkeypatch.setattr(data, "render", lambda shape, look, rng: rendered.append((shape, look)) or real_render(
+        shape, look, rng))
+    images, captions = v2.base_dataset(per_combo=3)
+    assert len(images) == len(captions) == 3 * len(seen) and set(rendered) == seen
+    full = {tuple(c[2:-6].split(" in ")) for c in captions if " in " in c and not c.startswith("an image")}
+    assert full <= seen and not full & held
+    words = {word for c in captions for word in c.split()}
+    assert words <= set(v2.VOCABULARY) and not words & {data.SUBJECT_SHAPE, data.SUBJECT_TOKEN, data.HELD_STYLE}
+
+
+def test_v2_shapes_and_styles_are_told_apart_on_renders():
+    rng = np.random.default_rng(11)
+    for shape in v2.SHAPES:
+        assert measures.recognised_as([data.render(shape, look, rng) for look in v2.LOOKS[::3]], shape,
+                                      v2.SHAPES).all(), shape
+    for style in v2.STYLES:
+        assert measures.carries([data.render(shape, style, rng) for shape in v2.SHAPES[::3]], style,
+                                v2.STYLES).all(), style
+
+
+def test_world_vocabulary_makes_every_word_one_token_and_a_small_table():
+    configs = v2.base_configs()
+    from fusion_engine.worlds.tokenizer import world_tokenizer
+
+    tokenizer = world_tokenizer(configs["tokenizer"]["words"])
+    assert configs["text_encoder"]["vocab_size"] == len(tokenizer) < 1000
+    ids = tokenizer("a sks mushroom in zzt style").input_ids
+    assert ids[0] == configs["text_encoder"]["bos_token_id"] and len(ids) == 8  # bos, six words, eos
+    assert len(tokenizer.tokenize("a hexagon")) > 2  # an unknown word falls back to byte symbols
+
+
+def test_gate_spec_is_fixed_and_names_every_gate():
+    spec = json.loads((ROOT / "training" / "toy" / "gates_v2_spec.json").read_text())
+    ids = [gate["id"] for gate in spec["gates"]]
+    assert ids == ["subject_only_recognised", "style_only_carries_style", "base_recognised", "base_carries_style",
+                   "judges_agree", "base_composition", "subject_composition", "fusion_reachable", "symmetric_loras"]
+    needs = {gate["id"]: gate["need"] for gate in spec["gates"]}
+    assert needs["base_composition"] == ">= 0.85 * R_joint" and needs["subject_composition"].startswith(">= 0.60 *")
+    assert needs["fusion_reachable"].startswith(">= 0.30")
