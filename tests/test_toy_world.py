@@ -142,7 +142,7 @@ def test_full_gates_recomputed_match_the_shipped_verdicts():
 @shipped
 def test_eval_world_toy_reports_references_intervals_and_paired_differences(tmp_path):
     from fusion_engine.cli import main
-    from fusion_engine.eval.report import CI_HEADING, PAIRED_HEADING
+    from fusion_engine.eval.report import CI_HEADING, JOINT_HEADING, PAIRED_HEADING
 
     out = tmp_path / "eval"
     assert main(["eval", "--world", "toy", "--out", str(out), "--seeds", "2", "--steps", "2",
@@ -153,8 +153,11 @@ def test_eval_world_toy_reports_references_intervals_and_paired_differences(tmp_
     assert CI_HEADING in report and PAIRED_HEADING in report and "toy world" in report
     for row in ("| subject-only | ", "| style-only | ", "| direct | ", "| fls | "):
         assert row in report.split(CI_HEADING)[1].split(PAIRED_HEADING)[0], row
-    paired = report.split(PAIRED_HEADING)[1].split("## Cost")[0]
+    paired = report.split(PAIRED_HEADING)[1].split(JOINT_HEADING)[0]
     assert "| fls | " in paired and "| direct | " not in paired and "| 2 |" in paired
+    by_pair = report.split(JOINT_HEADING)[1].split("## Cost")[0]  # joint success per pair and policy
+    assert "| pair | subject-only | style-only | direct | fls | seeds |" in by_pair
+    assert "| sks-mushroom_zzt | " in by_pair
 
 
 @shipped
