@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fusion_engine.eval.pairs import Pair, scaled_pairs
 from fusion_engine.eval.report import CI_HEADING, JOINT_HEADING, PAIRED_HEADING, write_report
@@ -65,6 +66,16 @@ def test_scaled_pairs_name_each_scale_pair_and_share_the_unscaled_references():
     assert [p.name for p in scaled] == ["dog_ink@1x1", "dog_ink@1x0.7", "dog_ink@0.5x1"]
     assert [(p.subject_scale, p.style_scale) for p in scaled] == [(1.0, 1.0), (1.0, 0.7), (0.5, 1.0)]
     assert {p.reference_name for p in scaled} == {"dog_ink"} and pair.subject_scale == pair.style_scale == 1.0
+
+
+def test_eval_settings_refuse_malformed_scales(tmp_path):
+    from fusion_engine.errors import OptionError
+    from fusion_engine.eval import EvalSettings
+
+    assert EvalSettings(out=tmp_path, scales=[[1, 0.5]]).scales == [(1.0, 0.5)]
+    for bad in ([], [(1.0,)], [(1.0, -0.5)], [(1.0, float("nan"))], 3):
+        with pytest.raises(OptionError, match="scale"):
+            EvalSettings(out=tmp_path, scales=bad)
 
 
 def test_eval_scales_sweeps_strengths_on_the_tiny_world(tmp_path, capsys):

@@ -92,10 +92,14 @@ class EvalSettings:
         check_float("guidance", self.guidance, 0.0)
         check_float("m", self.m, 0.0)
         if self.scales is not None:
-            if not self.scales or any(len(pair) != 2 for pair in self.scales):
+            try:
+                pairs = [tuple(pair) for pair in self.scales]
+            except TypeError:
+                pairs = []
+            if not pairs or any(len(pair) != 2 for pair in pairs):
                 raise OptionError(f"scales must be a non-empty list of (subject, style) pairs, got {self.scales!r}")
             self.scales = [(check_float("subject scale", a, 0.0), check_float("style scale", b, 0.0))
-                           for a, b in self.scales]
+                           for a, b in pairs]
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 8, multiple_of=8)
