@@ -137,6 +137,11 @@ def test_world_vocabulary_makes_every_word_one_token_and_a_small_table():
     ids = tokenizer("a sks mushroom in zzt style").input_ids
     assert ids[0] == configs["text_encoder"]["bos_token_id"] and len(ids) == 8  # bos, six words, eos
     assert len(tokenizer.tokenize("a hexagon")) > 2  # an unknown word falls back to byte symbols
+    from fusion_engine.errors import OptionError
+
+    for bad in (["two words"], ["ok", ""], ["Caps"], []):
+        with pytest.raises(OptionError, match="world vocabulary"):
+            world_tokenizer(bad)
 
 
 def test_gate_spec_is_fixed_and_names_every_gate():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -85,7 +86,13 @@ def write_world_vocab(folder, words) -> Path:
     merged letter by letter, left to right; where another word's merge cuts in first, a merge of the two pieces
     it leaves is appended (lowest priority, so no word already whole changes). Any other text falls back to
     byte symbols, as CLIP's own tokenizer does for rare words."""
+    from ..errors import OptionError
+
     words = list(dict.fromkeys(words))
+    bad = [word for word in words if not isinstance(word, str) or not re.fullmatch(r"[a-z0-9]+", word)]
+    if bad or not words:
+        raise OptionError(f"world vocabulary: words must be lower-case letters and digits, one word each; got {bad!r}"
+                          if bad else "world vocabulary: no words given")
     merges: dict[tuple[str, str], int] = {}  # pair: rank (insertion order)
     for word in words:
         pieces = [*word[:-1], word[-1] + "</w>"]
@@ -112,12 +119,14 @@ def write_world_vocab(folder, words) -> Path:
 
 def world_tokenizer(words):
     """transformers' CLIPTokenizer over a world-sized vocabulary (``write_world_vocab``); every word of ``words``
-    must come out as one token (checked: a ``ValueError`` names the first that does not)."""
+    must come out as one token (checked: an ``OptionError`` names the first that does not)."""
     from transformers import CLIPTokenizer
+
+    from ..errors import OptionError
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = CLIPTokenizer.from_pretrained(write_world_vocab(folder, words), model_max_length=77)
     for word in words:
         if len(tokenizer.tokenize(word)) != 1:
-            raise ValueError(f"world vocabulary: {word!r} is not one token ({tokenizer.tokenize(word)})")
+            raise OptionError(f"world vocabulary: {word!r} is not one token ({tokenizer.tokenize(word)})")
     return tokenizer
