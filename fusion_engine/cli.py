@@ -329,9 +329,9 @@ def cmd_demo(args) -> int:
     subject, style = world.subject(), world.style()
     measures = None
     if kind == "toy":
-        from fusion_engine.worlds.toy import measures
-        from fusion_engine.worlds.toy.world import load_judges
+        from fusion_engine.worlds.toy.world import load_judges, world_measures
 
+        measures = world_measures()  # the shipped world's decisions (its own rival shapes and styles)
         clip, dino = load_judges()
         print(f"default world: the trained toy world (fusion_engine/worlds/toy); subject {subject}; style {style}")
     else:

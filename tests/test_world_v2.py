@@ -210,3 +210,15 @@ def test_composition_and_symmetry_gates_read_the_earlier_steps(tmp_path):
         (tmp_path / f"times_{role}.json").write_text(json.dumps({**recipe, "steps": steps}))
     symmetric = gates.symmetric_loras(tmp_path)
     assert not symmetric["pass"] and symmetric["differ"] == ["steps"]
+
+
+def test_world_measures_follow_the_weights_folder(tmp_path):
+    from fusion_engine.worlds.toy.world import world_measures, world_scores
+
+    assert world_measures(tmp_path) is measures  # no base_config.json: the first world
+    (tmp_path / "base_config.json").write_text(json.dumps({"world": "v2"}))
+    assert world_measures(tmp_path) is v2 and world_scores(tmp_path) is v2.transparent_scores
+    # the second world's decisions: a mushroom in a new style is the subject, a star in zzt carries the style only
+    mushroom, star = [data.render(data.SUBJECT_SHAPE, "grid")], [data.render("star", "zzt")]
+    assert v2.recognised_as_subject(mushroom).all() and not v2.carries_style(mushroom).any()
+    assert not v2.recognised_as_subject(star).any() and v2.carries_style(star).all()

@@ -32,7 +32,14 @@ from fusion_engine.stats import bootstrap_ci, excludes_zero, paired_difference_c
 from fusion_engine.worlds.toy import measures
 from fusion_engine.worlds.toy.data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT, style_dataset, subject_dataset
 from fusion_engine.worlds.toy.sampling import sample
-from fusion_engine.worlds.toy.world import DEMO_GUIDANCE, DEMO_STEPS, GATES_FILE, load_judges, load_toy_world
+from fusion_engine.worlds.toy.world import (
+    DEMO_GUIDANCE,
+    DEMO_STEPS,
+    GATES_FILE,
+    load_judges,
+    load_toy_world,
+    world_measures,
+)
 
 from .common import adapt_threads, log
 
@@ -76,21 +83,10 @@ def ranking_agreement(transparent: dict, judged: dict) -> dict:
     return {"agrees": agree, "pairs": pairs}
 
 
-def decisions(folder: Path):
-    """(recognised as the subject, carries the style) for the world in ``folder``: the second world's decisions
-    (its 10 shapes and 8 styles as rivals) when its base_config.json says so, else the first world's."""
-    config = json.loads((Path(folder) / "base_config.json").read_text())
-    if config.get("world") == "v2":
-        from fusion_engine.worlds.toy import v2
-
-        return v2.recognised_as_subject, v2.carries_style
-    return measures.recognised_as_subject, measures.carries_style
-
-
 def measure(folder: Path, seeds: int, steps: int = DEMO_STEPS, guidance: float = DEMO_GUIDANCE,
             all_base: bool = False, save_sheet: bool = False) -> dict:
     world = load_toy_world(folder)
-    recognised_as_subject, carries_style = decisions(folder)
+    decide = world_measures(folder)  # the second world's rivals when its base_config.json says so
     images, per_seed, rates, times = {}, {}, {}, {}
     sheet = [] if save_sheet else None
     sets = {**SETS, **(MORE_BASE_SETS if all_base else {})}
@@ -99,8 +95,8 @@ def measure(folder: Path, seeds: int, steps: int = DEMO_STEPS, guidance: float =
         images[name] = sample(world, role, range(seeds), prompt=prompt, steps=steps, guidance=guidance)
         times[name] = round(time.perf_counter() - start, 1)
         scores = measures.transparent_scores(images[name])
-        recognised = recognised_as_subject(images[name])
-        carries = carries_style(images[name])
+        recognised = decide.recognised_as_subject(images[name])
+        carries = decide.carries_style(images[name])
         per_seed[name] = {"subject_iou": [round(float(v), 4) for v in scores["subject_iou"]],
                           "style_fid": [round(float(v), 4) for v in scores["style_fid"]],
                           "recognised": [int(v) for v in recognised], "carries_style": [int(v) for v in carries]}

@@ -60,14 +60,20 @@ def load_judges(folder=WEIGHTS, device="cpu"):
     return clip, dino
 
 
-def world_scores(folder=WEIGHTS):
-    """The transparent-score function for the world in ``folder``: the second world's (``v2.py``, its rivals in
-    the joint-success decision) when its base_config.json says ``"world": "v2"``, else the first world's."""
+def world_measures(folder=WEIGHTS):
+    """The transparent decisions of the world in ``folder``: a module with ``recognised_as_subject``,
+    ``carries_style`` and ``transparent_scores`` (joint success first): ``v2`` (its 10 shapes and 8 styles as
+    rivals) when base_config.json says ``"world": "v2"``, else ``measures`` (the first world's)."""
     from . import measures, v2
 
     config = Path(folder) / "base_config.json"
     version = json.loads(config.read_text()).get("world", "v1") if config.is_file() else "v1"
-    return v2.transparent_scores if version == "v2" else measures.transparent_scores
+    return v2 if version == "v2" else measures
+
+
+def world_scores(folder=WEIGHTS):
+    """``world_measures(folder).transparent_scores``: the eval's extra scores for the world in ``folder``."""
+    return world_measures(folder).transparent_scores
 
 
 def load_gates(folder=WEIGHTS) -> dict:
