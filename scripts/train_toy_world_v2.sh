@@ -24,12 +24,21 @@ mkdir -p "$out/logs"
 # TOY_TRAIN_FIXED_THREADS: keep each trainer's --threads (two trainers of 2 threads on 2 cores run 10x slower)
 export HF_HUB_OFFLINE=1 TOY_TRAIN_FIXED_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 stamp() { date -u +%FT%TZ; }
+# SMOKE=1: a few steps of everything (proves the script runs; its files are not a world). The numbers of a real
+# run are the spec's (gates_v2_spec.json) and are not to be changed.
+if [[ ${SMOKE:-0} == 1 ]]; then
+  base_steps=20 vae_steps=5 judge_steps=3 lora_steps=20 seeds=1 sampler="--steps 4" gate_seeds=2 \
+    v2_flags="--subject-seeds 1 --fusion-seeds 1 --steps 2"
+else
+  base_steps=1200 vae_steps=400 judge_steps=600 lora_steps=2400 seeds=20 sampler="" gate_seeds=100 v2_flags=""
+fi
 
 if [[ $stage == all || $stage == base ]]; then
   echo "$(stamp) base start" >> "$out/logs/times.txt"
-  $python -m training.toy.train_base --world v2 --out "$out" --steps 1200 --batch 32 --threads 2 \
-    2>&1 | tee "$out/logs/base.log"
-  $python -m training.toy.train_judges --world v2 --out "$out" --threads 2 2>&1 | tee "$out/logs/judges.log"
+  $python -m training.toy.train_base --world v2 --out "$out" --steps $base_steps --vae-steps $vae_steps --batch 32 \
+    --threads 2 2>&1 | tee "$out/logs/base.log"
+  $python -m training.toy.train_judges --world v2 --out "$out" --steps $judge_steps --threads 2 \
+    2>&1 | tee "$out/logs/judges.log"
   echo "$(stamp) base done" >> "$out/logs/times.txt"
 fi
 
@@ -38,7 +47,7 @@ if [[ $stage == all || $stage == loras ]]; then
   # batch and prior share; only their data and seeds differ. Side by side, one thread each.
   echo "$(stamp) loras start" >> "$out/logs/times.txt"
   lora="$python -m training.toy.train_loras --world v2 --out $out --threads 1 --targets attention+ff --rank 32 \
-    --alpha 16 --steps 2400 --lr 3e-3 --cosine --ema 0.999 --batch 8 --prior-share 0.25"
+    --alpha 16 --steps $lora_steps --lr 3e-3 --cosine --ema 0.999 --batch 8 --prior-share 0.25"
   $lora --only subject > "$out/logs/lora_subject.log" 2>&1 &
   subject=$!
   $lora --only style > "$out/logs/lora_style.log" 2>&1 &
@@ -52,14 +61,16 @@ fi
 if [[ $stage == all || $stage == gates ]]; then
   echo "$(stamp) gates start" >> "$out/logs/times.txt"
   # 1. calibration on the base's own images of seen combinations, then the held-out ones (base composition)
-  $python -m training.toy.calibrate --world v2 --weights "$out" --combos seen --seeds 20 --threads 2 \
-    --out "$out/calibration_seen.json" 2>&1 | tee "$out/logs/calibration_seen.log"
-  $python -m training.toy.calibrate --world v2 --weights "$out" --combos held --seeds 20 --threads 2 \
-    --out "$out/calibration_held.json" 2>&1 | tee "$out/logs/calibration_held.log"
+  for combos in seen held; do
+    $python -m training.toy.calibrate --world v2 --weights "$out" --combos $combos --seeds $seeds $sampler \
+      --threads 2 --out "$out/calibration_$combos.json" 2>&1 | tee "$out/logs/calibration_$combos.log"
+  done
   # 2. the five kept gates (their measure_gates run; the base under the subject and style prompts too)
-  $python -m training.toy.measure_gates --weights "$out" --all-base --threads 2 2>&1 | tee "$out/logs/gates.log" || true
+  $python -m training.toy.measure_gates --weights "$out" --seeds $gate_seeds --all-base --threads 2 \
+    2>&1 | tee "$out/logs/gates.log" || true
   # 3. the new gates: base and subject composition, fusion reachable (full strength; the spec's scale grid only
   #    if no policy reaches 30%; the best cell again on fresh seeds), symmetric LoRAs -> OUT/gates_v2.json
-  $python -m training.toy.measure_gates_v2 --weights "$out" --threads 2 2>&1 | tee "$out/logs/gates_v2.log" || true
+  $python -m training.toy.measure_gates_v2 --weights "$out" $v2_flags --threads 2 2>&1 | tee "$out/logs/gates_v2.log" \
+    || true
   echo "$(stamp) gates done" >> "$out/logs/times.txt"
 fi
