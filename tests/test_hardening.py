@@ -300,10 +300,10 @@ def test_failure_in_the_middle_of_the_swap_rolls_back(tiny_pipe, loras, monkeypa
         if calls["n"] == 6 and after_set:  # the worst case: the swap happened, then the error
             raise RuntimeError("hook failed after the swap")
 
-    monkeypatch.setattr(fe.fusion, "_set_module", flaky_set)
+    monkeypatch.setattr(fe.runtime.fusion, "_set_module", flaky_set)
     with pytest.raises((KeyboardInterrupt, RuntimeError)):
         fe.attach(unet, *loras)
-    monkeypatch.setattr(fe.fusion, "_set_module", real_set)
+    monkeypatch.setattr(fe.runtime.fusion, "_set_module", real_set)
     _assert_as_before(unet, snapshot, inputs)
     fe.attach(unet, *loras).detach()
 
