@@ -7,8 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from ..io import append_line, write_text
-from ..metrics import METRICS
+from ..scoring.metrics import METRICS
+from ..utils.io import append_line, write_text
 
 # Scores some worlds add (the toy world's transparent measures: joint success, 1 or 0 per image, then the two
 # scores it is decided from); empty in rows that lack them. Joint success, where rows have it, is the first column.
@@ -132,7 +132,7 @@ def _metrics(rows: dict) -> list[str]:
 def joint_by_pair_table(rows: dict, policies: list[str]) -> list[str]:
     """Joint success per pair (a scale sweep makes one pair per scale pair) and policy: % [95% bootstrap CI]
     over the pair's seeds, then the seed count. Empty when the rows have no joint success."""
-    from ..stats import bootstrap_ci
+    from ..scoring.stats import bootstrap_ci
 
     if HEADLINE not in _metrics(rows):
         return []
@@ -151,7 +151,7 @@ def joint_by_pair_table(rows: dict, policies: list[str]) -> list[str]:
 
 def ci_table(rows: dict, policies: list[str]) -> list[str]:
     """One line per method: mean [low, high], the percentile-bootstrap 95% interval of the mean, in percent."""
-    from ..stats import bootstrap_ci
+    from ..scoring.stats import bootstrap_ci
 
     return _policy_table(rows, policies, lambda values: "{:.1f} [{:.1f}, {:.1f}]".format(*bootstrap_ci(values)))
 
@@ -159,7 +159,7 @@ def ci_table(rows: dict, policies: list[str]) -> list[str]:
 def paired_table(rows: dict, policies: list[str], baseline: str = BASELINE) -> list[str]:
     """One line per method: its score minus ``baseline``'s on the same (pair, seed), mean [low, high] in points;
     ``*`` marks an interval that excludes zero."""
-    from ..stats import excludes_zero, paired_difference_ci
+    from ..scoring.stats import excludes_zero, paired_difference_ci
 
     metrics = _metrics(rows)
     base = {(key[0], key[2]): row for key, row in rows.items() if row["policy"] == baseline}

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion_engine.stats import bootstrap_ci
+from fusion_engine.scoring.stats import bootstrap_ci
 from fusion_engine.worlds.toy import measures
 from fusion_engine.worlds.toy.data import caption
 

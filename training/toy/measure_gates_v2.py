@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion_engine.stats import bootstrap_ci
+from fusion_engine.scoring.stats import bootstrap_ci
 from fusion_engine.worlds.toy import measures, v2
 
 from .common import log
