@@ -288,3 +288,27 @@ def test_dora_layer_in_half_precision_matches_float64(shape, dtype, policy):
 @pytest.mark.parametrize("policy", ["fls", "direct"])
 def test_pool_layer_in_half_precision_matches_float64(shape, dtype, policy):
     check(Case(shape, dtype, pool=True, dora=False, policy=policy, divergence="kl", seed=11))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", ["linear-odd", "conv-odd"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_gradient_through_a_half_precision_layer_matches_float64(shape, dtype, dora):
+    """LLR's guided passes differentiate the reference path: d(out . r)/dx in the dtype, against float64, under the
+    same rule (2x the error of eager autograd in the dtype, plus ATOL)."""
+    case = Case(shape, dtype, pool=False, dora=dora, policy="direct", divergence="kl", seed=13)
+    grads = []
+    for model, x, eager in ((case.model, case.x, False), (copy.deepcopy(case.model).double(), case.x.double(), False),
+                            (case.model, case.x, True)):
+        x = x.clone().requires_grad_()
+        with case.attach(model) as fusion:
+            fused = fusion.layers[0]
+            out = static_out(eager_pair(fused, x), torch.tensor([fused.policy_weights()]).expand(x.shape[0], 2)) \
+                if eager else rows(model(x))
+            direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            (out.double() * direction).sum().backward()
+        grads.append(x.grad)
+    got, want, eager_grad = grads
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    tolerance = 2 * max_error(eager_grad, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
+    assert max_error(got, want) <= tolerance, (max_error(got, want), tolerance)
