@@ -167,7 +167,7 @@ class Case:
             pool.add(name, lora)
         fusion = fe.attach(model, pool=pool, **options)
         fusion.set_batch_layout(len(self.assignment), 1)
-        fusion.set_assignment(self.assignment)
+        fusion.set_loras(self.assignment)
         return fusion
 
     def run(self, model, x, record=None):
