@@ -11,9 +11,9 @@ own bookkeeping. The GPU work itself is not timed (it runs asynchronously behind
 Rows (per layer call, microseconds; each also as a ratio to ``F.linear`` at the same shape, timed
 in the same run, real CPU compute included):
 
-* ``module``: the fused stand-in module's forward inside an attached model of ``--layers`` layers
-  (model time / layers: the per-forward hooks and the trace collection are spread over the layers);
-  its baseline is the same model with plain ``nn.Linear`` layers (the merged-weight model).
+* ``module``: the fused stand-in module's forward inside an attached model (see below for how the
+  per-forward hooks are kept apart); its baseline is the same model with plain ``nn.Linear`` layers
+  (the merged-weight model).
 * ``op``: the ``fusion_engine.ops`` call alone, as the module makes it; ``launcher``: the
   ``csrc_triton`` launcher alone (no torch.library dispatch).
 * ``reference`` rows run the pure-torch path on the CPU, real compute included (the GPU-less user's
@@ -25,8 +25,11 @@ Usage:
 
 The first run compiles the kernels for sm_90 (seconds each; cached by Triton after that). Timings
 use this process's CPU time by default (``--clock cpu``: time spent waiting for a shared CPU is not
-counted; ``--clock wall`` for elapsed time). They are still noisy on a shared CPU: every row is ``--repeats`` rounds of ``--calls`` calls; the table shows
-the best round (the least disturbed: the ratios use it) and the median round.
+counted; ``--clock wall`` for elapsed time). They are still noisy on a shared CPU: every row is
+``--repeats`` rounds of ``--calls`` calls; the table shows the best round (the least disturbed: the
+ratios use it) and the median round. Module rows run the model at ``--layers`` and twice that many
+layers: the difference per added layer is the layer call, the rest the per-forward cost of the
+fusion's model hooks (its own column).
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ import torch.nn.functional as F  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
+RECORDED: list | None = None  # while a list, every launch is appended to it (see verify_replays)
+
 
 class _StandInLauncher:
     """Takes a launch as the CUDA launcher does (grid, stream, function, metadata, hooks, args) and reads each
@@ -61,6 +66,8 @@ class _StandInLauncher:
         for arg in args:
             if isinstance(arg, torch.Tensor):
                 arg.data_ptr()
+        if RECORDED is not None:
+            RECORDED.append((self, (grid_x, grid_y, grid_z), stream, packed_metadata, args))
 
 
 class _StandInUtils:
@@ -110,6 +117,48 @@ csrc_triton.INTERPRET = True
 assert not kernel_utils.INTERPRET
 
 
+_PLAN_MODULES = ("fls_linear", "mix_linear", "pooled_fls_linear", "pooled_mix_linear")
+
+
+def _launches(call, inputs) -> list:
+    """The launches ``call()`` makes, each as (launcher, grid, stream, metadata, args) with every tensor argument
+    written as (shape, stride, dtype, which input it is or "scratch/output")."""
+    global RECORDED
+    RECORDED = []
+    try:
+        call()
+        launches = RECORDED
+    finally:
+        RECORDED = None
+    by_pointer = {t.data_ptr(): i for i, t in enumerate(inputs)}
+
+    def describe(arg):
+        if not isinstance(arg, torch.Tensor):
+            return arg
+        return tuple(arg.shape), arg.stride(), arg.dtype, by_pointer.get(arg.data_ptr(), "scratch/output")
+
+    return [(launcher, grid, stream, packed, tuple(map(describe, args)))
+            for launcher, grid, stream, packed, args in launches]
+
+
+def verify_replays(cases) -> int:
+    """For each (name, call, inputs): the first call goes through Triton's JIT (plans cleared), the second replays
+    its plan; both must make the same launches: the same compiled kernels, grids and scalar arguments, the same
+    input tensors in the same argument slots. Returns the number of launches compared."""
+    compared = 0
+    for name, call, inputs in cases:
+        for module in _PLAN_MODULES:
+            getattr(csrc_triton, module)._PLANS.clear()
+        jit = _launches(call, inputs)
+        if not any(getattr(csrc_triton, module)._PLANS for module in _PLAN_MODULES):
+            raise AssertionError(f"{name}: the call kept no plan, so nothing would be replayed")
+        replay = _launches(call, inputs)
+        if not jit or jit != replay:
+            raise AssertionError(f"{name}: the planned launches differ from the JIT's:\n{jit}\n{replay}")
+        compared += len(jit)
+    return compared
+
+
 class LayerStack(nn.Module):
     """``layers`` square Linear layers applied in turn: a model whose every layer a LoRA targets."""
 
@@ -155,11 +204,17 @@ class Bench:
         self.dtype = getattr(torch, args.dtype)
         self.images, self.tokens, self.dim, self.rank = args.images, args.tokens, args.dim, args.rank
         torch.manual_seed(0)
-        self.model = LayerStack(args.layers, self.dim, self.dtype).eval()
-        self.subject, self.style = make_lora(self.model, self.rank, 1), make_lora(self.model, self.rank, 2)
+        # two depths: a layer call's cost is the difference over the added layers, apart from the per-forward
+        # cost of the fusion's model hooks (owner lock, coefficient table, trace collection)
+        self.models = {depth: LayerStack(depth, self.dim, self.dtype).eval()
+                       for depth in (args.layers, 2 * args.layers)}
+        self.model = self.models[args.layers]
+        self.loras = {depth: (make_lora(model, self.rank, 1), make_lora(model, self.rank, 2))
+                      for depth, model in self.models.items()}
         self.x = torch.randn(self.images, self.tokens, self.dim, dtype=self.dtype)
         self.rows = self.x.reshape(-1, self.dim)
         self.rows_out = []
+        self.replay_cases = []
 
     # -- timing helpers ------------------------------------------------------------------------------------------
     def measure(self, fn, per_call_divisor: int = 1, calls: int | None = None) -> list[float]:
@@ -174,38 +229,60 @@ class Bench:
                               "max_us": max(rounds), "rounds_us": rounds, "baseline": baseline})
 
     def model_rounds(self, model) -> list[float]:
-        return self.measure(lambda: model(self.x), per_call_divisor=len(self.model.layers))
+        return self.measure(lambda: model(self.x), per_call_divisor=len(model.layers))
+
+    def add_module(self, name: str, models: dict):
+        """A row per layer call from a model at two depths: (best time at 2L - best at L) / L, the per-forward
+        rest kept as ``fixed_us``; the rounds listed are those of the deeper model per layer."""
+        (short, short_model), (deep, deep_model) = sorted(models.items())
+        short_rounds = [r * short for r in self.measure(lambda: short_model(self.x), short)]
+        deep_rounds = [r * deep for r in self.measure(lambda: deep_model(self.x), deep)]
+        per_layer = (min(deep_rounds) - min(short_rounds)) / (deep - short)
+        median = (statistics.median(deep_rounds) - statistics.median(short_rounds)) / (deep - short)
+        self.rows_out.append({"name": name, "path": "module", "us": per_layer, "median_us": median,
+                              "fixed_us": min(short_rounds) - short * per_layer,
+                              "rounds_us": [r / deep for r in deep_rounds], "baseline": "merged model (nn.Linear)"})
 
     # -- the cases -------------------------------------------------------------------------------------------------
     def baselines(self):
         layer = self.model.layers[0]
         w, b = layer.weight, layer.bias
         self.add("F.linear", "op", self.measure(lambda: F.linear(self.rows, w, b)), "F.linear")
-        self.add("merged model (nn.Linear)", "module", self.model_rounds(self.model), "merged model (nn.Linear)")
+        self.add_module("merged model (nn.Linear)", self.models)
         tiny = (torch.randn(2, 8, dtype=self.dtype), torch.randn(8, 8, dtype=self.dtype),
                 torch.randn(8, dtype=self.dtype))
         self.add("F.linear 2x8x8 (dispatch floor)", "op", self.measure(lambda: F.linear(*tiny)), "F.linear")
 
-    def attached(self, pool: bool = False, **options):
-        model = copy.deepcopy(self.model)
+    def attached(self, pool: bool = False, depth: int | None = None, **options):
+        depth = depth or self.args.layers
+        model, (subject, style) = copy.deepcopy(self.models[depth]), self.loras[depth]
         if pool:
-            lora_pool = fe.LoRAPool(dtype=self.dtype).add("s", self.subject).add("t", self.style)
+            lora_pool = fe.LoRAPool(dtype=self.dtype).add("s", subject).add("t", style)
             fusion = fe.attach(model, pool=lora_pool, **options)
             fusion.set_assignment([("s", "t")] * self.images)
         else:
-            fusion = fe.attach(model, self.subject, self.style, **options)
+            fusion = fe.attach(model, subject, style, **options)
         fusion.set_batch_layout(images=self.images, copies=1)
         fusion.set_step(0, 10)
         return model, fusion
+
+    def add_attached(self, name: str, pool: bool = False, **options):
+        """The module row of ``name``: the fusion attached to the model at both depths, measured, detached."""
+        attached = {depth: self.attached(pool, depth, **options) for depth in self.models}
+        try:
+            self.add_module(name, {depth: model for depth, (model, _) in attached.items()})
+        finally:
+            for _, fusion in attached.values():
+                fusion.detach()
 
     def pair_case(self, name: str, policy: str, base: str | None = None):
         saved = dict(kernel_utils._FLS_BASE_TABLE)
         if base is not None:  # force the split / fused variant for every size class
             kernel_utils._FLS_BASE_TABLE.update(dict.fromkeys(saved, base))
         try:
+            self.add_attached(name, policy=policy, backend="triton")
             model, fusion = self.attached(policy=policy, backend="triton")
             with fusion:
-                self.add(name, "module", self.model_rounds(model), "merged model (nn.Linear)")
                 layer = model.layers[0]
                 self.pair_op_rows(name, layer, policy, base)
         finally:
@@ -239,11 +316,12 @@ class Bench:
                 return csrc_triton.mix_linear_fwd(rows, weight, bias, *factors, coef)
         self.add(name, "op", self.measure(op), "F.linear")
         self.add(name, "launcher", self.measure(launcher), "F.linear")
+        self.replay_cases.append((name, launcher, (rows, weight, bias, *factors)))
 
     def pool_case(self, name: str, policy: str):
+        self.add_attached(name, pool=True, policy=policy, backend="triton")
         model, fusion = self.attached(pool=True, policy=policy, backend="triton")
         with fusion:
-            self.add(name, "module", self.model_rounds(model), "merged model (nn.Linear)")
             layer, context = model.layers[0], fusion.context
             held = context.pool.layer(layer.name)
             rows, weight, bias = self.rows, layer.base.weight, layer.base.bias
@@ -272,11 +350,12 @@ class Bench:
                                                              weights)
             self.add(name, "op", self.measure(op), "F.linear")
             self.add(name, "launcher", self.measure(launcher), "F.linear")
+            self.replay_cases.append((name, launcher, (rows, weight, bias, held.a, held.b)))
 
     def reference_cases(self, compiled: bool):
+        self.add_attached("reference fls", policy="fls", backend="reference")
         model, fusion = self.attached(policy="fls", backend="reference")
         with fusion:
-            self.add("reference fls", "module", self.model_rounds(model), "merged model (nn.Linear)")
             layer = model.layers[0]
             row_group, groups = layer.context.row_groups(self.images, self.tokens, self.rows.device)
             subject_scale, style_scale = layer.lora_scales
@@ -296,8 +375,9 @@ class Bench:
                     compiled_model(self.x)
                 self.compile_s = time.perf_counter() - start
                 self.graph_breaks = sum(counters["graph_break"].values())
-                self.add("reference fls compiled (inductor)", "module", self.model_rounds(compiled_model),
-                         "merged model (nn.Linear)")
+                # one depth only (a compile takes minutes): per layer = per forward / layers, hooks included
+                self.add("reference fls compiled (inductor, per forward / layers)", "module",
+                         self.model_rounds(compiled_model), "merged model (nn.Linear)")
                 torch._dynamo.reset()
 
     def run(self):
@@ -309,6 +389,7 @@ class Bench:
         self.pool_case("pooled fls", "fls")
         self.pool_case("pooled mix (direct)", "direct")
         self.reference_cases(compiled=not args.no_compile)
+        self.replays_verified = verify_replays(self.replay_cases)
         base = {row["name"]: row["us"] for row in self.rows_out if row["name"] == row["baseline"]}
         for row in self.rows_out:
             row["ratio"] = row["us"] / base[row["baseline"]]
@@ -317,16 +398,19 @@ class Bench:
 
 def describe(args) -> dict:
     return {"dtype": args.dtype, "images": args.images, "tokens": args.tokens, "dim": args.dim, "rank": args.rank,
-            "layers": args.layers, "clock": args.clock, "calls": args.calls, "repeats": args.repeats, "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+            "layers": args.layers, "clock": args.clock, "calls": args.calls, "repeats": args.repeats,
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "cpus": os.cpu_count(),
+            "python": sys.version.split()[0]}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| layer call | path | us / call (best round) | median round | ratio (best) | baseline |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = ["| layer call | path | us / call (best round) | median round | ratio (best) | baseline "
+             "| per forward (module rows) |",
+             "|---|---|---:|---:|---:|---|---:|"]
     for row in rows:
+        fixed = f"{row['fixed_us']:.1f}" if "fixed_us" in row else ""
         lines.append(f"| {row['name']} | {row['path']} | {row['us']:.1f} | {row['median_us']:.1f} "
-                     f"| {row['ratio']:.2f}x | {row['baseline']} |")
+                     f"| {row['ratio']:.2f}x | {row['baseline']} | {fixed} |")
     return "\n".join(lines)
 
 
@@ -356,6 +440,8 @@ def main(argv=None) -> int:
     print(f"launch overhead per layer call, stand-in sm_90 driver (nothing launches), {setup}")
     if hasattr(bench, "compile_s"):
         print(f"torch.compile: first call {bench.compile_s:.1f} s, {bench.graph_breaks} graph break(s)")
+    print(f"planned launches identical to the JIT's: {bench.replays_verified} launches of "
+          f"{len(bench.replay_cases)} launchers")
     print(table(rows))
     if args.json:
         report = {"setup": setup, "rows": rows}
