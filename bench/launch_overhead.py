@@ -11,8 +11,8 @@ own bookkeeping. The GPU work itself is not timed (it runs asynchronously behind
 Rows (per layer call, microseconds; each also as a ratio to ``F.linear`` at the same shape, timed
 in the same run, real CPU compute included):
 
-* ``module``: the fused stand-in module's forward inside an attached model (see below for how the
-  per-forward hooks are kept apart); its baseline is the same model with plain ``nn.Linear`` layers
+* ``module``: the fused stand-in module's forward inside an attached model (see below for the
+  per-forward hooks); its baseline is the same model with plain ``nn.Linear`` layers
   (the merged-weight model).
 * ``op``: the ``fusion_engine.ops`` call alone, as the module makes it; ``launcher``: the
   ``csrc_triton`` launcher alone (no torch.library dispatch).
@@ -27,9 +27,9 @@ The first run compiles the kernels for sm_90 (seconds each; cached by Triton aft
 use this process's CPU time by default (``--clock cpu``: time spent waiting for a shared CPU is not
 counted; ``--clock wall`` for elapsed time). They are still noisy on a shared CPU: every row is
 ``--repeats`` rounds of ``--calls`` calls; the table shows the best round (the least disturbed: the
-ratios use it) and the median round. Module rows run the model at ``--layers`` and twice that many
-layers: the difference per added layer is the layer call, the rest the per-forward cost of the
-fusion's model hooks (its own column).
+ratios use it) and the median round. Module rows divide a forward of the ``--layers``-layer model by
+its layers, so the fusion's per-forward hooks (owner lock, coefficient table, trace collection) are
+spread over them (an SDXL UNet spreads them over 560-700 layers).
 """
 from __future__ import annotations
 
@@ -141,10 +141,13 @@ def _launches(call, inputs) -> list:
             for launcher, grid, stream, packed, args in launches]
 
 
-def verify_replays(cases) -> int:
+def verify_replays(cases) -> int | None:
     """For each (name, call, inputs): the first call goes through Triton's JIT (plans cleared), the second replays
     its plan; both must make the same launches: the same compiled kernels, grids and scalar arguments, the same
-    input tensors in the same argument slots. Returns the number of launches compared."""
+    input tensors in the same argument slots. Returns the number of launches compared (None for launchers without
+    plans, e.g. this script run on an older tree for a before/after table)."""
+    if not all(hasattr(getattr(csrc_triton, module), "_PLANS") for module in _PLAN_MODULES):
+        return None
     compared = 0
     for name, call, inputs in cases:
         for module in _PLAN_MODULES:
@@ -204,13 +207,8 @@ class Bench:
         self.dtype = getattr(torch, args.dtype)
         self.images, self.tokens, self.dim, self.rank = args.images, args.tokens, args.dim, args.rank
         torch.manual_seed(0)
-        # two depths: a layer call's cost is the difference over the added layers, apart from the per-forward
-        # cost of the fusion's model hooks (owner lock, coefficient table, trace collection)
-        self.models = {depth: LayerStack(depth, self.dim, self.dtype).eval()
-                       for depth in (args.layers, 2 * args.layers)}
-        self.model = self.models[args.layers]
-        self.loras = {depth: (make_lora(model, self.rank, 1), make_lora(model, self.rank, 2))
-                      for depth, model in self.models.items()}
+        self.model = LayerStack(args.layers, self.dim, self.dtype).eval()
+        self.subject, self.style = make_lora(self.model, self.rank, 1), make_lora(self.model, self.rank, 2)
         self.x = torch.randn(self.images, self.tokens, self.dim, dtype=self.dtype)
         self.rows = self.x.reshape(-1, self.dim)
         self.rows_out = []
@@ -231,31 +229,23 @@ class Bench:
     def model_rounds(self, model) -> list[float]:
         return self.measure(lambda: model(self.x), per_call_divisor=len(model.layers))
 
-    def add_module(self, name: str, models: dict):
-        """A row per layer call from a model at two depths: (best time at 2L - best at L) / L, the per-forward
-        rest kept as ``fixed_us``; the rounds listed are those of the deeper model per layer."""
-        (short, short_model), (deep, deep_model) = sorted(models.items())
-        short_rounds = [r * short for r in self.measure(lambda: short_model(self.x), short)]
-        deep_rounds = [r * deep for r in self.measure(lambda: deep_model(self.x), deep)]
-        per_layer = (min(deep_rounds) - min(short_rounds)) / (deep - short)
-        median = (statistics.median(deep_rounds) - statistics.median(short_rounds)) / (deep - short)
-        self.rows_out.append({"name": name, "path": "module", "us": per_layer, "median_us": median,
-                              "fixed_us": min(short_rounds) - short * per_layer,
-                              "rounds_us": [r / deep for r in deep_rounds], "baseline": "merged model (nn.Linear)"})
+    def add_module(self, name: str, model):
+        """A row per layer call: the model's forward time / its layers (the fusion's per-forward hooks spread over
+        them)."""
+        self.add(name, "module", self.model_rounds(model), "merged model (nn.Linear)")
 
     # -- the cases -------------------------------------------------------------------------------------------------
     def baselines(self):
         layer = self.model.layers[0]
         w, b = layer.weight, layer.bias
         self.add("F.linear", "op", self.measure(lambda: F.linear(self.rows, w, b)), "F.linear")
-        self.add_module("merged model (nn.Linear)", self.models)
+        self.add_module("merged model (nn.Linear)", self.model)
         tiny = (torch.randn(2, 8, dtype=self.dtype), torch.randn(8, 8, dtype=self.dtype),
                 torch.randn(8, dtype=self.dtype))
         self.add("F.linear 2x8x8 (dispatch floor)", "op", self.measure(lambda: F.linear(*tiny)), "F.linear")
 
-    def attached(self, pool: bool = False, depth: int | None = None, **options):
-        depth = depth or self.args.layers
-        model, (subject, style) = copy.deepcopy(self.models[depth]), self.loras[depth]
+    def attached(self, pool: bool = False, **options):
+        model, subject, style = copy.deepcopy(self.model), self.subject, self.style
         if pool:
             lora_pool = fe.LoRAPool(dtype=self.dtype).add("s", subject).add("t", style)
             fusion = fe.attach(model, pool=lora_pool, **options)
@@ -267,13 +257,10 @@ class Bench:
         return model, fusion
 
     def add_attached(self, name: str, pool: bool = False, **options):
-        """The module row of ``name``: the fusion attached to the model at both depths, measured, detached."""
-        attached = {depth: self.attached(pool, depth, **options) for depth in self.models}
-        try:
-            self.add_module(name, {depth: model for depth, (model, _) in attached.items()})
-        finally:
-            for _, fusion in attached.values():
-                fusion.detach()
+        """The module row of ``name``: the fusion attached to a copy of the model, measured, detached."""
+        model, fusion = self.attached(pool, **options)
+        with fusion:
+            self.add_module(name, model)
 
     def pair_case(self, name: str, policy: str, base: str | None = None):
         saved = dict(kernel_utils._FLS_BASE_TABLE)
@@ -404,13 +391,11 @@ def describe(args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| layer call | path | us / call (best round) | median round | ratio (best) | baseline "
-             "| per forward (module rows) |",
-             "|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| layer call | path | us / call (best round) | median round | ratio (best) | baseline |",
+             "|---|---|---:|---:|---:|---|"]
     for row in rows:
-        fixed = f"{row['fixed_us']:.1f}" if "fixed_us" in row else ""
         lines.append(f"| {row['name']} | {row['path']} | {row['us']:.1f} | {row['median_us']:.1f} "
-                     f"| {row['ratio']:.2f}x | {row['baseline']} | {fixed} |")
+                     f"| {row['ratio']:.2f}x | {row['baseline']} |")
     return "\n".join(lines)
 
 
@@ -423,8 +408,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="rows per image")
     parser.add_argument("--dim", type=int, default=64, help="K = N of every layer")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8, help="layers of the model the module rows run in")
-    parser.add_argument("--calls", type=int, default=100, help="calls per round")
+    parser.add_argument("--layers", type=int, default=16, help="layers of the model the module rows run in")
+    parser.add_argument("--calls", type=int, default=200, help="layer calls per round")
     parser.add_argument("--repeats", type=int, default=15, help="rounds per row")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls first (compiles the kernels)")
     parser.add_argument("--clock", default="cpu", choices=tuple(CLOCKS),
@@ -440,8 +425,11 @@ def main(argv=None) -> int:
     print(f"launch overhead per layer call, stand-in sm_90 driver (nothing launches), {setup}")
     if hasattr(bench, "compile_s"):
         print(f"torch.compile: first call {bench.compile_s:.1f} s, {bench.graph_breaks} graph break(s)")
-    print(f"planned launches identical to the JIT's: {bench.replays_verified} launches of "
-          f"{len(bench.replay_cases)} launchers")
+    if bench.replays_verified is None:
+        print("planned launches: none (these launchers keep no plans)")
+    else:
+        print(f"planned launches identical to the JIT's: {bench.replays_verified} launches of "
+              f"{len(bench.replay_cases)} launchers")
     print(table(rows))
     if args.json:
         report = {"setup": setup, "rows": rows}
