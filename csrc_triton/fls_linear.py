@@ -633,7 +633,7 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     launch(_fls_fix_up_kernel, grid, launches, _FIX_UP_VARYING, subject_score_ptr=subject_score,
            style_score_ptr=style_score, choose_subject_ptr=choose_subject,
            BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
-    if planned:
+    if planned and all(launches):
         keep_plan(_PLANS, key, _FLSPlan(launches, out.shape, G, x.dtype, dev, workspace, base == "cublas",
                                         guess is not None))
     return out, subject_score, style_score, choose_subject.view(torch.bool)

@@ -124,7 +124,7 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
         SUBJECT_RANK_PAD=dot_pad(subject_rank), STYLE_RANK_PAD=dot_pad(style_rank),
         EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
-    if planned:
+    if planned and all(launches):
         keep_plan(_PLANS, key, _MixPlan(launches, out.shape, x.dtype, x.device))
     return out
 

@@ -512,7 +512,7 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
            part_ptr=part, ticket_ptr=ticket, M=M, DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
     launch(_pooled_fls_fix_up_kernel, grid, launches, _FIX_UP_VARYING, scores_ptr=scores, choice_ptr=choice,
            BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
-    if planned:
+    if planned and all(launches):
         keep_plan(_PLANS, key, _PooledFLSPlan(launches, out.shape, scores.shape, x.dtype, dev, workspace))
     return out, scores, choice
 

@@ -203,7 +203,7 @@ def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slot
         HAS_BIAS=bias is not None, NUM_POSITIONS=positions, RANK_PAD=dot_pad(R),
         EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
-    if planned:
+    if planned and all(launches):
         keep_plan(_PLANS, key, _PooledMixPlan(launches[0], out.shape, x.dtype, x.device))
     return out
 

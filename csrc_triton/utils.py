@@ -161,8 +161,7 @@ class KernelLaunch:
 
     __slots__ = ("grid", "template", "positions", "run", "function", "packed")
 
-    def __init__(self, fn, grid, kwargs: dict, varying: tuple):
-        compiled = fn[grid](**kwargs)
+    def __init__(self, fn, grid, kwargs: dict, varying: tuple, compiled):
         names = [p.name for p in fn.params]
         self.template = [kwargs[name] for name in names]
         self.positions = tuple(names.index(name) for name in varying)
@@ -177,11 +176,13 @@ class KernelLaunch:
 
 
 def launch(fn, grid, plan: list | None, varying: tuple = (), **kwargs):
-    """Launch ``fn`` through the JIT; with ``plan`` (a list), also append its ``KernelLaunch`` for replays."""
-    if plan is None:
-        fn[grid](**kwargs)
-    else:
-        plan.append(KernelLaunch(fn, grid, kwargs, varying))
+    """Launch ``fn`` through the JIT; with ``plan`` (a list), also append its ``KernelLaunch`` for replays, or None
+    where the JIT compiled without launching (a warmup, e.g. an ahead-of-time compile check): nothing to replay, and
+    the caller keeps no plan (``all(plan)`` is false)."""
+    compiled = fn[grid](**kwargs)
+    if plan is not None:
+        launched = getattr(compiled, "module", None) is not None  # the launcher's handles are loaded
+        plan.append(KernelLaunch(fn, grid, kwargs, varying, compiled) if launched else None)
 
 
 def as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b):
