@@ -166,8 +166,8 @@ class DynamicLoRALayer(nn.Module):
         context = self.context
         if not context.tracing:
             return
-        if context.in_forward:
-            self.kept_decisions = (choice, subject_score, style_score)
+        if context.in_forward:  # into __dict__ directly (what collect pops): nn.Module.__setattr__ costs per call
+            self.__dict__["kept_decisions"] = (choice, subject_score, style_score)
         else:
             context.trace.record(context.step, self.index, choice, subject_score, style_score)
 
