@@ -62,14 +62,20 @@ from .utils import (
     ROW_GROUP_DTYPES,
     _expand_tile,
     _linear_tile,
+    alignments,
     as_operands,
     check_lora_linear_inputs,
     dot_pad,
     dot_precision,
     fls_base_config,
     gemm_config,
+    keep_plan,
+    launch,
+    launch_context,
+    may_plan,
     new_empty,
     require,
+    tensor_key,
 )
 
 # ---- divergence modes (a constexpr: one compiled variant each)
@@ -543,22 +549,32 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         (out, subject_score, style_score, choice): out (M, N) in x.dtype, scores float32 (G,),
         choice bool (G,).
     """
-    require(divergence in DIVERGENCE_CODES, f"fls_linear: the fused kernel supports {tuple(DIVERGENCE_CODES)}, "
-            f"not {divergence!r}")
+    stream, fast = launch_context()
+    if fast:
+        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(subject_a), tensor_key(subject_b),
+               tensor_key(style_a), tensor_key(style_b), tensor_key(row_group), num_groups, divergence,
+               tensor_key(prev_choice), base, stream,
+               alignments(x, weight, bias, subject_a, subject_b, style_a, style_b, row_group, prev_choice))
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan(stream, x, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b,
+                        float(style_scale), row_group, prev_choice)
+    require(divergence in DIVERGENCE_CODES, lambda: f"fls_linear: the fused kernel supports "
+            f"{tuple(DIVERGENCE_CODES)}, not {divergence!r}")
     check_lora_linear_inputs("fls_linear", x, weight, bias, subject_a, subject_b, style_a, style_b)
     M, K = x.shape
     N = weight.shape[0]
     G = int(num_groups)
-    require(G >= 0, f"fls_linear: num_groups must be >= 0, got {G}")
+    require(G >= 0, lambda: f"fls_linear: num_groups must be >= 0, got {G}")
     require(tuple(row_group.shape) == (M,) and row_group.dtype in ROW_GROUP_DTYPES and row_group.device == x.device,
-            f"fls_linear: row_group must be (M={M},) int32/int64 on {x.device}, got {tuple(row_group.shape)} "
-            f"{row_group.dtype} on {row_group.device}")
+            lambda: f"fls_linear: row_group must be (M={M},) int32/int64 on {x.device}, got "
+            f"{tuple(row_group.shape)} {row_group.dtype} on {row_group.device}")
     require(prev_choice is None or (tuple(prev_choice.shape) == (G,) and prev_choice.dtype in (torch.bool, torch.uint8)
                                     and prev_choice.device == x.device),
-            f"fls_linear: prev_choice must be (G={G},) bool/uint8 on {x.device}, got "
+            lambda: f"fls_linear: prev_choice must be (G={G},) bool/uint8 on {x.device}, got "
             f"{None if prev_choice is None else (tuple(prev_choice.shape), prev_choice.dtype, prev_choice.device)}")
-    require(base is None or base in BASE_CODES, f"fls_linear: base must be one of {tuple(BASE_CODES)} or None, "
-            f"got {base!r}")
+    require(base is None or base in BASE_CODES, lambda: f"fls_linear: base must be one of {tuple(BASE_CODES)} or "
+            f"None, got {base!r}")
     code = DIVERGENCE_CODES[divergence]
     subject_rank, style_rank = subject_a.shape[0], style_a.shape[0]
     dev = x.device
@@ -574,10 +590,15 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         choice.fill_(0 if (style_rank > 0 and subject_rank == 0) else 1)
         return out, subject_score, style_score, choice.view(torch.bool)
 
-    x, weight, bias, subject_a, subject_b, style_a, style_b = as_operands(
-        x, weight, bias, subject_a, subject_b, style_a, style_b)
+    operands = as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b)
+    # a plan replays with the caller's tensors, so only when as_operands changed none of them
+    planned = (fast and subject_rank + style_rank > 0 and all(a is b for a, b in zip(
+        operands, (x, weight, bias, subject_a, subject_b, style_a, style_b))) and row_group.is_contiguous()
+        and may_plan())
+    x, weight, bias, subject_a, subject_b, style_a, style_b = operands
     row_group = row_group.contiguous()
-    xa, style_offset = lora_shrink(x, subject_a, style_a)
+    launches = [] if planned else None
+    xa, style_offset = lora_shrink(x, subject_a, style_a, launches)
 
     cfg = gemm_config(M, N, K, "fls")
     base = fls_base_config(M, N, K) if base is None else base
@@ -607,8 +628,47 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     grid = (num_pid_m * num_pid_n,)
-    _fls_speculate_kernel[grid](part_ptr=part, ticket_ptr=ticket, DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
-    _fls_fix_up_kernel[grid](subject_score_ptr=subject_score, style_score_ptr=style_score,
-                             choice_ptr=choice,
-                             BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
+    launch(_fls_speculate_kernel, grid, launches, _SPECULATE_VARYING, part_ptr=part, ticket_ptr=ticket,
+           DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
+    launch(_fls_fix_up_kernel, grid, launches, _FIX_UP_VARYING, subject_score_ptr=subject_score,
+           style_score_ptr=style_score, choice_ptr=choice,
+           BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
+    if planned and all(launches):
+        keep_plan(_PLANS, key, _FLSPlan(launches, out.shape, G, x.dtype, dev, workspace, base == "cublas",
+                                        guess is not None))
     return out, subject_score, style_score, choice.view(torch.bool)
+
+
+# the arguments a replay passes per call (utils.KernelLaunch); the rest (scratch, sizes, flags) is the plan's
+_SPECULATE_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "y0_ptr", "subject_b_ptr", "style_b_ptr", "row_group_ptr",
+                      "guess_ptr", "out_ptr", "subject_scale", "style_scale")
+_FIX_UP_VARYING = _SPECULATE_VARYING + ("subject_score_ptr", "style_score_ptr", "choice_ptr")
+_PLANS: dict = {}
+
+
+class _FLSPlan:
+    """The launches of one planned ``fls_linear_fwd`` key (see ``utils.KernelLaunch``): shrink, speculate, fix-up
+    into the plan's shrink / statistics buffers, the workspace zeroed in place, fresh outputs."""
+
+    def __init__(self, launches, out_shape, groups, dtype, device, workspace, split, has_guess):
+        self.shrink, self.speculate, self.fix_up = launches
+        self.out_shape, self.groups, self.dtype, self.device = out_shape, groups, dtype, device
+        self.workspace, self.split, self.has_guess = workspace, split, has_guess
+
+    def __call__(self, stream, x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale,
+                 row_group, prev_choice):
+        dev, groups = self.device, self.groups
+        out = new_empty(self.out_shape, self.dtype, dev)
+        subject_score = new_empty((groups,), torch.float32, dev)
+        style_score = new_empty((groups,), torch.float32, dev)
+        choice = new_empty((groups,), torch.uint8, dev)
+        self.workspace.zero_()
+        self.shrink(stream, x, subject_a, style_a)
+        y0 = F.linear(x, weight, bias) if self.split else x
+        guess = choice if prev_choice is None else (
+            prev_choice.view(torch.uint8) if prev_choice.dtype == torch.bool else prev_choice)
+        tensors = (x, weight, x if bias is None else bias, y0, subject_b, style_b, row_group, guess, out,
+                   subject_scale, style_scale)
+        self.speculate(stream, *tensors)
+        self.fix_up(stream, *tensors, subject_score, style_score, choice)
+        return out, subject_score, style_score, choice.view(torch.bool)

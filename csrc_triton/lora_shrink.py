@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_pad, dot_precision, new_empty, rank_pad, require, shrink_config
+from .utils import dot_pad, dot_precision, launch, new_empty, rank_pad, require, shrink_config
 
 
 @triton.jit
@@ -71,12 +71,14 @@ def _lora_shrink_kernel(
                  mask=mask_m[:, None])
 
 
-def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor):
+def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor, plan: list | None = None):
     """xa (M, pad(r_subject) + pad(r_style)) in x.dtype, or None when both LoRAs are absent.
 
     Args:
         x: (M, K) with unit stride along K.
         subject_a, style_a: (r, K) contiguous, in x.dtype; r == 0 for an absent LoRA.
+        plan: a caller's launch plan (a list): the launch is appended for replays into the same xa, with
+            x, subject_a and style_a given per call (``utils.KernelLaunch``).
 
     Returns:
         (xa, pad(r_subject)): the subject block is xa[:, :pad(r_subject)], the style block follows.
@@ -86,7 +88,7 @@ def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor)
     require(x.stride(1) == 1 and subject_a.is_contiguous() and style_a.is_contiguous(),
             "lora_shrink: x needs unit stride along K and the A factors must be contiguous")
     require(subject_a.shape[1] == K and style_a.shape[1] == K and subject_a.dtype == style_a.dtype == x.dtype,
-            f"lora_shrink: A factors must be (r, K={K}) in {x.dtype}, got {tuple(subject_a.shape)} "
+            lambda: f"lora_shrink: A factors must be (r, K={K}) in {x.dtype}, got {tuple(subject_a.shape)} "
             f"{subject_a.dtype} and {tuple(style_a.shape)} {style_a.dtype}")
     subject_pad, style_pad = rank_pad(subject_rank), rank_pad(style_rank)
     if subject_pad + style_pad == 0 or M == 0:
@@ -94,7 +96,8 @@ def lora_shrink(x: torch.Tensor, subject_a: torch.Tensor, style_a: torch.Tensor)
     xa = new_empty((M, subject_pad + style_pad), x.dtype, x.device)
     cfg = shrink_config(M, K)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _lora_shrink_kernel[grid](
+    launch(
+        _lora_shrink_kernel, grid, plan, ("x_ptr", "subject_a_ptr", "style_a_ptr"),
         x_ptr=x, subject_a_ptr=subject_a, style_a_ptr=style_a, xa_ptr=xa,
         M=M, K=K, subject_rank=subject_rank, style_rank=style_rank,
         stride_xm=x.stride(0), stride_xam=xa.stride(0), style_offset=subject_pad,

@@ -18,13 +18,19 @@ from .lora_shrink import lora_shrink
 from .utils import (
     _expand_tile,
     _linear_tile,
+    alignments,
     as_operands,
     check_lora_linear_inputs,
     dot_pad,
     dot_precision,
     gemm_config,
+    keep_plan,
+    launch,
+    launch_context,
+    may_plan,
     new_empty,
     require,
+    tensor_key,
 )
 
 
@@ -77,8 +83,16 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
     Returns:
         (M, N) tensor in x.dtype.
     """
+    stream, fast = launch_context()
+    if fast:
+        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(subject_a), tensor_key(subject_b),
+               tensor_key(style_a), tensor_key(style_b), tensor_key(coef), stream,
+               alignments(x, weight, bias, subject_a, subject_b, style_a, style_b, coef))
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan(stream, x, weight, bias, subject_a, subject_b, style_a, style_b, coef)
     check_lora_linear_inputs("mix_linear", x, weight, bias, subject_a, subject_b, style_a, style_b)
-    require(coef.numel() == 2 and coef.device == x.device, f"mix_linear: coef must be (2,) on {x.device}, "
+    require(coef.numel() == 2 and coef.device == x.device, lambda: f"mix_linear: coef must be (2,) on {x.device}, "
             f"got shape {tuple(coef.shape)} on {coef.device}")
     M, K = x.shape
     N = weight.shape[0]
@@ -86,17 +100,23 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
     out = new_empty((M, N), x.dtype, x.device)
     if M == 0:
         return out
-    x, weight, bias, subject_a, subject_b, style_a, style_b = as_operands(
-        x, weight, bias, subject_a, subject_b, style_a, style_b)
-    coef = coef.to(torch.float32).contiguous()
-    xa, style_offset = lora_shrink(x, subject_a, style_a)
+    operands = as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b)
+    coef32 = coef.to(torch.float32).contiguous()
+    # a plan replays with the caller's tensors, so only when no operand was converted
+    planned = (fast and subject_rank + style_rank > 0 and coef32 is coef and all(a is b for a, b in zip(
+        operands, (x, weight, bias, subject_a, subject_b, style_a, style_b)))
+        and may_plan())
+    x, weight, bias, subject_a, subject_b, style_a, style_b = operands
+    launches = [] if planned else None
+    xa, style_offset = lora_shrink(x, subject_a, style_a, launches)
 
     cfg = gemm_config(M, N, K, "mix")
     num_pid_n = triton.cdiv(N, cfg["BLOCK_N"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * num_pid_n,)
-    _mix_linear_kernel[grid](
+    launch(
+        _mix_linear_kernel, grid, launches, _VARYING,
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa if xa is not None else x,
-        subject_b_ptr=subject_b, style_b_ptr=style_b, coef_ptr=coef, out_ptr=out,
+        subject_b_ptr=subject_b, style_b_ptr=style_b, coef_ptr=coef32, out_ptr=out,
         M=M, N=N, K=K, subject_rank=subject_rank, style_rank=style_rank, num_pid_n=num_pid_n,
         stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_xam=xa.stride(0) if xa is not None else 0,
         stride_om=out.stride(0), style_offset=style_offset,
@@ -104,4 +124,24 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
         SUBJECT_RANK_PAD=dot_pad(subject_rank), STYLE_RANK_PAD=dot_pad(style_rank),
         EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
+    if planned and all(launches):
+        keep_plan(_PLANS, key, _MixPlan(launches, out.shape, x.dtype, x.device))
     return out
+
+
+# the arguments a replay passes per call (utils.KernelLaunch); the rest (the shrink buffer, sizes, flags) is the plan's
+_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "subject_b_ptr", "style_b_ptr", "coef_ptr", "out_ptr")
+_PLANS: dict = {}
+
+
+class _MixPlan:
+    """The launches of one planned ``mix_linear_fwd`` key: shrink into the plan's buffer, then the mix kernel."""
+
+    def __init__(self, launches, out_shape, dtype, device):
+        (self.shrink, self.mix), self.out_shape, self.dtype, self.device = launches, out_shape, dtype, device
+
+    def __call__(self, stream, x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
+        out = new_empty(self.out_shape, self.dtype, self.device)
+        self.shrink(stream, x, subject_a, style_a)
+        self.mix(stream, x, weight, x if bias is None else bias, subject_b, style_b, coef, out)
+        return out

@@ -51,7 +51,21 @@ from .fls_linear import (
     _tile_live,
 )
 from .pooled_mix_linear import _slot_delta, check_pool_inputs, pool_operands
-from .utils import ROW_GROUP_DTYPES, _linear_tile, dot_pad, dot_precision, gemm_config, new_empty, require
+from .utils import (
+    ROW_GROUP_DTYPES,
+    _linear_tile,
+    alignments,
+    dot_pad,
+    dot_precision,
+    gemm_config,
+    keep_plan,
+    launch,
+    launch_context,
+    may_plan,
+    new_empty,
+    require,
+    tensor_key,
+)
 
 # ---- per-(row, N-tile) partial statistics: slots of the `part` buffer (slot, n_tile, row)
 # kl: y0's (max, sum exp), then per position l the (max, sum exp, sum exp * d_l) of y1_l = y0 + d_l
@@ -428,22 +442,32 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
     Returns:
         (out, scores, choice): out (M, N) in x.dtype, scores (G, L) float32, choice (G,) int64 (-1 = base).
     """
-    require(divergence in DIVERGENCE_CODES, f"pooled_fls_linear: the fused kernel supports "
+    stream, fast = launch_context()
+    if fast:
+        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(a_stack), tensor_key(b_stack),
+               tensor_key(scales), tensor_key(present), tensor_key(sample_slots), tensor_key(row_group), num_groups,
+               divergence, tensor_key(prev_choice), stream,
+               alignments(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, prev_choice))
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan(stream, x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
+                        prev_choice)
+    require(divergence in DIVERGENCE_CODES, lambda: f"pooled_fls_linear: the fused kernel supports "
             f"{tuple(DIVERGENCE_CODES)}, not {divergence!r}")
     check_pool_inputs("pooled_fls_linear", x, weight, bias, a_stack, b_stack, scales, sample_slots)
     (M, K), N, (S, R) = x.shape, weight.shape[0], a_stack.shape[:2]
     batch, positions = sample_slots.shape
     G = int(num_groups)
-    require(G >= 0, f"pooled_fls_linear: num_groups must be >= 0, got {G}")
+    require(G >= 0, lambda: f"pooled_fls_linear: num_groups must be >= 0, got {G}")
     require(tuple(present.shape) == (S,) and present.dtype == torch.bool and present.device == x.device,
-            f"pooled_fls_linear: present must be (S={S},) bool on {x.device}, got {tuple(present.shape)} "
+            lambda: f"pooled_fls_linear: present must be (S={S},) bool on {x.device}, got {tuple(present.shape)} "
             f"{present.dtype} on {present.device}")
     require(tuple(row_group.shape) == (M,) and row_group.dtype in ROW_GROUP_DTYPES and row_group.device == x.device,
-            f"pooled_fls_linear: row_group must be (M={M},) int32/int64 on {x.device}, got {tuple(row_group.shape)} "
-            f"{row_group.dtype} on {row_group.device}")
+            lambda: f"pooled_fls_linear: row_group must be (M={M},) int32/int64 on {x.device}, got "
+            f"{tuple(row_group.shape)} {row_group.dtype} on {row_group.device}")
     require(prev_choice is None or (tuple(prev_choice.shape) == (G,) and prev_choice.dtype == torch.int64
                                     and prev_choice.device == x.device),
-            f"pooled_fls_linear: prev_choice must be (G={G},) int64 on {x.device}, got "
+            lambda: f"pooled_fls_linear: prev_choice must be (G={G},) int64 on {x.device}, got "
             f"{None if prev_choice is None else (tuple(prev_choice.shape), prev_choice.dtype, prev_choice.device)}")
     dev = x.device
     out = new_empty((M, N), x.dtype, dev)
@@ -455,7 +479,13 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
         choice.fill_(-1)
         return out, scores, choice
 
+    inputs = (x, weight, bias, a_stack, b_stack, scales, sample_slots, row_group, present)
     x, weight, bias, a_stack, b_stack = pool_operands(x, weight, bias, a_stack, b_stack)
+    scales, sample_slots = scales.to(torch.float32).contiguous(), sample_slots.contiguous()
+    row_group, present = row_group.contiguous(), present.contiguous()
+    operands = (x, weight, bias, a_stack, b_stack, scales, sample_slots, row_group, present)
+    # a plan replays with the caller's tensors, so only when no operand was converted
+    planned = fast and all(a is b for a, b in zip(operands, inputs)) and may_plan()
     T = M // batch
     code = DIVERGENCE_CODES[divergence]
     cfg = gemm_config(T, N, K, "fls")
@@ -468,8 +498,8 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
 
     shared = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, a_ptr=a_stack, b_ptr=b_stack,
-        scales_ptr=scales.to(torch.float32).contiguous(), slots_ptr=sample_slots.contiguous(),
-        row_group_ptr=row_group.contiguous(), guess_ptr=prev_choice if prev_choice is not None else choice,
+        scales_ptr=scales, slots_ptr=sample_slots, row_group_ptr=row_group,
+        guess_ptr=prev_choice if prev_choice is not None else choice,
         out_ptr=out, gacc_ptr=gacc, T=T, N=N, K=K, R=R, num_groups=G, num_pid_t=num_pid_t, num_pid_n=num_pid_n,
         stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0),
         GROUP_STRIDE=group_stride, HAS_BIAS=bias is not None, HAS_GUESS=prev_choice is not None,
@@ -477,8 +507,41 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
         DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     grid = (batch * num_pid_t * num_pid_n,)
-    _pooled_fls_speculate_kernel[grid](present_ptr=present.contiguous().view(torch.uint8), part_ptr=part,
-                                       ticket_ptr=ticket, M=M, DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
-    _pooled_fls_fix_up_kernel[grid](scores_ptr=scores, choice_ptr=choice,
-                                    BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
+    launches = [] if planned else None
+    launch(_pooled_fls_speculate_kernel, grid, launches, _SPECULATE_VARYING, present_ptr=present.view(torch.uint8),
+           part_ptr=part, ticket_ptr=ticket, M=M, DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
+    launch(_pooled_fls_fix_up_kernel, grid, launches, _FIX_UP_VARYING, scores_ptr=scores, choice_ptr=choice,
+           BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
+    if planned and all(launches):
+        keep_plan(_PLANS, key, _PooledFLSPlan(launches, out.shape, scores.shape, x.dtype, dev, workspace))
     return out, scores, choice
+
+
+# the arguments a replay passes per call (utils.KernelLaunch); the rest (scratch, sizes, flags) is the plan's
+_SHARED_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "scales_ptr", "slots_ptr", "row_group_ptr",
+                   "guess_ptr", "out_ptr")
+_SPECULATE_VARYING = _SHARED_VARYING + ("present_ptr",)
+_FIX_UP_VARYING = _SHARED_VARYING + ("scores_ptr", "choice_ptr")
+_PLANS: dict = {}
+
+
+class _PooledFLSPlan:
+    """The launches of one planned ``pooled_fls_linear_fwd`` key: speculate and fix-up into the plan's statistics
+    buffer, the workspace zeroed in place, fresh outputs."""
+
+    def __init__(self, launches, out_shape, scores_shape, dtype, device, workspace):
+        (self.speculate, self.fix_up), self.workspace = launches, workspace
+        self.out_shape, self.scores_shape, self.dtype, self.device = out_shape, scores_shape, dtype, device
+
+    def __call__(self, stream, x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
+                 prev_choice):
+        dev = self.device
+        out = new_empty(self.out_shape, self.dtype, dev)
+        scores = new_empty(self.scores_shape, torch.float32, dev)
+        choice = new_empty(self.scores_shape[:1], torch.int64, dev)
+        self.workspace.zero_()
+        tensors = (x, weight, x if bias is None else bias, a_stack, b_stack, scales, sample_slots, row_group,
+                   choice if prev_choice is None else prev_choice, out)
+        self.speculate(stream, *tensors, present.view(torch.uint8))
+        self.fix_up(stream, *tensors, scores, choice)
+        return out, scores, choice

@@ -56,10 +56,13 @@ def dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def require(ok: bool, message: str) -> None:
-    """A launcher's contract check: raises ValueError(message) (unlike assert, it survives python -O)."""
+def require(ok: bool, message) -> None:
+    """A launcher's contract check: raises ValueError(message) (unlike assert, it survives python -O).
+
+    ``message`` is a string or a callable returning one (``lambda: f"..."``): a launcher runs its checks
+    on every call, so the message is only formatted when the check fails."""
     if not ok:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def check_lora_linear_inputs(op: str, x, weight, bias, subject_a, subject_b, style_a, style_b) -> None:
@@ -69,25 +72,117 @@ def check_lora_linear_inputs(op: str, x, weight, bias, subject_a, subject_b, sty
     weight (N, K); bias (N,) or None; each LoRA a (r, K) and b (N, r), r <= MAX_RANK (0 = absent);
     every tensor on x's device (parameters are cast to x.dtype by the launchers).
     """
-    require(x.dim() == 2, f"{op}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    require(x.dtype in SUPPORTED_DTYPES, f"{op}: x dtype {x.dtype} not in {SUPPORTED_DTYPES}")
+    require(x.dim() == 2, lambda: f"{op}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    require(x.dtype in SUPPORTED_DTYPES, lambda: f"{op}: x dtype {x.dtype} not in {SUPPORTED_DTYPES}")
     M, K = x.shape
     require(weight.dim() == 2 and weight.shape[1] == K,
-             f"{op}: weight must be (N, K={K}), got shape {tuple(weight.shape)}")
+             lambda: f"{op}: weight must be (N, K={K}), got shape {tuple(weight.shape)}")
     N = weight.shape[0]
-    require(bias is None or tuple(bias.shape) == (N,), f"{op}: bias must be (N={N},), got shape "
+    require(bias is None or tuple(bias.shape) == (N,), lambda: f"{op}: bias must be (N={N},), got shape "
              f"{None if bias is None else tuple(bias.shape)}")
     for role, a, b in (("subject", subject_a, subject_b), ("style", style_a, style_b)):
-        require(a.dim() == 2 and a.shape[1] == K, f"{op}: {role}_a must be (r, K={K}), got shape {tuple(a.shape)}")
+        if not (a.dim() == 2 and a.shape[1] == K):
+            raise ValueError(f"{op}: {role}_a must be (r, K={K}), got shape {tuple(a.shape)}")
         r = a.shape[0]
-        require(tuple(b.shape) == (N, r), f"{op}: {role}_b must be (N={N}, r={r}), got shape {tuple(b.shape)}")
-        require(r <= MAX_RANK, f"{op}: {role} rank {r} exceeds the kernels' limit of {MAX_RANK}")
+        if tuple(b.shape) != (N, r):
+            raise ValueError(f"{op}: {role}_b must be (N={N}, r={r}), got shape {tuple(b.shape)}")
+        if r > MAX_RANK:
+            raise ValueError(f"{op}: {role} rank {r} exceeds the kernels' limit of {MAX_RANK}")
     for name, t in (("weight", weight), ("bias", bias), ("subject_a", subject_a), ("subject_b", subject_b),
                     ("style_a", style_a), ("style_b", style_b)):
         if t is None:
             continue
-        require(t.device == x.device, f"{op}: {name} is on {t.device}, x on {x.device}")
-        require(t.is_floating_point(), f"{op}: {name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
+
+
+# ---- the eager fast path: replaying a launch without Triton's per-call binding and specialisation
+# Each launcher keeps plans keyed by everything its checks, its tile configs and Triton's specialisation of
+# the kernels' arguments depend on (shapes, strides, dtypes, devices, flags, the stream); a call whose key has a
+# plan skips the checks (they passed for that key), reuses the grids, the compiled kernels and the scratch
+# buffers, and calls the compiled kernels' launchers directly. Off under the interpreter and while a launch
+# hook (a profiler) is installed: those calls take the JIT path. Pointer alignment is part of the key (Triton
+# compiles a variant per alignment).
+FAST_LAUNCH = not INTERPRET
+MAX_PLANS = 512  # per launcher; the oldest is dropped beyond (a UNet has tens of distinct layer shapes)
+
+
+def launch_context():
+    """(stream, True) where a planned launch may run now, (None, False) where the JIT path must."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    # triton 3.8's hooks are chains, empty unless a profiler adds to them; older tritons use None
+    hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not FAST_LAUNCH or any(getattr(hook, "calls", hook) for hook in hooks):
+        return None, False
+    active = driver.active
+    return active.get_current_stream(active.get_current_device()), True
+
+
+def alignments(*tensors) -> int:
+    """Which tensors' data pointers are 16-byte aligned, as bits (None counts as unaligned): part of a plan's key,
+    since Triton compiles a variant per pointer alignment. Fresh outputs and a plan's scratch buffers need no bit:
+    torch's allocators align far more."""
+    mask = 0
+    for t in tensors:
+        mask = mask << 1 | (t is not None and t.data_ptr() & 15 == 0)
+    return mask
+
+
+def may_plan() -> bool:
+    """Whether a launch through the JIT path may be kept as a plan: not while a CUDA graph is being captured (a
+    plan's scratch buffers must not come from a graph's private memory pool)."""
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def keep_plan(plans: dict, key, plan) -> None:
+    if len(plans) >= MAX_PLANS:
+        plans.pop(next(iter(plans)))
+    plans[key] = plan
+
+
+def tensor_key(t):
+    """What a plan depends on for one tensor argument (None for an absent one)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+class KernelLaunch:
+    """One launch of a @triton.jit kernel, replayed with other tensors in the same argument slots.
+
+    Made from a launch that went through ``JITFunction.run`` (which compiled or found the kernel for these
+    argument dtypes, alignments and integer values): a replay passes the same argument list with the
+    per-call tensors and floats (``varying``) substituted, to the same compiled kernel, on the same grid.
+    Callers replay only under the same plan key and with 16-byte-aligned pointers, i.e. where the JIT would
+    pick this very kernel.
+    """
+
+    __slots__ = ("grid", "template", "positions", "run", "function", "packed")
+
+    def __init__(self, fn, grid, kwargs: dict, varying: tuple, compiled):
+        names = [p.name for p in fn.params]
+        self.template = [kwargs[name] for name in names]
+        self.positions = tuple(names.index(name) for name in varying)
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.run, self.function, self.packed = compiled.run, compiled.function, compiled.packed_metadata
+
+    def __call__(self, stream, *values):
+        args = self.template.copy()
+        for position, value in zip(self.positions, values):
+            args[position] = value
+        self.run(*self.grid, stream, self.function, self.packed, None, None, None, *args)
+
+
+def launch(fn, grid, plan: list | None, varying: tuple = (), **kwargs):
+    """Launch ``fn`` through the JIT; with ``plan`` (a list), also append its ``KernelLaunch`` for replays, or None
+    where the JIT compiled without launching (a warmup, e.g. an ahead-of-time compile check): nothing to replay, and
+    the caller keeps no plan (``all(plan)`` is false)."""
+    compiled = fn[grid](**kwargs)
+    if plan is not None:
+        launched = getattr(compiled, "module", None) is not None  # the launcher's handles are loaded
+        plan.append(KernelLaunch(fn, grid, kwargs, varying, compiled) if launched else None)
 
 
 def as_operands(x, weight, bias, subject_a, subject_b, style_a, style_b):

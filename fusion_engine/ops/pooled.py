@@ -23,6 +23,8 @@ Contract (what a pooled kernel must meet; the single-pair contract of ``referenc
   all samples at once as grouped convolutions (``groups=B``). The rows of the rule are the output pixels, channels
   at dim 1, ``H_out * W_out`` rows per sample in row-major pixel order (the single-pair conv module's layout). These
   run here on every backend (there is no Triton conv kernel), as single-pair conv layers do.
+* Precision as in ``reference.py``: every GEMM and convolution in ``x.dtype`` (the model's), its result upcast to the
+  accumulation precision for the scales, sums and divergence statistics, the output rounded once to ``x.dtype``.
 """
 from __future__ import annotations
 
@@ -43,16 +45,17 @@ from .reference import (
 
 def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, slots: torch.Tensor,
                    coef: torch.Tensor) -> torch.Tensor:
-    """``coef[b] * (x_b A_{slot_b}^T) B_{slot_b}^T`` for every sample ``b``, flattened to ``(M, N)``.
+    """``coef[b] * (x_b A_{slot_b}^T) B_{slot_b}^T`` for every sample ``b``, flattened to ``(M, N)`` at ``coef``'s
+    precision.
 
     Args:
-        x3: ``(B, T, K)`` at accumulation precision.
+        x3: ``(B, T, K)``, in the dtype the GEMMs run in (the model's).
         slots: ``(B,)`` int64, valid slot indices (an invalid position has ``coef`` 0).
         coef: ``(B,)`` at accumulation precision.
     """
     a = a_stack[slots].to(x3.dtype)  # (B, R, K)
     b = b_stack[slots].to(x3.dtype)  # (B, N, R)
-    delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, N)
+    delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2)).to(coef.dtype)  # (B, T, N)
     return (delta * coef.reshape(-1, 1, 1)).reshape(-1, b.shape[1])
 
 
@@ -121,7 +124,7 @@ def pooled_fls_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     ``scores`` ``(G, L)`` float32 (float64 for float64 inputs), ``choice`` ``(G,)`` int64 (``-1``: base)."""
     batch = sample_slots.shape[0]
     y0 = base_linear(x, weight, bias)
-    x3 = x.to(y0.dtype).reshape(batch, -1, x.shape[-1])
+    x3 = x.reshape(batch, -1, x.shape[-1])
     deltas, candidates = [], []
     for position in range(sample_slots.shape[1]):
         index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
@@ -141,7 +144,7 @@ def pooled_mix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     batch = sample_slots.shape[0]
     y = base_linear(x, weight, bias)
-    x3 = x.to(y.dtype).reshape(batch, -1, x.shape[-1])
+    x3 = x.reshape(batch, -1, x.shape[-1])
     weights = sample_weights.to(y.dtype)
     for position in range(sample_slots.shape[1]):
         index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
@@ -171,10 +174,10 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, groups: int, conv: tor
 def gathered_conv_delta(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
                         slots: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``coef[b] * B_{slot_b} * (A_{slot_b} * x_b)`` for every sample ``b`` (``*``: ``conv``'s convolution, then a
-    1x1 one), ``(B, N, H_out, W_out)``, with no loop over samples.
+    1x1 one), ``(B, N, H_out, W_out)`` at ``coef``'s precision, with no loop over samples.
 
     Args:
-        x: ``(B, C_in, H, W)`` at accumulation precision.
+        x: ``(B, C_in, H, W)``, in the dtype the convolutions run in (the model's).
         a_stack: ``(S, R, C_in, kh, kw)``; ``b_stack`` ``(S, N, R)``.
         slots: ``(B,)`` int64, valid slot indices (an invalid position has ``coef`` 0).
         coef: ``(B,)`` at accumulation precision.
@@ -186,15 +189,15 @@ def gathered_conv_delta(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.T
     hidden = grouped_conv2d(x.reshape(1, batch * channels, height, width), a.reshape(batch * rank, *a.shape[2:]),
                             batch, conv)  # (1, B * R, H_out, W_out)
     delta = F.conv2d(hidden, b.reshape(batch * out_channels, rank, 1, 1), groups=batch)
-    return delta.reshape(batch, out_channels, *delta.shape[2:]) * coef.reshape(-1, 1, 1, 1)
+    return delta.reshape(batch, out_channels, *delta.shape[2:]).to(coef.dtype) * coef.reshape(-1, 1, 1, 1)
 
 
 def _conv_setup(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor):
-    """(x at accumulation precision, the base output y0 there, ``a_stack`` with a kernel: 1x1 storage viewed 5-d)."""
-    x = x.to(accumulation_dtype(x.dtype))
+    """(the base output y0, convolved in ``x.dtype`` and upcast to accumulation precision, ``a_stack`` with a kernel:
+    1x1 storage viewed 5-d)."""
     bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    y0 = conv._conv_forward(x, conv.weight.to(x.dtype), bias)
-    return x, y0, a_stack if a_stack.ndim == 5 else a_stack[..., None, None]
+    y0 = conv._conv_forward(x, conv.weight.to(x.dtype), bias).to(accumulation_dtype(x.dtype))
+    return y0, a_stack if a_stack.ndim == 5 else a_stack[..., None, None]
 
 
 def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
@@ -217,8 +220,7 @@ def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
         >>> out, scores, choice = pooled_fls_conv2d(x, conv, held.a, held.b, held.scales, held.present, slots,
         ...                                         groups_of)  # doctest: +SKIP
     """
-    dtype = x.dtype
-    x, y0, a_stack = _conv_setup(x, conv, a_stack)
+    y0, a_stack = _conv_setup(x, conv, a_stack)
     batch, _, height, width = y0.shape
     row_group, num_groups = row_groups(height * width)
     deltas, candidates = [], []
@@ -227,7 +229,7 @@ def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
         deltas.append(pixel_rows(gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)))
         candidates.append(candidate)
     out, scores, choice = select_n(pixel_rows(y0), deltas, candidates, row_group, num_groups, divergence)
-    return from_pixel_rows(out, batch, height, width).to(dtype), scores, choice
+    return from_pixel_rows(out, batch, height, width).to(x.dtype), scores, choice
 
 
 def pooled_mix_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
@@ -237,13 +239,12 @@ def pooled_mix_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
     Example:
         >>> out = pooled_mix_conv2d(x, conv, held.a, held.b, held.scales, slots, weights)  # doctest: +SKIP
     """
-    dtype = x.dtype
-    x, y, a_stack = _conv_setup(x, conv, a_stack)
+    y, a_stack = _conv_setup(x, conv, a_stack)
     weights = sample_weights.to(y.dtype)
     for position in range(sample_slots.shape[1]):
         index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
         y = y + gathered_conv_delta(x, conv, a_stack, b_stack, index, coef * weights[:, position])
-    return y.to(dtype)
+    return y.to(x.dtype)
 
 
 __all__ = ["decide_n", "gathered_conv_delta", "gathered_delta", "grouped_conv2d", "pooled_fls_conv2d",

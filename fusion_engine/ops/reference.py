@@ -18,6 +18,12 @@ Contract shared with ``csrc_triton`` (both must agree on every point):
   pick a LoRA that adds nothing over one that does. Both zero: the subject (a no-op either way).
   Kernels: a per-group "any d != 0" flag per branch, reduced like the scores.
 * Outputs are accumulated in float32 (float64 for float64 inputs) and rounded once to ``x.dtype``.
+* Here, every GEMM (and convolution) runs in ``x.dtype``, the model's, as eager torch / cuBLAS / PEFT run it: half
+  precision on tensor cores for fp16/bf16 models, and exactly the old float32 code for float32 ones. Each GEMM's result
+  is upcast to the accumulation precision and everything after it (bias, scales, sums, the divergence statistics:
+  softmax, LSE, KL, cosine, dot and the group means) runs there, rounded once at the end. For half inputs this is
+  within FlashAttention's rule of the float64 oracle (tests/test_half_precision.py); the oracle is this code run in
+  float64. A raw delta ``(x A^T) B^T`` is formed in ``x.dtype`` before its scale, as PEFT forms it.
   One documented exception: the kernels' split variant (``base="cublas"``, the default for
   FLUX-sized layers) takes y0 from cuBLAS already rounded to ``x.dtype`` (the merged layer's own
   ``F.linear``) and adds the deltas in float32, so y0 is rounded once more; it is held to the same
@@ -48,16 +54,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(x A^T) B^T at accumulation precision; zeros for an absent (rank-0) LoRA."""
+    """(x A^T) B^T, both GEMMs in ``x.dtype``, returned at accumulation precision; zeros for an absent (rank-0) LoRA."""
     acc = accumulation_dtype(x.dtype)
     if a.shape[0] == 0:
         return x.new_zeros(x.shape[0], b.shape[0], dtype=acc)
-    return (x.to(acc) @ a.to(acc).t()) @ b.to(acc).t()
+    return ((x @ a.to(x.dtype).t()) @ b.to(x.dtype).t()).to(acc)
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b: the GEMM in ``x.dtype``, upcast to accumulation precision, the bias added there."""
     acc = accumulation_dtype(x.dtype)
-    y0 = x.to(acc) @ weight.to(acc).t()
+    y0 = (x @ weight.to(x.dtype).t()).to(acc)
     return y0 if bias is None else y0 + bias.to(acc)
 
 

@@ -74,6 +74,15 @@ def _check_device(x: Tensor) -> None:
     raise BackendError(f"backend='triton' supports CUDA (or CPU under TRITON_INTERPRET=1), not {x.device}")
 
 
+def _eager(x: Tensor) -> bool:
+    """True where a call may run the launcher directly instead of the registered op: nothing is compiling or
+    tracing (the op is what torch.compile and export see), ``x`` is a plain tensor (not a fake or functional
+    one) and no gradient is wanted (the op carries the autograd formula). The launcher is what the op runs, so
+    the result is the same; the dispatcher's cost per call is not paid."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
 # --------------------------------------------------------------------------- fls_linear
 
 @torch.library.custom_op("fusion_engine::fls_linear_triton", mutates_args=())
@@ -142,9 +151,9 @@ def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, st
         out, sc, ss, ch = reference.fls_linear(x2, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b,
                                                style_scale, row_group, num_groups, divergence)
     else:
-        out, sc, ss, ch = _fls_linear_op(x2, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b,
-                                         float(style_scale), row_group, int(num_groups), divergence, prev_choice,
-                                         base)
+        op = _kernels.fls_linear_fwd if _eager(x2) else _fls_linear_op
+        out, sc, ss, ch = op(x2, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b,
+                             float(style_scale), row_group, int(num_groups), divergence, prev_choice, base)
     return out.reshape(*lead, out.shape[-1]), sc, ss, ch
 
 
@@ -182,7 +191,9 @@ def mix_linear(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
     """y0 + coef[0] d_c + coef[1] d_s (see ``reference.mix_linear``); coef a float32 (2,) tensor."""
     _check_device(x)
     lead = x.shape[:-1]
-    out = _mix_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, subject_a, subject_b, style_a, style_b, coef)
+    x2 = x.reshape(-1, x.shape[-1])
+    op = _kernels.mix_linear_fwd if _eager(x2) else _mix_linear_op
+    out = op(x2, weight, bias, subject_a, subject_b, style_a, style_b, coef)
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -203,7 +214,8 @@ def pooled_mix_linear(x, weight, bias, a_stack, b_stack, scales, sample_slots, s
     """The pool's static-weight linear (see ``fusion_engine.ops.pooled.pooled_mix_linear``); forward only (no
     autograd registration yet: a guided backward runs the reference ops)."""
     _check_device(x)
-    return _pooled_mix_linear_op(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
+    op = _kernels.pooled_mix_linear_fwd if _eager(x) else _pooled_mix_linear_op
+    return op(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
 
 
 # --------------------------------------------------------------------------- pooled_fls_linear (the LoRA pool)
@@ -242,8 +254,9 @@ def pooled_fls_linear(x, weight, bias, a_stack, b_stack, scales, present, sample
     if divergence == "js":
         return pooled.pooled_fls_linear(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
                                         num_groups, divergence)
-    return _pooled_fls_linear_op(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
-                                 int(num_groups), divergence, prev_choice)
+    op = _kernels.pooled_fls_linear_fwd if _eager(x) else _pooled_fls_linear_op
+    return op(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, int(num_groups), divergence,
+              prev_choice)
 
 
 __all__ = ["fls_linear", "is_available", "mix_linear", "pooled_fls_linear", "pooled_mix_linear", "unsupported"]

@@ -166,8 +166,8 @@ class DynamicLoRALayer(nn.Module):
         context = self.context
         if not context.tracing:
             return
-        if context.in_forward:
-            self.kept_decisions = (choice, subject_score, style_score)
+        if context.in_forward:  # into __dict__ directly (what collect pops): nn.Module.__setattr__ costs per call
+            self.__dict__["kept_decisions"] = (choice, subject_score, style_score)
         else:
             context.trace.record(context.step, self.index, choice, subject_score, style_score)
 
@@ -245,18 +245,18 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         return self.base._conv_forward(x, weight, bias)
 
     def _raw_delta(self, x, y0, lora_a, lora_b):
-        """Unscaled B * (A * x) at y0's precision; zeros for an absent LoRA."""
+        """Unscaled B * (A * x), convolved in x's dtype, returned at y0's precision; zeros for an absent LoRA."""
         if lora_a.shape[0] == 0:
             return torch.zeros_like(y0)
-        return F.conv2d(self._conv(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+        return F.conv2d(self._conv(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)).to(y0.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Everything at accumulation precision (as the linear ops): fp16 deltas cannot overflow here.
+        # As the linear ops: the convolutions in the model's dtype, everything after them at accumulation precision.
         context, base, dtype = self.context, self.base, x.dtype
         if not context.enabled:
             return base(x)
-        x = x.to(accumulation_dtype(dtype))
-        y0 = self._conv(x, base.weight.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y0 = self._conv(x, base.weight.to(dtype), bias).to(accumulation_dtype(dtype))
         if not context.policy.uses_divergence and not self.has_dora:
             coef, out = self.static_coefficients(x.device).to(y0.dtype), y0
             for index, (lora_a, lora_b) in enumerate(((self.subject_a, self.subject_b), (self.style_a, self.style_b))):
