@@ -1,0 +1,73 @@
+"""Start the service: a Ray instance (local and loopback-only by default, or an existing cluster), Serve's HTTP
+proxy on ``host:port``, and the application. Used by ``fusion-engine serve``, the tests and the load bench."""
+from __future__ import annotations
+
+import os
+import time
+
+APP_NAME = "fusion_engine"
+LOOPBACK = "127.0.0.1"
+
+
+def start_ray(address: str | None = None, num_cpus: int = 2) -> None:
+    """Connect to ``address`` (a running cluster: ``"auto"``, ``"ray://..."``), or start a local Ray whose every
+    listener is on 127.0.0.1, without the dashboard and without usage statistics."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus, log_to_driver=False,
+                 configure_logging=False)
+
+
+def start(config, host: str = LOOPBACK, port: int = 8000, address: str | None = None, num_cpus: int = 2,
+          timeout_s: float = 600.0) -> str:
+    """Ray, Serve's proxy and the app (``config``: a ``ServeConfig``); returns the base URL once replicas are up."""
+    from ray import serve
+
+    from .app import build_app
+
+    start_ray(address, num_cpus)
+    serve.start(http_options={"host": host, "port": port}, detached=False)
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and str(status.status).endswith("RUNNING"):
+            return f"http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}"
+        if status is not None and str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            raise RuntimeError(f"the serve application failed to start: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the serve application was not running after {timeout_s} s")
+
+
+def stop() -> None:
+    """Shut Serve down (replicas finish their in-flight requests first: graceful_shutdown_timeout_s) and Ray."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def serve_forever(config, host: str = LOOPBACK, port: int = 8000, address: str | None = None,
+                  num_cpus: int = 2) -> int:
+    url = start(config, host, port, address, num_cpus)
+    print(f"fusion-engine serve: listening on {url} (POST /v1/images, GET /v1/loras, GET /healthz); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("fusion-engine serve: draining in-flight requests and stopping", flush=True)
+    finally:
+        stop()
+    return 0
+
+
+__all__ = ["APP_NAME", "serve_forever", "start", "start_ray", "stop"]
