@@ -53,6 +53,27 @@ def _error(error: RequestError) -> JSONResponse:
     return _json(error.status, error.body(), headers)
 
 
+def _bind_internal_grpc_to_loopback() -> None:
+    """Ray Serve binds each replica's inter-deployment gRPC server on every interface (``[::]:0``) whatever the node's
+    address. On a node whose address is loopback (the local instance ``fusion-engine serve`` starts) bind it to
+    127.0.0.1 instead, like every other Ray listener there; on a cluster node nothing changes."""
+    import ray
+    from ray.serve._private import replica as replica_module
+
+    add_port = getattr(replica_module, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "loopback_only", False) or \
+            ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
+        return
+
+    def loopback_port(server, address: str):
+        if address.startswith(("[::]:", "0.0.0.0:")):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return add_port(server, address)
+
+    loopback_port.loopback_only = True
+    replica_module.add_port_to_grpc_server = loopback_port
+
+
 class _Metrics:
     """Counters through Ray's metrics API (exported by Ray's metrics agent in Prometheus format)."""
 
@@ -83,6 +104,7 @@ class FusionService:
         from .catalogue import Catalogue
         from .engine import Engine
 
+        _bind_internal_grpc_to_loopback()  # before Serve starts that server, right after this __init__
         self.config = ServeConfig(**config).check()
         self.limits = Limits(**self.config.limits)
         torch.set_num_threads(self.config.threads)
@@ -206,12 +228,12 @@ def build_app(args: dict | None = None):
     (keys: ``ServeConfig`` fields)."""
     config = args if isinstance(args, ServeConfig) else ServeConfig(**_typed(args or {}))
     config.check()
-    ongoing = max(2 * config.max_batch_size, config.max_batch_size + 4)  # above max_batch_size: batches can fill
+    # above max_batch_size (batches can fill) and above max_queue (the replica itself answers 503 + Retry-After)
+    ongoing = config.max_queue + config.max_batch_size
     return FusionService.options(
         num_replicas=config.replicas, max_ongoing_requests=ongoing,
         max_queued_requests=config.max_queue * config.replicas,
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus,
-                           "env_vars": {"OMP_NUM_THREADS": str(config.threads)}},
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},  # threads: in __init__
     ).bind(asdict(config))
 
 

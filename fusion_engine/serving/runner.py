@@ -7,21 +7,34 @@ import time
 
 APP_NAME = "fusion_engine"
 LOOPBACK = "127.0.0.1"
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def start_ray(address: str | None = None, num_cpus: int = 2) -> None:
     """Connect to ``address`` (a running cluster: ``"auto"``, ``"ray://..."``), or start a local Ray whose every
     listener is on 127.0.0.1, without the dashboard and without usage statistics."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        # Ray turns a node address of 127.0.0.1 into the machine's own address (and then binds its gRPC servers and
+        # agents there) unless multi-node clusters are off: this single-node instance switches them off, so every
+        # Ray process of it listens on loopback only (tests/test_serve_ray.py checks each listening socket).
+        os.environ[LOCAL_ONLY_ENV] = "0"
     import ray
 
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus, log_to_driver=False,
-                 configure_logging=False)
+        return
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # the same switch, where ray was imported before the variable was set
+    ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray instance took the address {node_ip}, not {LOOPBACK}: refusing to serve "
+                           "beyond loopback (pass address= to use a cluster on purpose)")
 
 
 def start(config, host: str = LOOPBACK, port: int = 8000, address: str | None = None, num_cpus: int = 2,
