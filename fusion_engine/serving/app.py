@@ -137,7 +137,10 @@ class FusionService:
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
     async def __call__(self, http: Request) -> JSONResponse:
-        route = http.url.path.rstrip("/") or "/"
+        path, root = http.scope.get("path", "/"), http.scope.get("root_path", "")
+        if root and root != "/" and path.startswith(root):  # an app deployed under a route prefix
+            path = path[len(root):]
+        route = path.rstrip("/") or "/"
         routes = {("GET", "/healthz"): self._health, ("GET", "/v1/loras"): self._loras,
                   ("POST", "/v1/images"): self._images, ("POST", "/sdapi/v1/txt2img"): self._txt2img}
         handler = routes.get((http.method, route))
@@ -232,7 +235,7 @@ def build_app(args: dict | None = None):
     ongoing = config.max_queue + config.max_batch_size
     return FusionService.options(
         num_replicas=config.replicas, max_ongoing_requests=ongoing,
-        max_queued_requests=config.max_queue * config.replicas,
+        max_queued_requests=4 * config.max_queue * config.replicas,  # a backstop: each replica refuses first
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},  # threads: in __init__
     ).bind(asdict(config))
 

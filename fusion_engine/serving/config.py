@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .schema import Limits
 
@@ -64,8 +64,10 @@ def toy_catalogue(folder) -> str:
             if scale is None:  # copied to a hidden name first: a reader never sees half a file
                 shutil.copyfile(WEIGHTS / file, folder / f".{name}.partial")
                 os.replace(folder / f".{name}.partial", target)
-            else:  # save_lora writes atomically
-                fe.save_lora(fe.load_lora(WEIGHTS / file).with_scale(scale), target)
+            else:  # B factors scaled (save_lora stores factors and alphas, not a LoRA's scale); written atomically
+                lora = fe.load_lora(WEIGHTS / file)
+                lora.layers = {key: replace(layer, lora_b=layer.lora_b * scale) for key, layer in lora.layers.items()}
+                fe.save_lora(lora, target)
     return str(folder)
 
 

@@ -42,20 +42,28 @@ def start(config, host: str = LOOPBACK, port: int = 8000, address: str | None = 
     """Ray, Serve's proxy and the app (``config``: a ``ServeConfig``); returns the base URL once replicas are up."""
     from ray import serve
 
-    from .app import build_app
-
     start_ray(address, num_cpus)
     serve.start(http_options={"host": host, "port": port}, detached=False)
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    deploy(config, APP_NAME, "/", timeout_s)
+    return f"http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def deploy(config, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = 600.0) -> None:
+    """Deploy (or redeploy) ``config`` as application ``name`` under ``route_prefix``; returns once it runs."""
+    from ray import serve
+
+    from .app import build_app
+
+    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
+        status = serve.status().applications.get(name)
         if status is not None and str(status.status).endswith("RUNNING"):
-            return f"http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}"
+            return
         if status is not None and str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
-            raise RuntimeError(f"the serve application failed to start: {status.message}")
+            raise RuntimeError(f"the serve application {name!r} failed to start: {status.message}")
         time.sleep(0.5)
-    raise TimeoutError(f"the serve application was not running after {timeout_s} s")
+    raise TimeoutError(f"the serve application {name!r} was not running after {timeout_s} s")
 
 
 def stop() -> None:
@@ -83,4 +91,4 @@ def serve_forever(config, host: str = LOOPBACK, port: int = 8000, address: str |
     return 0
 
 
-__all__ = ["APP_NAME", "serve_forever", "start", "start_ray", "stop"]
+__all__ = ["APP_NAME", "deploy", "serve_forever", "start", "start_ray", "stop"]
