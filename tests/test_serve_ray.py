@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from timeouts import time_limit  # noqa: F401  (autouse: every test here fails instead of hanging)
 
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install -e '.[serve]' to run these tests")
 psutil = pytest.importorskip("psutil", reason="pip install -e '.[serve]' (psutil lists the app's listeners)")
@@ -323,3 +324,19 @@ def test_a_killed_replica_loses_no_request(service):
     else:
         pytest.fail("no new replica within 180 s")
     assert call(url, "/v1/images", GOOD, timeout=120)[0] == 200
+
+
+def test_shutdown_drains_in_flight_requests(service):
+    """Last in this module: stopping the service answers the requests it holds before Ray goes away."""
+    from fusion_engine.serving import runner
+
+    url, results = service["url"], []
+    threads = [threading.Thread(target=lambda seed=seed: results.append(
+        call(url, "/v1/images", {**GOOD, "steps": 12, "seed": seed}, timeout=150)[0])) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)  # the requests are in the replica
+    runner.stop()
+    for thread in threads:
+        thread.join(timeout=160)
+    assert results == [200, 200, 200]

@@ -225,3 +225,18 @@ def test_mixed_options_go_to_separate_calls(toy):
     assert all(o.ok for o in outcomes) and sorted(map(json.dumps, seen)) == sorted(
         map(json.dumps, [[[2, "fls"]], [[3, "fls"]], [[2, "direct"]]]))
     assert [o.batch_size for o in outcomes] == [2, 1, 1, 2]
+
+
+# -- the CLI subcommand -------------------------------------------------------------------------------------------
+def test_serve_subcommand_flags_and_a_clear_error_without_ray(monkeypatch, capsys):
+    import sys
+
+    from fusion_engine.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.replicas, args.max_batch_size, args.model) == ("127.0.0.1", 8000, 1, 8, None)
+    assert main(["serve", "--replicas", "0"]) == 2
+    assert "--replicas" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "fusion_engine.serving.app", None)  # as if Ray were not installed
+    assert main(["serve"]) == 2
+    assert "pip install -e '.[serve]'" in capsys.readouterr().err
