@@ -182,6 +182,8 @@ def test_a_lora_file_that_turns_bad_fails_only_its_requests(service):
         (bad, _, bad_body), (good, _, _) = answers
         assert bad == 500 and "fragile2.safetensors" in bad_body["error"]["message"], bad_body
         assert good == 200
+        status, _, alone = call(url, "/v1/images", {**GOOD, "style": "fragile2"})  # a batch with no image at all
+        assert status == 500 and "fragile2.safetensors" in alone["error"]["message"], alone
     finally:
         (service["folder"] / "fragile2.safetensors").unlink()
 
@@ -310,6 +312,7 @@ def test_a_killed_replica_loses_no_request(service):
     for thread in threads:
         thread.join(timeout=170)
     assert not any(thread.is_alive() for thread in threads), "a request hung"
+    print(f"\n[serve] answers around the kill: {results}")
     assert all(result is not None for result in results), results
     assert all(result == 200 or (isinstance(result, int) and result >= 500) for result in results), results
     deadline = time.monotonic() + 180

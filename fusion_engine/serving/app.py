@@ -22,6 +22,7 @@ import hmac
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,9 @@ class FusionService:
         torch.set_num_threads(self.config.threads)
         self.metrics = _Metrics()
         pipe, device, dtype = load_pipeline(self.config)
-        folder = self.config.loras or toy_catalogue(tempfile.mkdtemp(prefix="fusion-serve-loras-"))
+        self._closed = False
+        self._own_folder = None if self.config.loras else tempfile.mkdtemp(prefix="fusion-serve-loras-")
+        folder = self.config.loras or toy_catalogue(self._own_folder)
         pool = fe.LoRAPool(device=device, dtype=dtype, budget_bytes=self.config.budget_bytes)
         self.catalogue = Catalogue(folder, pool, on_evict=lambda name: self.metrics.evictions.inc())
         self.engine = Engine(pipe, self.catalogue)
@@ -125,14 +128,25 @@ class FusionService:
             self.replica = f"pid-{os.getpid()}"
 
     def check_health(self) -> None:
-        if self._executor._shutdown:
-            raise RuntimeError("the worker thread pool is shut down")
+        if self._closed:
+            raise RuntimeError("this replica is shutting down")
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the worker finishes, the replica's own toy catalogue folder goes."""
+        self._closed = True
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if getattr(self, "_own_folder", None):
+            shutil.rmtree(self._own_folder, ignore_errors=True)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _batched(self, requests: list) -> list:
         self.metrics.batch_size.observe(len(requests))
         outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.run, requests)
-        self.metrics.images.inc(sum(outcome.ok for outcome in outcomes))
+        made = sum(outcome.ok for outcome in outcomes)
+        if made:  # Ray's counters take only positive increments
+            self.metrics.images.inc(made)
         return outcomes
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
