@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion_engine.serving.client import Client, ServiceError  # noqa: E402
+from fusion_engine.serve.client import Client, ServiceError  # noqa: E402
 
 PROMPT = "a sks mushroom in zzt style"
 PAIRS = [("subject", "style"), ("subject_half", "style"), ("subject", "style_half"), ("subject_half", "style_half"),
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
     started = args.url is None
     url, single_url = args.url, args.single_url
     if started:
-        from fusion_engine.serving import runner
-        from fusion_engine.serving.config import ServeConfig
+        from fusion_engine.serve import runner
+        from fusion_engine.serve.config import ServeConfig
 
         common = dict(batch_wait_timeout_s=args.batch_wait_timeout_s, threads=args.threads, max_queue=256)
         url = runner.start(ServeConfig(max_batch_size=args.max_batch_size, **common), port=args.port)

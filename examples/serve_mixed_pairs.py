@@ -5,7 +5,7 @@ Run:
     python examples/serve_mixed_pairs.py [OUT]     # OUT defaults to example_out/serve_mixed_pairs
 
 Starts a local Ray bound to 127.0.0.1 with the toy world (its subject and style LoRAs, and each at half strength),
-sends 8 requests naming 4 different pairs from 4 concurrent clients through ``fusion_engine.serving.Client``
+sends 8 requests naming 4 different pairs from 4 concurrent clients through ``fusion_engine.serve.Client``
 (the replica batches different pairs into one pipeline call), writes ``image<i>.png`` and ``results.json``
 (per request: its LoRAs, seed, the trace summary and the batch it shared), and stops the service.
 """
@@ -15,8 +15,8 @@ import socket
 import sys
 from pathlib import Path
 
-from fusion_engine.serving import Client, runner
-from fusion_engine.serving.config import ServeConfig
+from fusion_engine.serve import Client, runner
+from fusion_engine.serve.config import ServeConfig
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "example_out/serve_mixed_pairs")
 out.mkdir(parents=True, exist_ok=True)

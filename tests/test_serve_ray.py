@@ -41,8 +41,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from fusion_engine.serving import runner
-    from fusion_engine.serving.config import ServeConfig, toy_catalogue
+    from fusion_engine.serve import runner
+    from fusion_engine.serve.config import ServeConfig, toy_catalogue
 
     folder = Path(toy_catalogue(tmp_path_factory.mktemp("catalogue")))
     shutil.copyfile(folder / "style.safetensors", folder / "fragile.safetensors")
@@ -94,7 +94,7 @@ def test_mixed_pairs_equal_their_fusion_pipeline_images(service):
     import torch
 
     import fusion_engine as fe
-    from fusion_engine.serving.config import ServeConfig, load_pipeline
+    from fusion_engine.serve.config import ServeConfig, load_pipeline
 
     requests = [{"prompt": PROMPT, "loras": list(pair), "seed": seed, "steps": 3, "guidance": 5.0}
                 for seed in (11, 12) for pair in PAIRS]
@@ -110,13 +110,13 @@ def test_mixed_pairs_equal_their_fusion_pipeline_images(service):
     pipeline = fe.FusionPipeline(pipe, pool=lora_pool, policy="fls")
     served = {}
     for request, (_, _, body) in zip(requests, answers):
-        expected = pipeline([PROMPT], pairs=[tuple(request["loras"])],
+        expected = pipeline([PROMPT], loras=[tuple(request["loras"])],
                             generator=[torch.Generator().manual_seed(request["seed"])], num_inference_steps=3,
                             guidance_scale=5.0, width=32, height=32)
         got, want = image_of(body), np.asarray(expected.images[0]).astype(int)
         # fp32 rounding of a batched GEMM against a one-image one: at most one level of 255, on very few values
         assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01, request
-        assert body["trace"] == expected.trace.image_summary(0, expected.pairs[0])
+        assert body["trace"] == expected.trace.image_summary(0, expected.loras[0])
         assert (body["seed"], body["loras"]) == (request["seed"], request["loras"])
         served[(tuple(request["loras"]), request["seed"])] = got
     assert np.abs(served[(PAIRS[0], 11)] - served[(PAIRS[1], 11)]).max() > 8  # the pair matters
@@ -269,8 +269,8 @@ def test_serve_load_smoke(service):
     """bench/serve_load.py --smoke against this app and a one-pair-per-call app beside it."""
     import importlib.util
 
-    from fusion_engine.serving import runner
-    from fusion_engine.serving.config import ServeConfig
+    from fusion_engine.serve import runner
+    from fusion_engine.serve.config import ServeConfig
 
     spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).parents[1] / "bench/serve_load.py")
     bench = importlib.util.module_from_spec(spec)
@@ -331,7 +331,7 @@ def test_a_killed_replica_loses_no_request(service):
 
 def test_shutdown_drains_in_flight_requests(service):
     """Last in this module: stopping the service answers the requests it holds before Ray goes away."""
-    from fusion_engine.serving import runner
+    from fusion_engine.serve import runner
 
     url, results = service["url"], []
     threads = [threading.Thread(target=lambda seed=seed: results.append(

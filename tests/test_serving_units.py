@@ -11,10 +11,10 @@ import torch
 
 import fusion_engine as fe
 from fusion_engine.errors import OptionError, PoolBudgetError
-from fusion_engine.serving.catalogue import Catalogue
-from fusion_engine.serving.config import ServeConfig, load_pipeline, toy_catalogue
-from fusion_engine.serving.engine import Engine
-from fusion_engine.serving.schema import (
+from fusion_engine.serve.catalogue import Catalogue
+from fusion_engine.serve.config import ServeConfig, load_pipeline, toy_catalogue
+from fusion_engine.serve.engine import Engine
+from fusion_engine.serve.schema import (
     ImageRequest,
     Limits,
     RequestError,
@@ -231,12 +231,12 @@ def test_mixed_options_go_to_separate_calls(toy):
 def test_serve_subcommand_flags_and_a_clear_error_without_ray(monkeypatch, capsys):
     import sys
 
-    from fusion_engine.cli import build_parser, main
+    from fusion_engine.cli.main import build_parser, main
 
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.replicas, args.max_batch_size, args.model) == ("127.0.0.1", 8000, 1, 8, None)
     assert main(["serve", "--replicas", "0"]) == 2
     assert "--replicas" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "fusion_engine.serving.app", None)  # as if Ray were not installed
+    monkeypatch.setitem(sys.modules, "fusion_engine.serve.app", None)  # as if Ray were not installed
     assert main(["serve"]) == 2
     assert "pip install -e '.[serve]'" in capsys.readouterr().err
