@@ -240,3 +240,10 @@ def test_serve_subcommand_flags_and_a_clear_error_without_ray(monkeypatch, capsy
     monkeypatch.setitem(sys.modules, "fusion_engine.serve.app", None)  # as if Ray were not installed
     assert main(["serve"]) == 2
     assert "pip install -e '.[serve]'" in capsys.readouterr().err
+
+
+def test_client_refuses_a_bad_concurrency_before_sending_anything():
+    client = fe.serve.Client("http://127.0.0.1:9")  # nothing listens there: a request would fail differently
+    for concurrency in (0, -1, 1.5, "2"):
+        with pytest.raises(OptionError, match="concurrency must be a whole number >= 1"):
+            client.generate_many([{"prompt": "a"}], concurrency=concurrency, progress=False)

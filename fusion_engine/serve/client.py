@@ -12,6 +12,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
+from ..errors import OptionError
+
 
 class ServiceError(Exception):
     """The service answered with an error: ``status``, ``field`` (the request field at fault, or None),
@@ -106,7 +108,7 @@ class Client:
         from tqdm.auto import tqdm
 
         if not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+            raise OptionError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
 
         def one(fields: dict):
             try:

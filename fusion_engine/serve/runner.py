@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from ..errors import ServiceStartError
+
 APP_NAME = "fusion_engine"
 LOOPBACK = "127.0.0.1"
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -33,7 +35,7 @@ def start_ray(address: str | None = None, num_cpus: int = 2) -> None:
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         ray.shutdown()
-        raise RuntimeError(f"the local Ray instance took the address {node_ip}, not {LOOPBACK}: refusing to serve "
+        raise ServiceStartError(f"the local Ray instance took the address {node_ip}, not {LOOPBACK}: refusing to serve "
                            "beyond loopback (pass address= to use a cluster on purpose)")
 
 
@@ -61,9 +63,9 @@ def deploy(config, name: str = APP_NAME, route_prefix: str = "/", timeout_s: flo
         if status is not None and str(status.status).endswith("RUNNING"):
             return
         if status is not None and str(status.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
-            raise RuntimeError(f"the serve application {name!r} failed to start: {status.message}")
+            raise ServiceStartError(f"the serve application {name!r} failed to start: {status.message}")
         time.sleep(0.5)
-    raise TimeoutError(f"the serve application {name!r} was not running after {timeout_s} s")
+    raise ServiceStartError(f"the serve application {name!r} was not running after {timeout_s} s")
 
 
 def stop() -> None:

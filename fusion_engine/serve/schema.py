@@ -16,6 +16,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..errors import OptionError
+
 # Limits (a deployment may lower or raise them through ``Limits``).
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POLICIES = ("fls", "direct", "switch", "klora")
@@ -233,7 +235,7 @@ def load_json(raw: bytes, limits: Limits = Limits()):
         raise RequestError(413, f"the body has {len(raw)} bytes, over the limit of {limits.max_body_bytes}", "body")
 
     def no_constant(name):
-        raise ValueError(f"{name} is not JSON")
+        raise OptionError(f"{name} is not JSON")  # a ValueError: caught below, a 400
 
     try:
         return json.loads(raw, parse_constant=no_constant)
