@@ -1,6 +1,8 @@
 """fusion_engine: training-free dynamic fusion of a subject LoRA and a style LoRA in diffusion models.
 
 The public API is ``fusion_engine/api.py`` (re-exported here) and the errors of ``fusion_engine/errors.py``."""
+import importlib
+
 from .api import (
     POLICIES,
     BatchFusion,
@@ -43,6 +45,7 @@ from .errors import (
     OptionTypeError,
     PoolBudgetError,
     ServiceBusyError,
+    ServiceStartError,
     StepContextError,
     StepRangeError,
     UnknownLoRAError,
@@ -58,7 +61,7 @@ __all__ = [
     "FusionEngineError", "InputFileNotFoundError", "LayerAttributeError", "LoRADtypeError", "LoRAFileError",
     "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError", "LoRAValueError",
     "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "PoolBudgetError", "ServiceBusyError",
-    "StepContextError", "StepRangeError", "UnknownLoRAError",
+    "ServiceStartError", "StepContextError", "StepRangeError", "UnknownLoRAError",
     # the API (fusion_engine/api.py)
     "BatchFusion", "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "LoRAPool", "POLICIES",
     "PipelineAttachment", "Refiner", "Request", "Result", "Trace", "attach", "detach_all", "load_lora", "make_policy",
@@ -66,15 +69,11 @@ __all__ = [
 ]
 
 
-def _batching():
-    from .integration import batching
-
-    return batching
-
-
 # renamed public names: each still works for one release and warns once (FutureWarning)
-_RENAMED = {"PipelineFusion": ("fusion_engine.PipelineAttachment", lambda: PipelineAttachment),
-            "serve": ("fusion_engine.BatchFusion, Request and Result", _batching)}
+_RENAMED = {"PipelineFusion": ("fusion_engine.PipelineAttachment", lambda: PipelineAttachment)}
+# front-end subpackages loaded on first use, so that `fe.serve.Client` works after a bare `import fusion_engine`
+# while the package itself never imports a front end (nor Ray): the same as the user's `import fusion_engine.serve`
+_FRONT_ENDS = ("serve",)
 
 
 def __getattr__(name: str):
@@ -82,4 +81,6 @@ def __getattr__(name: str):
         new, value = _RENAMED[name]
         warn_renamed(f"fusion_engine.{name}", new)
         return value()
+    if name in _FRONT_ENDS:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fusion_engine' has no attribute {name!r}")

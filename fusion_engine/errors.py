@@ -22,6 +22,7 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     ├── ModelPathError (FileNotFoundError) .. a model path that is not local (pipeline folder, encoder checkpoint)
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
     ├── ServiceBusyError (RuntimeError) ..... a BatchFusion queue that is full (retry later)
+    ├── ServiceStartError (RuntimeError) .... the HTTP service (fusion_engine.serve) could not start
     ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
     │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
     │   ├── UnknownLoRAError (KeyError) ..... a LoRA name that the LoRA pool does not hold
@@ -103,6 +104,11 @@ class BackendError(FusionEngineError, RuntimeError):
 
 class ServiceBusyError(FusionEngineError, RuntimeError):
     """``fe.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
+
+
+class ServiceStartError(FusionEngineError, RuntimeError):
+    """``fusion_engine.serve.runner``: a local Ray that took a non-loopback address, an application that failed to
+    deploy or was not running in time."""
 
 
 class OptionError(FusionEngineError, ValueError):

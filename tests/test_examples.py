@@ -27,15 +27,21 @@ EXPECTED = {
     "gpu_benchmark.py": [],
     "custom_policy.py": ["updown.png"],
     "serve_lora_pool.py": [*[f"request{i}.png" for i in range(4)], "results.json"],
+    "serve_mixed_pairs.py": [*[f"image{i}.png" for i in range(8)], "results.json"],
 }
+# Starts a Ray instance (a minute on 2 cores; tests/test_serve_ray.py covers the service in CI), and needs the extra.
+NEEDS_RAY = {"serve_mixed_pairs.py"}
 
 
 def test_every_example_is_run():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
+@pytest.mark.parametrize("script", [pytest.param(name, marks=pytest.mark.slow) if name in NEEDS_RAY else name
+                                    for name in sorted(EXPECTED)])
 def test_example_runs(script, tmp_path):
+    if script in NEEDS_RAY:
+        pytest.importorskip("ray.serve", reason="pip install -e '.[serve]' to run this example")
     env = {**os.environ, "FUSION_EXAMPLE_STEPS": "2", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(EXAMPLES / script), str(tmp_path)], cwd=tmp_path, env=env,

@@ -31,6 +31,7 @@ LAYERS = {
     "fusion_engine": 6,  # the package itself (re-exports the API); matched exactly
     "fusion_engine.eval": 7,
     "fusion_engine.cli": 8,
+    "fusion_engine.serve": 8,  # the Ray Serve service: a front end beside the CLI (it serves the toy world by default)
     "fusion_engine.worlds": WORLDS,
 }
 HIGHEST_FOR_WORLDS = LAYERS["fusion_engine.api"]  # worlds import the engine up to the API, never eval or the CLI

@@ -1,5 +1,7 @@
 """Renamed public names (issue 21): the old name still works for one release, warns once (FutureWarning), and
 gives exactly what the new name gives."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -29,11 +31,25 @@ def test_old_package_names_warn_once_and_are_the_new_ones():
     assert value is fe.PipelineAttachment and messages == [
         "fusion_engine.PipelineFusion is deprecated and goes in the next release: use fusion_engine.PipelineAttachment"]
     assert warned(lambda: fe.PipelineFusion) == (fe.PipelineAttachment, [])  # once per name
-    value, messages = warned(lambda: fe.serve.BatchFusion)
-    assert value is fe.BatchFusion and len(messages) == 1 and "fusion_engine.serve" in messages[0]
+    # fusion_engine.serve is now the HTTP service's package (issue 25); the old BatchFusion module's names forward
+    for name in ("BatchFusion", "Request", "Result"):
+        value, messages = warned(lambda name=name: getattr(fe.serve, name))
+        assert value is getattr(fe, name) and messages == [
+            f"fusion_engine.serve.{name} is deprecated and goes in the next release: use fusion_engine.{name}"]
+        assert warned(lambda name=name: getattr(fe.serve, name)) == (getattr(fe, name), [])  # once per name
+    assert warned(lambda: fe.serve.Client) == (fe.serve.Client, [])  # the service's client: current, no warning
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fe.serve.nope  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fe.nope  # noqa: B018
     assert "PipelineFusion" not in fe.__all__ and "serve" not in fe.__all__  # a star import warns about nothing
+
+
+def test_import_fusion_engine_imports_neither_the_service_nor_ray():
+    code = ("import sys, fusion_engine as fe; assert 'fusion_engine.serve' not in sys.modules; fe.serve.Client; "
+            "assert 'fusion_engine.serve' in sys.modules; assert not any(m == 'ray' or m.startswith('ray.') "
+            "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('ray'))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_the_public_names_are_importable_from_the_package():

@@ -1,4 +1,4 @@
-"""fusion-engine generate | demo | eval | inspect"""
+"""fusion-engine generate | demo | eval | inspect | serve"""
 from __future__ import annotations
 
 import argparse
@@ -571,7 +571,44 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="print a LoRA file's format, ranks, alphas and targets")
     insp.add_argument("file")
     insp.set_defaults(run=cmd_inspect)
+
+    srv = sub.add_parser("serve", help="the HTTP service on Ray Serve (pip install -e '.[serve]'; docs/SERVING.md)")
+    _serve_flags(srv)
+    srv.set_defaults(run=cmd_serve)
     return parser
+
+
+def _serve_flags(parser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP address (default loopback only; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=positive_int, default=8000)
+    parser.add_argument("--model", default=None, help="local diffusers folder (default: the embedded toy world)")
+    parser.add_argument("--loras", default=None, help="catalogue folder of NAME.safetensors (default: the toy's)")
+    parser.add_argument("--replicas", type=positive_int, default=1)
+    parser.add_argument("--num-cpus", type=non_negative_float, default=1.0, help="CPUs per replica")
+    parser.add_argument("--num-gpus", type=non_negative_float, default=0.0, help="GPUs per replica")
+    parser.add_argument("--max-batch-size", type=positive_int, default=8)
+    parser.add_argument("--batch-wait-timeout-s", type=non_negative_float, default=0.05)
+    parser.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests per replica (then 503)")
+    parser.add_argument("--budget-mb", type=positive_int, default=256, help="LoRA pool budget per replica (LRU)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per replica")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set "
+                                                        "FUSION_ENGINE_API_KEY)")
+    parser.add_argument("--address", default=None, help="a running Ray cluster ('auto'); default: a local Ray")
+    parser.add_argument("--ray-cpus", type=positive_int, default=2, help="CPUs of the local Ray")
+
+
+def cmd_serve(args) -> int:
+    try:
+        from fusion_engine.serve.app import API_KEY_ENV, ServeConfig
+        from fusion_engine.serve.runner import serve_forever
+    except ImportError as error:
+        return _fail(f"serve needs Ray Serve: pip install -e '.[serve]' ({error})")
+    config = ServeConfig(model=args.model, loras=args.loras, replicas=args.replicas, num_cpus=args.num_cpus,
+                         num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
+                         batch_wait_timeout_s=args.batch_wait_timeout_s, max_queue=args.max_queue,
+                         budget_bytes=args.budget_mb << 20, threads=args.threads,
+                         api_key=args.api_key or os.environ.get(API_KEY_ENV)).check()
+    return serve_forever(config, args.host, args.port, args.address, args.ray_cpus)
 
 
 def _eval_flags(parser) -> None:
