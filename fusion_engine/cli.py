@@ -108,7 +108,9 @@ def block_map(text: str) -> dict:
 
 
 def _fusion_options(args) -> dict:
-    options = dict(divergence=args.divergence, granularity=args.granularity, backend=args.backend)
+    options = dict(granularity=args.granularity, backend=args.backend)
+    if args.policy == "fls":  # recorded only where it is used
+        options = dict(divergence=args.divergence or "kl", **options)
     if args.policy == "blora" and args.blocks is not None:
         options["blocks"] = args.blocks
     if args.policy == "direct" and args.weights is not None:
@@ -129,7 +131,7 @@ def _check_generate(args) -> None:
         raise OptionError(f"--out {out}: is a file; give a folder (images are written into it)")
     if args.subject is None and args.style is None:
         raise OptionError("give --subject, --style or both (a LoRA .safetensors each)")
-    for flag, policy in (("blocks", "blora"), ("weights", "direct"), ("tau", "switch")):
+    for flag, policy in (("blocks", "blora"), ("weights", "direct"), ("tau", "switch"), ("divergence", "fls")):
         if getattr(args, flag) is not None and args.policy != policy:
             raise OptionError(f"--{flag} is an option of --policy {policy}, not of --policy {args.policy}")
     if args.policy == "composite" and (args.subject is None or args.style is None):
@@ -138,6 +140,8 @@ def _check_generate(args) -> None:
         device = torch.device(args.device)
     except RuntimeError:
         raise OptionError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise OptionError(f"--device {args.device}: not a device that can run the model (cpu, cuda, cuda:1, mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); "
                           "use --device cpu")
@@ -202,7 +206,14 @@ def _set_scheduler(pipe, name: str) -> None:
     if name not in compatible:
         raise OptionError(f"--scheduler {name}: not a scheduler this pipeline can use; compatible: "
                           f"{', '.join(sorted(compatible))}")
-    pipe.scheduler = compatible[name].from_config(pipe.scheduler.config)
+    try:  # a missing extra (torchsde) or a config it cannot run from (EDM's sigmas) shows here, not mid-sampling
+        scheduler = compatible[name].from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(2)
+    except Exception as error:  # noqa: BLE001 - diffusers raises ImportError, TypeError, ValueError, ...
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        raise OptionError(f"--scheduler {name}: cannot run from this pipeline's scheduler config ({message})") \
+            from None
+    pipe.scheduler = scheduler
 
 
 def _refiner(args, device):
@@ -259,7 +270,7 @@ def cmd_generate(args) -> int:
 
     import fusion_engine as fe
     from fusion_engine.dtypes import torch_dtype
-    from fusion_engine.image_files import save_run
+    from fusion_engine.image_files import claim_run, save_run
     from fusion_engine.io import atomic_write
     from fusion_engine.model_path import check_supported, pipeline_class_name
 
@@ -293,15 +304,16 @@ def cmd_generate(args) -> int:
                   num_images_per_prompt=args.num_images, height=height, width=width, generator=generator,
                   progress=not args.quiet, **extra)
     out = Path(args.out)
-    paths = save_run(result.images, out, _image_record(args, pipe, height, width))
-    written = [str(p) for p in paths]
-    if result.trace is not None and len(result.trace):
-        run = paths[0].name.split("_")[0]
-        with atomic_write(out / f"{run}_trace.json", overwrite=False) as scratch:
-            result.trace.save_json(scratch)
-        with atomic_write(out / f"{run}_heatmap.png", overwrite=False) as scratch:
-            result.trace.heatmap(scratch)
-        written += [str(out / f"{run}_trace.json"), str(out / f"{run}_heatmap.png")]
+    with claim_run(out) as number:  # held until the trace is written: a concurrent run takes another number
+        paths = save_run(result.images, out, _image_record(args, pipe, height, width), number)
+        written = [str(p) for p in paths]
+        if result.trace is not None and len(result.trace):
+            run = f"{number:05d}"
+            with atomic_write(out / f"{run}_trace.json", overwrite=False) as scratch:
+                result.trace.save_json(scratch)
+            with atomic_write(out / f"{run}_heatmap.png", overwrite=False) as scratch:
+                result.trace.heatmap(scratch)
+            written += [str(out / f"{run}_trace.json"), str(out / f"{run}_heatmap.png")]
     print("wrote " + ", ".join(written) + " (each PNG with a .json sidecar)")
     return 0
 
@@ -493,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def fusion_flags(p, policies):
         p.add_argument("--policy", default="fls", choices=policies)
-        p.add_argument("--divergence", default="kl", choices=DIVERGENCES, help="fls only")
+        p.add_argument("--divergence", default=None, choices=DIVERGENCES, help="fls only (default kl)")
         p.add_argument("--granularity", default="image", choices=GRANULARITIES,
                        help="what one decision covers (default: one per image, CFG halves together)")
         p.add_argument("--backend", default="auto", choices=BACKENDS)

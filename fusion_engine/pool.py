@@ -105,7 +105,11 @@ class LoRAPool:
         if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
                                          or budget_bytes < 0):
             raise OptionError(f"LoRAPool: budget_bytes must be a whole number >= 0 or None, got {budget_bytes!r}")
-        self.device, self.dtype, self.budget_bytes = torch.device(device), dtype, budget_bytes
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise OptionError(f"LoRAPool: device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+        self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
         self.layers: dict[str, PoolLayer] = {}
         self._slots: dict[str, int] = {}  # name -> slot
         self._ranks: dict[str, dict[str, tuple[int, float]]] = {}  # name -> layer -> (the LoRA's rank, its scale)
@@ -155,7 +159,11 @@ class LoRAPool:
     def factors(self, name: str, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, K) or (r, C_in, kh, kw), B (N, r)) of LoRA ``name`` at ``layer_name``, unpadded, as the pool holds
         them."""
-        rank = self.lora_layers(name)[layer_name][0]
+        layers = self.lora_layers(name)
+        if layer_name not in layers:
+            raise OptionError(f"LoRAPool.factors: LoRA {name!r} has no layer {layer_name!r} (it adapts "
+                              f"{len(layers)} layers: {preview(list(layers))})")
+        rank = layers[layer_name][0]
         held, slot = self.layers[layer_name], self.slot(name)
         return held.a[slot, :rank].contiguous(), held.b[slot, :, :rank].contiguous()
 

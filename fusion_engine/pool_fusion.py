@@ -12,16 +12,24 @@ import inspect
 
 import torch.nn as nn
 
-from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, ModelMismatchError, OptionError
+from .errors import (
+    AlreadyAttachedError,
+    AttachError,
+    BatchLayoutError,
+    ModelMismatchError,
+    OptionError,
+    OptionTypeError,
+)
 from .fit import check_fit, find_module
 from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _already_attached, _swap_in, in_module_order, register
 from .integration import PipelineFusion, attached_pipeline, check_attachable
 from .ops import check_supported
+from .policies import divergence_option
 from .pool_context import PoolContext
 from .pool_modules import PooledLoRAConv2d, PooledLoRALinear
 from .pool_policies import make_pool_policy
 from .pool_trace import PoolTrace
-from .trace import DEFAULT_MAX_RECORDS
+from .trace import max_records
 
 
 def _pooled_layer(module: nn.Module, name: str, index: int, context):
@@ -123,17 +131,16 @@ class PoolFusion(Fusion):
         return f"PoolFusion({self.policy.describe()}, {len(self.pool)} LoRAs, layers={len(self.layers)}, {state})"
 
 
-def pool_policy(policy, divergence: str, granularity: str, policy_options: dict):
+def pool_policy(policy, divergence: str | None, granularity: str, policy_options: dict):
     """The pool policy for these attach options, or the ``OptionError`` an attach would raise (a policy the pool
     does not run, granularity ``"batch"``)."""
     if granularity == "batch":
         raise OptionError("granularity 'batch' with a LoRA pool: images that name different LoRAs cannot share one "
                           "decision; use 'image' (default), 'sample' or 'token'")
-    extra = {"divergence": divergence} if policy == "fls" or policy is None else {}
-    return make_pool_policy(policy, **policy_options, **extra)
+    return make_pool_policy(policy, **policy_options, **divergence_option(policy, divergence))
 
 
-def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", granularity: str | None = None,
+def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str | None = None, granularity: str | None = None,
                 backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> PoolFusion:
     """Attach ``pool`` to ``model``: every Linear (Conv2d) layer a pool LoRA adapts (and every name in ``targets``,
     for LoRAs added later) becomes a ``PooledLoRALinear`` (``PooledLoRAConv2d``). Nothing changes unless every layer
@@ -142,7 +149,8 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     Args:
         policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``),
             ``"klora"`` (``pattern=``; K-LoRA per image and layer, see ``pool_policies.PoolKLoRA``).
-        divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
+        divergence: FLS's divergence: ``"kl"`` (default), ``"js"``, ``"cosine"``, ``"dot"``; refused with any other
+            policy (it would be ignored).
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``: where it resolves to triton (``"auto"`` on CUDA), N-way
@@ -168,8 +176,8 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
             kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
             check_supported(backend, kind, weight.dtype, (pool.layers[name].rank if name in pool.layers else 0,),
                             device=weight.device, layer=name)
-        max_records = DEFAULT_MAX_RECORDS if trace is True else int(trace)
-        trace_object = PoolTrace(names, policy.describe(), max_records) if trace else None
+        records = max_records(trace)
+        trace_object = PoolTrace(names, policy.describe(), records) if records else None
         context = PoolContext(pool, policy, granularity, backend, trace_object)
         originals = {name: model.get_submodule(name) for name in names}
         layers = [_pooled_layer(module, name, index, context) for index, (name, module) in
@@ -192,6 +200,9 @@ def pairs_per_image(pairs, arguments: dict) -> list:
         >>> pairs_per_image([("dog", "ink"), "cat"], {"prompt": ["a", "b"], "num_images_per_prompt": 2})
         [('dog', 'ink'), ('dog', 'ink'), 'cat', 'cat']
     """
+    if isinstance(pairs, str) or not isinstance(pairs, (list, tuple)):
+        raise OptionTypeError(f"pairs must be a list, one entry per prompt or per image (a LoRA name or a tuple of "
+                              f"names, e.g. [('dog', 'ink'), 'cat']), got {type(pairs).__name__} {pairs!r:.80}")
     prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
     prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(pairs)
     pairs = list(pairs)

@@ -15,6 +15,7 @@ framework): create one ``BatchFusion`` per GPU at start-up, ``start()`` it, and 
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -81,8 +82,8 @@ class BatchFusion:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"BatchFusion: {name} must be a whole number >= 1, got {value!r}")
-        if not max_wait_s >= 0:
-            raise OptionError(f"BatchFusion: max_wait_s must be >= 0, got {max_wait_s!r}")
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
+            raise OptionError(f"BatchFusion: max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
         self.pipe, self.pool, self.max_batch, self.max_wait_s = pipe, pool, max_batch, max_wait_s
         self.fusion = attach(pipe, pool=pool, **attach_options)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
