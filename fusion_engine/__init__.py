@@ -22,6 +22,7 @@ from .errors import (
     OptionTypeError,
     PoolBudgetError,
     ServiceBusyError,
+    ServiceStoppedError,
     StepContextError,
     StepRangeError,
     UnknownLoRAError,
@@ -43,7 +44,7 @@ __all__ = [
     "FusionEngineError", "InputFileNotFoundError", "LayerAttributeError", "LoRADtypeError", "LoRAFileError",
     "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError", "LoRAValueError",
     "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "PoolBudgetError", "ServiceBusyError",
-    "StepContextError", "StepRangeError", "UnknownLoRAError",
+    "ServiceStoppedError", "StepContextError", "StepRangeError", "UnknownLoRAError",
     # the API
     "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "LoRAPool", "POLICIES", "PipelineFusion",
     "Refiner", "Trace", "attach", "detach_all", "load_lora", "make_policy", "save_lora", "serve",
