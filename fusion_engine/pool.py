@@ -57,6 +57,20 @@ class PoolLayer:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.scales, self.present))
 
 
+def resolved_device(device) -> torch.device:
+    """``device`` as the tensors placed there report it: ``"cuda"`` -> ``cuda:<current>``, ``"cpu:0"`` -> ``cpu``,
+    ``"mps"`` -> ``mps:0``; so ``LoRAPool(device="cuda")`` matches a model on ``cuda:0`` whatever form is given."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.index is None:
+        backend = getattr(torch, device.type, None)
+        current = getattr(backend, "current_device", None)
+        available = getattr(backend, "is_available", lambda: False)
+        return torch.device(device.type, current() if current is not None and available() else 0)
+    return device
+
+
 def _weight_shape(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[int, ...]:
     """The base weight shape one LoRA's (A (r, ...), B (N, r)) adapts: ``(N, *A.shape[1:])``."""
     return (lora_b.shape[0], *lora_a.shape[1:])
@@ -106,7 +120,7 @@ class LoRAPool:
                                          or budget_bytes < 0):
             raise OptionError(f"LoRAPool: budget_bytes must be a whole number >= 0 or None, got {budget_bytes!r}")
         try:
-            device = torch.device(device)
+            device = resolved_device(device)
         except (RuntimeError, TypeError):
             raise OptionError(f"LoRAPool: device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
         self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
@@ -325,4 +339,4 @@ class LoRAPool:
         return self
 
 
-__all__ = ["LoRAPool", "PoolLayer"]
+__all__ = ["LoRAPool", "PoolLayer", "resolved_device"]

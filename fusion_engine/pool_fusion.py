@@ -25,6 +25,7 @@ from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _already_attached, _swap_in
 from .integration import PipelineFusion, attached_pipeline, check_attachable
 from .ops import check_supported
 from .policies import divergence_option
+from .pool import resolved_device
 from .pool_context import PoolContext
 from .pool_modules import PooledLoRAConv2d, PooledLoRALinear
 from .pool_policies import make_pool_policy
@@ -71,7 +72,7 @@ def _fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]]) ->
                             "only")
         elif problem := _shape_problem(name, module, shape):
             problems.append(problem)
-        elif module.weight.device != pool.device or module.weight.dtype != pool.dtype:
+        elif resolved_device(module.weight.device) != pool.device or module.weight.dtype != pool.dtype:
             problems.append(f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
                             f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
     return problems
