@@ -31,11 +31,24 @@ def _number(text: str, kind):
     return value
 
 
+MAX_COUNT, MAX_STEPS = 100_000, 1000  # beyond these a count is a typo, and would fail deep inside torch/diffusers
+
+
 def positive_int(text: str) -> int:
-    """An integer >= 1 (steps, images, seeds, tau)."""
+    """An integer in [1, MAX_COUNT] (images, seeds, pairs, tau)."""
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_COUNT}")
+    return value
+
+
+def step_count(text: str) -> int:
+    """Sampling steps: an integer in [1, MAX_STEPS] (the schedulers' 1000 training timesteps)."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_STEPS} (the schedulers' training timesteps)")
     return value
 
 
@@ -120,15 +133,23 @@ def _fusion_options(args) -> dict:
     return options
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder or a path a folder can be made at: no file there or above it."""
+    from fusion_engine.errors import OptionError
+
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == out else f" ({existing} above it)"
+        raise OptionError(f"--out {out}: is a file{where}; give a folder (the outputs are written into it)")
+
+
 def _check_generate(args) -> None:
     """Every mistake in the flags, found before anything heavy is loaded."""
     import torch
 
     from fusion_engine.errors import OptionError
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {out}: is a file; give a folder (images are written into it)")
+    _check_out(Path(args.out))
     if args.subject is None and args.style is None:
         raise OptionError("give --subject, --style or both (a LoRA .safetensors each)")
     for flag, policy in (("blocks", "blora"), ("weights", "direct"), ("tau", "switch"), ("divergence", "fls")):
@@ -326,6 +347,7 @@ def cmd_demo(args) -> int:
     from fusion_engine.worlds.base import seed_latents
 
     out = Path(args.out)
+    _check_out(out)  # before a minute of sampling, not at the end
     kind = resolve_world(args.world)
     world = load_world(kind, folder=out / "loras", seed=args.seed)
     subject, style = world.subject(), world.style()
@@ -518,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style-scale", type=finite_float, default=1.0)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None, help="on FLUX only with --true-cfg")
-    gen.add_argument("--steps", type=positive_int, default=50)
+    gen.add_argument("--steps", type=step_count, default=50)
     gen.add_argument("--guidance", type=non_negative_float, default=None,
                      help="CFG scale (default 5 on SD 1.x/2.x, SDXL and SD3; <= 1 turns CFG off); on FLUX the "
                           "distilled guidance embedding (default 3.5, FluxPipeline's own)")
@@ -554,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="every policy on the embedded default world (no downloads, CPU)")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=positive_int, default=20)
+    demo.add_argument("--steps", type=step_count, default=20)
     demo.add_argument("--images", type=positive_int, default=4)
     demo.add_argument("--guidance", type=non_negative_float, default=5.0)
     demo.add_argument("--seed", type=seed_int, default=0)
@@ -593,7 +615,7 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--steps", type=step_count, default=50)
     parser.add_argument("--guidance", type=non_negative_float, default=5.0)
     parser.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8")
     parser.add_argument("--width", type=image_size, default=None)

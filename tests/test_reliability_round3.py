@@ -609,3 +609,97 @@ def test_oracle_n_way_a_zero_delta_never_wins():
     out, choice = _pool_choices(model, x, loras, [("zero", "along"), ("along", "zero")], "dot")
     assert choice.tolist() == [1, 0]
     torch.testing.assert_close(out, 1.5 * y0, atol=1e-12, rtol=1e-12)
+
+
+# -- CI: the test extras must be there, and every CLI flag survives hostile values ----------------------------------
+def test_ci_refuses_to_run_without_the_test_extras():
+    from conftest import CI_REQUIRED, ci_missing
+
+    assert set(CI_REQUIRED) >= {"peft", "hypothesis", "triton"}
+    assert ci_missing({"CI": "true"}, lambda name: None if name == "peft" else object()) == ["peft"]
+    assert ci_missing({"CI": "true"}, lambda name: object()) == []
+    assert ci_missing({}, lambda name: None) == [] and ci_missing({"CI": "false"}, lambda name: None) == []
+
+
+NUMBER_VALUES = ["nan", "-inf", "1e400", "-1", "abc", "", "9" * 40, "0x1f"]
+TEXT_VALUES = ["", "nan", "\x1b[31m", "x" * 5000]
+CHOICE_VALUES = ["", "NOPE", "../x"]
+
+
+def _path_values(tmp_path) -> list[str]:
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("not a model")
+    return [str(tmp_path / "missing" / "x.safetensors"), str(tmp_path), str(a_file), str(a_file / "under_a_file"),
+            "../escape", "\x1b"]
+
+
+def _fuzz_argv(tmp_path):
+    """(subcommand, flag, value, argv): every flag that takes a value, of every subcommand, with hostile values, on
+    a command line that fails early whatever the value (missing LoRA / model / pairs files, --out a file for demo),
+    so a value that is accepted ends in a one-line error too and nothing heavy runs."""
+    from fusion_engine.cli import build_parser
+
+    missing = str(tmp_path / "missing.safetensors")
+    out_file = tmp_path / "out_is_a_file"
+    out_file.write_text("x")
+    base = {
+        "generate": ["--model", str(tmp_path / "no_model"), "--subject", missing, "--style", missing, "--prompt", "p",
+                     "--out", str(tmp_path / "out"), "--device", "cpu"],
+        "demo": ["--out", str(out_file)],
+        "eval": ["--out", str(tmp_path / "eval_out"), "--pairs", str(tmp_path / "no_pairs.toml"), "--model",
+                 str(tmp_path / "no_model")],
+        "inspect": [missing],
+    }
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    paths = _path_values(tmp_path)
+    for command, sub in commands.items():
+        for action in sub._actions:
+            if not action.option_strings or action.nargs == 0 or action.dest in ("help", "version"):
+                continue
+            flag = action.option_strings[-1]
+            if action.choices is not None:
+                values = CHOICE_VALUES
+            elif action.type is not None:
+                values = NUMBER_VALUES
+            elif flag in ("--model", "--subject", "--style", "--pairs", "--clip-checkpoint", "--dino-checkpoint"):
+                values = paths
+            elif flag == "--out":
+                values = [str(out_file), str(out_file / "sub")] if command == "demo" else paths
+            else:
+                values = TEXT_VALUES
+            argv = base[command]
+            for value in values:
+                yield command, flag, value, [command, *_replaced(argv, flag, value)]
+        if command == "inspect":
+            for value in paths:
+                yield command, "FILE", value, ["inspect", value]
+
+
+def _replaced(argv: list[str], flag: str, value: str) -> list[str]:
+    if flag in argv:
+        index = argv.index(flag)
+        return [*argv[:index + 1], value, *argv[index + 2:]]
+    return [*argv, f"{flag}={value}"]  # '=' keeps values like '-1' and '' attached to their flag
+
+
+def test_cli_fuzz_every_flag_with_hostile_values_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import time
+
+    monkeypatch.chdir(tmp_path)  # relative values ('../escape') stay under the test's folder
+    started, cases, problems = time.monotonic(), 0, []
+    for command, flag, value, argv in _fuzz_argv(tmp_path):
+        cases += 1
+        try:
+            code = main(argv)
+        except BaseException as error:  # noqa: BLE001 - the finding is the escape itself
+            problems.append(f"{command} {flag}={value[:20]!r}: raised {type(error).__name__}: {error}"[:300])
+            continue
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        if code != 2 or len(lines) != 1 or not lines[0].startswith("fusion-engine: error: ") or \
+                "Traceback" in captured.err + captured.out:
+            problems.append(f"{command} {flag}={value[:20]!r}: exit {code}, stderr {captured.err[-300:]!r}")
+        assert time.monotonic() - started < 120, f"the fuzz ran past its budget after {cases} cases"
+    assert cases > 150, cases
+    assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} of {cases} cases)"
