@@ -8,6 +8,8 @@ hanging it.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import copy
 import json
 import math
@@ -127,6 +129,56 @@ def test_item02_only_plain_equal_options_share_a_call():
     image = torch.zeros(1, 3, 8, 8)
     assert Request("a", "s0", options={"image": image}).batch_key() != \
         Request("a", "s0", options={"image": image}).batch_key()  # never grouped, even with the same tensor
+
+
+def test_service_threaded_stress_every_request_resolves_once(tiny_pipe, pair_pool):
+    """Four client threads submit, cancel and time out against one service for a bounded time: every request
+    that was not cancelled resolves, the worker is alive at the end, and each image equals its request run alone."""
+    import random
+    import time
+
+    service = BatchFusion(tiny_pipe, pair_pool, max_batch=4, max_wait_s=0.01, max_queue=16).start()
+    entries, lock, stop_at = [], threading.Lock(), time.monotonic() + 2.0
+    choices = [("s0", "t0"), ("s1", "t1"), "s0", ("t1", "s0")]
+
+    def client(index):
+        rng = random.Random(index)
+        while time.monotonic() < stop_at:
+            request = Request(f"a dog {rng.randrange(2)}", rng.choice(choices), seed=rng.randrange(3), options=OPTIONS)
+            try:
+                future = service.submit(request)
+            except fe.ServiceBusyError:
+                threading.Event().wait(0.01)
+                continue
+            action = rng.random()
+            if action < 0.25:
+                future.cancel()  # a client that left (False when the worker has it already)
+            elif action < 0.5:
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    future.result(timeout=0.001)  # a client that timed out: the request still runs
+            else:
+                future.result(timeout=WAIT_S * 4)
+            with lock:
+                entries.append((request, future))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S * 6)
+        assert not any(thread.is_alive() for thread in threads), "a client is stuck"
+        done = [(request, future.result(timeout=WAIT_S)) for request, future in entries if not future.cancelled()]
+        assert service._worker.is_alive()
+    finally:
+        service.close()
+    assert len(done) >= 8 and any(future.cancelled() for _, future in entries), (len(done), len(entries))
+    assert all(result.ok for _, result in done), [result.error for _, result in done if not result.ok]
+    unique = {(r.prompt, str(r.loras), r.seed): (r, result) for r, result in done}
+    with BatchFusion(tiny_pipe, pair_pool) as alone_service:
+        for request, result in list(unique.values())[:6]:
+            alone = alone_service.run([request])[0]
+            torch.testing.assert_close(result.image, alone.image, atol=2e-5, rtol=1e-4)
 
 
 MALFORMED = {
