@@ -103,11 +103,11 @@ class BackendError(FusionEngineError, RuntimeError):
 
 
 class ServiceBusyError(FusionEngineError, RuntimeError):
-    """``fe.serve.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
+    """``fe.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
 
 
 class ServiceStoppedError(FusionEngineError, RuntimeError):
-    """``fe.serve.BatchFusion.submit`` when the worker thread is not running any more: nothing would answer."""
+    """``fe.BatchFusion.submit`` when the worker thread is not running any more: nothing would answer."""
 
 
 class OptionError(FusionEngineError, ValueError):

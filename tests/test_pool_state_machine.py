@@ -106,7 +106,7 @@ class PoolMachine(RuleBasedStateMachine):
         repeated = [names for names in assignment if len(set(names)) < len(names)]  # refused: ('a', 'a')
         try:
             self.fusion.set_batch_layout(len(assignment), 1)
-            self.fusion.set_assignment(assignment)
+            self.fusion.set_loras(assignment)
             with torch.no_grad():
                 out = self.model(x)
         except fe.OptionError as error:  # UnknownLoRAError for an absent name

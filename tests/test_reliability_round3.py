@@ -21,9 +21,9 @@ import torch
 from conftest import unet_inputs
 
 import fusion_engine as fe
+from fusion_engine import BatchFusion, Request
 from fusion_engine.cli import main
 from fusion_engine.errors import FusionEngineError
-from fusion_engine.serve import BatchFusion, Request
 from fusion_engine.worlds.random import attention_targets, default_loras, random_lora
 
 OPTIONS = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "pt"}
@@ -234,7 +234,7 @@ def test_item04_an_overflowing_lora_in_slot_0_leaves_other_images_finite(tiny_pi
             alone = fusion.model(sample[1:], t, encoder_hidden_states=context[1:]).sample
     with fe.attach(unet, pool=pool, policy=policy, backend="reference") as fusion:
         fusion.set_batch_layout(2, 1)
-        fusion.set_assignment([("huge", "t0"), ("t0",)])
+        fusion.set_loras([("huge", "t0"), ("t0",)])
         fusion.set_step(0, 4)
         with torch.no_grad():
             out = unet(sample, t, encoder_hidden_states=context).sample
@@ -252,7 +252,7 @@ def test_item04_in_memory_lora_with_non_finite_factors_is_refused(tiny_pipe, poi
     assert pool.names == ["t0"]
     with pytest.raises(fe.errors.LoRAValueError):
         fe.attach(tiny_pipe.unet, bad, t0)
-    assert not any(isinstance(m, fe.modules.DynamicLoRALayer) for m in tiny_pipe.unet.modules())
+    assert not any(isinstance(m, fe.runtime.layers.DynamicLoRALayer) for m in tiny_pipe.unet.modules())
 
 
 def _pool_on(device, tiny_pipe):
@@ -311,7 +311,7 @@ def test_item07_removing_the_last_slot_keeps_the_stacks(tiny_pipe):
 def test_item08_racing_runs_take_distinct_run_numbers(tmp_path, monkeypatch):
     from PIL import Image
 
-    from fusion_engine import image_files
+    from fusion_engine.cli import image_files
 
     info = {"prompt": "p", "negative_prompt": None, "seed": 1, "steps": 1, "guidance": 1.0, "scheduler": "DDIM",
             "height": 8, "width": 8, "model": "m", "policy": "fls", "options": {}, "version": fe.__version__}
@@ -334,7 +334,7 @@ def test_item09_a_call_scale_beyond_float32_is_refused(tiny_pipe, pooled):
     sample, t, context = unet_inputs(unet, batch=1)
     if pooled:
         fusion = fe.attach(unet, pool=fe.LoRAPool().add("s0", s0).add("t0", t0), policy="direct")
-        fusion.set_assignment([("s0", "t0")])
+        fusion.set_loras([("s0", "t0")])
     else:
         fusion = fe.attach(unet, s0, t0, policy="direct")
     with fusion, torch.no_grad(), pytest.raises(fe.OptionError, match="scale"):
@@ -345,7 +345,7 @@ def test_item09_a_call_scale_beyond_float32_is_refused(tiny_pipe, pooled):
 @pytest.fixture(scope="module")
 def encoder_files(tmp_path_factory):
     """A tiny OpenCLIP config as JSON, a pickled checkpoint and a corrupt one."""
-    from fusion_engine.encoders import TINY_OPENCLIP_CONFIG
+    from fusion_engine.scoring.encoders import TINY_OPENCLIP_CONFIG
 
     root = tmp_path_factory.mktemp("encoders")
     (root / "clip.json").write_text(json.dumps(TINY_OPENCLIP_CONFIG))
@@ -404,7 +404,7 @@ def _api_case(case, tiny_pipe, pair_pool):
         pair_pool.factors("s0", "no.such.layer")
     elif case == "pipe-pairs-5":
         fe.attach(tiny_pipe, pool=pair_pool)
-        tiny_pipe("a dog", pairs=5, num_inference_steps=1, output_type="pt")
+        tiny_pipe("a dog", loras=5, num_inference_steps=1, output_type="pt")
     elif case == "attach-trace-x":
         s0, t0 = default_loras(unet, seed=0)
         fe.attach(unet, s0, t0, trace="x")
@@ -433,8 +433,8 @@ def test_item10_pairs_as_one_string_is_refused(tiny_pipe, pair_pool):
     pool = pair_pool.add("s", default_loras(tiny_pipe.unet, seed=20)[0])
     pool.add("0", default_loras(tiny_pipe.unet, seed=21)[0]).add("t", default_loras(tiny_pipe.unet, seed=22)[1])
     fe.attach(tiny_pipe, pool=pool)
-    with pytest.raises(FusionEngineError, match="pairs"):  # not three images naming 's', '0' and 't'
-        tiny_pipe(["a dog", "a cat", "a cow"], pairs="s0t", num_inference_steps=1, output_type="pt")
+    with pytest.raises(FusionEngineError, match="loras"):  # not three images naming 's', '0' and 't'
+        tiny_pipe(["a dog", "a cat", "a cow"], loras="s0t", num_inference_steps=1, output_type="pt")
 
 
 def test_item11_cli_refuses_divergence_with_a_static_policy(pipeline_folder, tmp_path, capsys):
@@ -506,8 +506,8 @@ def test_oracle_report_tables_match_a_hand_computed_report(tmp_path):
 def test_oracle_metrics_score_against_distinct_subject_and_style_references():
     """Style Sim against the style reference, CLIP and DINO Scores against the subject reference (distinct images),
     each the cosine of the encoders' own embeddings."""
-    from fusion_engine.encoders import tiny_dino, tiny_openclip
-    from fusion_engine.metrics import score_images
+    from fusion_engine.scoring.encoders import tiny_dino, tiny_openclip
+    from fusion_engine.scoring.metrics import score_images
 
     clip, dino = tiny_openclip(0), tiny_dino(1)
     generator = torch.Generator().manual_seed(0)
@@ -588,7 +588,7 @@ def test_oracle_fls_under_a_per_call_scale_matches_float64_equations(tiny_pipe, 
         for name, lora in loras.items():
             pool.add(name, lora)
         fusion = fe.attach(unet, pool=pool, policy="fls", backend="reference")
-        fusion.set_assignment(assignment)
+        fusion.set_loras(assignment)
     else:
         fusion = fe.attach(unet, s0, t0, policy="fls", backend="reference")
     with fusion, torch.no_grad():
@@ -620,7 +620,7 @@ def _pool_choices(model, x, loras, assignment, divergence):
         pool.add(name, lora)
     with fe.attach(model, pool=pool, policy="fls", divergence=divergence, backend="reference") as fusion:
         fusion.set_batch_layout(len(assignment), 1)
-        fusion.set_assignment(assignment)
+        fusion.set_loras(assignment)
         with torch.no_grad():
             out = model(x)
         (record,) = fusion.trace.gather()
@@ -689,7 +689,7 @@ def _fuzz_argv(tmp_path):
     """(subcommand, flag, value, argv): every flag that takes a value, of every subcommand, with hostile values, on
     a command line that fails early whatever the value (missing LoRA / model / pairs files, --out a file for demo),
     so a value that is accepted ends in a one-line error too and nothing heavy runs."""
-    from fusion_engine.cli import build_parser
+    from fusion_engine.cli.main import build_parser
 
     missing = str(tmp_path / "missing.safetensors")
     out_file = tmp_path / "out_is_a_file"

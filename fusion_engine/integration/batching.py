@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from .errors import FusionEngineError, OptionError, OptionTypeError, ServiceBusyError, ServiceStoppedError
-from .integration import attach
+from ..errors import FusionEngineError, OptionError, OptionTypeError, ServiceBusyError, ServiceStoppedError
+from .pool_attach import attach_pool_target
 
-_RESERVED = ("prompt", "pairs", "generator", "num_images_per_prompt", "callback_on_step_end")
+_RESERVED = ("prompt", "loras", "pairs", "generator", "num_images_per_prompt", "callback_on_step_end")
 
 
 @dataclass
@@ -107,7 +107,7 @@ class BatchFusion:
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise OptionError(f"BatchFusion: max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
         self.pipe, self.pool, self.max_batch, self.max_wait_s = pipe, pool, max_batch, max_wait_s
-        self.fusion = attach(pipe, pool=pool, **attach_options)
+        self.fusion = attach_pool_target(pipe, pool, **attach_options)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -132,7 +132,7 @@ class BatchFusion:
         """Why ``request`` cannot run (its own fault), or None."""
         try:
             if not isinstance(request, Request):
-                raise OptionTypeError(f"expected a fe.serve.Request, got {type(request).__name__}")
+                raise OptionTypeError(f"expected a fe.Request, got {type(request).__name__}")
             if not isinstance(request.prompt, str):
                 raise OptionTypeError(f"prompt must be a string, got {type(request.prompt).__name__}")
             loras = request.loras
@@ -166,7 +166,7 @@ class BatchFusion:
     def _run_batch(self, batch: list[Result]) -> None:
         requests = [result.request for result in batch]
         try:
-            output = self.pipe([r.prompt for r in requests], pairs=[self._names(r) for r in requests],
+            output = self.pipe([r.prompt for r in requests], loras=[self._names(r) for r in requests],
                                generator=[torch.Generator().manual_seed(r.seed) for r in requests],
                                **requests[0].options)
         except Exception as error:
