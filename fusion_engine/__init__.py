@@ -46,6 +46,7 @@ from .errors import (
     PoolBudgetError,
     ServiceBusyError,
     ServiceStartError,
+    ServiceStoppedError,
     StepContextError,
     StepRangeError,
     UnknownLoRAError,
@@ -61,7 +62,7 @@ __all__ = [
     "FusionEngineError", "InputFileNotFoundError", "LayerAttributeError", "LoRADtypeError", "LoRAFileError",
     "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError", "LoRAValueError",
     "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "PoolBudgetError", "ServiceBusyError",
-    "ServiceStartError", "StepContextError", "StepRangeError", "UnknownLoRAError",
+    "ServiceStartError", "ServiceStoppedError", "StepContextError", "StepRangeError", "UnknownLoRAError",
     # the API (fusion_engine/api.py)
     "BatchFusion", "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "LoRAPool", "POLICIES",
     "PipelineAttachment", "Refiner", "Request", "Result", "Trace", "attach", "detach_all", "load_lora", "make_policy",

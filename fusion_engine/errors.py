@@ -23,6 +23,7 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
     ├── ServiceBusyError (RuntimeError) ..... a BatchFusion queue that is full (retry later)
     ├── ServiceStartError (RuntimeError) .... the HTTP service (fusion_engine.serve) could not start
+    ├── ServiceStoppedError (RuntimeError) .. a BatchFusion whose worker thread is not running (nothing would answer)
     ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
     │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
     │   ├── UnknownLoRAError (KeyError) ..... a LoRA name that the LoRA pool does not hold
@@ -109,6 +110,10 @@ class ServiceBusyError(FusionEngineError, RuntimeError):
 class ServiceStartError(FusionEngineError, RuntimeError):
     """``fusion_engine.serve.runner``: a local Ray that took a non-loopback address, an application that failed to
     deploy or was not running in time."""
+
+
+class ServiceStoppedError(FusionEngineError, RuntimeError):
+    """``fe.BatchFusion.submit`` when the worker thread is not running any more: nothing would answer."""
 
 
 class OptionError(FusionEngineError, ValueError):
