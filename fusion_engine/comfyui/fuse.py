@@ -273,10 +273,7 @@ class FusionState:
         self._evaluation, self._decided = None, {}
 
     def denoiser_call(self, executor, args, kwargs):
-        x = args[0]
-        options = kwargs.get("transformer_options")
-        if options is None:
-            options = args[5] if len(args) > 5 and isinstance(args[5], dict) else {}
+        x, options = args[0], call_options(args, kwargs)
         chunks = list(options.get("cond_or_uncond") or [0])
         if x.shape[0] % len(chunks):
             raise ComfyFusionError(f"batch of {x.shape[0]} rows does not split into the {len(chunks)} cond/uncond "
@@ -341,6 +338,15 @@ class FusionState:
             return out
         finally:
             view.__dict__["current"] = None
+
+
+def call_options(args, kwargs) -> dict:
+    """``transformer_options`` of a DIFFUSION_MODEL wrapper call: ``(x, timesteps, context, y, control,
+    transformer_options)`` positionally, or by keyword."""
+    options = kwargs.get("transformer_options")
+    if options is None:
+        options = args[5] if len(args) > 5 and isinstance(args[5], dict) else {}
+    return options
 
 
 def reuse_decisions(layer, x: torch.Tensor, choose: torch.Tensor) -> torch.Tensor:

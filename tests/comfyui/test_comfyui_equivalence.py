@@ -4,7 +4,7 @@ import pytest
 import torch
 from comfy.nodes.base_nodes import LoraLoader, LoraLoaderModelOnly
 
-from fusion_engine.comfyui.fuse import fusion_state
+from fusion_engine.comfyui.fuse import call_options, fusion_state
 from fusion_engine.comfyui.nodes import FuseSubjectStyleLoRA
 
 
@@ -84,7 +84,7 @@ def test_decisions_and_output_match_fe_attach_in_diffusers(base, loras, policy, 
     def spy(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
         seen.update(x=args[0].clone(), t=args[1].clone(), context=args[2].clone(), out=out.clone(),
-                    chunks=list(kwargs.get("transformer_options", args[5] if len(args) > 5 else {})["cond_or_uncond"]))
+                    chunks=list(call_options(args, kwargs)["cond_or_uncond"]))
         return out
 
     fused.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
