@@ -1,4 +1,5 @@
-"""Shared pieces of the ComfyUI node tests: a tiny SD1.5-architecture model built inside ComfyUI (no checkpoint),
+"""Shared pieces of the ComfyUI node tests (which take ComfyUI's modules from here, after the skip below): a tiny
+SD1.5-architecture model built inside ComfyUI (no checkpoint),
 LoRA files in kohya and diffusers layouts written to a registered loras folder, and sampling helpers."""
 import os
 
@@ -12,11 +13,13 @@ if COMFY_MISSING is not None:
 import comfy.lora  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.patcher_extension as pe  # noqa: E402, F401 (for the test modules)
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 import safetensors.torch  # noqa: E402
+from comfy.nodes.base_nodes import LoraLoader, LoraLoaderModelOnly  # noqa: E402, F401 (for the test modules)
 
 from fusion_engine.comfyui.fuse import folder_paths_module  # noqa: E402
 

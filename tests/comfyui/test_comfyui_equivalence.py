@@ -2,7 +2,6 @@
 import comfy_helpers as ch
 import pytest
 import torch
-from comfy.nodes.base_nodes import LoraLoader, LoraLoaderModelOnly
 
 from fusion_engine.comfyui.fuse import call_options, fusion_state
 from fusion_engine.comfyui.nodes import FuseSubjectStyleLoRA
@@ -32,8 +31,8 @@ def fuse(model, subject, style, policy="fls", s1=1.0, s2=1.0, **kw):
 def test_direct_equals_lora_loader_twice(base, loras):
     pos, neg = ch.make_conds()
     fused = fuse(base, "subject_kohya.safetensors", "style_diffusers.safetensors", "direct", 0.8, 1.3)
-    (once,) = LoraLoaderModelOnly().load_lora_model_only(base, "subject_kohya.safetensors", 0.8)
-    (twice,) = LoraLoaderModelOnly().load_lora_model_only(once, "style_diffusers.safetensors", 1.3)
+    (once,) = ch.LoraLoaderModelOnly().load_lora_model_only(base, "subject_kohya.safetensors", 0.8)
+    (twice,) = ch.LoraLoaderModelOnly().load_lora_model_only(once, "style_diffusers.safetensors", 1.3)
     plain = ch.sample(base, pos, neg)
     ours, theirs = ch.sample(fused, pos, neg), ch.sample(twice, pos, neg)
     assert (ours - plain).abs().max() > 1e-2  # the LoRAs change the image
@@ -45,13 +44,12 @@ def test_subject_only_equals_lora_loader(base, loras):
     pos, neg = ch.make_conds(seed=3)
     for policy in ("fls", "direct", "klora"):
         fused = fuse(base, "subject_kohya.safetensors", None, policy, 0.7)
-        model, _ = LoraLoader().load_lora(base, None, "subject_kohya.safetensors", 0.7, 0.0)
+        model, _ = ch.LoraLoader().load_lora(base, None, "subject_kohya.safetensors", 0.7, 0.0)
         ch.assert_fp32_close(ch.sample(fused, pos, neg), ch.sample(model, pos, neg))
 
 
 def diffusers_twin(patcher):
     """The same tiny weights as a diffusers UNet2DConditionModel, converted by ComfyUI's own key table."""
-    import comfy.utils
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
@@ -61,7 +59,7 @@ def diffusers_twin(patcher):
         attention_head_dim=8, norm_num_groups=32, use_linear_projection=False,
     )
     comfy_state = patcher.model.diffusion_model.state_dict()
-    table = comfy.utils.unet_to_diffusers(ch.TINY_UNET_CONFIG)
+    table = ch.comfy.utils.unet_to_diffusers(ch.TINY_UNET_CONFIG)
     converted = {key: comfy_state[comfy_key] for key, comfy_key in table.items() if comfy_key in comfy_state}
     missing, unexpected = unet.load_state_dict(converted, strict=False)
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
@@ -72,8 +70,7 @@ def diffusers_twin(patcher):
 def test_decisions_and_output_match_fe_attach_in_diffusers(base, loras, policy, granularity):
     """One denoiser call (cond + uncond batched) in ComfyUI with the node, and the same latent, sigma and conditioning
     through fe.attach in diffusers: every layer decides the same, and the outputs agree to fp32 rounding."""
-    import comfy.patcher_extension as pe
-
+    pe = ch.pe
     import fusion_engine as fe
 
     ch.write_lora(loras, "style_kohya.safetensors", ch.make_lora_state(22, "kohya"))

@@ -5,9 +5,6 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import comfy.model_management as mm
-import comfy.patcher_extension as pe
-import comfy.samplers
 import comfy_helpers as ch
 import pytest
 import torch
@@ -16,6 +13,7 @@ from fusion_engine.comfyui import NODE_CLASS_MAPPINGS
 from fusion_engine.comfyui.fuse import call_options, fusion_state, reuse_decisions, step_of
 from fusion_engine.comfyui.nodes import FuseSubjectStyleLoRA, LoRAFusionTrace
 
+mm, pe, comfy = ch.mm, ch.pe, ch.comfy
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "comfyui" / "fuse_subject_style_api.json"
 
 
@@ -273,3 +271,59 @@ def test_example_workflow_runs_headless_and_produces_an_image(base, loras, tmp_p
     trace = json.loads(next(tmp_path.glob("fusion_trace*.json")).read_text())
     assert trace["steps"] == [0, 1, 2] and len(trace["layers"]) == len(ch.lora_modules())
     assert LoRAFusionTrace.RETURN_TYPES == ("IMAGE",)
+
+
+def test_low_vram_loading_keeps_comfyuis_cast_and_weight_patches_in_the_path(base, loras, monkeypatch):
+    """ComfyUI's low-VRAM load (forced on CPU: the device read as not-CPU, NO_VRAM) leaves weights unpatched and casts
+    them per call with the LoraLoader patch applied on the fly; the fused layers read that cast weight, so the
+    result equals the fully loaded run."""
+    import fusion_engine.comfyui.fuse as fuse_module
+
+    ch.write_lora(loras, "third_kohya.safetensors", ch.make_lora_state(44, "kohya", kinds=("attn1", "proj")))
+    chained, _ = ch.LoraLoader().load_lora(base, None, "third_kohya.safetensors", 1.0, 0.0)
+    fused = fuse(chained)
+    pos, neg = ch.make_conds(seed=12)
+    full = ch.sample(fused, pos, neg)
+    casts = []
+    real = fuse_module.casts_per_call
+    monkeypatch.setattr(fuse_module, "casts_per_call", lambda module: casts.append(real(module)) or casts[-1])
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    low = ch.sample(fused, pos, neg)
+    assert casts and all(casts)  # every fused call went through ComfyUI's cast
+    ch.assert_fp32_close(low, full, rtol=1e-5)
+    unpatched = ch.sample(fuse(base), pos, neg)
+    assert not torch.allclose(low, unpatched, rtol=1e-3)  # the chained LoRA's on-the-fly patch is in the result
+
+
+class RecordingClip:
+    """A CLIP stand-in with the key set ComfyUI's CLIP key map reads; records clones and patches."""
+
+    KEY = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+
+    def __init__(self, log):
+        self.log, self.patches = log, []
+        self.cond_stage_model = SimpleNamespace(state_dict=lambda: {self.KEY: torch.zeros(8, 8)})
+
+    def clone(self):
+        self.log.append("clone")
+        return RecordingClip(self.log)
+
+    def add_patches(self, patches, strength):
+        self.patches.append((sorted(patches), strength))
+        return list(patches)
+
+
+def test_text_encoder_parts_go_to_a_clip_clone_with_both_deltas(base, loras):
+    te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 8),
+          "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(8, 2)}
+    ch.write_lora(loras, "subject_with_te.safetensors", {**ch.make_lora_state(11, "kohya"), **te})
+    ch.write_lora(loras, "te_only.safetensors", te)
+    log = []
+    clip = RecordingClip(log)
+    _, new_clip = FuseSubjectStyleLoRA().fuse(base, "subject_with_te.safetensors", 0.7, "style_diffusers.safetensors",
+                                              1.2, "fls", "kl", "image", clip=clip)
+    assert new_clip is not clip and clip.patches == [] and log == ["clone"]
+    assert new_clip.patches == [([RecordingClip.KEY], 0.7), ([], 1.2)]  # as LoraLoader: strength times each delta
+    with pytest.raises(RuntimeError, match="have no denoiser layers"):
+        FuseSubjectStyleLoRA().fuse(base, "te_only.safetensors", 1.0, "None", 1.0, "fls", "kl", "image", clip=clip)
