@@ -406,7 +406,7 @@ def build_fusion(model, subject, style, paths, *, policy: str, divergence: str, 
     if policy == "fls":
         options["divergence"] = divergence
     policy_object = make_policy(policy, **options)
-    names = [name for name in _module_order(model, paths)]
+    names = _module_order(model, paths)
     trace = Trace(names, policy_object.describe(), DEFAULT_MAX_RECORDS)
     context = FusionContext(policy_object, granularity, backend, trace)
     layers = []

@@ -328,3 +328,16 @@ def test_text_encoder_parts_go_to_a_clip_clone_with_both_deltas(base, loras):
     assert new_clip.patches == [([RecordingClip.KEY], 0.7), ([], 1.2)]  # as LoraLoader: strength times each delta
     with pytest.raises(RuntimeError, match="have no denoiser layers"):
         FuseSubjectStyleLoRA().fuse(base, "te_only.safetensors", 1.0, "None", 1.0, "fls", "kl", "image", clip=clip)
+
+
+def test_comfyuis_own_node_loader_finds_the_pack_and_its_lora_list(base, loras):
+    """The fork's entry-point loader (comfyui.custom_nodes -> fusion_engine.comfyui) exports both nodes; the LoRA
+    menu is ComfyUI's loras folder."""
+    from comfy.nodes.package import _import_and_enumerate_nodes_in_module
+
+    import fusion_engine.comfyui as pack
+
+    exported = _import_and_enumerate_nodes_in_module(pack)
+    assert {"FusionEngineFuseSubjectStyleLoRA", "FusionEngineLoRAFusionTrace"} <= set(exported.NODE_CLASS_MAPPINGS)
+    choices = FuseSubjectStyleLoRA.INPUT_TYPES()["required"]["subject_lora"][0]
+    assert choices[0] == "None" and "subject_kohya.safetensors" in choices
