@@ -465,7 +465,7 @@ def fusion_state(model) -> FusionState | None:
 
 def fuse(model, clip, subject_name: str | None, subject_strength: float, style_name: str | None,
          style_strength: float, *, policy="fls", divergence="kl", granularity="image", backend="auto",
-         policy_options="", clip_strength_scale: float = 1.0):
+         policy_options=""):
     """The Fuse node's work: (fused MODEL clone, CLIP clone with both LoRAs' text-encoder parts added (direct)).
 
     Nothing is changed on ``model`` or ``clip``: every check runs before the clone is made."""
@@ -492,5 +492,5 @@ def fuse(model, clip, subject_name: str | None, subject_strength: float, style_n
     if clip is not None:
         new_clip = clip.clone()
         for patches, strength in clip_parts:  # text encoders: both deltas added, as LoraLoader does (direct)
-            new_clip.add_patches(patches, strength * clip_strength_scale)
+            new_clip.add_patches(patches, strength)
     return fused, new_clip

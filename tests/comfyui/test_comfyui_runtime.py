@@ -341,3 +341,12 @@ def test_comfyuis_own_node_loader_finds_the_pack_and_its_lora_list(base, loras):
     assert {"FusionEngineFuseSubjectStyleLoRA", "FusionEngineLoRAFusionTrace"} <= set(exported.NODE_CLASS_MAPPINGS)
     choices = FuseSubjectStyleLoRA.INPUT_TYPES()["required"]["subject_lora"][0]
     assert choices[0] == "None" and "subject_kohya.safetensors" in choices
+
+
+def test_fp8_weights_are_refused_before_anything_is_patched(loras):
+    model = ch.build_tiny_patcher(seed=5)
+    target = model.model.get_submodule("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q")
+    target.weight.data = target.weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match=r"attn1.to_q: weights in torch.float8_e4m3fn .* not supported"):
+        fuse(model)
+    assert model.object_patches == {} and fusion_state(model) is None
