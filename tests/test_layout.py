@@ -47,6 +47,7 @@ LAYERS = {
     "fusion_engine": 4,  # the package itself (the public API: re-exports of layers <= 4); matched exactly
     "fusion_engine.eval": 5,
     "fusion_engine.cli": 6,
+    "fusion_engine.comfyui": 6,  # the ComfyUI node pack: a front end beside the CLI (imports ComfyUI when run)
     "fusion_engine.worlds": WORLDS,
 }
 HIGHEST_FOR_WORLDS = 4  # worlds import the engine up to the pipeline, never eval or the CLI

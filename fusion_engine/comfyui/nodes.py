@@ -10,7 +10,6 @@ import tempfile
 import torch
 
 from ..context import GRANULARITIES
-from ..errors import FusionEngineError
 from ..ops import BACKENDS, DIVERGENCES
 from .fuse import POLICY_NAMES, ComfyFusionError, folder_paths_module, fuse, fusion_state
 
@@ -18,16 +17,13 @@ NONE = "None"
 CATEGORY = "loaders/fusion_engine"
 
 
-def _as_node_error(error: FusionEngineError) -> RuntimeError:
-    """What ComfyUI shows in the node: the library's message, its error class named."""
-    return RuntimeError(f"fusion_engine: {type(error).__name__}: {error}")
-
-
 class FuseSubjectStyleLoRA:
     """Subject LoRA + style LoRA, chosen per layer and per denoiser call by the engine's policies (no weight merge)."""
 
     DESCRIPTION = ("Fuses a subject LoRA and a style LoRA per layer at every denoiser call (FLS by default), without "
-                   "merging weights. SD1.x/SD2.x/SDXL. Text-encoder parts go to CLIP with both deltas added.")
+                   "merging weights. SD1.x/SD2.x/SDXL. Text-encoder parts go to CLIP with both deltas added. When "
+                   "ComfyUI splits an image's cond and uncond into separate calls (low free memory), the first call "
+                   "at a sigma (ComfyUI runs the uncond first) decides for both.")
     RETURN_TYPES = ("MODEL", "CLIP")
     FUNCTION = "fuse"
     CATEGORY = CATEGORY
@@ -63,15 +59,13 @@ class FuseSubjectStyleLoRA:
 
     def fuse(self, model, subject_lora, subject_strength, style_lora, style_strength, policy, divergence,
              granularity, clip=None, backend="auto", policy_options=""):
-        try:
-            fused, new_clip = fuse(
-                model, clip, None if subject_lora == NONE else subject_lora, subject_strength,
-                None if style_lora == NONE else style_lora, style_strength, policy=policy, divergence=divergence,
-                granularity=granularity, backend=backend, policy_options=policy_options,
-            )
-        except FusionEngineError as error:
-            raise _as_node_error(error) from error
-        return fused, new_clip
+        # A bad input raises a FusionEngineError (its class and message are what ComfyUI shows in the node), before
+        # anything is changed: the MODEL and CLIP given are never modified, the fusion lives on clones.
+        return fuse(
+            model, clip, None if subject_lora == NONE else subject_lora, subject_strength,
+            None if style_lora == NONE else style_lora, style_strength, policy=policy, divergence=divergence,
+            granularity=granularity, backend=backend, policy_options=policy_options,
+        )
 
 
 class LoRAFusionTrace:
@@ -105,11 +99,11 @@ class LoRAFusionTrace:
     def render(self, model, samples, save_json=False, filename_prefix="fusion_trace"):
         state = fusion_state(model)
         if state is None:
-            raise _as_node_error(ComfyFusionError(
-                "this MODEL carries no fusion: connect the MODEL output of 'Fuse Subject + Style LoRA'"))
+            raise ComfyFusionError(
+                "this MODEL carries no fusion: connect the MODEL output of 'Fuse Subject + Style LoRA'")
         trace = state.trace
         if not trace.steps:
-            raise _as_node_error(ComfyFusionError("no decisions recorded: sample with the fused MODEL first"))
+            raise ComfyFusionError("no decisions recorded: sample with the fused MODEL first")
         with tempfile.TemporaryDirectory() as folder:
             path = trace.heatmap(os.path.join(folder, "trace.png"), title=f"{state.family} {trace.policy}")
             image = heatmap_tensor(path)
