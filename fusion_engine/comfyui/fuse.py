@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 
 import torch
 import torch.nn as nn
@@ -44,6 +43,7 @@ from ..trace import DEFAULT_MAX_RECORDS, Trace
 ATTACHMENT = "fusion_engine"  # ModelPatcher attachment and wrapper key
 POLICY_NAMES = ("fls", "direct", "klora", "blora", "switch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+EVALUATIONS_KEPT = 400  # model calls per sampling whose decisions the trace holds
 _TOLERANCE = 1e-5  # relative: a call's sigma equals a schedule point within float rounding
 
 
@@ -261,10 +261,9 @@ class FusionState:
         self.family = family
         self.calls = 0  # denoiser calls of the last sampling
         self.split_calls = 0  # of which reused an earlier call's decisions (cond/uncond split)
-        self._evaluation = None  # (sigma, images, rows) of the call that decided
+        self._evaluation = None  # (sigma, images) of the partial call that decided
         self._decided: dict[int, torch.Tensor] = {}  # layer index -> decisions of that call
         self._reusing = False
-        self._lock = threading.Lock()
 
     # called by ComfyUI's wrappers -------------------------------------------------------------------------------
     def start_sampling(self) -> None:
@@ -281,19 +280,19 @@ class FusionState:
         images = x.shape[0] // len(chunks)
         context = self.context
         sigma = self._set_step(options)
-        with self._lock:
-            self._prepare_split(sigma, images, chunks)
-            context.set_batch_layout(images, len(chunks))
-            context.lora_scale = 1.0
-            if self.layers:
-                context.update_coefficients(self.layers, x.device)
-            context.in_forward = True
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                context.in_forward = False
-                context.collect(self.layers)
-                self.calls += 1
+        # ComfyUI runs one prompt at a time: the state below belongs to this call until it returns.
+        self._prepare_split(sigma, images, chunks)
+        context.set_batch_layout(images, len(chunks))
+        context.lora_scale = 1.0
+        if self.layers:
+            context.update_coefficients(self.layers, x.device)
+        context.in_forward = True
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            context.in_forward = False
+            context.collect(self.layers)
+            self.calls += 1
 
     def _set_step(self, options) -> float | None:
         sigmas, schedule = options.get("sigmas"), options.get("sample_sigmas")
@@ -407,7 +406,9 @@ def build_fusion(model, subject, style, paths, *, policy: str, divergence: str, 
         options["divergence"] = divergence
     policy_object = make_policy(policy, **options)
     names = _module_order(model, paths)
-    trace = Trace(names, policy_object.describe(), DEFAULT_MAX_RECORDS)
+    # Cleared when each sampling starts; the bound keeps a whole sampling of up to 400 model calls (an SDXL LoRA's
+    # ~700 layers at 30 Heun steps is 60 calls) and stops a model called outside a sampler from growing it forever.
+    trace = Trace(names, policy_object.describe(), max(DEFAULT_MAX_RECORDS, len(names) * EVALUATIONS_KEPT))
     context = FusionContext(policy_object, granularity, backend, trace)
     layers = []
     for index, name in enumerate(names):
