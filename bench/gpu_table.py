@@ -208,11 +208,11 @@ class Layer:
 
     def fused(self, x=None, prev=None, base="fused"):  # base="cublas": the split variant
         guess = self.prev if prev is None else prev
-        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=guess, base=base)[0]
+        return RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choice=guess, base=base)[0]
 
     def fused_step(self, x):  # with the per-layer speculation state updated on the device
-        out, _, _, choose = RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choose=self.prev)
-        self.prev.copy_(choose)
+        out, _, _, choice = RUN.ops.fls_linear(**self.inputs_for(x), divergence="kl", prev_choice=self.prev)
+        self.prev.copy_(choice)
         return out
 
     def reference(self, x=None):
@@ -261,11 +261,11 @@ def verify_layer(L: Layer, tag: str) -> str:
 def time_layer(L: Layer) -> dict:
     """{mode: {method: median ms or None}} for the eager call and (on a GPU) the CUDA-graph replay."""
     with torch.no_grad():
-        choose = RUN.ops.fls_linear(**L.inputs, divergence="kl")[3]
+        choice = RUN.ops.fls_linear(**L.inputs, divergence="kl")[3]
         fns = {"merged": L.merged, "naive": L.naive, "klora": L.klora, "two_adapter": L.two_adapter, "mix": L.mix}
         for name, base in FLS_BASES.items():
-            fns[name] = lambda base=base: L.fused(prev=choose, base=base)
-            fns[f"{name}_flip"] = lambda base=base: L.fused(prev=~choose, base=base)
+            fns[name] = lambda base=base: L.fused(prev=choice, base=base)
+            fns[f"{name}_flip"] = lambda base=base: L.fused(prev=~choice, base=base)
         times = {"eager call": {key: bench(fns[key]) for key, _ in LAYER_METHODS}}
         if not RUN.smoke:
             graph_times = {}
@@ -508,7 +508,7 @@ def pool_row(images: int, tokens: int, K: int, N: int, rank: int, dtype) -> str:
 
     def pair_call(i, guess=None):
         return RUN.ops.fls_linear(x[rows[i]], weight, None, a_stack[2 * i], b_stack[2 * i], 0.8, a_stack[2 * i + 1],
-                                  b_stack[2 * i + 1], 0.8, one_group, 1, "kl", prev_choose=guess)
+                                  b_stack[2 * i + 1], 0.8, one_group, 1, "kl", prev_choice=guess)
 
     with torch.no_grad():
         out, _, choice = RUN.ops.pooled_fls_linear(*args, "kl")
@@ -552,7 +552,7 @@ POOL_STEP_IMAGES = 8  # issue 13: 8 distinct pairs at SDXL 1024px
 class PoolLayout:
     """The batch of P images with CFG, copy-major as diffusers batches it: rows 0..P-1 are the images' uncond
     copies, P..2P-1 their cond copies, so batch row b is image b % P. Image i fuses pool slots 2i (subject) and
-    2i + 1 (style) and is one decision group, both its CFG copies (fusion_engine/pool_context.py's row groups)."""
+    2i + 1 (style) and is one decision group, both its CFG copies (runtime/pool_context.py's row groups)."""
 
     def __init__(self, images: int):
         self.images = images
@@ -613,9 +613,9 @@ class PoolLayer:
         return out
 
     def pair(self, x, image: int):  # (b): one image's pair, the single-pair fused op
-        out, _, _, choose = RUN.ops.fls_linear(**self.pair_inputs(x, image), divergence="kl",
-                                               prev_choose=self.prev_pair[image])
-        self.prev_pair[image].copy_(choose)
+        out, _, _, choice = RUN.ops.fls_linear(**self.pair_inputs(x, image), divergence="kl",
+                                               prev_choice=self.prev_pair[image])
+        self.prev_pair[image].copy_(choice)
         return out
 
     def checked(self, x, checks: list):

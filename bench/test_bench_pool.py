@@ -1,7 +1,7 @@
 """CPU throughput of the LoRA pool on the embedded world: run with `pytest bench/test_bench_pool.py -m bench`.
 
 K requests, each with its own (subject, style) pair, K = 1, 2, 4, 8, 16, made two ways:
-* pool        - one `fe.attach(pipe, pool=pool)` and one pipeline call of K images, `pairs=` one per image;
+* pool        - one `fe.attach(pipe, pool=pool)` and one pipeline call of K images, `loras=` one per image;
 * pool_direct - the same with policy "direct" (each image adds its pair, no selection: what the diffusers way
   below computes);
 * per_request - for each request: `fe.attach(pipe, subject, style)`, a one-image call, `detach` (what a
@@ -71,7 +71,7 @@ def test_pool_throughput_cpu(benchmark, record_pool, world, method, count, reque
 
     def batched(policy="fls"):
         with fe.attach(pipe, pool=pool, policy=policy):
-            pipe(prompts, pairs=[(f"subject{k}", f"style{k}") for k in range(count)], **_options(range(count)))
+            pipe(prompts, loras=[(f"subject{k}", f"style{k}") for k in range(count)], **_options(range(count)))
 
     def one_by_one():
         for k in range(count):

@@ -139,9 +139,9 @@ def tune_shape(M, K, N, rank, dtype, gemm_candidates, shrink_candidates):
                 continue
             ok = len(RUN.failures) == failures_before
             del RUN.failures[failures_before:]  # a failing config is reported here and never chosen
-            choose = RUN.ops.fls_linear(**a, divergence="kl")[3]
-            fused = kernel_time(lambda choose=choose, L=L: L.fused(prev=choose))
-            split = kernel_time(lambda choose=choose, L=L: L.fused(prev=choose, base="cublas"))
+            choice = RUN.ops.fls_linear(**a, divergence="kl")[3]
+            fused = kernel_time(lambda choice=choice, L=L: L.fused(prev=choice))
+            split = kernel_time(lambda choice=choice, L=L: L.fused(prev=choice, base="cublas"))
             mix = kernel_time(L.mix)
             plain = kernel_time(lambda c=c: plain_gemm(a["x"], a["weight"], as_gemm(c)))
             rows[c] = (ok, fused, mix, plain, split)

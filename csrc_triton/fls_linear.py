@@ -483,7 +483,7 @@ def _fls_fix_up_kernel(
     gacc_ptr,  # (num_groups, GROUP_SLOTS) float32: the final group sums
     subject_score_ptr,  # (num_groups,) float32 out
     style_score_ptr,  # (num_groups,) float32 out
-    choose_subject_ptr,  # (num_groups,) uint8 out (viewed as bool by the launcher)
+    choice_ptr,  # (num_groups,) uint8 out (viewed as bool by the launcher)
     M, N, K, subject_rank, style_rank, num_groups, num_pid_n, subject_scale, style_scale,
     stride_xm, stride_wn, stride_y0m, stride_xam, stride_om,
     style_offset,  # first column of the style block in xa
@@ -515,13 +515,13 @@ def _fls_fix_up_kernel(
             subject_score, style_score, take_g = _group_decision(gacc_ptr, offs_g, mask_g, HAS_SUBJECT, HAS_STYLE)
             tl.store(subject_score_ptr + offs_g, subject_score, mask=mask_g)
             tl.store(style_score_ptr + offs_g, style_score, mask=mask_g)
-            tl.store(choose_subject_ptr + offs_g, take_g.to(tl.uint8), mask=mask_g)
+            tl.store(choice_ptr + offs_g, take_g.to(tl.uint8), mask=mask_g)
 
 
 # ============================================================================ launcher
 
 def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group,
-                   num_groups, divergence="kl", prev_choose=None, base=None):
+                   num_groups, divergence="kl", prev_choice=None, base=None):
     """Launch the fused FLS linear. Same contract as ``fusion_engine.ops.reference.fls_linear``
     for ``divergence`` in ``DIVERGENCE_CODES`` (kl, cosine, dot).
 
@@ -533,15 +533,15 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         row_group: (M,) int32/int64, each row's decision group in [0, num_groups).
         num_groups: G.
         divergence: "kl", "cosine" or "dot".
-        prev_choose: optional (G,) bool/uint8 device tensor, the decisions of the previous call of
+        prev_choice: optional (G,) bool/uint8 device tensor, the decisions of the previous call of
             this layer; used only as the speculation guess (a wrong guess costs time, never accuracy).
         base: where y0 comes from: "fused" (the kernels' own GEMM), "cublas" (the split variant:
             ``F.linear`` into a y0 buffer the kernels read; see the module docstring), or None for the
             size-class default of ``csrc_triton.utils.fls_base_config``.
 
     Returns:
-        (out, subject_score, style_score, choose_subject): out (M, N) in x.dtype, scores float32 (G,),
-        choose_subject bool (G,).
+        (out, subject_score, style_score, choice): out (M, N) in x.dtype, scores float32 (G,),
+        choice bool (G,).
     """
     require(divergence in DIVERGENCE_CODES, f"fls_linear: the fused kernel supports {tuple(DIVERGENCE_CODES)}, "
             f"not {divergence!r}")
@@ -553,10 +553,10 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     require(tuple(row_group.shape) == (M,) and row_group.dtype in ROW_GROUP_DTYPES and row_group.device == x.device,
             f"fls_linear: row_group must be (M={M},) int32/int64 on {x.device}, got {tuple(row_group.shape)} "
             f"{row_group.dtype} on {row_group.device}")
-    require(prev_choose is None or (tuple(prev_choose.shape) == (G,) and prev_choose.dtype in (torch.bool, torch.uint8)
-                                    and prev_choose.device == x.device),
-            f"fls_linear: prev_choose must be (G={G},) bool/uint8 on {x.device}, got "
-            f"{None if prev_choose is None else (tuple(prev_choose.shape), prev_choose.dtype, prev_choose.device)}")
+    require(prev_choice is None or (tuple(prev_choice.shape) == (G,) and prev_choice.dtype in (torch.bool, torch.uint8)
+                                    and prev_choice.device == x.device),
+            f"fls_linear: prev_choice must be (G={G},) bool/uint8 on {x.device}, got "
+            f"{None if prev_choice is None else (tuple(prev_choice.shape), prev_choice.dtype, prev_choice.device)}")
     require(base is None or base in BASE_CODES, f"fls_linear: base must be one of {tuple(BASE_CODES)} or None, "
             f"got {base!r}")
     code = DIVERGENCE_CODES[divergence]
@@ -566,13 +566,13 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     out = new_empty((M, N), x.dtype, dev)
     subject_score = new_empty((G,), torch.float32, dev)
     style_score = new_empty((G,), torch.float32, dev)
-    choose_subject = new_empty((G,), torch.uint8, dev)
+    choice = new_empty((G,), torch.uint8, dev)
     if M == 0 or G == 0:
         # nothing to reduce: every group is empty, its mean 0 (as reference.group_mean)
         subject_score.zero_()
         style_score.zero_()
-        choose_subject.fill_(0 if (style_rank > 0 and subject_rank == 0) else 1)
-        return out, subject_score, style_score, choose_subject.view(torch.bool)
+        choice.fill_(0 if (style_rank > 0 and subject_rank == 0) else 1)
+        return out, subject_score, style_score, choice.view(torch.bool)
 
     x, weight, bias, subject_a, subject_b, style_a, style_b = as_operands(
         x, weight, bias, subject_a, subject_b, style_a, style_b)
@@ -589,7 +589,7 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     # one memset for the tickets (int32) and the group sums (float32 zeros are zero bits)
     workspace = torch.zeros((num_pid_m + GROUP_SLOTS * G,), dtype=torch.int32, device=dev)
     ticket, gacc = workspace[:num_pid_m], workspace[num_pid_m:].view(torch.float32)
-    guess = prev_choose
+    guess = prev_choice
     if guess is not None and guess.dtype == torch.bool:
         guess = guess.view(torch.uint8)
 
@@ -597,7 +597,7 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, y0_ptr=y0 if y0 is not None else x,
         xa_ptr=xa if xa is not None else x,
         subject_b_ptr=subject_b, style_b_ptr=style_b, row_group_ptr=row_group,
-        guess_ptr=guess if guess is not None else choose_subject, out_ptr=out, gacc_ptr=gacc,
+        guess_ptr=guess if guess is not None else choice, out_ptr=out, gacc_ptr=gacc,
         M=M, N=N, K=K, subject_rank=subject_rank, style_rank=style_rank, num_groups=G, num_pid_n=num_pid_n,
         subject_scale=float(subject_scale), style_scale=float(style_scale),
         stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_y0m=y0.stride(0) if y0 is not None else 0,
@@ -609,6 +609,6 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     grid = (num_pid_m * num_pid_n,)
     _fls_speculate_kernel[grid](part_ptr=part, ticket_ptr=ticket, DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
     _fls_fix_up_kernel[grid](subject_score_ptr=subject_score, style_score_ptr=style_score,
-                             choose_subject_ptr=choose_subject,
+                             choice_ptr=choice,
                              BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
-    return out, subject_score, style_score, choose_subject.view(torch.bool)
+    return out, subject_score, style_score, choice.view(torch.bool)

@@ -156,20 +156,20 @@ class KernelCheck:
 
 
 def check_fls_linear(result, inputs: dict, divergence: str, reference) -> KernelCheck:
-    """Check ``result = (out, subject_score, style_score, choose_subject)`` of the Triton
+    """Check ``result = (out, subject_score, style_score, choice)`` of the Triton
     ``fls_linear`` on ``inputs`` against a float64 run of ``reference`` (see the module rules)."""
-    out, subject_score, style_score, choose = result
+    out, subject_score, style_score, choice = result
     check = KernelCheck()
     dtype = inputs["x"].dtype
     G, row_group = inputs["num_groups"], inputs["row_group"]
     check.expect(out.dtype == dtype and subject_score.dtype == style_score.dtype == torch.float32
-                 and choose.dtype == torch.bool, f"dtypes {out.dtype}, {subject_score.dtype}, {choose.dtype}")
-    check.expect(set(choose.view(torch.uint8).tolist()) <= {0, 1}, "decision buffer not (fully) written")
+                 and choice.dtype == torch.bool, f"dtypes {out.dtype}, {subject_score.dtype}, {choice.dtype}")
+    check.expect(set(choice.view(torch.uint8).tolist()) <= {0, 1}, "decision buffer not (fully) written")
     check.expect(bool(torch.isfinite(subject_score).all() and torch.isfinite(style_score).all()
                       and torch.isfinite(out).all()), "non-finite (unwritten?) output or scores")
 
     a64 = to_float64(inputs)
-    _, ref_subject, ref_style, ref_choose = reference.fls_linear(**a64, divergence=divergence)
+    _, ref_subject, ref_style, ref_choice = reference.fls_linear(**a64, divergence=divergence)
     # scores: 2x the eager same-dtype error (statistics in float32 from the rounded branch outputs)
     y0e, y_subject_e, y_style_e = eager_branches(inputs)
     eager_subject = reference.group_mean(reference.row_divergence(y_subject_e.float(), y0e.float(), divergence),
@@ -185,19 +185,19 @@ def check_fls_linear(result, inputs: dict, divergence: str, reference) -> Kernel
     # decisions: exact except where the float64 scores are within the tolerance of each other
     has_subject, has_style = inputs["subject_a"].shape[0] > 0, inputs["style_a"].shape[0] > 0
     if not (has_subject and has_style):
-        check.expect(torch.equal(choose, reference.decide(subject_score, style_score, has_subject, has_style)),
+        check.expect(torch.equal(choice, reference.decide(subject_score, style_score, has_subject, has_style)),
                      "an absent LoRA won a group")
     close = (ref_subject - ref_style).abs() <= 2 * check.score_tol
-    check.near_tie_flips = int((choose[close] != ref_choose[close]).sum())
-    check.expect(torch.equal(choose[~close], ref_choose[~close]),
-                 f"decisions {choose.tolist()} != float64 {ref_choose.tolist()} outside close groups {close.tolist()}")
+    check.near_tie_flips = int((choice[close] != ref_choice[close]).sum())
+    check.expect(torch.equal(choice[~close], ref_choice[~close]),
+                 f"decisions {choice.tolist()} != float64 {ref_choice.tolist()} outside close groups {close.tolist()}")
 
     # output: against float64 with the decision the kernel reported
     y0 = reference.base_linear(a64["x"], a64["weight"], a64["bias"])
     subject_delta = inputs["subject_scale"] * reference.lora_delta(a64["x"], a64["subject_a"], a64["subject_b"])
     style_delta = inputs["style_scale"] * reference.lora_delta(a64["x"], a64["style_a"], a64["style_b"])
-    ref_out = reference.select_rows(y0, subject_delta, style_delta, choose, row_group)
-    eager_out = torch.where(choose[row_group.long()].unsqueeze(-1), y_subject_e, y_style_e)
+    ref_out = reference.select_rows(y0, subject_delta, style_delta, choice, row_group)
+    eager_out = torch.where(choice[row_group.long()].unsqueeze(-1), y_subject_e, y_style_e)
     check.out_tol = 2 * max_error(eager_out, ref_out) + ATOL[dtype] * max(1.0, ref_out.abs().max().item())
     check.out_error = max_error(out, ref_out)
     check.expect(check.out_error <= check.out_tol, f"output error {check.out_error:.3e} > {check.out_tol:.3e}")
@@ -225,12 +225,12 @@ def check_speculation(fls_linear, inputs: dict, divergence: str, guesses) -> Ker
     """Run ``fls_linear`` without a guess and with each of ``guesses`` ((G,) bool tensors): the
     outputs and decisions must be bitwise equal, the scores equal to float32 rounding (atomics)."""
     check = KernelCheck()
-    base, subject_score, style_score, choose = fls_linear(**inputs, divergence=divergence)
+    base, subject_score, style_score, choice = fls_linear(**inputs, divergence=divergence)
     for i, guess in enumerate(guesses):
-        out, subject_score2, style_score2, choose2 = fls_linear(**inputs, divergence=divergence, prev_choose=guess)
+        out, subject_score2, style_score2, choice2 = fls_linear(**inputs, divergence=divergence, prev_choice=guess)
         check.out_error = max(check.out_error, max_error(out, base))
         check.expect(torch.equal(out, base), f"guess {i} ({guess.tolist()}): output differs from the unguessed call")
-        check.expect(torch.equal(choose2, choose), f"guess {i}: decisions {choose2.tolist()} != {choose.tolist()}")
+        check.expect(torch.equal(choice2, choice), f"guess {i}: decisions {choice2.tolist()} != {choice.tolist()}")
         check.expect(torch.allclose(subject_score2, subject_score, rtol=1e-6, atol=1e-6)
                      and torch.allclose(style_score2, style_score, rtol=1e-6, atol=1e-6), f"guess {i}: scores differ")
     return check

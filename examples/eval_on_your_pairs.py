@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fusion_engine.eval import EvalSettings, run
-from fusion_engine.io import write_text
+from fusion_engine.utils.io import write_text
 from fusion_engine.worlds import load_world
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "example_out/eval_on_your_pairs")

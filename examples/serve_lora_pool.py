@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import fusion_engine as fe
-from fusion_engine.serve import BatchFusion, Request
+from fusion_engine import BatchFusion, Request
 from fusion_engine.worlds import load_world
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "example_out/serve_lora_pool")

@@ -102,7 +102,7 @@ class BackendError(FusionEngineError, RuntimeError):
 
 
 class ServiceBusyError(FusionEngineError, RuntimeError):
-    """``fe.serve.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
+    """``fe.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
 
 
 class OptionError(FusionEngineError, ValueError):

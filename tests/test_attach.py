@@ -4,7 +4,7 @@ import torch
 from conftest import unet_inputs, unet_out
 
 import fusion_engine as fe
-from fusion_engine.modules import DynamicLoRALayer
+from fusion_engine.runtime.layers import DynamicLoRALayer
 
 
 def _snapshot(unet):

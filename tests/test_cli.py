@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import fusion_engine as fe
-from fusion_engine.cli import GRID_POLICIES, main
+from fusion_engine.cli.main import GRID_POLICIES, main
 
 
 def test_demo_writes_grid_heatmap_and_trace(tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from fusion_engine.cli import main
-from fusion_engine.image_files import read_parameters
+from fusion_engine.cli.image_files import read_parameters
 from fusion_engine.lora import load_lora, save_lora
 from fusion_engine.worlds.dit import build_tiny_flux, dit_loras
 

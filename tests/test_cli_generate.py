@@ -7,7 +7,7 @@ from PIL import Image
 
 import fusion_engine as fe
 from fusion_engine.cli import main
-from fusion_engine.image_files import a1111_parameters, read_parameters
+from fusion_engine.cli.image_files import a1111_parameters, read_parameters
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_blora_blocks_that_match_nothing_is_a_clean_error(folder, tmp_path, caps
 
 def test_llr_from_the_command_line(folder, tmp_path, monkeypatch):
     """--llr loads the encoders named by the flags (tiny random ones stand in here) and refines."""
-    from fusion_engine import encoders
+    from fusion_engine.scoring import encoders
 
     asked, clip, dino = [], encoders.tiny_openclip(0), encoders.tiny_dino(1)
     monkeypatch.setattr(encoders, "load_openclip", lambda *a, **k: asked.append(("clip", a)) or clip)

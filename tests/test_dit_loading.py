@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import fusion_engine as fe
 from fusion_engine.cli import main
 from fusion_engine.errors import LoRALayoutError, ModelMismatchError, OptionError
-from fusion_engine.integration import attached_pipeline
+from fusion_engine.integration.attach import attached_pipeline
 from fusion_engine.lora.families import detect_family
 
 KEYS = {

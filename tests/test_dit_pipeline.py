@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fusion_engine as fe
-from fusion_engine.fusion import attached_fusion
 from fusion_engine.refine import Refiner
-from fusion_engine.trace import STYLE, SUBJECT
+from fusion_engine.runtime.fusion import attached_fusion
+from fusion_engine.runtime.trace import STYLE, SUBJECT
 from fusion_engine.worlds.dit import SD3_TARGETS, build_tiny_flux, build_tiny_sd3, dit_loras
 
 STEPS = 3
@@ -51,7 +51,7 @@ def _call(pipe, **kw):
 
 
 def _tiny_refiner(m=0.0):
-    from fusion_engine.encoders import tiny_dino, tiny_openclip
+    from fusion_engine.scoring.encoders import tiny_dino, tiny_openclip
 
     return Refiner(tiny_openclip(0), tiny_dino(1), m=m, compile=False)
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import fusion_engine as fe
 import fusion_engine.refine.refiner as refiner_module
-from fusion_engine.encoders import tiny_dino, tiny_openclip
 from fusion_engine.refine import Refiner
+from fusion_engine.scoring.encoders import tiny_dino, tiny_openclip
 from fusion_engine.worlds.dit import build_tiny_sd3, dit_loras
 
 PROMPT, SUBJECT_PROMPT, STYLE_PROMPT = "a sbu dog in szn style", "a photo of sbu dog", "a painting in szn style"

@@ -155,7 +155,7 @@ def test_triton_backend_refuses_dora_at_attach(tiny_pipe, loras):
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     with pytest.raises(OptionError, match=r"backend 'triton' does not run DoRA layers \(32 here"):
         fe.attach(tiny_pipe.unet, subject, loras[1], backend="triton")
-    assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
+    assert fe.runtime.fusion.attached_fusion(tiny_pipe.unet) is None
     assert all(torch.equal(before[k], v) for k, v in tiny_pipe.unet.state_dict().items())
 
 
@@ -191,4 +191,4 @@ def test_a_magnitude_that_does_not_fit_the_model_fails_at_attach(tiny_pipe, lora
     misshaped = f"{name}: subject LoRA .* DoRA magnitude of shape \\(61,\\)"
     with pytest.raises(fe.errors.ModelMismatchError, match=misshaped):
         fe.attach(tiny_pipe.unet, subject)
-    assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
+    assert fe.runtime.fusion.attached_fusion(tiny_pipe.unet) is None

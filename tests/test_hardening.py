@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import fusion_engine as fe
 from fusion_engine import errors
-from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.ops import reference
 from fusion_engine.policies import Policy
+from fusion_engine.runtime.layers import DynamicLoRALayer
 from fusion_engine.worlds.random import attention_targets, random_lora
 
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -211,7 +211,7 @@ def test_pipeline_prompts_that_cannot_form_a_batch(tiny_pipe, loras, prompt, opt
     pipe = fe.FusionPipeline(tiny_pipe, *loras)
     with pytest.raises(errors.BatchLayoutError, match=pattern):
         pipe(prompt, num_inference_steps=2, progress=False, output_type="latent", **options)
-    assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
+    assert fe.runtime.fusion.attached_fusion(tiny_pipe.unet) is None
 
 
 # -- model paths ---------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _assert_as_before(unet, snapshot, inputs):
     now = unet.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
     assert all(module is modules[name] for name, module in unet.named_modules())
-    assert fe.fusion.attached_fusion(unet) is None
+    assert fe.runtime.fusion.attached_fusion(unet) is None
     assert torch.equal(unet_out(unet, inputs), output)
 
 
@@ -290,7 +290,7 @@ def test_failure_in_the_middle_of_the_swap_rolls_back(tiny_pipe, loras, monkeypa
     unet = tiny_pipe.unet
     inputs = unet_inputs(unet, batch=1)
     snapshot = _snapshot(unet, inputs)
-    real_set, calls = fe.fusion._set_module, {"n": 0}
+    real_set, calls = fe.runtime.fusion._set_module, {"n": 0}
 
     def flaky_set(model, name, module):
         calls["n"] += 1
@@ -300,10 +300,10 @@ def test_failure_in_the_middle_of_the_swap_rolls_back(tiny_pipe, loras, monkeypa
         if calls["n"] == 6 and after_set:  # the worst case: the swap happened, then the error
             raise RuntimeError("hook failed after the swap")
 
-    monkeypatch.setattr(fe.fusion, "_set_module", flaky_set)
+    monkeypatch.setattr(fe.runtime.fusion, "_set_module", flaky_set)
     with pytest.raises((KeyboardInterrupt, RuntimeError)):
         fe.attach(unet, *loras)
-    monkeypatch.setattr(fe.fusion, "_set_module", real_set)
+    monkeypatch.setattr(fe.runtime.fusion, "_set_module", real_set)
     _assert_as_before(unet, snapshot, inputs)
     fe.attach(unet, *loras).detach()
 
@@ -407,14 +407,14 @@ def _fls_case(dtype, scale, seed=0, m=24, k=40, n=48, rank=4):
 def test_fp16_large_activations_give_finite_scores_and_the_fp64_decisions(divergence):
     # |y0| up to ~2e3, |d| ~1e4
     x, w, bias, subject_a, subject_b, style_a, style_b, rg, groups = _fls_case(torch.float16, scale=300.0)
-    out, subject_score, style_score, choose = reference.fls_linear(
+    out, subject_score, style_score, choice = reference.fls_linear(
         x, w, bias, subject_a, subject_b, 0.05, style_a, style_b, 0.04, rg, groups, divergence)
-    assert torch.isfinite(subject_score).all() and torch.isfinite(style_score).all() and choose.dtype == torch.bool
+    assert torch.isfinite(subject_score).all() and torch.isfinite(style_score).all() and choice.dtype == torch.bool
     assert subject_score.dtype == torch.float32 and out.dtype == torch.float16
     as64 = [t.double() if t.is_floating_point() else t for t in (x, w, bias, subject_a, subject_b, style_a, style_b)]
-    _, oc, os_, ochoose = reference.fls_linear(*as64[:5], 0.05, *as64[5:], 0.04, rg, groups, divergence)
+    _, oc, os_, ochoice = reference.fls_linear(*as64[:5], 0.05, *as64[5:], 0.04, rg, groups, divergence)
     clear = (oc - os_).abs() > 1e-3 * (oc.abs() + os_.abs())  # only compare decisions that are not near-ties
-    assert clear.any() and torch.equal(choose[clear], ochoose[clear])
+    assert clear.any() and torch.equal(choice[clear], ochoice[clear])
 
 
 def test_fp16_unet_with_large_inputs_gives_finite_trace(tiny_pipe, loras):
@@ -439,8 +439,8 @@ def test_all_zero_delta_never_wins_over_a_non_zero_one(divergence, zero_role):
     for kind, delta in _adversarial_deltas(y0).items():
         zero = torch.zeros_like(y0)
         subject_delta, style_delta = (zero, delta) if zero_role == "subject" else (delta, zero)
-        _, _, _, choose = reference.fls_select(y0, subject_delta, style_delta, row_group, 3, divergence, True, True)
-        assert torch.equal(choose, torch.full((3,), zero_role == "style")), (kind, choose)
+        _, _, _, choice = reference.fls_select(y0, subject_delta, style_delta, row_group, 3, divergence, True, True)
+        assert torch.equal(choice, torch.full((3,), zero_role == "style")), (kind, choice)
 
 
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
@@ -461,9 +461,9 @@ def test_zero_b_lora_is_never_chosen_through_attach(tiny_pipe, loras, divergence
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 def test_exact_ties_go_to_the_subject(divergence):
     x, w, bias, a, b, _, _, rg, groups = _fls_case(torch.float32, scale=1.0)
-    out, subject_score, style_score, choose = reference.fls_linear(
+    out, subject_score, style_score, choice = reference.fls_linear(
         x, w, bias, a, b, 0.5, a, b, 0.5, rg, groups, divergence)
-    assert torch.equal(subject_score, style_score) and choose.all()
+    assert torch.equal(subject_score, style_score) and choice.all()
     zero = torch.zeros_like(b)  # both deltas zero: a tie too (a no-op either way)
-    _, _, _, choose = reference.fls_linear(x, w, bias, a, zero, 0.5, a, zero, 0.5, rg, groups, divergence)
-    assert choose.all()
+    _, _, _, choice = reference.fls_linear(x, w, bias, a, zero, 0.5, a, zero, 0.5, rg, groups, divergence)
+    assert choice.all()

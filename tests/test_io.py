@@ -1,10 +1,10 @@
-"""fusion_engine.io: a file written through atomic_write appears whole or not at all."""
+"""fusion_engine.utils.io: a file written through atomic_write appears whole or not at all."""
 from __future__ import annotations
 
 import pytest
 from PIL import Image
 
-from fusion_engine.io import atomic_write, save_image, write_text
+from fusion_engine.utils.io import atomic_write, save_image, write_text
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_scratch(tmp_path):

@@ -60,8 +60,8 @@ def _make(shape, dtype, presence, bias, seed, interleave=False):
                               bias=bias, interleave=interleave)
 
 
-def _check_fls(a, divergence, dtype, prev_choose=None):
-    result = triton_ops.fls_linear(**a, divergence=divergence, prev_choose=prev_choose)
+def _check_fls(a, divergence, dtype, prev_choice=None):
+    result = triton_ops.fls_linear(**a, divergence=divergence, prev_choice=prev_choice)
     assert result[0].dtype == dtype
     kt.check_fls_linear(result, a, divergence, R).assert_ok()
     return result
@@ -246,7 +246,7 @@ def test_launchers_name_the_tensor_that_breaks_the_contract():
         "subject_b": ({"subject_b": a["subject_b"][:, :2]}, "subject_b must be (N=77, r=3), got shape (77, 2)"),
         "bias": ({"bias": a["bias"][:-1]}, "bias must be (N=77,)"),
         "row_group": ({"row_group": a["row_group"][:-1]}, "row_group must be (M=41,)"),
-        "prev_choose": ({"prev_choose": torch.ones(2, dtype=torch.bool)}, "prev_choose must be (G=3,)"),
+        "prev_choice": ({"prev_choice": torch.ones(2, dtype=torch.bool)}, "prev_choice must be (G=3,)"),
         "x dtype": ({"x": a["x"].double()}, "x dtype torch.float64"),
         "rank": ({"style_a": torch.randn(129, 61), "style_b": torch.randn(77, 129)}, "style rank 129 exceeds"),
         "base": ({"base": "cuda"}, "base must be one of ('fused', 'cublas') or None, got 'cuda'"),
@@ -274,7 +274,7 @@ def test_attach_refuses_what_the_triton_kernels_decline(tiny_pipe, loras):
     the value and the limit) and leaves the model as it was, instead of failing mid-sampling."""
     import fusion_engine as fe
     from fusion_engine.errors import AttachError
-    from fusion_engine.fusion import attached_fusion
+    from fusion_engine.runtime.fusion import attached_fusion
 
     unet = tiny_pipe.unet
     subject, style = loras
@@ -415,7 +415,7 @@ for (M, K, N), (rc, rs) in (((8192, 640, 640), (64, 64)), ((41, 61, 77), (0, 5))
     rg = torch.zeros(M, dtype=torch.long)
     for div in ("kl", "cosine", "dot"):
         for base in ("fused", "cublas") if M < 100 else ("fused",):  # cublas: F.linear runs on the CPU here
-            fls_linear_fwd(x, w, b, ac, bc, 1.0, as_, bs, 1.0, rg, 2, div, prev_choose=torch.ones(2, dtype=torch.bool),
+            fls_linear_fwd(x, w, b, ac, bc, 1.0, as_, bs, 1.0, rg, 2, div, prev_choice=torch.ones(2, dtype=torch.bool),
                            base=base)
     mix_linear_fwd(x, w, None, ac, bc, as_, bs, torch.ones(2))
 print("COMPILED")

@@ -1,7 +1,11 @@
-"""Imports go one way: kernels <- ops <- parts <- fusion <- pipeline/refine <- eval <- cli, worlds beside.
+"""Imports go one way, down this table, and never in a circle:
 
-Every ``import`` of every module is read from its source (lazy imports inside functions included) and
-checked against the layer table below; a module the table does not place fails the test too.
+    csrc_triton (kernels) <- errors, utils <- ops <- lora, policies, scoring, samplers <- runtime
+    <- integration, refine <- api (the package's front door) <- eval <- cli;  worlds beside (they use the API)
+
+Every ``import`` of every module is read from its source (lazy imports inside functions included) and checked
+against the layer table below; a module the table does not place fails the test too. The same imports, as a graph,
+must hold no circle (a module importing, through others, itself).
 """
 import ast
 from pathlib import Path
@@ -13,44 +17,24 @@ WORLDS = "worlds"  # beside the engine: a world imports the engine; only the CLI
 # module or package -> layer; a module may import its own layer and the layers below it.
 LAYERS = {
     "csrc_triton": 0,  # the Triton kernels
-    "fusion_engine.errors": 1,
-    "fusion_engine.io": 1,  # crash-safe writes (no project imports)
-    "fusion_engine.dtypes": 1,  # dtype names
-    "fusion_engine.stats": 1,  # bootstrap intervals (numpy only)
-    "fusion_engine.ops": 1,  # ops/reference.py is the kernels' written contract
-    "fusion_engine.modules": 2,
-    "fusion_engine.policies": 2,
-    "fusion_engine.lora": 2,
-    "fusion_engine.trace": 2,
-    "fusion_engine.context": 2,
-    "fusion_engine.fit": 2,
-    "fusion_engine.components": 2,  # what an attach does with a LoRA's parts (text encoders, DoRA)
-    "fusion_engine.visual": 2,
-    "fusion_engine.metrics": 2,
-    "fusion_engine.encoders": 2,
-    "fusion_engine.prompts": 2,
-    "fusion_engine.model_path": 2,
-    "fusion_engine.owner": 2,
-    "fusion_engine.image_files": 2,  # generated PNGs with their parameters
-    "fusion_engine.pool": 2,  # the LoRA pool: stacked factors by slot
-    "fusion_engine.pool_trace": 2,
-    "fusion_engine.pool_policies": 2,
-    "fusion_engine.pool_context": 2,
-    "fusion_engine.pool_modules": 2,
-    "fusion_engine.fusion": 3,
-    "fusion_engine.integration": 3,  # attach to a pipeline object: above fusion, below the pipeline
-    "fusion_engine.samplers": 3,  # the lean loop's per-family parts (UNet, FLUX, SD3), used by the pipeline
-    "fusion_engine.pool_fusion": 3,  # attach a pool (to a model or a pipeline object)
-    "fusion_engine.pipeline": 4,
-    "fusion_engine.refine": 4,
-    "fusion_engine.serve": 4,  # BatchFusion: requests -> batched calls of a pool-attached pipeline
-    "fusion_engine": 4,  # the package itself (the public API: re-exports of layers <= 4); matched exactly
-    "fusion_engine.eval": 5,
-    "fusion_engine.cli": 6,
-    "fusion_engine.comfyui": 6,  # the ComfyUI node pack: a front end beside the CLI (imports ComfyUI when run)
+    "fusion_engine.errors": 1,  # every error the library raises on purpose
+    "fusion_engine.utils": 1,  # crash-safe writes, dtype names, images, deprecated names (no engine imports)
+    "fusion_engine.ops": 2,  # ops/reference.py is the kernels' written contract; ops/__init__ picks the backend
+    "fusion_engine.lora": 3,  # LoRA files: load, check, align, write
+    "fusion_engine.policies": 3,  # the fusion rules (a pair's and a pool's)
+    "fusion_engine.scoring": 3,  # encoders, metrics, bootstrap intervals: used by refine and eval
+    "fusion_engine.samplers": 3,  # the lean loop's per-family parts (UNet, FLUX, SD3) and prompt encoding
+    "fusion_engine.runtime": 4,  # stand-in layers, context, trace, the LoRA pool, attach to a model
+    "fusion_engine.integration": 5,  # diffusers pipelines: attach, FusionPipeline, BatchFusion, model paths
+    "fusion_engine.refine": 5,  # LLR
+    "fusion_engine.api": 6,  # the public front door
+    "fusion_engine": 6,  # the package itself (re-exports the API); matched exactly
+    "fusion_engine.eval": 7,
+    "fusion_engine.cli": 8,
+    "fusion_engine.comfyui": 8,  # the ComfyUI node pack: a front end beside the CLI (imports ComfyUI when run)
     "fusion_engine.worlds": WORLDS,
 }
-HIGHEST_FOR_WORLDS = 4  # worlds import the engine up to the pipeline, never eval or the CLI
+HIGHEST_FOR_WORLDS = LAYERS["fusion_engine.api"]  # worlds import the engine up to the API, never eval or the CLI
 EXCEPTIONS = {("csrc_triton", "fusion_engine.ops.reference")}  # the kernels' tests read the contract
 
 
@@ -112,6 +96,42 @@ def wrong_imports(module: str, source: str, is_package: bool = False) -> list[st
                   if not allowed(module, name))
 
 
+def import_graph() -> dict[str, set[str]]:
+    return {module: imports(path.read_text(), module, path.name == "__init__.py") - {module}
+            for module, path in project_modules()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted: the import circles."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
 def test_every_module_has_a_layer():
     assert [m for m, _ in project_modules() if layer_of(m) is None] == []
 
@@ -123,20 +143,46 @@ def test_imports_follow_the_layers():
     assert wrong == [], "imports against the direction (see LAYERS in tests/test_layout.py):\n" + "\n".join(wrong)
 
 
+def test_no_import_circles():
+    assert circles(import_graph()) == []
+
+
+def test_the_root_holds_only_the_front_door_and_the_errors():
+    """The package root is the API and the errors; everything else lives in a folder that names its layer."""
+    root = sorted(path.name for path in (ROOT / "fusion_engine").glob("*.py"))
+    assert root == ["__init__.py", "api.py", "errors.py"]
+
+
 def test_the_check_catches_wrong_imports():
     """The checker itself can fail: upward, lazy, relative and engine->world imports are all caught."""
-    assert wrong_imports("fusion_engine.modules", "from .pipeline import FusionPipeline\n") == [
-        "fusion_engine.modules imports fusion_engine.pipeline"]
-    assert wrong_imports("fusion_engine.ops.reference", "def f():\n    from ..fusion import attach\n") == [
-        "fusion_engine.ops.reference imports fusion_engine.fusion"]
+    assert wrong_imports("fusion_engine.runtime.layers", "from ..integration.pipeline import FusionPipeline\n") == [
+        "fusion_engine.runtime.layers imports fusion_engine.integration.pipeline"]
+    assert wrong_imports("fusion_engine.ops.reference", "def f():\n    from ..runtime.fusion import attach\n") == [
+        "fusion_engine.ops.reference imports fusion_engine.runtime.fusion"]
+    assert wrong_imports("fusion_engine.runtime.pool_fusion", "from ..integration.attach import PipelineAttachment\n") \
+        == ["fusion_engine.runtime.pool_fusion imports fusion_engine.integration.attach"]
+    assert wrong_imports("fusion_engine.integration.batching", "from .. import api\n") == [
+        "fusion_engine.integration.batching imports fusion_engine.api"]
     assert wrong_imports("fusion_engine.eval.engine", "from fusion_engine import worlds\n") == [
         "fusion_engine.eval.engine imports fusion_engine.worlds"]
-    assert wrong_imports("fusion_engine.pipeline", "import fusion_engine.worlds.toy.world\n") == [
-        "fusion_engine.pipeline imports fusion_engine.worlds.toy.world"]
+    assert wrong_imports("fusion_engine.integration.pipeline", "import fusion_engine.worlds.toy.world\n") == [
+        "fusion_engine.integration.pipeline imports fusion_engine.worlds.toy.world"]
     assert wrong_imports("fusion_engine.worlds.random", "from ..cli import main\n") == [
-        "fusion_engine.worlds.random imports fusion_engine.cli"]
-    assert wrong_imports("csrc_triton.fls_linear", "from fusion_engine.modules import DynamicLoRALinear\n") == [
-        "csrc_triton.fls_linear imports fusion_engine.modules"]
+        "fusion_engine.worlds.random imports fusion_engine.cli.main"]
+    assert wrong_imports("csrc_triton.fls_linear", "from fusion_engine.runtime.layers import DynamicLoRALayer\n") == [
+        "csrc_triton.fls_linear imports fusion_engine.runtime.layers"]
     assert wrong_imports("fusion_engine.policies", "from . import base\n", is_package=True) == []
     assert wrong_imports("csrc_triton.utils", "from fusion_engine.ops.reference import fls_reference\n") == []
-    assert wrong_imports("fusion_engine.cli", "from fusion_engine.worlds import load_world\n") == []
+    assert wrong_imports("fusion_engine.cli.main", "from fusion_engine.worlds import load_world\n") == []
+    assert wrong_imports("fusion_engine.api", "from .integration.pipeline import FusionPipeline\n") == []
+
+
+def test_the_check_catches_circles():
+    """A circle is found whatever its length and wherever it starts; a one-way chain is not one."""
+    assert circles({"a": {"b"}, "b": {"a"}}) == [["a", "b"]]
+    assert circles({"x": {"a"}, "a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    graph = import_graph()  # the old circle, put back: runtime's pool attach importing the pipeline attach
+    graph["fusion_engine.integration.attach"] = graph["fusion_engine.integration.attach"] | {
+        "fusion_engine.integration.pool_attach"}
+    assert ["fusion_engine.integration.attach", "fusion_engine.integration.pool_attach"] in circles(graph)

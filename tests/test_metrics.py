@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fusion_engine import metrics
-from fusion_engine.encoders import (
+from fusion_engine.scoring import metrics
+from fusion_engine.scoring.encoders import (
     OPENAI_MEAN,
     OPENAI_STD,
     TINY_DINO_NAME,

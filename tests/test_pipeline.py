@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusion_engine as fe
-from fusion_engine.trace import STYLE, SUBJECT
+from fusion_engine.runtime.trace import STYLE, SUBJECT
 
 STEPS = 4
 
@@ -73,7 +73,7 @@ def test_pipeline_detaches_even_when_sampling_fails(tiny_pipe, loras):
     with pytest.raises(KeyboardInterrupt):
         pipe("a dog", num_inference_steps=STEPS, progress=False)
     tiny_pipe.scheduler.step = original_step
-    assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
+    assert fe.runtime.fusion.attached_fusion(tiny_pipe.unet) is None
     assert all(type(m).__name__ != "DynamicLoRALinear" for m in tiny_pipe.unet.modules())
 
 

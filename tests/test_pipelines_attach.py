@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusion_engine as fe
-from fusion_engine.modules import DynamicLoRALayer
+from fusion_engine.runtime.layers import DynamicLoRALayer
 
 PROMPTS = ["a sbu dog in szn style", "a red car"]
 STEPS = 3

@@ -9,7 +9,7 @@ from conftest import unet_inputs, unet_out
 
 import fusion_engine as fe
 from fusion_engine import errors
-from fusion_engine.modules import DynamicLoRALayer
+from fusion_engine.runtime.layers import DynamicLoRALayer
 
 CALL = dict(prompt="a sbu dog in szn style", num_inference_steps=2, guidance_scale=4.0, output_type="latent")
 
@@ -116,7 +116,7 @@ def test_calls_diffusers_would_run_wrong_are_refused(tiny_pipe, loras, options, 
         tiny_pipe(**{**CALL, **options})
     with pytest.raises(errors.OptionError, match=pattern):
         fe.FusionPipeline(tiny_pipe, *loras)(**{**CALL, **options})
-    assert fe.fusion.attached_fusion(tiny_pipe.unet) is None
+    assert fe.runtime.fusion.attached_fusion(tiny_pipe.unet) is None
 
 
 def test_unknown_layout_under_image_granularity_warns_once_with_the_way_out(tiny_pipe, loras):

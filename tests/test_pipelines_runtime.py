@@ -110,7 +110,7 @@ def test_two_threads_attaching_to_one_model_one_wins(tiny_pipe, loras):
     assert isinstance(losers[0], errors.AlreadyAttachedError)
     assert "attached by thread 'attacher-" in str(losers[0])
     winners[0].detach()
-    assert fe.fusion.attached_fusion(unet) is None
+    assert fe.runtime.fusion.attached_fusion(unet) is None
 
 
 def test_a_second_thread_cannot_use_or_detach_a_model_in_use(tiny_pipe, loras):

@@ -4,7 +4,7 @@ import torch
 from conftest import unet_inputs, unet_out
 
 import fusion_engine as fe
-from fusion_engine.trace import BASE, BOTH, STYLE, SUBJECT
+from fusion_engine.runtime.trace import BASE, BOTH, STYLE, SUBJECT
 
 
 def _choices(fusion):

@@ -8,8 +8,8 @@ import torch
 from conftest import unet_inputs, unet_out
 
 import fusion_engine as fe
-from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.ops.pooled import decide_n
+from fusion_engine.runtime.layers import DynamicLoRALayer
 from fusion_engine.worlds.random import attention_targets, default_loras, random_lora
 
 
@@ -90,22 +90,22 @@ def test_assignment_errors_name_the_image_and_the_lora(tiny_pipe):
     inputs = unet_inputs(unet, batch=4)
     with fe.attach(unet, pool=pool) as fusion:
         with pytest.raises(fe.UnknownLoRAError, match=r"image 1 names LoRA 'dog', which is not in the pool"):
-            fusion.set_assignment([("s", "t"), ("dog", "t")])
+            fusion.set_loras([("s", "t"), ("dog", "t")])
         with pytest.raises(fe.OptionError, match="entry 0 names a LoRA twice"):
-            fusion.set_assignment([("s", "s")])
+            fusion.set_loras([("s", "s")])
         with pytest.raises(fe.OptionError, match="entry 1 must be a LoRA name or a non-empty tuple"):
-            fusion.set_assignment(["s", ()])
-        with pytest.raises(fe.StepContextError, match="set_assignment"):
+            fusion.set_loras(["s", ()])
+        with pytest.raises(fe.StepContextError, match="set_loras"):
             unet_out(unet, inputs)
         fusion.set_batch_layout(2, 2)
-        fusion.set_assignment(["s", "t", "s"])
+        fusion.set_loras(["s", "t", "s"])
         with pytest.raises(fe.BatchLayoutError, match=r"LoRAs for 3 image\(s\), but the batch layout says 2"):
             unet_out(unet, inputs)
-        fusion.set_assignment([("s", "t"), "t"])
+        fusion.set_loras([("s", "t"), "t"])
         pool.remove("t")
         with pytest.raises(fe.UnknownLoRAError, match="image 0: no LoRA named 't'.*removed since"):
             unet_out(unet, inputs)
-        fusion.set_assignment(["s", "s"])  # the fusion still works after the error
+        fusion.set_loras(["s", "s"])  # the fusion still works after the error
         assert unet_out(unet, inputs).isfinite().all()
 
 
@@ -119,11 +119,11 @@ def test_add_while_attached_covers_new_layers_without_reattach(tiny_pipe):
     with fe.attach(unet, pool=pool) as fusion:
         covered = len(fusion.layers)
         fusion.set_batch_layout(2, 2)
-        fusion.set_assignment(["down", "down"])
+        fusion.set_loras(["down", "down"])
         unet_out(unet, inputs)
         pool.add("s", subject).add("t", style)  # new layers: swapped in now
         assert len(fusion.layers) > covered and set(fusion.layer_names) == set(subject.layers)
-        fusion.set_assignment([("s", "t"), "down"])
+        fusion.set_loras([("s", "t"), "down"])
         got = unet_out(unet, inputs)
         assert len(fusion.trace.layer_names) == len(fusion.layers)
     with fe.attach(unet, subject, style) as single:
@@ -167,7 +167,7 @@ def test_failed_attach_leaves_the_model_exactly_as_it_was(tiny_pipe):
         fe.attach(unet, subject, pool=fe.LoRAPool())
     _assert_untouched(unet, modules, state)
     with fe.attach(unet, pool=fe.LoRAPool().add("s", subject)) as fusion:
-        fusion.set_assignment(["s"])
+        fusion.set_loras(["s"])
         unet_out(unet, unet_inputs(unet, batch=1))
     _assert_untouched(unet, modules, state)
 
@@ -177,16 +177,16 @@ def test_pairs_per_prompt_or_per_image_and_a_clear_error_otherwise(tiny_pipe):
     pool = fe.LoRAPool().add("s", subject).add("t", style)
     call = dict(num_inference_steps=1, output_type="pt", guidance_scale=4.0)
     with fe.attach(tiny_pipe, pool=pool) as fusion:
-        per_prompt = tiny_pipe(["a", "b"], pairs=[("s", "t"), "t"], num_images_per_prompt=2,
+        per_prompt = tiny_pipe(["a", "b"], loras=[("s", "t"), "t"], num_images_per_prompt=2,
                                generator=torch.Generator().manual_seed(0), **call).images
-        assert fusion.fusion.assignment is None  # pairs= holds for its call only
-        per_image = tiny_pipe(["a", "b"], pairs=[("s", "t"), ("s", "t"), "t", "t"], num_images_per_prompt=2,
+        assert fusion.fusion.loras is None  # loras= holds for its call only
+        per_image = tiny_pipe(["a", "b"], loras=[("s", "t"), ("s", "t"), "t", "t"], num_images_per_prompt=2,
                               generator=torch.Generator().manual_seed(0), **call).images
         assert torch.equal(per_prompt, per_image) and per_prompt.shape[0] == 4
-        with pytest.raises(fe.BatchLayoutError, match=r"pairs has 3 entries for 2 prompt\(s\) x 2 image"):
-            tiny_pipe(["a", "b"], pairs=["s", "t", "s"], num_images_per_prompt=2, **call)
+        with pytest.raises(fe.BatchLayoutError, match=r"loras has 3 entries for 2 prompt\(s\) x 2 image"):
+            tiny_pipe(["a", "b"], loras=["s", "t", "s"], num_images_per_prompt=2, **call)
         with pytest.raises(fe.UnknownLoRAError, match="image 1 names LoRA 'x'"):
-            tiny_pipe(["a", "b"], pairs=["s", "x"], **call)
+            tiny_pipe(["a", "b"], loras=["s", "x"], **call)
 
 
 def test_decide_n_ties_absent_and_zero_deltas():
@@ -218,13 +218,13 @@ def test_another_thread_cannot_change_the_assignment_or_the_pool_during_a_call(t
         return {}
 
     with fe.attach(tiny_pipe, pool=pool) as fusion:
-        worker = threading.Thread(target=lambda: tiny_pipe(["a"], pairs=["s"], num_inference_steps=1, output_type="pt",
+        worker = threading.Thread(target=lambda: tiny_pipe(["a"], loras=["s"], num_inference_steps=1, output_type="pt",
                                                            callback_on_step_end=hold_at_step))
         worker.start()
         try:
             assert inside.wait(60)
-            with pytest.raises(fe.ConcurrentUseError, match="set_assignment"):
-                fusion.set_assignment(["s"])
+            with pytest.raises(fe.ConcurrentUseError, match="set_loras"):
+                fusion.set_loras(["s"])
             with pytest.raises(fe.ConcurrentUseError, match=r"LoRAPool.add\('t'\)"):
                 pool.add("t", style)
             with pytest.raises(fe.ConcurrentUseError, match=r"LoRAPool.remove\('s'\)"):

@@ -12,7 +12,7 @@ from test_fls_oracle import oracle_score
 from test_pool_equivalence import COPIES, image_rows, run_pool, run_single
 
 import fusion_engine as fe
-from fusion_engine.pool_modules import PooledLoRAConv2d
+from fusion_engine.runtime.pool_layers import PooledLoRAConv2d
 from fusion_engine.worlds.random import attention_targets, random_lora
 
 IMAGES = 4
@@ -148,7 +148,7 @@ def test_three_loras_on_a_conv_layer_match_a_float64_computation(tiny_pipe, dive
     orders = [("s", "t", "u"), ("u", "s"), ("s", "u"), ("u", "t", "s")]
     with fe.attach(unet, pool=pool, divergence=divergence) as fusion:
         fusion.set_batch_layout(IMAGES, COPIES)
-        fusion.set_assignment(orders)
+        fusion.set_loras(orders)
         fusion.set_step(0, 4)
         layer = unet.get_submodule(THREE_WAY_LAYER)
         assert isinstance(layer, PooledLoRAConv2d)
@@ -226,7 +226,7 @@ def test_kohya_conv_files_in_a_pool_equal_single_pair_pipeline_calls(tiny_pipe, 
     prompts, pairs, seeds = ["a sbu dog in szn style", "a red car"], [("s", "t"), ("t", "s")], [11, 12]
     options = dict(guidance_scale=4.0, num_inference_steps=2, output_type="pt")
     with fe.attach(tiny_pipe, pool=pool) as fusion:
-        got = tiny_pipe(prompts, pairs=pairs, generator=[torch.Generator().manual_seed(s) for s in seeds],
+        got = tiny_pipe(prompts, loras=pairs, generator=[torch.Generator().manual_seed(s) for s in seeds],
                         **options).images
         assert any(isinstance(layer, PooledLoRAConv2d) for layer in fusion.fusion.layers)
     for image, (prompt, pair, seed) in enumerate(zip(prompts, pairs, seeds)):

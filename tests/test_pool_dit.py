@@ -52,7 +52,7 @@ def test_each_image_of_a_pooled_dit_batch_equals_its_single_pair_attach(transfor
     inputs = transformer_inputs(transformer, batch=images * COPIES, seed=5, dtype=torch.float64)
     with fe.attach(transformer, pool=pool, policy=policy) as fusion:
         fusion.set_batch_layout(images, COPIES)
-        fusion.set_assignment(ASSIGNMENT)
+        fusion.set_loras(ASSIGNMENT)
         fusion.set_step(1, 4)  # klora reads it
         got = forward(transformer, inputs)
         pooled = {fusion.layer_names[r.layer]: r for r in fusion.trace.gather()}

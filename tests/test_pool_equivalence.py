@@ -3,7 +3,7 @@
 UNet level in float64 (decisions identical, outputs to 1e-10) for every divergence and the static policies,
 with LoRAs of ranks 4, 8 and 16 and images naming 1, 2 and 3 LoRAs; N >= 3 against an independent float64
 N-way oracle written here with forward hooks. Pipeline level (SD1.x and SDXL, float32, per-image generators):
-``pipe(prompts, pairs=[...])`` against one ``fe.attach(pipe, subject, style)`` call per image.
+``pipe(prompts, loras=[...])`` against one ``fe.attach(pipe, subject, style)`` call per image.
 """
 import copy
 
@@ -43,7 +43,7 @@ def float64_setup(tiny_pipe, seed):
 def run_pool(unet, pool, inputs, assignment, step=0, **options):
     with fe.attach(unet, pool=pool, **options) as fusion:
         fusion.set_batch_layout(len(assignment), COPIES)
-        fusion.set_assignment(assignment)
+        fusion.set_loras(assignment)
         fusion.set_step(step, 4)
         with torch.no_grad():
             sample, t, context = inputs
@@ -232,7 +232,7 @@ def _pipeline_equivalence(pipe, pool, loras, **call):
     seeds = [11, 12, 13]
     options = dict(guidance_scale=4.0, num_inference_steps=3, output_type="pt", **call)
     with fe.attach(pipe, pool=pool) as fusion:
-        got = pipe(PROMPTS, pairs=PAIRS, generator=[torch.Generator().manual_seed(s) for s in seeds], **options).images
+        got = pipe(PROMPTS, loras=PAIRS, generator=[torch.Generator().manual_seed(s) for s in seeds], **options).images
         records, names = fusion.trace.gather(), fusion.layer_names
     assert sorted({r.step for r in records}) == [0, 1, 2]
     for image, (prompt, pair, seed) in enumerate(zip(PROMPTS, PAIRS, seeds)):

@@ -222,7 +222,7 @@ def test_pool_fls_attach_on_the_tiny_unet_matches_the_reference_backend(tiny_pip
     for backend in ("reference", "triton"):
         with fe.attach(unet, pool=pool, backend=backend) as fusion:
             fusion.set_batch_layout(len(assignment), 2)
-            fusion.set_assignment(assignment)
+            fusion.set_loras(assignment)
             with torch.no_grad():
                 sample, t, context = inputs
                 out = unet(sample, t, encoder_hidden_states=context).sample

@@ -1,4 +1,4 @@
-"""``fe.FusionPipeline(pipe, pool=pool)`` with ``pairs=[...]`` per call: each image (and its CFG copy) follows its own
+"""``fe.FusionPipeline(pipe, pool=pool)`` with ``loras=[...]`` per call: each image (and its CFG copy) follows its own
 pair, and equals the image a single-pair FusionPipeline of that pair makes with the same seed (decisions identical,
 output to fp32 rounding). Both ways a FusionPipeline runs: the pipeline's own call (tiny SD UNet, tiny FLUX) and the
 lean loop (FLUX true CFG, uncond and cond as one batch). Plus the call's refusals, all before any sampling.
@@ -26,8 +26,8 @@ def check_each_image_equals_its_single_pair(pipe, pool, loras, prompts, pairs, *
                                             **call):
     """The pooled FusionPipeline call against one single-pair FusionPipeline call per image (same seed)."""
     pooled = fe.FusionPipeline(pipe, pool=pool, policy=policy)
-    out = pooled(prompts, pairs=pairs, generator=_generators(SEEDS[:len(prompts)]), **call)
-    assert out.pairs == [tuple([p] if isinstance(p, str) else p) for p in pairs]
+    out = pooled(prompts, loras=pairs, generator=_generators(SEEDS[:len(prompts)]), **call)
+    assert out.loras == [tuple([p] if isinstance(p, str) else p) for p in pairs]
     records, names = out.trace.gather(), out.trace.layer_names
     for image, (prompt, pair, seed) in enumerate(zip(prompts, pairs, SEEDS)):
         single = fe.FusionPipeline(pipe, *[loras[n] for n in pair], policy=policy)
@@ -41,7 +41,7 @@ def check_each_image_equals_its_single_pair(pipe, pool, loras, prompts, pairs, *
         for record in single_records:  # the pair's trace: 1 = subject (position 0), 0 = style (position 1)
             key = (record.step, expected.trace.layer_names[record.layer])
             assert pooled_positions[key] == (0 if int(record.choice[0]) == 1 else 1), key
-        summary = out.trace.image_summary(image, out.pairs[image])
+        summary = out.trace.image_summary(image, out.loras[image])
         assert sum(summary.values()) == len(records)
     return out
 
@@ -90,15 +90,15 @@ def test_pool_call_refusals_come_before_any_sampling(tiny_pipe):
     calls = _count_denoiser_calls(tiny_pipe.unet)
     pipe = fe.FusionPipeline(tiny_pipe, pool=pool)
     call = dict(num_inference_steps=1, output_type="pt")
-    with pytest.raises(fe.BatchLayoutError, match=r"pairs has 2 entries for 3 prompt\(s\) x 1 image"):
-        pipe(PROMPTS, pairs=PAIRS[:2], **call)
+    with pytest.raises(fe.BatchLayoutError, match=r"loras has 2 entries for 3 prompt\(s\) x 1 image"):
+        pipe(PROMPTS, loras=PAIRS[:2], **call)
     with pytest.raises(fe.UnknownLoRAError, match="image 1 names LoRA 'nope'"):
-        pipe(PROMPTS[:2], pairs=["s0", ("s1", "nope")], **call)
-    with pytest.raises(fe.OptionError, match="pass pairs="):
+        pipe(PROMPTS[:2], loras=["s0", ("s1", "nope")], **call)
+    with pytest.raises(fe.OptionError, match="pass loras="):
         pipe(PROMPTS[:2], **call)
-    with pytest.raises(fe.OptionError, match="pairs= names LoRAs per image from a pool"):
-        fe.FusionPipeline(tiny_pipe, loras["s0"], loras["t0"])(PROMPTS[:1], pairs=["s0"], **call)
-    assert calls == [] and not any(isinstance(m, fe.modules.DynamicLoRALayer) for m in tiny_pipe.unet.modules())
+    with pytest.raises(fe.OptionError, match="loras= names LoRAs per image from a pool"):
+        fe.FusionPipeline(tiny_pipe, loras["s0"], loras["t0"])(PROMPTS[:1], loras=["s0"], **call)
+    assert calls == [] and not any(isinstance(m, fe.runtime.layers.DynamicLoRALayer) for m in tiny_pipe.unet.modules())
 
 
 def test_pool_fusion_pipeline_construction_refusals(tiny_pipe):
@@ -119,16 +119,16 @@ def test_per_prompt_pairs_expand_over_images_per_prompt(tiny_pipe):
     pool, _ = make_pool(tiny_pipe.unet, torch.float32)
     pipe = fe.FusionPipeline(tiny_pipe, pool=pool)
     call = dict(num_inference_steps=1, output_type="pt", num_images_per_prompt=2)
-    per_prompt = pipe(PROMPTS[:2], pairs=PAIRS[:2], generator=torch.Generator().manual_seed(0), **call)
-    per_image = pipe(PROMPTS[:2], pairs=[PAIRS[0], PAIRS[0], PAIRS[1], PAIRS[1]],
+    per_prompt = pipe(PROMPTS[:2], loras=PAIRS[:2], generator=torch.Generator().manual_seed(0), **call)
+    per_image = pipe(PROMPTS[:2], loras=[PAIRS[0], PAIRS[0], PAIRS[1], PAIRS[1]],
                      generator=torch.Generator().manual_seed(0), **call)
-    assert per_prompt.pairs == per_image.pairs and len(per_prompt.pairs) == 4
+    assert per_prompt.loras == per_image.loras and len(per_prompt.loras) == 4
     assert torch.equal(per_prompt.images, per_image.images)
 
 
 def test_an_image_naming_one_lora_runs_the_base_where_it_has_no_layer(tiny_pipe):
     pool, _ = make_pool(tiny_pipe.unet, torch.float32)  # r16 adapts the down blocks only
-    out = fe.FusionPipeline(tiny_pipe, pool=pool)(PROMPTS[:1], pairs=["r16"], num_inference_steps=1,
+    out = fe.FusionPipeline(tiny_pipe, pool=pool)(PROMPTS[:1], loras=["r16"], num_inference_steps=1,
                                                    output_type="pt")
-    summary = out.trace.image_summary(0, out.pairs[0])
+    summary = out.trace.image_summary(0, out.loras[0])
     assert summary["r16"] > 0 and summary["base"] > 0

@@ -119,7 +119,7 @@ def _run_pool(model, pool, x, backend, **options):
 
     with fe.attach(model, pool=pool, backend=backend, **options) as fusion:
         fusion.set_batch_layout(3, 2)
-        fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+        fusion.set_loras([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
         fusion.set_step(1, 4)
         with torch.no_grad(), kt.poisoned_outputs():
             out = model(x)
@@ -153,7 +153,7 @@ def test_pool_attach_runs_the_fls_kernel(divergence, monkeypatch):
 
     with fe.attach(model, pool=pool, backend="triton", divergence=divergence) as fusion:
         fusion.set_batch_layout(3, 2)
-        fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+        fusion.set_loras([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
         fusion.set_step(1, 4)
         for _ in range(2):
             with torch.no_grad(), kt.poisoned_outputs():
@@ -180,7 +180,7 @@ def test_pool_fls_with_a_gradient_runs_the_reference_ops():
     for backend in ("reference", "triton"):
         with fe.attach(model, pool=pool, backend=backend) as fusion:
             fusion.set_batch_layout(3, 2)
-            fusion.set_assignment([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
+            fusion.set_loras([("lora0", "lora1"), "lora2", ("lora2", "lora0", "lora1")])
             leaf = x.clone().requires_grad_(True)
             model(leaf).square().sum().backward()
             grads[backend] = leaf.grad

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import fusion_engine as fe
-from fusion_engine.encoders import tiny_dino, tiny_openclip
 from fusion_engine.refine import ReferenceEmbeddings, Refiner, llr_objective
 from fusion_engine.refine.compiled import CompiledOrEager
 from fusion_engine.refine.gradient import shape_gradient
+from fusion_engine.scoring.encoders import tiny_dino, tiny_openclip
 from fusion_engine.worlds.random import RANDOM_FUSED_PROMPT, RANDOM_STYLE_PROMPT, RANDOM_SUBJECT_PROMPT
 
 CFG = 5.0

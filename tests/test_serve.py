@@ -1,4 +1,4 @@
-"""fe.serve.BatchFusion: requests in, one image each out; a bad request fails alone; batched images equal the
+"""fe.BatchFusion: requests in, one image each out; a bad request fails alone; batched images equal the
 same requests run one at a time; the queued worker with a bounded queue."""
 import threading
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusion_engine as fe
-from fusion_engine.serve import BatchFusion, Request
+from fusion_engine import BatchFusion, Request
 from fusion_engine.worlds.random import default_loras
 
 OPTIONS = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "pt"}
@@ -35,7 +35,7 @@ def test_a_request_naming_an_unknown_lora_fails_alone(tiny_pipe, pool):
             assert together.summary["kept"] == single.summary["kept"]
     assert set(batched[2].summary["kept"]) == {"cat", "pixel", "dog", "base"}
     assert sum(batched[0].summary["kept"].values()) == 2 * len(service.fusion.layers)
-    assert not any(isinstance(m, fe.modules.DynamicLoRALayer) for m in tiny_pipe.unet.modules())  # closed
+    assert not any(isinstance(m, fe.runtime.layers.DynamicLoRALayer) for m in tiny_pipe.unet.modules())  # closed
 
 
 def test_a_batch_that_raises_is_retried_per_request(tiny_pipe, pool):

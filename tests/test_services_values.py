@@ -10,8 +10,8 @@ from timeouts import time_limit  # noqa: F401  (autouse: every test here fails i
 
 import fusion_engine as fe
 from fusion_engine import errors
-from fusion_engine.modules import DynamicLoRALayer
 from fusion_engine.policies import make_policy
+from fusion_engine.runtime.layers import DynamicLoRALayer
 
 TIME_LIMIT_S = 60
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

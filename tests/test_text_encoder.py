@@ -88,7 +88,7 @@ def test_text_encoder_defaults_and_refusals(tiny_pipe):
             fe.attach(tiny_pipe.text_encoder, lora, policy=policy)
     with pytest.raises(fe.AttachError, match="different components"):
         fe.attach(tiny_pipe.text_encoder, lora, lora_with_text_parts(tiny_pipe).for_component("unet"))
-    assert fe.fusion.attached_fusion(tiny_pipe.text_encoder) is None
+    assert fe.runtime.fusion.attached_fusion(tiny_pipe.text_encoder) is None
 
 
 def test_text_encoder_fls_decides_once_per_prompt(tiny_pipe):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_engine.stats import bootstrap_ci, excludes_zero, paired_difference_ci
+from fusion_engine.scoring.stats import bootstrap_ci, excludes_zero, paired_difference_ci
 from fusion_engine.worlds.toy import measures
 from fusion_engine.worlds.toy.data import (
     BASE_SHAPES,
@@ -160,7 +160,7 @@ def test_eval_world_toy_reports_references_intervals_and_paired_differences(tmp_
 def test_demo_defaults_to_the_toy_world_and_labels_rows_with_the_transparent_scores(tmp_path, capsys):
     from PIL import Image
 
-    from fusion_engine.cli import GRID_POLICIES, main
+    from fusion_engine.cli.main import GRID_POLICIES, main
 
     assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--images", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out

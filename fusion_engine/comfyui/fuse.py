@@ -31,14 +31,14 @@ import os
 import torch
 import torch.nn as nn
 
-from ..context import FusionContext
 from ..errors import AttachError, FusionEngineError, LoRAFileNotFoundError, LoRAShapeError, OptionError
 from ..lora import LoRA, LoRALayer
-from ..modules import DynamicLoRAConv2d, DynamicLoRALinear
 from ..ops import check_supported
 from ..ops.reference import accumulation_dtype, base_linear, from_pixel_rows, lora_delta, pixel_rows, select_rows
 from ..policies import make_policy
-from ..trace import DEFAULT_MAX_RECORDS, Trace
+from ..runtime.context import FusionContext
+from ..runtime.layers import DynamicLoRAConv2d, DynamicLoRALinear
+from ..runtime.trace import DEFAULT_MAX_RECORDS, Trace
 
 ATTACHMENT = "fusion_engine"  # ModelPatcher attachment and wrapper key
 POLICY_NAMES = ("fls", "direct", "klora", "blora", "switch")

@@ -9,8 +9,8 @@ import tempfile
 
 import torch
 
-from ..context import GRANULARITIES
 from ..ops import BACKENDS, DIVERGENCES
+from ..runtime.context import GRANULARITIES
 from .fuse import POLICY_NAMES, ComfyFusionError, folder_paths_module, fuse, fusion_state
 
 NONE = "None"

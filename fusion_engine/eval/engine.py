@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
-from ..io import save_image
-from ..metrics import score_images
+from ..scoring.metrics import score_images
+from ..utils.io import save_image
 from .pairs import Pair, load_pairs
 from .recorded import check_recorded, settings_record
 from .report import append_row, read_rows, shard_csv, write_report
@@ -108,7 +108,7 @@ class Evaluator:
         """The ``role`` LoRA alone with its own prompt and this seed, made once and cached as a PNG."""
         from PIL import Image
 
-        from ..pipeline import FusionPipeline
+        from ..integration.pipeline import FusionPipeline
 
         path = self._reference_path(pair, seed, role)
         if not path.exists():
@@ -122,7 +122,7 @@ class Evaluator:
 
     def generate(self, item: WorkItem):
         """(PIL image, wall seconds, peak memory MB, what the memory figure is) for one item."""
-        from ..pipeline import FusionPipeline
+        from ..integration.pipeline import FusionPipeline
 
         s, pair = self.settings, item.pair
         if item.policy in REFERENCE_ROWS:  # the LoRA alone: the reference this seed's fused images are scored by
@@ -195,7 +195,7 @@ def report(out: Path, items: list[WorkItem], policies: list[str], notes: list[st
 
 def _denoiser(pipe):
     """The pipeline's denoiser: ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3)."""
-    from ..integration import denoiser_name
+    from ..integration.attach import denoiser_name
 
     return getattr(pipe, denoiser_name(pipe))
 
@@ -203,7 +203,7 @@ def _denoiser(pipe):
 def _check_size(settings: EvalSettings, pipe) -> None:
     """Height and width must be multiples of the pixels per latent token side (the VAE's downsampling factor,
     8 for SD/SDXL; times 2 for FLUX's packing, times the patch size for SD3)."""
-    from ..integration import pipeline_base_class
+    from ..integration.attach import pipeline_base_class
     from ..samplers import sampler_for
 
     sampler = sampler_for(pipe, pipeline_base_class(pipe)) if pipe is not None else None

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..dtypes import default_dtype
 from ..errors import OptionError
-from ..model_path import load_local_pipeline
+from ..integration.model_path import load_local_pipeline
+from ..utils.dtypes import default_dtype
 from .settings import EvalSettings
 
 
@@ -46,7 +46,7 @@ def _named_encoders(settings: EvalSettings) -> bool:
 
 def load_encoders(settings: EvalSettings, device: torch.device):
     """(clip, dino): as given, loaded by name from local checkpoints, or tiny random ones."""
-    from ..encoders import load_dino, load_openclip, tiny_dino, tiny_openclip
+    from ..scoring.encoders import load_dino, load_openclip, tiny_dino, tiny_openclip
 
     if settings.clip is not None or settings.dino is not None:
         if settings.clip is None or settings.dino is None or _named_encoders(settings):

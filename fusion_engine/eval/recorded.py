@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import OptionError
-from ..io import write_text
+from ..utils.io import write_text
 
 _MAX_HEADER = 100 << 20  # the loader's own limit on a safetensors header
 RESULTS = ("scores", "images", "references", "report.md", "settings.json")  # what "restart" moves aside

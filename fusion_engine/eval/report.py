@@ -7,8 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from ..io import append_line, write_text
-from ..metrics import METRICS
+from ..scoring.metrics import METRICS
+from ..utils.io import append_line, write_text
 
 # Scores some worlds add (the toy world's transparent measures); empty in rows that lack them.
 EXTRA_METRICS = ("subject_iou", "style_fid")
@@ -126,7 +126,7 @@ def _metrics(rows: dict) -> list[str]:
 
 def ci_table(rows: dict, policies: list[str]) -> list[str]:
     """One line per method: mean [low, high], the percentile-bootstrap 95% interval of the mean, in percent."""
-    from ..stats import bootstrap_ci
+    from ..scoring.stats import bootstrap_ci
 
     return _policy_table(rows, policies, lambda values: "{:.1f} [{:.1f}, {:.1f}]".format(*bootstrap_ci(values)))
 
@@ -134,7 +134,7 @@ def ci_table(rows: dict, policies: list[str]) -> list[str]:
 def paired_table(rows: dict, policies: list[str], baseline: str = BASELINE) -> list[str]:
     """One line per method: its score minus ``baseline``'s on the same (pair, seed), mean [low, high] in points;
     ``*`` marks an interval that excludes zero."""
-    from ..stats import excludes_zero, paired_difference_ci
+    from ..scoring.stats import excludes_zero, paired_difference_ci
 
     metrics = _metrics(rows)
     base = {(key[0], key[2]): row for key, row in rows.items() if row["policy"] == baseline}

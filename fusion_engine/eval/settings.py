@@ -25,7 +25,7 @@ class EvalSettings:
             ``fusion_engine.worlds.random.write_random_pairs``).
         pipe: a loaded diffusers pipeline; or
         model: a local diffusers pipeline folder, loaded in ``dtype`` (default float16 on CUDA, else float32).
-        clip, dino: loaded encoders (``fusion_engine.encoders``); or
+        clip, dino: loaded encoders (``fusion_engine.scoring.encoders``); or
         clip_model, clip_checkpoint, dino_model, dino_checkpoint: what to load (an OpenCLIP name or config
             dict, a timm name; local checkpoints); with none of the four, tiny random encoders are used.
         device: default ``cuda:LOCAL_RANK`` when CUDA is there, else cpu.

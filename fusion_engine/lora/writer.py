@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import OptionError
-from ..io import atomic_write
+from ..utils.io import atomic_write
 from .loader import ADAPTER_METADATA_KEY
 from .weights import DENOISER, TRANSFORMER, LoRA, LoRALayer
 

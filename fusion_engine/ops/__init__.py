@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AttachError, OptionError
+from ..utils.deprecation import renamed_option
 from . import pooled, reference
 from .reference import DIVERGENCES
 
@@ -70,14 +71,15 @@ def check_supported(backend: str, layer_kind: str, dtype: torch.dtype, ranks, *,
         raise AttachError(f"layer {layer!r}: {problem}; use backend='reference' for this model")
 
 
-def fls_linear(*args, backend: str = "reference", prev_choose=None, **kwargs):
-    """See ``reference.fls_linear``; returns (out, subject_score, style_score, choose_subject).
+def fls_linear(*args, backend: str = "reference", prev_choice=None, prev_choose=None, **kwargs):
+    """See ``reference.fls_linear``; returns (out, subject_score, style_score, choice).
 
-    ``prev_choose``: the layer's last decisions, the Triton kernel's speculation guess (it never
-    changes the result, only the cost); the reference ignores it.
+    ``prev_choice``: the layer's last decisions, the Triton kernel's speculation guess (it never
+    changes the result, only the cost); the reference ignores it. ``prev_choose``: its deprecated name.
     """
+    prev_choice = renamed_option(prev_choice, prev_choose, "prev_choose", "prev_choice")
     if backend == "triton":
-        return _triton_ops().fls_linear(*args, prev_choose=prev_choose, **kwargs)
+        return _triton_ops().fls_linear(*args, prev_choice=prev_choice, **kwargs)
     return reference.fls_linear(*args, **kwargs)
 
 

@@ -124,15 +124,15 @@ def decide(subject_score: torch.Tensor, style_score: torch.Tensor, has_subject: 
         return torch.ones_like(subject_score, dtype=torch.bool)
     if not has_subject:
         return torch.zeros_like(subject_score, dtype=torch.bool)
-    choose = subject_score >= style_score
+    choice = subject_score >= style_score
     if subject_live is not None and style_live is not None:
-        choose = torch.where(subject_live == style_live, choose, subject_live)  # exactly one live: it wins
-    return choose
+        choice = torch.where(subject_live == style_live, choice, subject_live)  # exactly one live: it wins
+    return choice
 
 
-def select_rows(y0, subject_delta, style_delta, choose_subject, row_group):
+def select_rows(y0, subject_delta, style_delta, choice, row_group):
     """y0 + the chosen delta per row, float32."""
-    take_subject = choose_subject[row_group.long()].unsqueeze(-1)
+    take_subject = choice[row_group.long()].unsqueeze(-1)
     return y0 + torch.where(take_subject, subject_delta, style_delta)
 
 
@@ -147,9 +147,9 @@ def fls_select(y0, subject_delta, style_delta, row_group, num_groups, divergence
     subject_live = style_live = None  # liveness only matters when both LoRAs are present (see decide)
     if has_subject and has_style:
         subject_live, style_live = (group_nonzero(d, row_group, num_groups) for d in (subject_delta, style_delta))
-    choose_subject = decide(subject_score, style_score, has_subject, has_style, subject_live, style_live)
-    out = select_rows(y0, subject_delta, style_delta, choose_subject, row_group)
-    return out, subject_score, style_score, choose_subject
+    choice = decide(subject_score, style_score, has_subject, has_style, subject_live, style_live)
+    out = select_rows(y0, subject_delta, style_delta, choice, row_group)
+    return out, subject_score, style_score, choice
 
 
 def fls_linear(
@@ -166,15 +166,15 @@ def fls_linear(
     num_groups: int,
     divergence: str = "kl",
 ):
-    """Fused FLS linear. Returns (out, subject_score, style_score, choose_subject); scores float32 (G,),
-    choose bool (G,)."""
+    """Fused FLS linear. Returns (out, subject_score, style_score, choice); scores float32 (G,),
+    choice bool (G,)."""
     y0 = base_linear(x, weight, bias)
     subject_delta = subject_scale * lora_delta(x, subject_a, subject_b)
     style_delta = style_scale * lora_delta(x, style_a, style_b)
-    out, subject_score, style_score, choose_subject = fls_select(
+    out, subject_score, style_score, choice = fls_select(
         y0, subject_delta, style_delta, row_group, num_groups, divergence, subject_a.shape[0] > 0, style_a.shape[0] > 0
     )
-    return out.to(x.dtype), subject_score, style_score, choose_subject
+    return out.to(x.dtype), subject_score, style_score, choice
 
 
 def mix_linear(

@@ -80,16 +80,16 @@ def _check_device(x: Tensor) -> None:
 def _fls_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, subject_a: Tensor, subject_b: Tensor, subject_scale: float,
     style_a: Tensor, style_b: Tensor, style_scale: float, row_group: Tensor, num_groups: int, divergence: str,
-    prev_choose: Tensor | None, base: str | None,
+    prev_choice: Tensor | None, base: str | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_device(x)
     return _kernels.fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale,
-                                   row_group, num_groups, divergence, prev_choose, base)
+                                   row_group, num_groups, divergence, prev_choice, base)
 
 
 @_fls_linear_op.register_fake
 def _(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group, num_groups,
-      divergence, prev_choose, base):
+      divergence, prev_choice, base):
     out = x.new_empty((x.shape[0], weight.shape[0]))
     scores = x.new_empty((num_groups,), dtype=torch.float32)
     return out, scores, torch.empty_like(scores), x.new_empty((num_groups,), dtype=torch.bool)
@@ -109,10 +109,10 @@ def _lora_grad(g: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
 
 
 def _fls_backward(ctx, grad_out, _gc, _gs, _gch):
-    weight, subject_a, subject_b, style_a, style_b, row_group, choose = ctx.saved_tensors
+    weight, subject_a, subject_b, style_a, style_b, row_group, choice = ctx.saved_tensors
     subject_scale, style_scale = ctx.scales
     gx = grad_out @ weight.to(grad_out.dtype)
-    take_subject = choose[row_group.long()].unsqueeze(-1)
+    take_subject = choice[row_group.long()].unsqueeze(-1)
     subject_grad = _lora_grad(grad_out, subject_a, subject_b, subject_scale)
     gx = gx + torch.where(take_subject, subject_grad, _lora_grad(grad_out, style_a, style_b, style_scale))
     return (gx,) + (None,) * 13
@@ -122,13 +122,13 @@ _fls_linear_op.register_autograd(_fls_backward, setup_context=_fls_setup_context
 
 
 def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, style_b, style_scale, row_group,
-               num_groups, divergence="kl", prev_choose=None, base=None):
-    """Fused FLS linear (see ``reference.fls_linear``); returns (out, subject_score, style_score, choose_subject).
+               num_groups, divergence="kl", prev_choice=None, base=None):
+    """Fused FLS linear (see ``reference.fls_linear``); returns (out, subject_score, style_score, choice).
 
-    ``prev_choose`` (optional, extra to the reference signature): the (G,) bool decisions this
+    ``prev_choice`` (optional, extra to the reference signature): the (G,) bool decisions this
     layer returned on its previous call (e.g. the last denoising step). It is only the kernel's
     speculation guess: a stale or wrong guess costs a recompute of the affected tiles, never
-    accuracy. Keep it in a persistent buffer (``buf.copy_(choose_subject)``) for CUDA-graph replay.
+    accuracy. Keep it in a persistent buffer (``buf.copy_(choice)``) for CUDA-graph replay.
     ``base`` (optional): "fused" or "cublas" overrides the kernels' size-class choice of where the base
     output comes from (see csrc_triton/fls_linear.py; for tests and benchmarks).
     Inputs with more than two dims are flattened to rows; ``row_group`` indexes those rows.
@@ -143,7 +143,7 @@ def fls_linear(x, weight, bias, subject_a, subject_b, subject_scale, style_a, st
                                                style_scale, row_group, num_groups, divergence)
     else:
         out, sc, ss, ch = _fls_linear_op(x2, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b,
-                                         float(style_scale), row_group, int(num_groups), divergence, prev_choose,
+                                         float(style_scale), row_group, int(num_groups), divergence, prev_choice,
                                          base)
     return out.reshape(*lead, out.shape[-1]), sc, ss, ch
 

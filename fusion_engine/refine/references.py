@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import OptionError
-from ..metrics import as_image_tensor
+from ..scoring.metrics import as_image_tensor
 
 
 def clone_generator(generator):

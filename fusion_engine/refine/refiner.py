@@ -30,7 +30,7 @@ from .x0 import predict_x0
 class Refiner:
     """LLR settings and encoders; reusable across calls and pipelines.
 
-    ``clip``, ``dino``: ``ImageEncoder``s (``fusion_engine.encoders``). ``m``: step size (paper: 10).
+    ``clip``, ``dino``: ``ImageEncoder``s (``fusion_engine.scoring.encoders``). ``m``: step size (paper: 10).
     ``through_unet``: the gradient flows through the UNet (default, what grad_{x_t} says); False treats the
     noise prediction as a constant (cheaper: no UNet backward). ``normalize`` / ``clip_grad``: optional
     gradient shaping (off, as in the paper). ``step_window=(start, end)``: guide only while

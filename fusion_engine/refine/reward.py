@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OptionError
-from ..metrics import embed
+from ..scoring.metrics import embed
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

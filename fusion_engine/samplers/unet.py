@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..prompts import encode_prompts
 from .base import Conditioning, Sampler
+from .prompts import encode_prompts
 
 UNET_ARGUMENTS = frozenset({
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "height", "width",

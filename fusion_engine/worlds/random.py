@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_text
 from ..lora import LoRA, LoRALayer, save_lora
+from ..utils.io import write_text
 from .base import World, assemble_pipeline
 
 RANDOM_SUBJECT_PROMPT = "a photo of sbu dog"

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..io import write_text
+from ..utils.io import write_text
 
 # CLIP's vocabulary: 256 byte symbols, the same with "</w>", 48894 merges, then two special tokens.
 _MERGES = 49152 - 256 - 2

@@ -5,7 +5,7 @@ import torch
 
 from fusion_engine.comfyui.fuse import diffusers_names, fusion_state
 from fusion_engine.comfyui.nodes import FuseSubjectStyleLoRA
-from fusion_engine.trace import BASE, STYLE, SUBJECT
+from fusion_engine.runtime.trace import BASE, STYLE, SUBJECT
 
 POOLED = 32
 TINY_SDXL = {

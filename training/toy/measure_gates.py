@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fusion_engine.stats import bootstrap_ci, excludes_zero, paired_difference_ci
+from fusion_engine.scoring.stats import bootstrap_ci, excludes_zero, paired_difference_ci
 from fusion_engine.worlds.toy import measures
 from fusion_engine.worlds.toy.data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT, style_dataset, subject_dataset
 from fusion_engine.worlds.toy.sampling import sample
@@ -48,7 +48,7 @@ MIN_RECOGNISED, MAX_BASE = 0.8, 0.1
 
 def judge_scores(judge, images_by_set: dict, references: dict) -> dict:
     """{set: {axis: per-image cosine to the axis' reference embedding}}."""
-    from fusion_engine.metrics import embed
+    from fusion_engine.scoring.metrics import embed
 
     def embedding(images):
         tensor = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() for a in measures.as_arrays(images)])

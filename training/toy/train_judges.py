@@ -7,7 +7,7 @@
   (two linear heads on the CLS token), the heads dropped on saving: the CLS token is the embedding, as with
   DINO, and it carries both what is drawn and how.
 
-Both are saved as safetensors that ``fusion_engine.encoders.load_openclip`` / ``load_dino`` read.
+Both are saved as safetensors that ``fusion_engine.scoring.encoders.load_openclip`` / ``load_dino`` read.
 
     python -m training.toy.train_judges --out toy_weights [--steps 600]
 """

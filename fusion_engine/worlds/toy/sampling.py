@@ -17,7 +17,7 @@ def sample(world, role: str, seeds, *, prompt: str | None = None, policy: str = 
     """PIL images, one per seed. ``role``: "base" (no LoRA), "subject" / "style" (that LoRA alone, at full
     strength) or "both" (fused by ``policy``). The prompt defaults to the role's own: the subject prompt, the
     style prompt, or the fused prompt for "base" and "both"."""
-    from ...pipeline import FusionPipeline
+    from ...integration.pipeline import FusionPipeline
 
     if role not in ROLES:
         raise OptionError(f"unknown role {role!r}: use one of {ROLES}")

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ...errors import ModelPathError
-from ...io import write_text
+from ...utils.io import write_text
 from .data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -49,8 +49,8 @@ def load_toy_world(folder=WEIGHTS, require_loras: bool = True):
 
 
 def load_judges(folder=WEIGHTS, device="cpu"):
-    """(clip, dino): the trained judges, loaded through ``fusion_engine.encoders`` like the big backbones."""
-    from ...encoders import IMAGENET_MEAN, IMAGENET_STD, load_dino, load_openclip
+    """(clip, dino): the trained judges, loaded through ``fusion_engine.scoring.encoders`` like the big backbones."""
+    from ...scoring.encoders import IMAGENET_MEAN, IMAGENET_STD, load_dino, load_openclip
     from . import configs
 
     folder = Path(folder)

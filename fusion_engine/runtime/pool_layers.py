@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .modules import DynamicLoRALayer
-from .ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
+from .. import ops
+from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
+from .layers import DynamicLoRALayer
 
 
 class PooledLoRALinear(DynamicLoRALayer):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .errors import AlreadyAttachedError, ModelMismatchError, preview
-from .lora.families import SD_UNET, describe_family, families_fit, model_family
-from .modules import DynamicLoRALayer
+from ..errors import AlreadyAttachedError, ModelMismatchError, preview
+from ..lora.families import SD_UNET, describe_family, families_fit, model_family
+from .layers import DynamicLoRALayer
 
 FUSABLE_TYPES = (nn.Linear, nn.Conv2d)  # exact types: subclasses may change forward in ways we cannot fuse
 _CROSS_ATTENTION_INPUTS = ("attn2.to_k", "attn2.to_v")

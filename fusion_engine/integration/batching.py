@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .errors import FusionEngineError, OptionError, ServiceBusyError
-from .integration import attach
+from ..errors import FusionEngineError, OptionError, ServiceBusyError
+from .pool_attach import attach_pool_target
 
-_RESERVED = ("prompt", "pairs", "generator", "num_images_per_prompt", "callback_on_step_end")
+_RESERVED = ("prompt", "loras", "pairs", "generator", "num_images_per_prompt", "callback_on_step_end")
 
 
 @dataclass
@@ -84,7 +84,7 @@ class BatchFusion:
         if not max_wait_s >= 0:
             raise OptionError(f"BatchFusion: max_wait_s must be >= 0, got {max_wait_s!r}")
         self.pipe, self.pool, self.max_batch, self.max_wait_s = pipe, pool, max_batch, max_wait_s
-        self.fusion = attach(pipe, pool=pool, **attach_options)
+        self.fusion = attach_pool_target(pipe, pool, **attach_options)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -127,7 +127,7 @@ class BatchFusion:
     def _run_batch(self, batch: list[Result]) -> None:
         requests = [result.request for result in batch]
         try:
-            output = self.pipe([r.prompt for r in requests], pairs=[self._names(r) for r in requests],
+            output = self.pipe([r.prompt for r in requests], loras=[self._names(r) for r in requests],
                                generator=[torch.Generator().manual_seed(r.seed) for r in requests],
                                **requests[0].options)
         except Exception as error:

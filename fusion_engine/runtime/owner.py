@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from .errors import ConcurrentUseError
+from ..errors import ConcurrentUseError
 
 
 def _thread_label(ident: int) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import OptionError
+from ..errors import OptionError
 
 RESAMPLES = 10000
 

@@ -8,16 +8,16 @@ import weakref
 import torch
 import torch.nn as nn
 
+from ..errors import AlreadyAttachedError, AttachError, OptionError, preview
+from ..lora import LoRA, load_lora
+from ..lora.align import align_to_model
+from ..ops import BACKENDS, check_supported
+from ..policies import make_policy
 from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .context import FusionContext
-from .errors import AlreadyAttachedError, AttachError, OptionError, preview
 from .fit import check_fit, find_module
-from .lora import LoRA, load_lora
-from .lora.align import align_to_model
-from .modules import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
-from .ops import BACKENDS, check_supported
+from .layers import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
 from .owner import Owner
-from .policies import make_policy
 from .trace import DEFAULT_MAX_RECORDS, Trace
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Fusion] = weakref.WeakKeyDictionary()

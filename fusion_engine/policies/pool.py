@@ -16,9 +16,10 @@ import math
 
 import torch
 
-from .errors import OptionError, OptionTypeError
-from .policies import FLSPolicy, KLoRAPolicy, SwitchPolicy
-from .policies.klora import factor_scores, robust_gamma
+from ..errors import OptionError, OptionTypeError
+from .fls import FLSPolicy
+from .klora import KLoRAPolicy, factor_scores, robust_gamma
+from .switch import SwitchPolicy
 
 POOL_POLICIES = ("fls", "direct", "switch", "klora")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import OptionError
+from ..errors import OptionError
 
 
 def as_image_tensor(images) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Attach a LoRA pool once, choose per image: ``fe.attach(model_or_pipe, pool=pool)`` and ``set_assignment``.
+"""Attach a LoRA pool to a model once; each image names its LoRAs: ``fe.attach(model, pool=pool)`` and ``set_loras``.
 
 Every Linear (Conv2d) layer a pool LoRA adapts is swapped for a ``PooledLoRALinear`` (``PooledLoRAConv2d``: conv
 layers run the pooled conv reference ops whatever the backend, as single-pair conv layers do); each image then fuses
@@ -8,18 +8,16 @@ taken at once (their new layers are swapped in); removed ones leave their layers
 """
 from __future__ import annotations
 
-import inspect
-
 import torch.nn as nn
 
-from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, ModelMismatchError, OptionError
+from ..errors import ModelMismatchError, OptionError
+from ..ops import check_supported
+from ..policies.pool import make_pool_policy
+from ..utils.deprecation import warn_renamed
 from .fit import check_fit, find_module
 from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _already_attached, _swap_in, in_module_order, register
-from .integration import PipelineFusion, attached_pipeline, check_attachable
-from .ops import check_supported
 from .pool_context import PoolContext
-from .pool_modules import PooledLoRAConv2d, PooledLoRALinear
-from .pool_policies import make_pool_policy
+from .pool_layers import PooledLoRAConv2d, PooledLoRALinear
 from .pool_trace import PoolTrace
 from .trace import DEFAULT_MAX_RECORDS
 
@@ -77,22 +75,34 @@ def _raise_misfit(problems: list[str], what: str) -> None:
 
 
 class PoolFusion(Fusion):
-    """Handle of a pool attached to a model: ``set_assignment``, the trace, ``detach`` (see ``Fusion``)."""
+    """Handle of a pool attached to a model: ``set_loras``, the trace, ``detach`` (see ``Fusion``)."""
 
     def __init__(self, model, pool, context: PoolContext, layers, originals):
         super().__init__(model, None, None, context, layers, originals)
         self.pool = pool
 
-    def set_assignment(self, entries) -> None:
+    def set_loras(self, entries) -> None:
         """Which LoRAs each image fuses, one entry per image (a name or a tuple of names, in priority order):
         ``[("dog", "watercolor"), ("cat", "pixel-art"), "dog"]``. CFG copies follow their image. Names are
         checked now (``UnknownLoRAError`` naming the image and the name) and resolved to slots per call."""
-        self.owner.check_free("set_assignment")  # not while another thread runs the model
-        self.context.set_assignment(entries)
+        self.owner.check_free("set_loras")  # not while another thread runs the model
+        self.context.set_loras(entries)
+
+    def set_assignment(self, entries) -> None:
+        """Deprecated name of ``set_loras``."""
+        warn_renamed("set_assignment", "set_loras")
+        self.set_loras(entries)
+
+    @property
+    def loras(self) -> list[tuple[str, ...]] | None:
+        """Each image's LoRA names, as the last ``set_loras`` (or the running call's ``loras=``) gave them."""
+        return self.context.assignment
 
     @property
     def assignment(self) -> list[tuple[str, ...]] | None:
-        return self.context.assignment
+        """Deprecated name of ``loras``."""
+        warn_renamed("assignment", "loras")
+        return self.loras
 
     # -- the pool's watcher protocol: LoRAs added while attached -------------------------------------------------
     def check_pool_layers(self, lora_name: str, shapes: dict[str, tuple[int, int]]) -> None:
@@ -141,7 +151,7 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
 
     Args:
         policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``),
-            ``"klora"`` (``pattern=``; K-LoRA per image and layer, see ``pool_policies.PoolKLoRA``).
+            ``"klora"`` (``pattern=``; K-LoRA per image and layer, see ``policies.pool.PoolKLoRA``).
         divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
@@ -180,79 +190,4 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     return fusion
 
 
-def pairs_per_image(pairs, arguments: dict) -> list:
-    """``pairs`` given per prompt (expanded by ``num_images_per_prompt``, diffusers' prompt-major order) or per
-    image; a ``BatchLayoutError`` naming both counts otherwise.
-
-    Args:
-        pairs: one entry per prompt or per image (a LoRA name or a tuple of names).
-        arguments: the pipeline call's arguments by name (``prompt``, ``num_images_per_prompt``).
-
-    Example:
-        >>> pairs_per_image([("dog", "ink"), "cat"], {"prompt": ["a", "b"], "num_images_per_prompt": 2})
-        [('dog', 'ink'), ('dog', 'ink'), 'cat', 'cat']
-    """
-    prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
-    prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(pairs)
-    pairs = list(pairs)
-    if len(pairs) == prompts:
-        return [entry for entry in pairs for _ in range(per_prompt)]
-    if len(pairs) == prompts * per_prompt:
-        return pairs
-    raise BatchLayoutError(f"pairs has {len(pairs)} entries for {prompts} prompt(s) x {per_prompt} image(s) each: "
-                           "give one per prompt or one per image")
-
-
-class PoolPipelineFusion(PipelineFusion):
-    """A pool attached to a pipeline: every call may pass ``pairs=[...]`` (one per prompt or per image)."""
-
-    def set_assignment(self, entries) -> None:
-        self.fusion.set_assignment(entries)
-
-    @property
-    def pool(self):
-        return self.fusion.pool
-
-    def call(self, original, pipe, args, kwargs):
-        pairs = kwargs.pop("pairs", None)
-        if pairs is None:
-            return super().call(original, pipe, args, kwargs)
-        bound = inspect.signature(original).bind(pipe, *args, **kwargs)
-        bound.apply_defaults()
-        context = self.fusion.context
-        with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
-            before = context.assignment
-            context.set_assignment(pairs_per_image(pairs, bound.arguments))
-            try:
-                return super().call(original, pipe, args, kwargs)
-            finally:
-                context.assignment = before
-                context._tables.clear()
-
-    def _begin(self) -> None:
-        super()._begin()
-        if self._trace_enabled:
-            self.fusion.context.trace = PoolTrace(self.fusion.layer_names, self.policy.describe())
-
-
-def attach_pool_target(target, pool, *, trace: bool = True, **options):
-    """``fe.attach(target, pool=pool, ...)``: to a pipeline object (``PoolPipelineFusion``) or a model."""
-    if not (hasattr(pool, "layers") and hasattr(pool, "slot")):
-        raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
-    if isinstance(target, nn.Module) or not isinstance(getattr(target, "components", None), dict):
-        return attach_pool(target, pool, trace=trace, **options)
-    if attached_pipeline(target) is not None:
-        raise AlreadyAttachedError(f"this pipeline already has a fusion attached ({attached_pipeline(target)!r}); "
-                                   "detach it first")
-    name = check_attachable(target)
-    fusion = attach_pool(getattr(target, name), pool, trace=trace, **options)
-    try:
-        handle = PoolPipelineFusion(target, name, fusion, {}, trace)
-        handle.install()
-    except BaseException:
-        fusion.detach()
-        raise
-    return handle
-
-
-__all__ = ["PoolFusion", "PoolPipelineFusion", "attach_pool", "attach_pool_target", "pairs_per_image", "pool_policy"]
+__all__ = ["PoolFusion", "attach_pool", "pool_policy"]

@@ -5,11 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .errors import LayerAttributeError
-from .lora.checks import check_cast_factor, check_layer_scale
-from .lora.weights import delta_weight
-from .ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
+from .. import ops
+from ..errors import LayerAttributeError
+from ..lora.checks import check_cast_factor, check_layer_scale
+from ..lora.weights import delta_weight
+from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
 from .trace import choice_code
 
 
@@ -200,11 +200,11 @@ class DynamicLoRALinear(DynamicLoRALayer):
             subject_weight, style_weight = self.policy_weights()
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
         row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
-        out, subject_score, style_score, choose_subject = fls_select(
+        out, subject_score, style_score, choice = fls_select(
             y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject,
             self.has_style,
         )
-        self.keep_decisions(choose_subject, subject_score, style_score)
+        self.keep_decisions(choice, subject_score, style_score)
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,13 +221,13 @@ class DynamicLoRALinear(DynamicLoRALayer):
         if context.policy.uses_divergence:
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
             guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
-            out, subject_score, style_score, choose_subject = ops.fls_linear(
+            out, subject_score, style_score, choice = ops.fls_linear(
                 rows, base.weight, base.bias, self.subject_a, self.subject_b, subject_scale, self.style_a, self.style_b,
-                style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choose=guess,
+                style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess,
             )
             if guess is not None:
-                guess.copy_(choose_subject)
-            self.keep_decisions(choose_subject, subject_score, style_score)
+                guess.copy_(choice)
+            self.keep_decisions(choice, subject_score, style_score)
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
@@ -273,11 +273,11 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(dtype)
         batch, _, height, width = y0.shape
         row_group, groups = context.row_groups(batch, height * width, x.device)
-        out, subject_score, style_score, choose_subject = fls_select(
+        out, subject_score, style_score, choice = fls_select(
             pixel_rows(y0), pixel_rows(subject_delta), pixel_rows(style_delta), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
-        self.keep_decisions(choose_subject, subject_score, style_score)
+        self.keep_decisions(choice, subject_score, style_score)
         return from_pixel_rows(out, batch, height, width).to(dtype)
 
 

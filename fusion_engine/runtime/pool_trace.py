@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import OptionError
+from ..errors import OptionError
 
 
 @dataclass

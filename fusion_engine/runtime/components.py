@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import warnings
 
-from .errors import AttachError, OptionError, preview
-from .lora import LoRA
-from .lora.weights import TEXT_ENCODERS
+from ..errors import AttachError, OptionError, preview
+from ..lora import LoRA
+from ..lora.weights import TEXT_ENCODERS
 
 # Text encoders run once per prompt, before the first denoising step: no step-dependent policy.
 TEXT_ENCODER_POLICIES = ("direct", "fls")

@@ -206,8 +206,8 @@ def _set_scheduler(pipe, name: str) -> None:
 
 
 def _refiner(args, device):
-    from fusion_engine.encoders import load_dino, load_openclip
     from fusion_engine.refine import Refiner
+    from fusion_engine.scoring.encoders import load_dino, load_openclip
 
     clip_model = args.clip
     if clip_model.endswith(".json"):
@@ -258,10 +258,10 @@ def cmd_generate(args) -> int:
     import torch
 
     import fusion_engine as fe
-    from fusion_engine.dtypes import torch_dtype
-    from fusion_engine.image_files import save_run
-    from fusion_engine.io import atomic_write
-    from fusion_engine.model_path import check_supported, pipeline_class_name
+    from fusion_engine.cli.image_files import save_run
+    from fusion_engine.integration.model_path import check_supported, pipeline_class_name
+    from fusion_engine.utils.dtypes import torch_dtype
+    from fusion_engine.utils.io import atomic_write
 
     _check_generate(args)
     if args.quiet:
@@ -309,7 +309,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     import fusion_engine as fe
     from fusion_engine.refine import Refiner
-    from fusion_engine.visual import image_grid
+    from fusion_engine.utils.visual import image_grid
     from fusion_engine.worlds import load_world, resolve_world
     from fusion_engine.worlds.base import seed_latents
 
@@ -325,7 +325,7 @@ def cmd_demo(args) -> int:
         clip, dino = load_judges()
         print(f"default world: the trained toy world (fusion_engine/worlds/toy); subject {subject}; style {style}")
     else:
-        from fusion_engine.encoders import tiny_dino, tiny_openclip
+        from fusion_engine.scoring.encoders import tiny_dino, tiny_openclip
 
         clip, dino = tiny_openclip(0), tiny_dino(1)
         print(f"default world: tiny random SD pipeline; subject {subject}; style {style}")
@@ -401,10 +401,10 @@ def _eval_settings(args):
     each defaulting to the random world (the tiny pipeline, random LoRA pairs, tiny random encoders)."""
     from functools import partial
 
-    from fusion_engine.dtypes import torch_dtype
     from fusion_engine.errors import OptionError
     from fusion_engine.eval import EvalSettings
     from fusion_engine.eval.loading import resolve_device
+    from fusion_engine.utils.dtypes import torch_dtype
 
     out = Path(args.out)
     options = dict(
@@ -481,10 +481,10 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusion_engine.context import GRANULARITIES
-    from fusion_engine.dtypes import DTYPES
     from fusion_engine.ops import BACKENDS, DIVERGENCES
     from fusion_engine.policies import POLICIES
+    from fusion_engine.runtime.context import GRANULARITIES
+    from fusion_engine.utils.dtypes import DTYPES
     from fusion_engine.worlds import WORLDS
 
     parser = _Parser(prog="fusion-engine", description=__doc__)
@@ -563,9 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_flags(parser) -> None:
-    from fusion_engine.dtypes import DTYPES
     from fusion_engine.eval import DEFAULT_POLICIES
     from fusion_engine.ops import BACKENDS, DIVERGENCES
+    from fusion_engine.utils.dtypes import DTYPES
     from fusion_engine.worlds import WORLDS
 
     parser.add_argument("--world", default=None, choices=[world for world in WORLDS if world != "auto"],

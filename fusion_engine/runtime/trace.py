@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import OptionError
-from .io import write_text
+from ..errors import OptionError
+from ..utils.io import write_text
 
 # Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.
 STYLE, SUBJECT, BOTH, BASE = 0, 1, 2, -1
@@ -128,6 +128,6 @@ class Trace:
 
     def heatmap(self, path, title: str | None = None) -> Path:
         """Layers x steps picture of the choices (like the paper's Figure 5); PNG via Pillow."""
-        from .visual import draw_heatmap
+        from ..utils.visual import draw_heatmap
 
         return draw_heatmap(self.subject_fraction(), self.layer_names, self.steps, path, title or self.policy)

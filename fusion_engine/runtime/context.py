@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from .errors import BatchLayoutError, StepContextError, StepRangeError
+from ..errors import BatchLayoutError, StepContextError, StepRangeError
 from .trace import Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ModelPathError
+from ..errors import ModelPathError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as on the Hugging Face Hub
 _FOLDER_HINT = "a diffusers pipeline folder holds model_index.json"

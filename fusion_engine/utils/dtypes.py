@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import OptionError
+from ..errors import OptionError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

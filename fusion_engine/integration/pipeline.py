@@ -8,10 +8,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .context import images_in_batch
-from .errors import AttachError, OptionError
-from .fusion import as_lora, attach_model
-from .integration import (
+from ..errors import AttachError, OptionError
+from ..runtime.context import images_in_batch
+from ..runtime.fusion import as_lora, attach_model
+from ..runtime.pool_context import normalize_assignment
+from ..runtime.pool_fusion import attach_pool, pool_policy
+from ..runtime.trace import Trace
+from ..samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
+from ..utils.deprecation import renamed_option, warn_renamed
+from .attach import (
     attach_pipeline,
     call_signature,
     check_attachable,
@@ -20,10 +25,7 @@ from .integration import (
     pipeline_base_class,
 )
 from .model_path import DIT_FAMILIES, load_local_pipeline
-from .pool_context import normalize_assignment
-from .pool_fusion import attach_pool, attach_pool_target, pairs_per_image, pool_policy
-from .samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
-from .trace import Trace
+from .pool_attach import attach_pool_target, loras_per_image
 
 
 @dataclass
@@ -32,7 +34,13 @@ class FusionPipelineOutput:
     trace: Trace | None
     references: tuple | None = None  # with refine: (Ic, Is), (B, 3, H, W) tensors in [0, 1]
     pipeline_output: object = None  # the wrapped pipeline's own output (e.g. its nsfw_content_detected)
-    pairs: list | None = None  # with a pool: each image's LoRA names (trace.image_summary(i, pairs[i]))
+    loras: list | None = None  # with a pool: each image's LoRA names (trace.image_summary(i, loras[i]))
+
+    @property
+    def pairs(self) -> list | None:
+        """Deprecated name of ``loras``."""
+        warn_renamed("FusionPipelineOutput.pairs", "FusionPipelineOutput.loras")
+        return self.loras
 
 
 class FusionPipeline:
@@ -56,7 +64,7 @@ class FusionPipeline:
     pipeline's own defaults. A transformer (DiT) pipeline of another family than FLUX's and SD3's is refused
     at construction, whatever the policy.
 
-    With ``pool=`` (a ``fe.LoRAPool``, instead of ``subject``/``style``) every call takes ``pairs=[...]`` beside its
+    With ``pool=`` (a ``fe.LoRAPool``, instead of ``subject``/``style``) every call takes ``loras=[...]`` beside its
     prompts, one entry per prompt or per image (a LoRA name, a pair, or more names): each image (and its CFG copy)
     fuses its own LoRAs, as ``fe.attach(pipe, pool=pool)`` does, and is the image a single-pair FusionPipeline of
     its own pair makes with the same seed. ``refine`` and policy ``"composite"`` need a single pair.
@@ -76,8 +84,8 @@ class FusionPipeline:
         >>> out = pipe("a sbu dog in szn style", num_inference_steps=30, generator=torch.Generator().manual_seed(0))
         >>> out.images[0].save("out.png"); out.trace.heatmap("heatmap.png")
         >>> pooled = fe.FusionPipeline(sd_pipe, pool=pool, policy="fls")
-        >>> out = pooled(["a dog", "a cat"], pairs=[("dog", "watercolor"), ("cat", "pixel-art")])
-        >>> out.trace.image_summary(1, out.pairs[1])  # how often each of image 1's LoRAs was kept
+        >>> out = pooled(["a dog", "a cat"], loras=[("dog", "watercolor"), ("cat", "pixel-art")])
+        >>> out.trace.image_summary(1, out.loras[1])  # how often each of image 1's LoRAs was kept
     """
 
     def __init__(self, pipe, subject=None, style=None, policy="fls", *, divergence: str = "kl",
@@ -191,7 +199,7 @@ class FusionPipeline:
         """The lean loop's parts for this pipeline (``fusion_engine.samplers``), or None when it cannot drive it."""
         return sampler_for(self.pipe, pipeline_base_class(self.pipe))
 
-    def __call__(self, prompt=None, negative_prompt=None, *, pairs=None, progress: bool | None = None,
+    def __call__(self, prompt=None, negative_prompt=None, *, loras=None, pairs=None, progress: bool | None = None,
                  subject_prompt=None, style_prompt=None, reference_images=None, **kwargs):
         """Run the wrapped pipeline's call with the fusion attached; returns a ``FusionPipelineOutput``.
 
@@ -199,10 +207,11 @@ class FusionPipeline:
             prompt, negative_prompt, **kwargs: the pipeline's own ``__call__`` arguments (every one, by keyword
                 beyond these two), with the pipeline's defaults. ``return_dict=False`` returns the pipeline's
                 tuple with the trace appended.
-            pairs: with ``pool`` only (and then required): the LoRAs of each prompt or of each image, e.g.
+            loras: with ``pool`` only (and then required): the LoRAs of each prompt or of each image, e.g.
                 ``[("dog", "watercolor"), ("cat", "pixel-art"), "cat"]``; checked against the pool before sampling.
             progress: show (True) or hide (False) the pipeline's progress bar for this call; None leaves the
                 pipeline's setting.
+            pairs: deprecated name of ``loras``.
             subject_prompt, style_prompt, reference_images: LLR only (see ``refine``).
         """
         if prompt is not None:
@@ -213,34 +222,34 @@ class FusionPipeline:
         if self.refine is None and any(value is not None for value in llr.values()):
             given = sorted(name for name, value in llr.items() if value is not None)
             raise OptionError(f"{', '.join(given)}: LLR arguments, but this FusionPipeline has no refine=Refiner(...)")
-        assignment = self._assignment(pairs, kwargs)
+        assignment = self._assignment(renamed_option(loras, pairs, "pairs", "loras"), kwargs)
         return_dict = kwargs.pop("return_dict", True)
         lean = self._lean_reason(kwargs)
         if lean is not None:
             output = self._lean_call(kwargs, progress, llr, lean, assignment)
         else:
             output = self._pipeline_call(kwargs, progress, assignment)
-        output.pairs = assignment
+        output.loras = assignment
         if return_dict:
             return output
         own = output.pipeline_output.to_tuple() if output.pipeline_output is not None else (output.images,)
         return (*own, output.trace)
 
-    def _assignment(self, pairs, kwargs: dict) -> list[tuple[str, ...]] | None:
+    def _assignment(self, loras, kwargs: dict) -> list[tuple[str, ...]] | None:
         """With a pool: each image's LoRA names, checked against the pool (``UnknownLoRAError``) and the call's
         prompts (``BatchLayoutError`` naming both counts) before anything runs. Without: None."""
         if self.pool is None:
-            if pairs is not None:
-                raise OptionError("pairs= names LoRAs per image from a pool, but this FusionPipeline fuses one "
+            if loras is not None:
+                raise OptionError("loras= names LoRAs per image from a pool, but this FusionPipeline fuses one "
                                   "subject/style pair: make it with FusionPipeline(pipe, pool=pool, ...)")
             return None
-        if pairs is None:
-            raise OptionError("this FusionPipeline fuses a LoRA pool: pass pairs=[...] with the prompts, one entry "
+        if loras is None:
+            raise OptionError("this FusionPipeline fuses a LoRA pool: pass loras=[...] with the prompts, one entry "
                               "per prompt or per image (a LoRA name or a tuple of names)")
-        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
-            raise OptionError(f"pairs must be a list with one entry per prompt or per image, got {pairs!r:.80}")
+        if isinstance(loras, (str, bytes)) or not hasattr(loras, "__iter__"):
+            raise OptionError(f"loras must be a list with one entry per prompt or per image, got {loras!r:.80}")
         with_defaults = {"num_images_per_prompt": 1, **kwargs}
-        return normalize_assignment(pairs_per_image(pairs, with_defaults), self.pool)
+        return normalize_assignment(loras_per_image(loras, with_defaults), self.pool)
 
     def _attach_to_pipe(self, assignment):
         if assignment is None:
@@ -249,7 +258,7 @@ class FusionPipeline:
 
     def _pipeline_call(self, kwargs: dict, progress: bool | None, assignment) -> FusionPipelineOutput:
         if assignment is not None:
-            kwargs = {**kwargs, "pairs": assignment}
+            kwargs = {**kwargs, "loras": assignment}
         with _progress_bar(self.pipe, progress), self._attach_to_pipe(assignment) as fusion:
             result = self.pipe(**kwargs, return_dict=True)
         trace = fusion.trace
@@ -318,7 +327,7 @@ class FusionPipeline:
         try:
             fusion.set_batch_layout(images, conditioning.copies)
             if assignment is not None:
-                fusion.set_assignment(assignment)
+                fusion.set_loras(assignment)
             bar = tqdm(timesteps, desc=f"fusion {fusion.policy.describe()}", disable=not show, leave=False)
             for step, t in enumerate(bar):
                 fusion.set_step(step, len(timesteps))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BatchLayoutError, OptionError, StepContextError, UnknownLoRAError, preview
 from .context import FusionContext
-from .errors import BatchLayoutError, OptionError, StepContextError, UnknownLoRAError, preview
 
 
 def normalize_assignment(entries, pool) -> list[tuple[str, ...]]:
@@ -44,7 +44,7 @@ class PoolContext(FusionContext):
         self.assignment: list[tuple[str, ...]] | None = None
         self._tables: dict[tuple, torch.Tensor] = {}
 
-    def set_assignment(self, entries) -> None:
+    def set_loras(self, entries) -> None:
         assignment = normalize_assignment(entries, self.pool)
         for names in assignment:
             self.policy.check_named(len(names))
@@ -57,13 +57,13 @@ class PoolContext(FusionContext):
     def _images_of_rows(self, batch: int) -> list[int]:
         if self.assignment is None:
             raise StepContextError("a pool fusion needs to know which LoRAs each image uses: call "
-                                   "fusion.set_assignment([(...), ...]) (or pass pairs=[...] to the pipeline call)")
+                                   "fusion.set_loras([(...), ...]) (or pass loras=[...] to the pipeline call)")
         images = self.images if self.images is not None else batch
         if len(self.assignment) != images:
             layout = (f"the batch layout says {self.images} image(s) x {self.copies} copies" if self.images
                       else f"without a batch layout each of the {batch} batch rows is an image")
-            raise BatchLayoutError(f"the assignment names LoRAs for {len(self.assignment)} image(s), but {layout}; "
-                                   "give one entry per image")
+            raise BatchLayoutError(f"the LoRA lists (loras=) name LoRAs for {len(self.assignment)} image(s), but "
+                                   f"{layout}; give one entry per image")
         return [row % images for row in range(batch)]
 
     def _key(self, kind: str, batch: int, device) -> tuple:

@@ -6,7 +6,7 @@ reading the folder never sees a half-written file: at most a hidden ``.stem.tmp-
 behind and the target is untouched. The eval CSV is appended to with :func:`append_line` (whole lines).
 
 Example:
-    >>> from fusion_engine.io import atomic_write, write_text
+    >>> from fusion_engine.utils.io import atomic_write, write_text
     >>> with atomic_write("out/image.png") as scratch:
     ...     image.save(scratch, format="PNG")
     >>> write_text("out/settings.json", json.dumps(settings))

@@ -5,7 +5,7 @@ Each PNG carries two text chunks: ``parameters`` in the AUTOMATIC1111 web UI's l
 with the same facts as JSON, which ``read_parameters`` returns. A JSON sidecar ``NAME.json`` holds the JSON too.
 
 Example:
-    >>> from fusion_engine.image_files import read_parameters
+    >>> from fusion_engine.cli.image_files import read_parameters
     >>> read_parameters("out/00001_0_0.png")["prompt"]
     'a sbu dog in szn style'
 """
@@ -15,8 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from .errors import OptionError
-from .io import atomic_write, write_text
+from ..errors import OptionError
+from ..utils.io import atomic_write, write_text
 
 JSON_KEY = "fusion_engine"
 A1111_KEY = "parameters"

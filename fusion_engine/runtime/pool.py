@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import LoRAShapeError, OptionError, PoolBudgetError, UnknownLoRAError, preview
-from .lora import LoRA, load_lora
-from .lora.checks import check_cast_factor, check_layer_scale
-from .ops.reference import accumulation_dtype
+from ..errors import LoRAShapeError, OptionError, PoolBudgetError, UnknownLoRAError, preview
+from ..lora import LoRA, load_lora
+from ..lora.checks import check_cast_factor, check_layer_scale
+from ..ops.reference import accumulation_dtype
 
 
 @dataclass
@@ -96,7 +96,7 @@ class LoRAPool:
         >>> pool = fe.LoRAPool(device="cuda", dtype=torch.float16, budget_bytes=2 << 30)
         >>> pool.add("dog", "dog_lora.safetensors"); pool.add("watercolor", fe.load_lora("wc.safetensors", scale=0.8))
         >>> fusion = fe.attach(pipe, pool=pool, policy="fls")
-        >>> pipe(["a dog", "a cat"], pairs=[("dog", "watercolor"), ("cat", "pixel-art")])
+        >>> pipe(["a dog", "a cat"], loras=[("dog", "watercolor"), ("cat", "pixel-art")])
     """
 
     def __init__(self, device="cpu", dtype: torch.dtype = torch.float32, budget_bytes: int | None = None):

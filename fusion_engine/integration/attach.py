@@ -25,14 +25,14 @@ import weakref
 
 import torch.nn as nn
 
-from .context import images_in_batch
-from .errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
-from .fusion import Fusion, as_lora, attach_model
-from .lora.weights import DENOISERS
-from .samplers import uses_true_cfg
-from .trace import Trace
+from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
+from ..lora.weights import DENOISERS
+from ..runtime.context import images_in_batch
+from ..runtime.fusion import Fusion, as_lora, attach_model
+from ..runtime.trace import Trace
+from ..samplers import uses_true_cfg
 
-_PIPELINES: weakref.WeakKeyDictionary[object, PipelineFusion] = weakref.WeakKeyDictionary()
+_PIPELINES: weakref.WeakKeyDictionary[object, PipelineAttachment] = weakref.WeakKeyDictionary()
 _FUSED_CLASSES: dict[type, type] = {}
 
 
@@ -98,7 +98,7 @@ def _fused_class(cls: type) -> type:
     return _FUSED_CLASSES[cls]
 
 
-class PipelineFusion:
+class PipelineAttachment:
     """Handle of a fusion attached to a pipeline: the denoiser's ``Fusion``, the last call's trace, ``detach``.
 
     Also a context manager (detaches on exit, whatever happens).
@@ -164,7 +164,7 @@ class PipelineFusion:
         for fusion in (*self.components.values(), self.fusion):
             fusion.detach()
 
-    def __enter__(self) -> PipelineFusion:
+    def __enter__(self) -> PipelineAttachment:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -172,7 +172,7 @@ class PipelineFusion:
 
     def __repr__(self) -> str:
         parts = ", ".join([self.denoiser, *self.components])
-        return f"PipelineFusion({type(self.pipe).__name__}: {parts}; {self.fusion!r})"
+        return f"PipelineAttachment({type(self.pipe).__name__}: {parts}; {self.fusion!r})"
 
     # -- one pipeline call ------------------------------------------------------------------------------------
     def call(self, original, pipe, args, kwargs):
@@ -268,7 +268,7 @@ def check_attachable(pipe) -> str:
     return name
 
 
-def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> PipelineFusion:
+def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> PipelineAttachment:
     """Fuse ``pipe``'s denoiser (and every other component the LoRAs have layers for) and follow its calls."""
     if pipe in _PIPELINES:
         raise AlreadyAttachedError(
@@ -283,7 +283,7 @@ def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> P
             # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
             components[component] = attach_model(getattr(pipe, component), component_subject, component_style,
                                                  backend=options.get("backend", "auto"), trace=False)
-        handle = PipelineFusion(pipe, name, fusion, components, trace)
+        handle = PipelineAttachment(pipe, name, fusion, components, trace)
         handle.install()
     except BaseException:
         for attached in (*components.values(), fusion):
@@ -318,26 +318,9 @@ def _component_loras(pipe, subject, style, denoiser: str):
             yield component, parts
 
 
-def attach(target, subject=None, style=None, *, pool=None, **options):
-    """``fe.attach``: to a diffusers pipeline object (``PipelineFusion``) or to a model (``Fusion``).
-
-    See ``fusion_engine.fusion.attach_model`` for the options. With ``pool=`` (a ``fe.LoRAPool``, no subject or
-    style) each image fuses the LoRAs it names: see ``fusion_engine.pool_fusion.attach_pool``.
-    """
-    if pool is not None:
-        if subject is not None or style is not None:
-            raise AttachError("attach takes a subject/style pair or a pool=, not both")
-        from .pool_fusion import attach_pool_target  # the pool path sits beside the pair path
-
-        return attach_pool_target(target, pool, **options)
-    if is_pipeline(target):
-        return attach_pipeline(target, subject, style, **options)
-    return attach_model(target, subject, style, **options)
-
-
-def attached_pipeline(pipe) -> PipelineFusion | None:
+def attached_pipeline(pipe) -> PipelineAttachment | None:
     return _PIPELINES.get(pipe)
 
 
-__all__ = ["PipelineFusion", "attach", "attach_pipeline", "attached_pipeline", "call_signature", "check_attachable",
+__all__ = ["PipelineAttachment", "attach_pipeline", "attached_pipeline", "call_signature", "check_attachable",
            "check_call_arguments", "denoiser_name", "is_pipeline", "pipeline_base_class"]

@@ -1,0 +1,1 @@
+"""Image scoring shared by refine and eval: encoders (CLIP, DINO), metrics, and bootstrap intervals (``stats.py``)."""
