@@ -19,10 +19,12 @@ Setups, one denoiser call each, in order of value (a run cut short keeps the mos
 merged weights (diffusers ``fuse_lora`` of both adapters: the floor), diffusers/PEFT two adapters unmerged
 (``set_adapters``), ``fe.attach`` fls on triton with right and with forced-wrong speculation guesses (the bounds of
 the fix-up rate; ``fusion_engine.speculation``), the pool of 8 distinct pairs for 8 images in one call vs 8
-per-request calls of the single-pair attach (sampling only: attach/detach per request not modelled), fls split
-(``base="cublas"``) where ``fe.attach`` offers it, direct and klora on triton, then fls/direct/klora on the reference
-backend. Each eager and replayed from a CUDA graph captured by hand (``torch.cuda.graph``); a setup that cannot be
-captured gets a row saying why. torch.compile is left out: minutes of compile per setup do not fit the loan.
+per-request calls of the single-pair attach (sampling only: attach/detach per request not modelled), fls with the base
+GEMM forced into cuBLAS (the split variant, ``base="cublas"``) and into the kernel at every layer (fe.attach has no
+base= option: the launcher's size-class choice is overridden for the row), direct and klora on triton, then
+fls/direct/klora on the reference backend. Each eager and replayed from a CUDA graph captured by hand
+(``torch.cuda.graph``); a setup that cannot be captured gets a row saying why. torch.compile is left out: minutes
+of compile per setup do not fit the loan.
 
 Per row: ms per call, images/s, peak memory (GiB allocated), ratio to merged (same mode). Every row is appended to
 ``<out-dir>/e2e.jsonl`` and ``e2e.csv`` as it finishes. Before the rows, a roofline floor per targeted linear shape
@@ -34,7 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import inspect
+import importlib
 import json
 import os
 import statistics
@@ -313,7 +315,6 @@ class Bench:
         self.pair = [random_factors(self.model, self.names, r, LORA_B_STD[i], seed=1 + i) for i in range(2)]
         self.component = "unet" if name == "sdxl" else "transformer"
         self.modes = ["eager"] + (["graph"] if self.timer.cuda else [])
-        self.backends = ["triton", "reference"] if self.timer.cuda else ["reference"]
 
     # --- helpers
     def call(self, images: int = 1):
@@ -398,11 +399,25 @@ class Bench:
         from fusion_engine.speculation import force_wrong_guesses
 
         with self.attach("fls", "triton"):
-            self.row("fe fls triton, right guesses (fix-up rate 0)", self.call())
+            self.row("fe fls triton (size-class base), right guesses (fix-up rate 0)", self.call())
             flips = self.flip_rate()
             with force_wrong_guesses(self.model):
-                self.row("fe fls triton, forced-wrong guesses (fix-up rate 1)", self.call(), flips=flips,
-                         note="flips: observed rate on new inputs, random weights")
+                self.row("fe fls triton (size-class base), forced-wrong guesses (fix-up rate 1)", self.call(),
+                         flips=flips, note="flips: observed rate on new inputs, random weights")
+
+    def split_rows(self) -> None:
+        """fls on triton with the base GEMM forced into the kernel ("fused") and into cuBLAS ("cublas", the split
+        variant) at every layer, beside the size-class choice of the rows above. fe.attach has no base= option, so
+        the launcher's size-class function is overridden for the row (``forced_base``)."""
+        for base in ("cublas", "fused"):
+            setup = f"fe fls triton, base forced {base!r} at every layer"
+            try:
+                force = forced_base(base)
+            except AttributeError as e:
+                self.skip(setup, str(e))
+                continue
+            with force, self.attach("fls", "triton"):
+                self.row(setup, self.call())
 
     def pool_rows(self, backend: str) -> None:
         import fusion_engine as fe
@@ -438,12 +453,7 @@ class Bench:
         if cuda:
             self.fls_triton_rows()
             self.pool_rows("triton")
-            if "base" in inspect.signature(fe_attach_model()).parameters:
-                with self.attach("fls", "triton", base="cublas"):
-                    self.row("fe fls triton split (base='cublas')", self.call())
-            else:
-                self.skip("fe fls triton split (base='cublas')", "fe.attach offers no base= option (the op does: "
-                          "bench/gpu_table.py times the split variant per layer)")
+            self.split_rows()
             for policy in ("direct", "klora"):
                 with self.attach(policy, "triton"):
                     self.row(f"fe {policy} triton", self.call())
@@ -464,11 +474,23 @@ class Bench:
         return f"{self.model.config.num_layers}/19 double + {self.model.config.num_single_layers}/38 single blocks"
 
 
-def fe_attach_model():
-    """The function behind fe.attach for a model (its signature says which options it takes)."""
-    from fusion_engine.fusion import attach_model
+class forced_base:
+    """Within the block, the fused FLS launcher puts every layer's base GEMM where ``base`` says ("fused": in the
+    Triton kernel; "cublas": the split variant) instead of its size-class choice (``fls_base_config``)."""
 
-    return attach_model
+    def __init__(self, base: str):
+        self.module = importlib.import_module("csrc_triton.fls_linear")
+        if not hasattr(self.module, "fls_base_config"):
+            raise AttributeError("csrc_triton.fls_linear has no fls_base_config to override any more")
+        self.base, self.saved = base, None
+
+    def __enter__(self):
+        self.saved = self.module.fls_base_config
+        self.module.fls_base_config = lambda M, N, K: self.base
+        return self
+
+    def __exit__(self, *exc):
+        self.module.fls_base_config = self.saved
 
 
 # ----------------------------------------------------------------------------- main
