@@ -26,8 +26,8 @@ fls/direct/klora on the reference backend. Each eager and replayed from a CUDA g
 (``torch.cuda.graph``); a setup that cannot be captured gets a row saying why. torch.compile is left out: minutes
 of compile per setup do not fit the loan.
 
-Per row: ms per call, images/s, peak memory (GiB allocated), ratio to merged (same mode). Every row is appended to
-``<out-dir>/e2e.jsonl`` and ``e2e.csv`` as it finishes. Before the rows, a roofline floor per targeted linear shape
+Per row: ms per call, images/s, peak memory (GiB allocated), ratio to merged (same mode, per image). Rows go to
+``<out-dir>/e2e.jsonl`` and ``e2e.csv`` as each finishes. Before the rows, a roofline floor per targeted linear shape
 (FLOPs, bytes, exps of FLS's softmaxes) from the card's peak rates. FLS+LLR is not measured here: LLR needs the
 whole pipeline (VAE decode, CLIP/DINO encoders and their gradients), which a denoiser-only benchmark does not have.
 """
