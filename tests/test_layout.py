@@ -25,6 +25,7 @@ LAYERS = {
     "fusion_engine.scoring": 3,  # encoders, metrics, bootstrap intervals: used by refine and eval
     "fusion_engine.samplers": 3,  # the lean loop's per-family parts (UNet, FLUX, SD3) and prompt encoding
     "fusion_engine.runtime": 4,  # stand-in layers, context, trace, the LoRA pool, attach to a model
+    "fusion_engine.runtime.speculation": 4,  # forces the kernels' speculation guess wrong (benchmarks, tests)
     "fusion_engine.integration": 5,  # diffusers pipelines: attach, FusionPipeline, BatchFusion, model paths
     "fusion_engine.refine": 5,  # LLR
     "fusion_engine.api": 6,  # the public front door
