@@ -407,17 +407,72 @@ driver.set_active(_FakeDriver())
 _run = jit.JITFunction.run
 jit.JITFunction.run = lambda self, *a, grid, warmup, **k: _run(self, *a, grid=grid, warmup=True, **k)
 
-from csrc_triton import fls_linear_fwd, mix_linear_fwd
-dt = torch.bfloat16
-for (M, K, N), (rc, rs) in (((8192, 640, 640), (64, 64)), ((41, 61, 77), (0, 5)), ((4608, 3072, 12288), (128, 16))):
-    x, w, b = torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
-    ac, bc, as_, bs = (torch.empty(s, dtype=dt) for s in ((rc, K), (N, rc), (rs, K), (N, rs)))
+import importlib, inspect, types
+from csrc_triton import fls_linear_fwd, mix_linear_fwd, pooled_fls_linear_fwd, pooled_mix_linear_fwd
+
+# split variant (base="cublas"): its y0 = F.linear(...) would run on the CPU here; a stand-in of the right shape
+_split = importlib.import_module("csrc_triton.fls_linear")
+_split.F = types.SimpleNamespace(linear=lambda x, w, b=None: torch.empty(x.shape[0], w.shape[0], dtype=x.dtype))
+E, bf, fp16, fp32 = torch.empty, torch.bfloat16, torch.float16, torch.float32
+n = 0
+
+
+def done(what):
+    global n
+    n += 1
+    print("compiled", what, flush=True)
+
+
+def base_kw(launcher, base):  # a pooled launcher that gains base= gets both variants below; one without, "fused"
+    if "base" in inspect.signature(launcher).parameters:
+        return {"base": base}
+    return None if base == "cublas" else {}
+
+
+# Each constexpr value at least once (not their product: every compile runs ptxas): BASE fused/cublas, DIVERGENCE
+# kl/cosine/dot, HAS_GUESS, HAS_BIAS, an absent LoRA (rank 0), EVEN_K, fp16/bf16/fp32 (DOT_PRECISION), and the
+# size classes' block configs at real SDXL / FLUX shapes.
+# (M, K, N), (subject rank, style rank), dtype, [(divergence, base, guess, bias)]
+PAIR = [((8192, 640, 640), (64, 64), bf, [("kl", "fused", 1, 1), ("kl", "cublas", 1, 1), ("cosine", "fused", 1, 1),
+                                          ("dot", "fused", 1, 1), ("kl", "fused", 0, 0)]),
+        ((154, 2048, 1280), (16, 64), bf, [("kl", "fused", 1, 1), ("kl", "cublas", 1, 0)]),
+        ((4608, 3072, 12288), (128, 16), bf, [("kl", "fused", 1, 1), ("kl", "cublas", 1, 1)]),
+        ((41, 61, 77), (0, 5), fp16, [("kl", "fused", 1, 1), ("cosine", "cublas", 0, 1), ("dot", "fused", 1, 0)]),
+        ((41, 61, 77), (7, 0), fp32, [("kl", "fused", 1, 1), ("kl", "cublas", 0, 0)])]
+for (M, K, N), (rc, rs), dt, cases in PAIR:
+    x, w, b = E(M, K, dtype=dt), E(N, K, dtype=dt), E(N, dtype=dt)
+    ac, bc, as_, bs = (E(s, dtype=dt) for s in ((rc, K), (N, rc), (rs, K), (N, rs)))
     rg = torch.zeros(M, dtype=torch.long)
-    for div in ("kl", "cosine", "dot"):
-        for base in ("fused", "cublas") if M < 100 else ("fused",):  # cublas: F.linear runs on the CPU here
-            fls_linear_fwd(x, w, b, ac, bc, 1.0, as_, bs, 1.0, rg, 2, div, prev_choice=torch.ones(2, dtype=torch.bool),
-                           base=base)
-    mix_linear_fwd(x, w, None, ac, bc, as_, bs, torch.ones(2))
+    for div, base, guess, bias in cases:
+        fls_linear_fwd(x, w, b if bias else None, ac, bc, 1.0, as_, bs, 1.0, rg, 2, div,
+                       prev_choice=torch.ones(2, dtype=torch.bool) if guess else None, base=base)
+        done(f"fls_linear {M}x{K}x{N} r={rc},{rs} {dt} {div} base={base} guess={guess} bias={bias}")
+    mix_linear_fwd(x, w, b if M % 2 else None, ac, bc, as_, bs, torch.ones(2))
+    done(f"mix_linear {M}x{K}x{N} {dt}")
+# the pool: S slots (ranks padded to R), L positions per sample, an absent slot (-1); (B, T, K, N), S, L, R, dtype,
+# [(divergence, base, guess, bias)]
+POOL = [((2, 4096, 640, 640), 16, 2, 64, bf, [("kl", "fused", 1, 1), ("kl", "cublas", 1, 1), ("cosine", "fused", 1, 1),
+                                              ("dot", "fused", 0, 0)]),
+        ((4, 1024, 1280, 1280), 8, 3, 32, bf, [("kl", "fused", 1, 1)]),
+        ((3, 13, 61, 77), 5, 2, 7, fp16, [("kl", "fused", 0, 1), ("dot", "cublas", 1, 0)]),
+        ((3, 13, 61, 77), 5, 3, 7, fp32, [("cosine", "fused", 1, 1)])]
+for (B, T, K, N), S, L, R, dt, cases in POOL:
+    x, w, b = E(B * T, K, dtype=dt), E(N, K, dtype=dt), E(N, dtype=dt)
+    a_stack, b_stack, scales = E(S, R, K, dtype=dt), E(S, N, R, dtype=dt), torch.ones(S)
+    present = torch.ones(S, dtype=torch.bool)
+    slots = torch.arange(B * L).remainder(S).reshape(B, L)
+    slots[-1, -1] = -1
+    rg = torch.arange(B, dtype=torch.int32).repeat_interleave(T)
+    for div, base, guess, bias in cases:
+        if (kw := base_kw(pooled_fls_linear_fwd, base)) is not None:
+            pooled_fls_linear_fwd(x, w, b if bias else None, a_stack, b_stack, scales, present, slots, rg, B, div,
+                                  prev_choice=torch.zeros(B, dtype=torch.long) if guess else None, **kw)
+            done(f"pooled_fls_linear {B}x{T}x{K}x{N} L={L} {dt} {div} base={base} guess={guess} bias={bias}")
+    for base in ("fused", "cublas"):
+        if (kw := base_kw(pooled_mix_linear_fwd, base)) is not None:
+            pooled_mix_linear_fwd(x, w, b if B % 2 else None, a_stack, b_stack, scales, slots, torch.ones(B, L), **kw)
+            done(f"pooled_mix_linear {B}x{T}x{K}x{N} L={L} {dt} base={base}")
+print("triton", triton.__version__, "sm_90, launches compiled:", n)
 print("COMPILED")
 """
 
@@ -425,12 +480,18 @@ print("COMPILED")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter skips the compiler; this runs triton's real sm_90 pipeline (ptxas included)
-    on the installed triton with a stand-in driver, so type errors the interpreter accepts show up."""
+    on the installed triton with a stand-in driver, so type errors the interpreter accepts show up.
+    Every launcher and each constexpr value at least once: fls (fused and split base="cublas", kl/cosine/dot,
+    with and without a guess and a bias, an absent LoRA, bf16/fp16/fp32, SDXL and FLUX size classes), mix,
+    pooled fls (2 and 3 positions, an absent slot, ranks padded) and pooled mix (and the base= variants a
+    pooled launcher offers once it has them). Verifies the installed triton; for another one (the GPU
+    image's 3.6), run it with that triton's Python."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=1800)
     assert "COMPILED" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    print(*res.stdout.splitlines()[-3:], sep="\n")  # shown by pytest -rA
 
 
 def _restricted(lora, prefix):

@@ -25,6 +25,7 @@ LAYERS = {
     "fusion_engine.scoring": 3,  # encoders, metrics, bootstrap intervals: used by refine and eval
     "fusion_engine.samplers": 3,  # the lean loop's per-family parts (UNet, FLUX, SD3) and prompt encoding
     "fusion_engine.runtime": 4,  # stand-in layers, context, trace, the LoRA pool, attach to a model
+    "fusion_engine.runtime.speculation": 4,  # forces the kernels' speculation guess wrong (benchmarks, tests)
     "fusion_engine.integration": 5,  # diffusers pipelines: attach, FusionPipeline, BatchFusion, model paths
     "fusion_engine.refine": 5,  # LLR
     "fusion_engine.api": 6,  # the public front door
@@ -32,6 +33,7 @@ LAYERS = {
     "fusion_engine.eval": 7,
     "fusion_engine.cli": 8,
     "fusion_engine.serve": 8,  # the Ray Serve service: a front end beside the CLI (it serves the toy world by default)
+    "fusion_engine.comfyui": 8,  # the ComfyUI node pack: a front end beside the CLI (imports ComfyUI when run)
     "fusion_engine.worlds": WORLDS,
 }
 HIGHEST_FOR_WORLDS = LAYERS["fusion_engine.api"]  # worlds import the engine up to the API, never eval or the CLI

@@ -1,0 +1,40 @@
+"""Issue 22's CI check of the end-to-end GPU benchmark: ``bench/gpu_e2e.py --smoke`` (CPU, tiny SDXL UNet and FLUX
+transformer, reference backend) runs every setup's code path and writes one row per setup and mode as it goes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+
+def test_gpu_e2e_smoke_writes_every_row(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the smoke run never launches a kernel
+    res = subprocess.run([sys.executable, "bench/gpu_e2e.py", "--smoke", "--out-dir", str(tmp_path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert (tmp_path / "e2e.csv").read_text().count("\n") == len(rows) + 1  # header + the same rows
+    for model in ("sdxl", "flux"):
+        mine = {r["setup"]: r for r in rows if r["model"] == model}
+        assert all(r["depth"] == 1 for r in mine.values())
+        measured = [r for r in mine.values() if r["ms_per_call"] is not None]
+        assert not [r for r in mine.values() if (r["note"] or "").startswith("failed")], mine
+        assert mine["merged (fuse_lora, both adapters)"]["ratio_to_merged"] == 1.0
+        for setup in ("diffusers/PEFT 2 adapters unmerged (set_adapters)", "fe fls reference", "fe direct reference",
+                      "fe klora reference"):
+            assert mine[setup]["ms_per_call"] > 0 and mine[setup]["ratio_to_merged"] > 0
+        pool = [r for r in measured if r["setup"].startswith(("pool fls", "per request fls"))]
+        assert len(pool) == 2 and all(r["images_per_call"] == 2 for r in pool)
+        triton = [r for r in mine.values() if "triton" in r["setup"]]
+        assert triton and all("no CUDA device" in r["note"] for r in triton)  # skipped with the reason
+    assert "depth 1" in res.stdout and "roofline floor" in res.stdout
