@@ -26,10 +26,10 @@ except ImportError:  # hypothesis is a test extra; only tests/test_fuzz.py needs
 
 
 # What a CI run must have: the test extras (peft: diffusers' own LoRA loading, the parity tests' outside oracle;
-# hypothesis: the fuzzers) and torch's triton (the kernel tests). Their test files skip themselves without them,
+# hypothesis: the fuzzers; ray: the HTTP service's tests, from the serve extra) and torch's triton (the kernel tests). Their test files skip themselves without them,
 # which is right on a laptop and wrong in CI, where a skip would hide dozens of tests: with CI set, a missing one
 # stops the run before any test.
-CI_REQUIRED = ("peft", "hypothesis", "triton")
+CI_REQUIRED = ("peft", "hypothesis", "triton", "ray")
 
 
 def ci_missing(environ, find_spec) -> list[str]:
@@ -45,7 +45,7 @@ def pytest_sessionstart(session):
     missing = ci_missing(os.environ, importlib.util.find_spec)
     if missing:
         raise pytest.UsageError(f"CI is set but {missing} cannot be imported: their tests would be skipped, not run; "
-                                "install the test extras (pip install -e '.[test]')")
+                                "install the test extras (pip install -e '.[test,serve]')")
 
 
 @pytest.fixture(scope="session")
