@@ -26,9 +26,9 @@ except ImportError:  # hypothesis is a test extra; only tests/test_fuzz.py needs
 
 
 # What a CI run must have: the test extras (peft: diffusers' own LoRA loading, the parity tests' outside oracle;
-# hypothesis: the fuzzers; ray: the HTTP service's tests, from the serve extra) and torch's triton (the kernel tests). Their test files skip themselves without them,
-# which is right on a laptop and wrong in CI, where a skip would hide dozens of tests: with CI set, a missing one
-# stops the run before any test.
+# hypothesis: the fuzzers; ray: the HTTP service's tests, from the serve extra) and torch's triton (the kernel
+# tests). Their test files skip themselves without them, which is right on a laptop and wrong in CI, where a skip
+# would hide dozens of tests: with CI set, a missing one stops the run before any test.
 CI_REQUIRED = ("peft", "hypothesis", "triton", "ray")
 
 
