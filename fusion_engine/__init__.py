@@ -43,6 +43,7 @@ from .errors import (
     OptionTypeError,
     PoolBudgetError,
     ServiceBusyError,
+    ServiceStoppedError,
     StepContextError,
     StepRangeError,
     UnknownLoRAError,
@@ -58,7 +59,7 @@ __all__ = [
     "FusionEngineError", "InputFileNotFoundError", "LayerAttributeError", "LoRADtypeError", "LoRAFileError",
     "LoRAFileNotFoundError", "LoRAFormatError", "LoRALayoutError", "LoRAShapeError", "LoRAValueError",
     "ModelMismatchError", "ModelPathError", "OptionError", "OptionTypeError", "PoolBudgetError", "ServiceBusyError",
-    "StepContextError", "StepRangeError", "UnknownLoRAError",
+    "ServiceStoppedError", "StepContextError", "StepRangeError", "UnknownLoRAError",
     # the API (fusion_engine/api.py)
     "BatchFusion", "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "LoRAPool", "POLICIES",
     "PipelineAttachment", "Refiner", "Request", "Result", "Trace", "attach", "detach_all", "load_lora", "make_policy",

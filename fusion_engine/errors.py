@@ -22,6 +22,7 @@ input, ``RuntimeError`` for bad sampler state, ``FileNotFoundError`` for missing
     ├── ModelPathError (FileNotFoundError) .. a model path that is not local (pipeline folder, encoder checkpoint)
     ├── BackendError (RuntimeError) ......... a backend that cannot run here (no triton; CPU without the interpreter)
     ├── ServiceBusyError (RuntimeError) ..... a BatchFusion queue that is full (retry later)
+    ├── ServiceStoppedError (RuntimeError) .. a BatchFusion whose worker thread is not running (nothing would answer)
     ├── OptionError (ValueError) ............ an argument, option or options file the caller gave that cannot be used
     │   ├── OptionTypeError (TypeError) ..... options of the wrong kind (e.g. options beside a ready policy)
     │   ├── UnknownLoRAError (KeyError) ..... a LoRA name that the LoRA pool does not hold
@@ -103,6 +104,10 @@ class BackendError(FusionEngineError, RuntimeError):
 
 class ServiceBusyError(FusionEngineError, RuntimeError):
     """``fe.BatchFusion.submit`` with its bounded queue full: retry later (a server answers 503)."""
+
+
+class ServiceStoppedError(FusionEngineError, RuntimeError):
+    """``fe.BatchFusion.submit`` when the worker thread is not running any more: nothing would answer."""
 
 
 class OptionError(FusionEngineError, ValueError):

@@ -25,6 +25,29 @@ except ImportError:  # hypothesis is a test extra; only tests/test_fuzz.py needs
     pass
 
 
+# What a CI run must have: the test extras (peft: diffusers' own LoRA loading, the parity tests' outside oracle;
+# hypothesis: the fuzzers) and torch's triton (the kernel tests). Their test files skip themselves without them,
+# which is right on a laptop and wrong in CI, where a skip would hide dozens of tests: with CI set, a missing one
+# stops the run before any test.
+CI_REQUIRED = ("peft", "hypothesis", "triton")
+
+
+def ci_missing(environ, find_spec) -> list[str]:
+    """The CI_REQUIRED modules ``find_spec`` cannot find, when ``environ`` says CI (``CI`` set, not false/0)."""
+    if environ.get("CI", "").strip().lower() in ("", "0", "false", "no"):
+        return []
+    return [name for name in CI_REQUIRED if find_spec(name) is None]
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+
+    missing = ci_missing(os.environ, importlib.util.find_spec)
+    if missing:
+        raise pytest.UsageError(f"CI is set but {missing} cannot be imported: their tests would be skipped, not run; "
+                                "install the test extras (pip install -e '.[test]')")
+
+
 @pytest.fixture(scope="session")
 def _tiny_pipe_master():
     return build_tiny_pipeline(seed=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OptionError
@@ -52,9 +53,40 @@ def a1111_parameters(info: dict) -> str:
 
 
 def next_run(out: Path) -> int:
-    """1 + the highest run number of the files in ``out`` (``NNNNN_...``), 1 for an empty folder."""
-    numbers = [int(m.group(1)) for p in Path(out).iterdir() if (m := _RUN.match(p.name))] if Path(out).is_dir() else []
-    return max(numbers, default=0) + 1
+    """1 + the highest run number of the files in ``out`` (``NNNNN_...``, and runs still writing), 1 for an empty
+    folder."""
+    names = [p.name.removeprefix(".") for p in Path(out).iterdir()] if Path(out).is_dir() else []
+    return max((int(m.group(1)) for name in names if (m := _RUN.match(name))), default=0) + 1
+
+
+def _claim_path(out: Path, run: int) -> Path:
+    return Path(out) / f".{run:05d}_claim"
+
+
+@contextmanager
+def claim_run(out: Path):
+    """A fresh run number in ``out``, held until the block ends: a hidden ``.NNNNN_claim`` marker made with an
+    exclusive create, so two processes writing into one folder never share a number (the marker goes when the
+    run's files are written; a crashed run's marker only retires its number)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = next_run(out)
+    while True:
+        try:
+            with _claim_path(out, run).open("x"):
+                pass
+        except FileExistsError:  # another run holds this number
+            run += 1
+            continue
+        if any(p.name.startswith(f"{run:05d}_") for p in out.iterdir()):  # a finished run's files: not free
+            _claim_path(out, run).unlink()
+            run += 1
+            continue
+        break
+    try:
+        yield run
+    finally:
+        _claim_path(out, run).unlink(missing_ok=True)
 
 
 def save_png(image, path: Path, info: dict) -> Path:
@@ -71,18 +103,14 @@ def save_png(image, path: Path, info: dict) -> Path:
     return path
 
 
-def save_run(images, out: Path, info: dict) -> list[Path]:
-    """Save a run's images as ``out/RUN_SEED_INDEX.png`` under a fresh run number (racing runs take the next)."""
-    out.mkdir(parents=True, exist_ok=True)
-    run = next_run(out)
-    while True:
-        try:
-            first = save_png(images[0], out / f"{run:05d}_{info['seed']}_0.png", {**info, "run": run, "index": 0})
-            break
-        except FileExistsError:  # another run took this number between our scan and our write
-            run += 1
-    return [first, *(save_png(image, out / f"{run:05d}_{info['seed']}_{i}.png", {**info, "run": run, "index": i})
-                     for i, image in enumerate(images[1:], start=1))]
+def save_run(images, out: Path, info: dict, run: int | None = None) -> list[Path]:
+    """Save a run's images as ``out/RUN_SEED_INDEX.png``: under ``run`` (held with ``claim_run``), or under a
+    fresh run number claimed for the writing."""
+    if run is None:
+        with claim_run(out) as run:
+            return save_run(images, out, info, run)
+    return [save_png(image, Path(out) / f"{run:05d}_{info['seed']}_{i}.png", {**info, "run": run, "index": i})
+            for i, image in enumerate(images)]
 
 
 def read_parameters(path) -> dict:

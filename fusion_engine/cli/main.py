@@ -31,11 +31,24 @@ def _number(text: str, kind):
     return value
 
 
+MAX_COUNT, MAX_STEPS = 100_000, 1000  # beyond these a count is a typo, and would fail deep inside torch/diffusers
+
+
 def positive_int(text: str) -> int:
-    """An integer >= 1 (steps, images, seeds, tau)."""
+    """An integer in [1, MAX_COUNT] (images, seeds, pairs, tau)."""
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_COUNT}")
+    return value
+
+
+def step_count(text: str) -> int:
+    """Sampling steps: an integer in [1, MAX_STEPS] (the schedulers' 1000 training timesteps)."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_STEPS} (the schedulers' training timesteps)")
     return value
 
 
@@ -118,7 +131,9 @@ def block_map(text: str) -> dict:
 
 
 def _fusion_options(args) -> dict:
-    options = dict(divergence=args.divergence, granularity=args.granularity, backend=args.backend)
+    options = dict(granularity=args.granularity, backend=args.backend)
+    if args.policy == "fls":  # recorded only where it is used
+        options = dict(divergence=args.divergence or "kl", **options)
     if args.policy == "blora" and args.blocks is not None:
         options["blocks"] = args.blocks
     if args.policy == "direct" and args.weights is not None:
@@ -128,18 +143,26 @@ def _fusion_options(args) -> dict:
     return options
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder or a path a folder can be made at: no file there or above it."""
+    from fusion_engine.errors import OptionError
+
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == out else f" ({existing} above it)"
+        raise OptionError(f"--out {out}: is a file{where}; give a folder (the outputs are written into it)")
+
+
 def _check_generate(args) -> None:
     """Every mistake in the flags, found before anything heavy is loaded."""
     import torch
 
     from fusion_engine.errors import OptionError
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {out}: is a file; give a folder (images are written into it)")
+    _check_out(Path(args.out))
     if args.subject is None and args.style is None:
         raise OptionError("give --subject, --style or both (a LoRA .safetensors each)")
-    for flag, policy in (("blocks", "blora"), ("weights", "direct"), ("tau", "switch")):
+    for flag, policy in (("blocks", "blora"), ("weights", "direct"), ("tau", "switch"), ("divergence", "fls")):
         if getattr(args, flag) is not None and args.policy != policy:
             raise OptionError(f"--{flag} is an option of --policy {policy}, not of --policy {args.policy}")
     if args.policy == "composite" and (args.subject is None or args.style is None):
@@ -148,6 +171,8 @@ def _check_generate(args) -> None:
         device = torch.device(args.device)
     except RuntimeError:
         raise OptionError(f"--device {args.device!r}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise OptionError(f"--device {args.device}: not a device that can run the model (cpu, cuda, cuda:1, mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); "
                           "use --device cpu")
@@ -212,7 +237,14 @@ def _set_scheduler(pipe, name: str) -> None:
     if name not in compatible:
         raise OptionError(f"--scheduler {name}: not a scheduler this pipeline can use; compatible: "
                           f"{', '.join(sorted(compatible))}")
-    pipe.scheduler = compatible[name].from_config(pipe.scheduler.config)
+    try:  # a missing extra (torchsde) or a config it cannot run from (EDM's sigmas) shows here, not mid-sampling
+        scheduler = compatible[name].from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(2)
+    except Exception as error:  # noqa: BLE001 - diffusers raises ImportError, TypeError, ValueError, ...
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        raise OptionError(f"--scheduler {name}: cannot run from this pipeline's scheduler config ({message})") \
+            from None
+    pipe.scheduler = scheduler
 
 
 def _refiner(args, device):
@@ -268,7 +300,7 @@ def cmd_generate(args) -> int:
     import torch
 
     import fusion_engine as fe
-    from fusion_engine.cli.image_files import save_run
+    from fusion_engine.cli.image_files import claim_run, save_run
     from fusion_engine.integration.model_path import check_supported, pipeline_class_name
     from fusion_engine.utils.dtypes import torch_dtype
     from fusion_engine.utils.io import atomic_write
@@ -303,15 +335,16 @@ def cmd_generate(args) -> int:
                   num_images_per_prompt=args.num_images, height=height, width=width, generator=generator,
                   progress=not args.quiet, **extra)
     out = Path(args.out)
-    paths = save_run(result.images, out, _image_record(args, pipe, height, width))
-    written = [str(p) for p in paths]
-    if result.trace is not None and len(result.trace):
-        run = paths[0].name.split("_")[0]
-        with atomic_write(out / f"{run}_trace.json", overwrite=False) as scratch:
-            result.trace.save_json(scratch)
-        with atomic_write(out / f"{run}_heatmap.png", overwrite=False) as scratch:
-            result.trace.heatmap(scratch)
-        written += [str(out / f"{run}_trace.json"), str(out / f"{run}_heatmap.png")]
+    with claim_run(out) as number:  # held until the trace is written: a concurrent run takes another number
+        paths = save_run(result.images, out, _image_record(args, pipe, height, width), number)
+        written = [str(p) for p in paths]
+        if result.trace is not None and len(result.trace):
+            run = f"{number:05d}"
+            with atomic_write(out / f"{run}_trace.json", overwrite=False) as scratch:
+                result.trace.save_json(scratch)
+            with atomic_write(out / f"{run}_heatmap.png", overwrite=False) as scratch:
+                result.trace.heatmap(scratch)
+            written += [str(out / f"{run}_trace.json"), str(out / f"{run}_heatmap.png")]
     print("wrote " + ", ".join(written) + " (each PNG with a .json sidecar)")
     return 0
 
@@ -324,6 +357,7 @@ def cmd_demo(args) -> int:
     from fusion_engine.worlds.base import seed_latents
 
     out = Path(args.out)
+    _check_out(out)  # before a minute of sampling, not at the end
     kind = resolve_world(args.world)
     world = load_world(kind, folder=out / "loras", seed=args.seed)
     subject, style = world.subject(), world.style()
@@ -505,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def fusion_flags(p, policies):
         p.add_argument("--policy", default="fls", choices=policies)
-        p.add_argument("--divergence", default="kl", choices=DIVERGENCES, help="fls only")
+        p.add_argument("--divergence", default=None, choices=DIVERGENCES, help="fls only (default kl)")
         p.add_argument("--granularity", default="image", choices=GRANULARITIES,
                        help="what one decision covers (default: one per image, CFG halves together)")
         p.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -518,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--style-scale", type=finite_float, default=1.0)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None, help="on FLUX only with --true-cfg")
-    gen.add_argument("--steps", type=positive_int, default=50)
+    gen.add_argument("--steps", type=step_count, default=50)
     gen.add_argument("--guidance", type=non_negative_float, default=None,
                      help="CFG scale (default 5 on SD 1.x/2.x, SDXL and SD3; <= 1 turns CFG off); on FLUX the "
                           "distilled guidance embedding (default 3.5, FluxPipeline's own)")
@@ -554,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="every policy on the embedded default world (no downloads, CPU)")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=positive_int, default=20)
+    demo.add_argument("--steps", type=step_count, default=20)
     demo.add_argument("--images", type=positive_int, default=4)
     demo.add_argument("--guidance", type=non_negative_float, default=5.0)
     demo.add_argument("--seed", type=seed_int, default=0)
@@ -596,7 +630,7 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is there, else cpu")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--steps", type=step_count, default=50)
     parser.add_argument("--guidance", type=non_negative_float, default=5.0)
     parser.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8")
     parser.add_argument("--width", type=image_size, default=None)

@@ -103,6 +103,9 @@ def load_pairs(path) -> list[Pair]:
         name = entry["name"]
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in names:
             raise _pair_error(path, where, f"pair name {name!r} must be unique and use only letters, digits, _ . -")
+        if not name.strip("."):  # '.' and '..' would name the output folder itself or its parent
+            raise _pair_error(path, where, f"pair name {name!r} is all dots: it would write outside its own folder; "
+                                           "use letters or digits")
         names.add(name)
         if ("subject_image" in entry) != ("style_image" in entry):
             raise _pair_error(path, where, "gives one reference image; give both subject_image and style_image "

@@ -6,15 +6,22 @@ image fusing its own LoRAs with its own seed (so an image is the same whatever s
 cannot run (a LoRA name the pool lacks, bad options) fails alone with its error; the rest of its batch completes.
 If a whole batch call raises, each of its requests is run alone, so only the faulty ones fail.
 
+Requests share a call only when their options are equal as plain values (numbers, strings, None, and lists,
+tuples and dicts of them): a request whose options hold anything else (a tensor, an image, an array) runs in a
+call of its own, since such values cannot be compared exactly (torch abbreviates a large tensor's repr).
+
 Two ways to drive it: ``run(requests)`` (synchronous: group, run, return results in order), or ``start()`` +
 ``submit(request)`` -> ``concurrent.futures.Future`` with a worker thread that drains a bounded queue, waiting
 at most ``max_wait_s`` after the first request of a batch for more to join it. Inside a network server (any
 framework): create one ``BatchFusion`` per GPU at start-up, ``start()`` it, and from each request handler
 ``await asyncio.wrap_future(service.submit(request))``; a full queue raises ``ServiceBusyError`` at once
-(answer 503). The attached pipeline is used only by the worker thread.
+(answer 503). A future cancelled while it waits (a client that timed out or left) is skipped; the worker
+survives whatever a batch raises, and should it stop anyway ``submit`` raises ``ServiceStoppedError`` rather
+than queue a request nothing would answer. The attached pipeline is used only by the worker thread.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -24,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FusionEngineError, OptionError, ServiceBusyError
+from ..errors import FusionEngineError, OptionError, OptionTypeError, ServiceBusyError, ServiceStoppedError
 from .pool_attach import attach_pool_target
 
 _RESERVED = ("prompt", "loras", "pairs", "generator", "num_images_per_prompt", "callback_on_step_end")
@@ -40,8 +47,24 @@ class Request:
     options: dict = field(default_factory=dict)  # pipeline call options: num_inference_steps, guidance_scale, ...
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call."""
-        return tuple(sorted((k, repr(v)) for k, v in self.options.items()))
+        """Requests with equal keys can share one pipeline call: the options as exact plain values; a request with
+        an option that cannot be compared exactly (a tensor, an image) gets a key of its own."""
+        key = _exact(self.options)
+        return key if key is not None else ("alone", object())
+
+
+def _exact(value):
+    """A hashable key equal only for equal plain values (numbers, strings, None, and lists, tuples and dicts of
+    them; the type is part of the key, so 1, 1.0 and True differ), or None for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return type(value).__name__, value
+    if isinstance(value, (list, tuple)):
+        items = tuple(_exact(item) for item in value)
+        return None if None in items else (type(value).__name__, items)
+    if isinstance(value, dict) and all(isinstance(name, str) for name in value):
+        items = tuple((name, _exact(value[name])) for name in sorted(value))
+        return None if any(item is None for _, item in items) else ("dict", items)
+    return None
 
 
 @dataclass
@@ -81,8 +104,8 @@ class BatchFusion:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"BatchFusion: {name} must be a whole number >= 1, got {value!r}")
-        if not max_wait_s >= 0:
-            raise OptionError(f"BatchFusion: max_wait_s must be >= 0, got {max_wait_s!r}")
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
+            raise OptionError(f"BatchFusion: max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
         self.pipe, self.pool, self.max_batch, self.max_wait_s = pipe, pool, max_batch, max_wait_s
         self.fusion = attach_pool_target(pipe, pool, **attach_options)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -108,8 +131,24 @@ class BatchFusion:
     def _check(self, request: Request) -> BaseException | None:
         """Why ``request`` cannot run (its own fault), or None."""
         try:
+            if not isinstance(request, Request):
+                raise OptionTypeError(f"expected a fe.Request, got {type(request).__name__}")
             if not isinstance(request.prompt, str):
-                raise OptionError(f"prompt must be a string, got {type(request.prompt).__name__}")
+                raise OptionTypeError(f"prompt must be a string, got {type(request.prompt).__name__}")
+            loras = request.loras
+            if isinstance(loras, dict):
+                raise OptionTypeError(f"loras is a dict ({sorted(map(str, loras))}): give a name, a (subject, style) "
+                                      "pair or N names in priority order; a LoRA's strength is set when it is added "
+                                      "to the pool")
+            if not isinstance(loras, str) and not (isinstance(loras, (list, tuple)) and loras
+                                                   and all(isinstance(name, str) for name in loras)):
+                raise OptionTypeError(f"loras must be a LoRA name or a non-empty list/tuple of names, got "
+                                      f"{type(loras).__name__} {loras!r:.80}")
+            if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
+                raise OptionTypeError(f"seed must be a whole number in [0, 2**63), got {request.seed!r}")
+            if not isinstance(request.options, dict) or not all(isinstance(name, str) for name in request.options):
+                raise OptionTypeError(f"options must be a dict of pipeline call options by name, got "
+                                      f"{type(request.options).__name__} {request.options!r:.80}")
             reserved = sorted(set(request.options) & set(_RESERVED))
             if reserved:
                 raise OptionError(f"options {reserved} are set by BatchFusion per request; pass prompt, loras, seed")
@@ -150,6 +189,9 @@ class BatchFusion:
         """Queue ``request``; its ``Future`` resolves to a ``Result``. ``ServiceBusyError`` when the queue is full."""
         if self._worker is None:
             raise OptionError("BatchFusion.submit needs the worker: call start() first (or use run(requests))")
+        if not self._worker.is_alive():
+            raise ServiceStoppedError("BatchFusion: the worker thread has stopped, so nothing would answer this "
+                                      "request; close() this service and start a new one")
         future: Future = Future()
         try:
             self._queue.put_nowait((request, future))
@@ -168,23 +210,34 @@ class BatchFusion:
     def _serve(self) -> None:
         while not self._stop.is_set() or not self._queue.empty():
             try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
+                self._serve_one()
+            except BaseException:  # noqa: BLE001 - the worker outlives anything one batch does
                 continue
-            pending, deadline = [first], time.monotonic() + self.max_wait_s
-            while len(pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    pending.append(self._queue.get(timeout=left))
-                except queue.Empty:
-                    break
+
+    def _serve_one(self) -> None:
+        """Take one batch from the queue (up to ``max_batch``, ``max_wait_s`` after its first request), run it and
+        resolve its futures; a future cancelled while it waited is dropped (its client has gone)."""
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return
+        pending, deadline = [first], time.monotonic() + self.max_wait_s
+        while len(pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
             try:
-                results = self.run([request for request, _ in pending])
-            except BaseException as error:  # a failure of the service itself: every waiting request learns it
-                for _, future in pending:
-                    future.set_exception(error)
-                continue
-            for (_, future), result in zip(pending, results):
-                future.set_result(result)
+                pending.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        pending = [(request, future) for request, future in pending if future.set_running_or_notify_cancel()]
+        if not pending:
+            return
+        try:
+            results = self.run([request for request, _ in pending])
+        except BaseException as error:  # a failure of the service itself: every waiting request learns it
+            for _, future in pending:
+                future.set_exception(error)
+            return
+        for (_, future), result in zip(pending, results):
+            future.set_result(result)
 
     def close(self) -> None:
         """Finish what is queued, stop the worker, detach the pool from the pipeline."""

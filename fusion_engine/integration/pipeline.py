@@ -88,7 +88,7 @@ class FusionPipeline:
         >>> out.trace.image_summary(1, out.loras[1])  # how often each of image 1's LoRAs was kept
     """
 
-    def __init__(self, pipe, subject=None, style=None, policy="fls", *, divergence: str = "kl",
+    def __init__(self, pipe, subject=None, style=None, policy="fls", *, divergence: str | None = None,
                  granularity: str = "image", backend: str = "auto", trace: bool = True, refine=None, pool=None,
                  **policy_options):
         self.pipe = pipe
@@ -109,7 +109,7 @@ class FusionPipeline:
         if self.uses_lean_loop:
             self._check_lean_pipeline()
 
-    def _check_pool(self, policy, divergence: str, granularity: str, policy_options: dict) -> None:
+    def _check_pool(self, policy, divergence: str | None, granularity: str, policy_options: dict) -> None:
         """Refuse, before any call, what a pool FusionPipeline cannot run (the attach's own checks come per call)."""
         if self.subject is not None or self.style is not None:
             raise AttachError("FusionPipeline takes a subject/style pair or a pool=, not both")

@@ -6,7 +6,7 @@ import inspect
 
 import torch.nn as nn
 
-from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError
+from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionTypeError
 from ..runtime.pool_fusion import attach_pool
 from ..runtime.pool_trace import PoolTrace
 from ..utils.deprecation import renamed_option, warn_renamed
@@ -25,6 +25,9 @@ def loras_per_image(loras, arguments: dict) -> list:
         >>> loras_per_image([("dog", "ink"), "cat"], {"prompt": ["a", "b"], "num_images_per_prompt": 2})
         [('dog', 'ink'), ('dog', 'ink'), 'cat', 'cat']
     """
+    if isinstance(loras, str) or not isinstance(loras, (list, tuple)):
+        raise OptionTypeError(f"loras must be a list, one entry per prompt or per image (a LoRA name or a tuple of "
+                              f"names, e.g. [('dog', 'ink'), 'cat']), got {type(loras).__name__} {loras!r:.80}")
     prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
     prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(loras)
     loras = list(loras)

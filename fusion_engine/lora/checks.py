@@ -102,10 +102,12 @@ def check_scale(scale, where: str) -> float:
 
 
 def check_cast_factor(source: str, module: str, key: str, original: torch.Tensor, cast: torch.Tensor) -> None:
-    """A factor finite in the file can overflow when cast to the model's dtype (7e4 -> Inf in float16).
+    """A factor must be finite as given (a ``LoRA`` built in memory gets the check files get at load), and a factor
+    finite in the file can overflow when cast to the model's dtype (7e4 -> Inf in float16).
 
-    Checked after the cast, and only when the cast narrows the range (float32/float64 -> float16, float64 -> float32).
+    The cast is checked only when it narrows the range (float32/float64 -> float16, float64 -> float32).
     """
+    _check_finite(f"{source}: layer {module}", key, original)
     if torch.finfo(cast.dtype).max >= torch.finfo(original.dtype).max:
         return
     finite = torch.isfinite(cast)

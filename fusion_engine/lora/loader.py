@@ -7,13 +7,22 @@ DoRA magnitudes; what cannot be applied (LyCORIS kinds, foreign keys) raises, na
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from ..errors import LoRAFileError, LoRAFileNotFoundError, LoRAFormatError, LoRALayoutError, LoRAShapeError, preview
+from ..errors import (
+    LoRAFileError,
+    LoRAFileNotFoundError,
+    LoRAFormatError,
+    LoRALayoutError,
+    LoRAShapeError,
+    OptionTypeError,
+    preview,
+)
 from .checks import check_alpha, check_layer, check_raw_tensors, check_scale
 from .families import CONVERTERS, FAMILIES, SD_UNET, detect_family, is_transformer_family, refuse_unconvertible
 from .lycoris import refuse_lycoris
@@ -346,6 +355,9 @@ def load_lora(source, scale: float = 1.0, unet_config=None, text_encoder: bool =
         return source.with_scale(scale)
     if isinstance(source, Mapping):
         raw, name, metadata, header = dict(source), "<state_dict>", {}, {}
+    elif not isinstance(source, (str, os.PathLike)):
+        raise OptionTypeError(f"load_lora: expected a .safetensors path, a state dict or a LoRA, got "
+                              f"{type(source).__name__} {source!r:.80}")
     else:
         path = Path(source)
         (raw, metadata, header), name = _read_safetensors(path), str(path)

@@ -34,7 +34,18 @@ def make_policy(policy, **options) -> Policy:
         raise OptionTypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
 
 
+def divergence_option(policy, divergence: str | None) -> dict:
+    """The policy options ``divergence=`` makes: ``{"divergence": ...}`` for FLS (``"kl"`` when not given, as for
+    ``policy=None``, FLS by default); an ``OptionError`` for any other policy, which would ignore it."""
+    if policy is None or policy == "fls":
+        return {"divergence": "kl" if divergence is None else divergence}
+    if divergence is not None:
+        raise OptionError(f"divergence={divergence!r} is an option of policy 'fls' (it picks a LoRA by divergence), "
+                          f"not of policy {policy!r}, which would ignore it: drop it")
+    return {}
+
+
 __all__ = [
     "POLICIES", "SDXL_BLOCKS", "BLoRAPolicy", "CompositePolicy", "DirectPolicy", "FLSPolicy", "KLoRAPolicy",
-    "Policy", "SwitchPolicy", "make_policy",
+    "Policy", "SwitchPolicy", "divergence_option", "make_policy",
 ]

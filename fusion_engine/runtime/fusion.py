@@ -1,24 +1,25 @@
 """attach/detach: swap every LoRA-targeted layer of a model for a fused module, and back, exactly."""
 from __future__ import annotations
 
-import math
+import numbers
 import threading
 import weakref
 
 import torch
 import torch.nn as nn
 
-from ..errors import AlreadyAttachedError, AttachError, OptionError, preview
+from ..errors import AlreadyAttachedError, AttachError, preview
 from ..lora import LoRA, load_lora
 from ..lora.align import align_to_model
+from ..lora.checks import check_scale
 from ..ops import BACKENDS, check_supported
-from ..policies import make_policy
+from ..policies import divergence_option, make_policy
 from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .context import FusionContext
 from .fit import check_fit, find_module
 from .layers import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
 from .owner import Owner
-from .trace import DEFAULT_MAX_RECORDS, Trace
+from .trace import Trace, max_records
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Fusion] = weakref.WeakKeyDictionary()
 _ATTACH_LOCK = threading.RLock()  # attach's check-and-register and detach are atomic across threads
@@ -40,10 +41,12 @@ def _lora_scale(forward_kwargs: dict) -> float:
     for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
         options = forward_kwargs.get(name)
         if options and "scale" in options:
-            scale = float(options["scale"])
-            if not math.isfinite(scale):
-                raise OptionError(f"{name}['scale'] must be a finite number, got {options['scale']!r}")
-            return scale
+            scale = options["scale"]
+            if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+                scale = scale.item()
+            if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+                scale = float(scale)
+            return check_scale(scale, f"{name}['scale']")  # within float32, as load_lora(scale=) takes it
     return 1.0
 
 
@@ -213,7 +216,7 @@ def attach_model(
     style=None,
     *,
     policy=None,
-    divergence: str = "kl",
+    divergence: str | None = None,
     granularity: str | None = None,
     backend: str = "auto",
     trace: bool | int = True,
@@ -228,7 +231,8 @@ def attach_model(
         policy: ``"fls"`` (default; ``"direct"`` on a text encoder), ``"direct"``, ``"klora"``, ``"blora"``,
             ``"switch"``, ``"composite"``, or a ``Policy`` instance. Policy options: ``weights=(wc, ws)``
             (direct), ``pattern`` (klora), ``blocks`` (blora), ``tau`` (switch).
-        divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
+        divergence: FLS's divergence: ``"kl"`` (default), ``"js"``, ``"cosine"``, ``"dot"``; refused with any other
+            policy (it would be ignored).
         granularity: which rows decide together: ``"image"`` (default; ``"sample"`` on a text encoder),
             ``"sample"``, ``"token"``, ``"batch"``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``.
@@ -261,9 +265,7 @@ def attach_model(
     refuse_unsupported_backend(subject, style, backend)
     warn_unapplied_components(subject, style)
     subject, style = align_to_model(subject, model), align_to_model(style, model)
-    if policy == "fls":
-        policy_options["divergence"] = divergence
-    policy = make_policy(policy, **policy_options)
+    policy = make_policy(policy, **policy_options, **divergence_option(policy, divergence))
 
     with _ATTACH_LOCK:  # check-and-register is atomic: of two threads attaching to one model, one wins
         if model in _ATTACHED:
@@ -272,8 +274,8 @@ def attach_model(
         check_fit(model, names, {"subject": subject, "style": style})
         _refuse_fused_projections(model)
 
-        max_records = DEFAULT_MAX_RECORDS if trace is True else int(trace)
-        trace_object = Trace(names, policy.describe(), max_records) if trace else None
+        records = max_records(trace)
+        trace_object = Trace(names, policy.describe(), records) if records else None
         context = FusionContext(policy, granularity, backend, trace_object)
         originals = {name: model.get_submodule(name) for name in names}
         layers = [

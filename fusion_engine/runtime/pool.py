@@ -79,6 +79,20 @@ class PoolLayer:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.scales, self.present))
 
 
+def resolved_device(device) -> torch.device:
+    """``device`` as the tensors placed there report it: ``"cuda"`` -> ``cuda:<current>``, ``"cpu:0"`` -> ``cpu``,
+    ``"mps"`` -> ``mps:0``; so ``LoRAPool(device="cuda")`` matches a model on ``cuda:0`` whatever form is given."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.index is None:
+        backend = getattr(torch, device.type, None)
+        current = getattr(backend, "current_device", None)
+        available = getattr(backend, "is_available", lambda: False)
+        return torch.device(device.type, current() if current is not None and available() else 0)
+    return device
+
+
 def _weight_shape(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[int, ...]:
     """The base weight shape one LoRA's (A (r, ...), B (N, r)) adapts: ``(N, *A.shape[1:])``."""
     return (lora_b.shape[0], *lora_a.shape[1:])
@@ -137,7 +151,11 @@ class LoRAPool:
         if (max_loras is None) != (max_rank is None):
             raise OptionError(f"LoRAPool: a fixed capacity needs both max_loras and max_rank, got "
                               f"max_loras={max_loras!r}, max_rank={max_rank!r}")
-        self.device, self.dtype, self.budget_bytes = torch.device(device), dtype, budget_bytes
+        try:
+            device = resolved_device(device)
+        except (RuntimeError, TypeError):
+            raise OptionError(f"LoRAPool: device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+        self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
         self.max_loras, self.max_rank = max_loras, max_rank
         self.layers: dict[str, PoolLayer] = {}  # the layers some held LoRA adapts
         self._idle: dict[str, PoolLayer] = {}  # fixed capacity: zeroed stacks of layers no held LoRA adapts now
@@ -194,7 +212,11 @@ class LoRAPool:
     def factors(self, name: str, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, K) or (r, C_in, kh, kw), B (N, r)) of LoRA ``name`` at ``layer_name``, unpadded, as the pool holds
         them."""
-        rank = self.lora_layers(name)[layer_name][0]
+        layers = self.lora_layers(name)
+        if layer_name not in layers:
+            raise OptionError(f"LoRAPool.factors: LoRA {name!r} has no layer {layer_name!r} (it adapts "
+                              f"{len(layers)} layers: {preview(list(layers))})")
+        rank = layers[layer_name][0]
         held, slot = self.layers[layer_name], self.slot(name)
         return held.a[slot, :rank].contiguous(), held.b[slot, :, :rank].contiguous()
 
@@ -386,4 +408,4 @@ class LoRAPool:
         return self
 
 
-__all__ = ["LoRAPool", "PoolLayer"]
+__all__ = ["LoRAPool", "PoolLayer", "resolved_device"]

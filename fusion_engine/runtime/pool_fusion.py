@@ -12,14 +12,16 @@ import torch.nn as nn
 
 from ..errors import ModelMismatchError, OptionError
 from ..ops import check_supported
+from ..policies import divergence_option
 from ..policies.pool import make_pool_policy
 from ..utils.deprecation import warn_renamed
 from .fit import check_fit, find_module
 from .fusion import _ATTACH_LOCK, _ATTACHED, Fusion, _already_attached, _swap_in, in_module_order, register
+from .pool import resolved_device
 from .pool_context import PoolContext
 from .pool_layers import PooledLoRAConv2d, PooledLoRALinear
 from .pool_trace import PoolTrace
-from .trace import DEFAULT_MAX_RECORDS
+from .trace import max_records
 
 
 def _pooled_layer(module: nn.Module, name: str, index: int, context):
@@ -61,7 +63,7 @@ def _fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]]) ->
                             "only")
         elif problem := _shape_problem(name, module, shape):
             problems.append(problem)
-        elif module.weight.device != pool.device or module.weight.dtype != pool.dtype:
+        elif resolved_device(module.weight.device) != pool.device or module.weight.dtype != pool.dtype:
             problems.append(f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
                             f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
     return problems
@@ -133,17 +135,16 @@ class PoolFusion(Fusion):
         return f"PoolFusion({self.policy.describe()}, {len(self.pool)} LoRAs, layers={len(self.layers)}, {state})"
 
 
-def pool_policy(policy, divergence: str, granularity: str, policy_options: dict):
+def pool_policy(policy, divergence: str | None, granularity: str, policy_options: dict):
     """The pool policy for these attach options, or the ``OptionError`` an attach would raise (a policy the pool
     does not run, granularity ``"batch"``)."""
     if granularity == "batch":
         raise OptionError("granularity 'batch' with a LoRA pool: images that name different LoRAs cannot share one "
                           "decision; use 'image' (default), 'sample' or 'token'")
-    extra = {"divergence": divergence} if policy == "fls" or policy is None else {}
-    return make_pool_policy(policy, **policy_options, **extra)
+    return make_pool_policy(policy, **policy_options, **divergence_option(policy, divergence))
 
 
-def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", granularity: str | None = None,
+def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str | None = None, granularity: str | None = None,
                 backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> PoolFusion:
     """Attach ``pool`` to ``model``: every Linear (Conv2d) layer a pool LoRA adapts (and every name in ``targets``,
     for LoRAs added later) becomes a ``PooledLoRALinear`` (``PooledLoRAConv2d``). Nothing changes unless every layer
@@ -152,7 +153,8 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
     Args:
         policy: ``"fls"`` (default: N-way FLS), ``"direct"`` (``weights=`` per position), ``"switch"`` (``tau=``),
             ``"klora"`` (``pattern=``; K-LoRA per image and layer, see ``policies.pool.PoolKLoRA``).
-        divergence: FLS's divergence: ``"kl"``, ``"js"``, ``"cosine"``, ``"dot"``.
+        divergence: FLS's divergence: ``"kl"`` (default), ``"js"``, ``"cosine"``, ``"dot"``; refused with any other
+            policy (it would be ignored).
         granularity: ``"image"`` (default), ``"sample"`` or ``"token"``; ``"batch"`` is refused (images with
             different LoRAs cannot share a decision).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``: where it resolves to triton (``"auto"`` on CUDA), N-way
@@ -178,8 +180,8 @@ def attach_pool(model: nn.Module, pool, *, policy=None, divergence: str = "kl", 
             kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
             check_supported(backend, kind, weight.dtype, (pool.layers[name].rank if name in pool.layers else 0,),
                             device=weight.device, layer=name)
-        max_records = DEFAULT_MAX_RECORDS if trace is True else int(trace)
-        trace_object = PoolTrace(names, policy.describe(), max_records) if trace else None
+        records = max_records(trace)
+        trace_object = PoolTrace(names, policy.describe(), records) if records else None
         context = PoolContext(pool, policy, granularity, backend, trace_object)
         originals = {name: model.get_submodule(name) for name in names}
         layers = [_pooled_layer(module, name, index, context) for index, (name, module) in

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OptionError
+from ..errors import OptionError, OptionTypeError
 from ..utils.io import write_text
 
 # Choice codes. Selection policies give SUBJECT/STYLE per group; static policies a per-layer code.
@@ -19,6 +19,16 @@ STYLE, SUBJECT, BOTH, BASE = 0, 1, 2, -1
 # The bound of a model's trace under a plain ``attach``: it stays attached across many calls, so the trace
 # keeps only the newest records (a pipeline call scope starts a fresh, whole-call trace instead).
 DEFAULT_MAX_RECORDS = 10_000
+
+
+def max_records(trace) -> int:
+    """``attach(..., trace=)`` as a record count: ``True`` -> ``DEFAULT_MAX_RECORDS``, ``False`` -> 0 (no trace), a
+    whole number >= 0 as it is; anything else an ``OptionTypeError``."""
+    if trace is True:
+        return DEFAULT_MAX_RECORDS
+    if trace is False or (isinstance(trace, int) and not isinstance(trace, bool) and trace >= 0):
+        return int(trace)
+    raise OptionTypeError(f"trace must be True, False or a whole number of records >= 0, got {trace!r}")
 CHOICE_NAMES = {STYLE: "style", SUBJECT: "subject", BOTH: "both", BASE: "base"}
 
 

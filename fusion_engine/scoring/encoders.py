@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ModelPathError, OptionError
+from ..errors import FusionEngineError, ModelPathError, OptionError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,6 +86,19 @@ def _check_file(path) -> str:
     return str(path)
 
 
+@contextmanager
+def _loading(what: str):
+    """What open_clip / timm raise for a model they do not know, a config they cannot build or a checkpoint they
+    cannot read (pickled, corrupt, another architecture's) as one ``OptionError`` naming ``what``."""
+    try:
+        yield
+    except FusionEngineError:
+        raise
+    except Exception as error:  # noqa: BLE001 - third-party builders and loaders raise many kinds
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise OptionError(f"{what}: {message[:300]}") from error
+
+
 def _warn_random(kind: str, what) -> None:
     warnings.warn(f"{kind} encoder {what!r} has no checkpoint: random weights, scores are meaningless", stacklevel=3)
 
@@ -102,16 +116,20 @@ def load_openclip(model, checkpoint=None, *, device="cpu", dtype=torch.float32, 
         raise OptionError("hf-hub: models would be downloaded; pass an architecture name and a local checkpoint")
     if isinstance(model, dict):
         config = dict(model)
-        custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
-        clip = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**config)
+        with _loading("OpenCLIP config: cannot build the model"):
+            custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
+            clip = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**config)
+            preprocess = {"size": config["vision_cfg"]["image_size"], "mean": OPENAI_MEAN, "std": OPENAI_STD}
         name = "openclip[config]"
-        preprocess = {"size": config["vision_cfg"]["image_size"], "mean": OPENAI_MEAN, "std": OPENAI_STD}
     else:
-        clip = open_clip.create_model(model, pretrained=None, pretrained_text=False, load_weights=True)
+        with _loading(f"OpenCLIP model {model!r}: cannot build it"):
+            clip = open_clip.create_model(model, pretrained=None, pretrained_text=False, load_weights=True)
         name = f"openclip[{model}]"
         preprocess = getattr(clip.visual, "preprocess_cfg", None) or {}
     if checkpoint is not None:
-        open_clip.load_checkpoint(clip, _check_file(checkpoint), strict=True)
+        path = _check_file(checkpoint)
+        with _loading(f"{path}: cannot load this OpenCLIP checkpoint into {name}"):
+            open_clip.load_checkpoint(clip, path, strict=True)
     elif not str(model).startswith("local-dir:"):
         _warn_random("OpenCLIP", name)
     size = preprocess.get("size") or clip.visual.image_size
@@ -136,10 +154,12 @@ def load_dino(model_name: str, checkpoint=None, *, device="cpu", dtype=torch.flo
     """
     import timm
 
-    backbone = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_options)
+    with _loading(f"DINO model {model_name!r}: cannot build it with timm"):
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_options)
     if checkpoint is not None:
-        filter_fn = _timm_filter(backbone)
-        timm.models.load_checkpoint(backbone, _check_file(checkpoint), strict=False, filter_fn=filter_fn)
+        filter_fn, path = _timm_filter(backbone), _check_file(checkpoint)
+        with _loading(f"{path}: cannot load this DINO checkpoint into {model_name}"):
+            timm.models.load_checkpoint(backbone, path, strict=False, filter_fn=filter_fn)
     else:
         _warn_random("DINO", model_name)
     config = timm.data.resolve_model_data_config(backbone)
