@@ -91,6 +91,8 @@ def test_fixed_capacity_stacks_never_reallocate_and_refuse_what_does_not_fit(tin
     for _ in range(3):  # every layer's last LoRA leaves and comes back: the same stacks, the same bytes
         pool.remove("s").remove("t")
         assert not pool.layers and pool.nbytes == nbytes and (pool.nbytes, pool.names) == (before[0], [])
+        with pytest.raises(fe.LoRAShapeError, match="another base model"):  # the idle stacks still fix the shape
+            pool.add("misfit", fe.LoRA({mid: fe.LoRALayer(torch.randn(4, 7), torch.randn(9, 4), 4.0)}))
         pool.add("t", style).add("u", other)
         assert pool.slot("t") == 0 and pool.slot("u") == 1
         pool.remove("u").add("s", subject)

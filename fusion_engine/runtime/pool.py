@@ -254,7 +254,7 @@ class LoRAPool:
             check_cast_factor(lora.source, layer_name, "lora_b", lora_b, cast_b)
             scale = lora.layer_scale(layer_name)
             check_layer_scale(lora.source, layer_name, scale)
-            held = self.layers.get(layer_name)
+            held = self._stacks(layer_name)  # an idle layer's stacks too: they take the next LoRA there
             shape = _weight_shape(cast_a, cast_b)
             if held is not None and held.shape != shape:
                 raise LoRAShapeError(
