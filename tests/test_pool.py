@@ -30,13 +30,16 @@ def test_nbytes_counts_padded_stacks_and_budget_refuses_without_change(tiny_pipe
     subject, style = default_loras(unet, seed=0)  # ranks 4 and 8; the style skips the mid block
     def layer_bytes(name, slots, rank):  # float32 factors (S, R, K) and (S, N, R), float32 scales, bool flags
         module = unet.get_submodule(name)
-        return slots * rank * (module.in_features + module.out_features) * 4 + slots * (4 + 1)
+        rows = slots + 1  # the zero slot
+        return rows * rank * (module.in_features + module.out_features) * 4 + rows * (4 + 1)
 
     pool = fe.LoRAPool()
     pool.add("s", subject)
     assert pool.nbytes == sum(layer_bytes(name, 1, 4) for name in subject.layers)
     pool.add("t", style)  # two slots everywhere, padded to rank 8 where the style is, rank 4 in the mid block
     assert pool.nbytes == sum(layer_bytes(name, 2, 8 if name in style.layers else 4) for name in subject.layers)
+    fixed = fe.LoRAPool(max_loras=3, max_rank=16).add("s", subject)  # every layer at full capacity from the start
+    assert fixed.nbytes == sum(layer_bytes(name, 3, 16) for name in subject.layers)
     limited = fe.LoRAPool(budget_bytes=pool.nbytes - 1)
     limited.add("s", subject)
     before = (limited.nbytes, limited.names, limited.version)
@@ -50,17 +53,54 @@ def test_remove_frees_and_add_reuses_the_slot_in_place(tiny_pipe):
     subject, style = default_loras(tiny_pipe.unet, seed=0)
     other, _ = default_loras(tiny_pipe.unet, seed=5)
     pool = fe.LoRAPool().add("s", subject).add("t", style).add("u", other)
-    name = next(iter(subject.layers))
+    name = next(name for name in subject.layers if name not in style.layers)  # a mid-block layer: rank 4 only
+    wide = next(iter(style.layers))
     stack = pool.layers[name].a
     pool.remove("t")
     assert pool.names == ["s", "u"] and "t" not in pool
+    assert pool.layers[wide].rank == 4 and pool.layers[name].a is stack  # the rank-8 padding left with the style
     pool.add("v", other)  # same rank as the slot's neighbours: written in place
     assert pool.slot("v") == 1 and pool.layers[name].a is stack
     assert torch.equal(pool.layers[name].a[1, :4], other.layers[name].lora_a)
-    pool.remove("u").remove("v")
-    assert pool.capacity == 1 and pool.layers[name].a.shape[0] == 1  # trailing free slots are released
+    pool.remove("u").remove("v")  # no layer narrows: the stacks stay, free slots and all
+    assert pool.capacity == 1 and pool.layers[name].a is stack and stack.shape[0] == 4
     pool.remove("s")
     assert pool.nbytes == 0 and not pool.layers
+
+
+def test_fixed_capacity_stacks_never_reallocate_and_refuse_what_does_not_fit(tiny_pipe):
+    subject, style = default_loras(tiny_pipe.unet, seed=0)  # ranks 4 and 8; the style skips the mid block
+    other, _ = default_loras(tiny_pipe.unet, seed=5)
+    mid = next(name for name in subject.layers if name not in style.layers)
+    with pytest.raises(fe.OptionError, match="needs both max_loras and max_rank"):
+        fe.LoRAPool(max_loras=2)
+    with pytest.raises(fe.OptionError, match="max_rank must be a whole number >= 1"):
+        fe.LoRAPool(max_loras=2, max_rank=0)
+    pool = fe.LoRAPool(max_loras=2, max_rank=8).add("s", subject)
+    stacks = {name: (layer.a, layer.b, layer.scales, layer.present) for name, layer in pool.layers.items()}
+    nbytes = pool.nbytes
+    assert all(layer.a.shape[:2] == (3, 8) for layer in pool.layers.values())  # 2 slots + the zero slot, rank 8
+    before = (pool.nbytes, pool.names, pool.version)
+    with pytest.raises(fe.PoolBudgetError, match="rank 9, over the pool's max_rank=8"):
+        pool.add("wide", fe.LoRA({mid: fe.LoRALayer(torch.randn(9, subject.layers[mid].lora_a.shape[1]),
+                                                    torch.randn(subject.layers[mid].lora_b.shape[0], 9), 9.0)}))
+    pool.add("t", style)
+    with pytest.raises(fe.PoolBudgetError, match="holds max_loras=2 LoRAs already"):
+        pool.add("u", other)
+    assert pool.names == ["s", "t"]
+    for _ in range(3):  # every layer's last LoRA leaves and comes back: the same stacks, the same bytes
+        pool.remove("s").remove("t")
+        assert not pool.layers and pool.nbytes == nbytes and (pool.nbytes, pool.names) == (before[0], [])
+        with pytest.raises(fe.LoRAShapeError, match="another base model"):  # the idle stacks still fix the shape
+            pool.add("misfit", fe.LoRA({mid: fe.LoRALayer(torch.randn(4, 7), torch.randn(9, 4), 4.0)}))
+        pool.add("t", style).add("u", other)
+        assert pool.slot("t") == 0 and pool.slot("u") == 1
+        pool.remove("u").add("s", subject)
+    for name, held in stacks.items():
+        layer = pool.layers[name]
+        assert all(new is old for new, old in zip((layer.a, layer.b, layer.scales, layer.present), held)), name
+        assert not layer.a[-1].any() and not layer.b[-1].any() and not layer.present[-1]  # the zero slot
+    assert torch.equal(pool.factors("s", mid)[0], subject.layers[mid].lora_a) and pool.nbytes == nbytes
 
 
 def test_add_and_name_errors(tiny_pipe):

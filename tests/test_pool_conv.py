@@ -172,11 +172,12 @@ def test_nbytes_counts_conv_factors(tiny_pipe):
 
     def layer_bytes(name, slots, rank):  # float32 A (S, R, C_in, kh, kw) and B (S, N, R), float32 scales, bools
         weight = unet.get_submodule(name).weight
-        return slots * rank * (weight[0].numel() + weight.shape[0]) * 4 + slots * (4 + 1)
+        rows = slots + 1  # the zero slot
+        return rows * rank * (weight[0].numel() + weight.shape[0]) * 4 + rows * (4 + 1)
 
     conv = THREE_WAY_LAYER
-    assert pool.layers[conv].a.shape == (2, 4, *unet.get_submodule(conv).weight.shape[1:])
-    assert pool.layers[conv].b.shape == (2, unet.get_submodule(conv).weight.shape[0], 4)
+    assert pool.layers[conv].a.shape == (3, 4, *unet.get_submodule(conv).weight.shape[1:])
+    assert pool.layers[conv].b.shape == (3, unet.get_submodule(conv).weight.shape[0], 4)
     assert pool.nbytes == sum(layer_bytes(name, 2, 4) for name in loras["s"].layers)
     assert pool.factors("u", conv)[0].shape == (2, *unet.get_submodule(conv).weight.shape[1:])
     limited = fe.LoRAPool(budget_bytes=pool.nbytes - 1).add("s", loras["s"])

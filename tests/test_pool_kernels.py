@@ -96,14 +96,14 @@ def test_pooled_mix_launcher_names_the_bad_input():
         pooled_mix_linear_fwd(**{**inputs, "b_stack": inputs["b_stack"][:, :-1]})
 
 
-def _small_pool_model():
-    """(a two-Linear model, a pool of LoRAs of ranks 3, 5, 8 (the last on the first layer only), its input of 3 images
-    x 2 CFG copies)."""
+def _small_pool_model(**capacity):
+    """(a two-Linear model, a pool (of ``capacity``) of LoRAs of ranks 3, 5, 8 (the last on the first layer only),
+    its input of 3 images x 2 CFG copies)."""
     import fusion_engine as fe
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
-    pool = fe.LoRAPool()
+    pool = fe.LoRAPool(**capacity)
     g = torch.Generator().manual_seed(1)
     for index, rank in enumerate((3, 5, 8)):
         layers = {name: fe.LoRALayer(torch.randn(rank, k, generator=g) * 0.3, torch.randn(n, rank, generator=g), 2.0)
@@ -137,6 +137,18 @@ def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkey
                for backend in ("reference", "triton")}
     torch.testing.assert_close(outputs["triton"], outputs["reference"], atol=1e-4, rtol=1e-4)
     assert len(launches) == 2  # one per fused layer, triton backend only
+
+
+@pytest.mark.parametrize("policy", ["direct", "fls"])
+def test_pool_kernels_read_fixed_capacity_stacks_at_max_rank(policy):
+    """A fixed-capacity pool's stacks (5 slots with the zero slot, every layer padded to rank 16): the kernels give
+    the reference backend's images and choices (unused positions read the zero slot there, slot -1 here)."""
+    model, pool, x = _small_pool_model(max_loras=4, max_rank=16)
+    assert all(layer.a.shape[:2] == (5, 16) for layer in pool.layers.values())
+    (ref_out, ref_records), (out, records) = (_run_pool(model, pool, x, backend, policy=policy)
+                                              for backend in ("reference", "triton"))
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    assert [record.choice.tolist() for record in records] == [record.choice.tolist() for record in ref_records]
 
 
 @pytest.mark.parametrize("divergence", ["kl", "js"])

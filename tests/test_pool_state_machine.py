@@ -41,11 +41,13 @@ class PoolMachine(RuleBasedStateMachine):
     that image made by a single-pair attach of its own LoRAs; a failed operation changed nothing. At the end,
     detach restores the model bit for bit."""
 
+    capacity: dict = {}  # LoRAPool's capacity options: elastic here
+
     def __init__(self):
         super().__init__()
         self.model = _machine_model()
         self.reference = copy.deepcopy(self.model)
-        self.pool = fe.LoRAPool(dtype=torch.float64)
+        self.pool = fe.LoRAPool(dtype=torch.float64, **self.capacity)
         self.fusion = fe.attach(self.model, pool=self.pool, backend="reference", targets=list(LAYERS))
         self.held: dict[str, fe.LoRA] = {}
 
@@ -139,12 +141,36 @@ class PoolMachine(RuleBasedStateMachine):
         assert all(torch.equal(t, reference[k]) for k, t in self.model.state_dict().items())
 
 
+class FixedPoolMachine(PoolMachine):
+    """The same over a fixed-capacity pool (3 slots of rank 8; a fourth LoRA is refused with ``PoolBudgetError``),
+    and: a layer's stacks, once allocated, are the same tensors at every later step and the bytes never grow back
+    after the LoRAs that needed them left."""
+
+    capacity = {"max_loras": 3, "max_rank": 8}
+
+    def __init__(self):
+        super().__init__()
+        self.stacks: dict[str, tuple] = {}
+
+    @invariant()
+    def stacks_never_move(self):
+        for name, layer in self.pool.layers.items():
+            held = self.stacks.setdefault(name, (layer.a, layer.b, layer.scales, layer.present))
+            assert all(new is old for new, old in zip((layer.a, layer.b, layer.scales, layer.present), held)), name
+            assert layer.a.shape[:2] == (4, 8) and not layer.present[-1] and not layer.a[-1].any()
+        assert self.pool.nbytes == sum(t.numel() * t.element_size() for held in self.stacks.values() for t in held)
+
+
 MACHINE_CI = dict(max_examples=15, stateful_step_count=20, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(hypothesis.HealthCheck))
 
 
 def test_pool_state_machine():
     run_state_machine_as_test(PoolMachine, settings=hypothesis_settings(**MACHINE_CI))
+
+
+def test_fixed_pool_state_machine():
+    run_state_machine_as_test(FixedPoolMachine, settings=hypothesis_settings(**MACHINE_CI))
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
 """Issue 20 (reliability, round three): one regression test per numbered finding, and independent oracles for the
 five code paths whose tests could not notice a wrong answer.
 
-A finding not fixed yet is a strict expected failure (``xfail(strict=True)``): its test asserts the correct
-behaviour and fails on the code with the defect; the fix removes the marker. Everything here runs on the tiny
-random models in a few seconds; the service tests wait a bounded time, so a dead worker fails a test instead of
-hanging it.
+Each finding's test asserts the correct behaviour and fails on the code with the defect (the tests landed first as
+strict expected failures; each fix removed its marker, and the pool's items 4, 6 and 7 were the last). Everything
+here runs on the tiny random models in a few seconds; the service tests wait a bounded time, so a dead worker fails
+a test instead of hanging it.
 """
 from __future__ import annotations
 
@@ -28,10 +28,6 @@ from fusion_engine.worlds.random import attention_targets, default_loras, random
 
 OPTIONS = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "pt"}
 WAIT_S = 5.0  # the longest a service test waits for a future: a dead worker fails the test, never hangs it
-
-
-def xfail(item: int, why: str):
-    return pytest.mark.xfail(strict=True, reason=f"issue 20 item {item}: {why}")
 
 
 @pytest.fixture
@@ -221,8 +217,7 @@ def _scaled(lora, factor: float, poison: float | None = None):
     return fe.LoRA(layers=layers, source="<in memory>", layout="peft")
 
 
-@xfail(4, "an image naming fewer LoRAs than its batch's widest is padded with slot 0's factors times 0")
-@pytest.mark.parametrize("policy", ["direct", "switch", "klora"])
+@pytest.mark.parametrize("policy", ["direct", "switch", "klora", "fls"])
 def test_item04_an_overflowing_lora_in_slot_0_leaves_other_images_finite(tiny_pipe, policy):
     unet = tiny_pipe.unet
     s0, t0 = default_loras(unet, seed=0)
@@ -278,16 +273,19 @@ def _rank_lora(unet, rank: int, seed: int):
     return random_lora(unet, attention_targets(unet), rank=rank, alpha=float(rank), strength=1.0, seed=seed)
 
 
-@xfail(6, "the pool never shrinks its padded rank after a remove (runtime redesign, issue 21)")
-def test_item06_removing_the_widest_lora_shrinks_the_padding(tiny_pipe):
+CAPACITIES = pytest.mark.parametrize("capacity", [{}, {"max_loras": 4, "max_rank": 64}], ids=["elastic", "fixed"])
+
+
+@CAPACITIES
+def test_item06_removing_the_widest_lora_shrinks_the_padding(tiny_pipe, capacity):
     unet = tiny_pipe.unet
-    pool = fe.LoRAPool()
+    pool = fe.LoRAPool(**capacity)
     for index in range(3):
         pool.add(f"r4_{index}", _rank_lora(unet, 4, index))
     before = pool.nbytes
     pool.add("r64", _rank_lora(unet, 64, 9)).remove("r64")
     assert pool.nbytes == before
-    budget = fe.LoRAPool(budget_bytes=before)  # an add that fitted before the wide LoRA came and went fits again
+    budget = fe.LoRAPool(budget_bytes=before, **capacity)  # an add that fitted before the wide LoRA came and went
     for index in range(2):
         budget.add(f"r4_{index}", _rank_lora(unet, 4, index))
     budget.add("r64", _rank_lora(unet, 4, 9)).remove("r64")
@@ -295,11 +293,11 @@ def test_item06_removing_the_widest_lora_shrinks_the_padding(tiny_pipe):
     assert budget.nbytes == before
 
 
-@xfail(7, "removing the last slot re-allocates every stack (the README says captured graphs stay valid)")
-def test_item07_removing_the_last_slot_keeps_the_stacks(tiny_pipe):
+@CAPACITIES
+def test_item07_removing_the_last_slot_keeps_the_stacks(tiny_pipe, capacity):
     s0, t0 = default_loras(tiny_pipe.unet, seed=0)
     s1, _ = default_loras(tiny_pipe.unet, seed=10)
-    pool = fe.LoRAPool().add("s0", s0).add("t0", t0).add("s1", s1)
+    pool = fe.LoRAPool(**capacity).add("s0", s0).add("t0", t0).add("s1", s1)
     stacks = {name: (layer.a, layer.b, layer.scales, layer.present) for name, layer in pool.layers.items()}
     pool.remove("s1")  # the last slot; s0 and t0 keep every layer alive
     for name, held in stacks.items():

@@ -5,10 +5,13 @@ Contract (what a pooled kernel must meet; the single-pair contract of ``referenc
 * ``x`` is ``(M, K)`` with ``M = B * T``: ``B`` batch rows (samples) of ``T`` rows each, sample-major, as
   ``x.reshape(-1, K)`` of a ``(B, T, K)`` activation gives them.
 * The pool holds, per layer, stacked factors ``a_stack`` ``(S, R, K)`` and ``b_stack`` ``(S, N, R)`` for ``S``
-  slots padded with zeros to the layer's largest rank ``R``, ``scales`` ``(S,)`` (alpha / rank times the user's
-  scale, at accumulation precision) and ``present`` ``(S,)`` bool (the slot's LoRA targets this layer).
+  slots padded with zeros to the layer's padded rank ``R`` (a fixed-capacity pool's ``max_rank``), ``scales``
+  ``(S,)`` (alpha / rank times the user's scale, at accumulation precision) and ``present`` ``(S,)`` bool (the
+  slot's LoRA targets this layer).
 * ``sample_slots`` ``(B, L)`` int64: the pool slots of each sample's LoRAs in the order its image named them,
-  ``-1`` for none (images naming fewer than ``L`` LoRAs). An image's CFG copies carry the same row.
+  ``-1`` for none (images naming fewer than ``L`` LoRAs). An image's CFG copies carry the same row. A ``-1``
+  reads the stacks' last slot, which a pool keeps as its zero slot (all zeros, scale 0, never present), never
+  another LoRA's factors: a LoRA whose factors overflow cannot reach images that do not name it.
 * A LoRA position ``l`` is a *candidate* for a decision group when its slot is valid and present at the layer.
 * N-way FLS: per group, among candidates whose delta is non-zero somewhere in the group (``live``), the
   position with the largest score wins; ties go to the earlier position (the order the image named them).
@@ -50,7 +53,7 @@ def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tenso
 
     Args:
         x3: ``(B, T, K)``, in the dtype the GEMMs run in (the model's).
-        slots: ``(B,)`` int64, valid slot indices (an invalid position has ``coef`` 0).
+        slots: ``(B,)`` int64 slot indices (an unused position: the zero slot, ``coef`` 0).
         coef: ``(B,)`` at accumulation precision.
     """
     a = a_stack[slots].to(x3.dtype)  # (B, R, K)
@@ -60,10 +63,11 @@ def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tenso
 
 
 def _position(sample_slots: torch.Tensor, position: int, scales: torch.Tensor, present: torch.Tensor):
-    """(valid slot indices (B,), scale per sample (B,), candidate per sample (B,) bool) of one position."""
+    """(slot indices (B,), scale per sample (B,), candidate per sample (B,) bool) of one position; a ``-1`` reads
+    the stacks' last row, the pool's zero slot, never another LoRA's factors."""
     slot = sample_slots[:, position]
     valid = slot >= 0
-    index = slot.clamp_min(0)
+    index = torch.where(valid, slot, scales.shape[0] - 1)
     return index, scales[index] * valid, present[index] & valid
 
 
@@ -179,7 +183,7 @@ def gathered_conv_delta(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.T
     Args:
         x: ``(B, C_in, H, W)``, in the dtype the convolutions run in (the model's).
         a_stack: ``(S, R, C_in, kh, kw)``; ``b_stack`` ``(S, N, R)``.
-        slots: ``(B,)`` int64, valid slot indices (an invalid position has ``coef`` 0).
+        slots: ``(B,)`` int64 slot indices (an unused position: the zero slot, ``coef`` 0).
         coef: ``(B,)`` at accumulation precision.
     """
     batch, channels, height, width = x.shape
