@@ -2,9 +2,19 @@
 SD1.5-architecture model built inside ComfyUI (no checkpoint),
 LoRA files in kohya and diffusers layouts written to a registered loras folder, and sampling helpers."""
 import os
+import sys
 
 import pytest
 import torch
+
+# Before any `import comfy`: ComfyUI's argument parser reads these when first imported. (This lives here, not in a
+# conftest.py of this folder: tests/ is no package, so a second conftest.py would take the module name `conftest`
+# from tests/conftest.py, whose helpers the main suite imports by that name.)
+os.environ.setdefault("COMFYUI_CPU", "true")
+os.environ.setdefault("COMFYUI_DISABLE_KNOWN_MODELS", "true")
+for flag in ("--cpu", "--disable-known-models"):
+    if flag not in sys.argv:
+        sys.argv.append(flag)
 
 HOW_TO = ("ComfyUI cannot be imported ({}): these tests need it. pip install ComfyUI from its git repository (e.g. the "
           "pip-installable fork: pip install git+https://github.com/hiddenswitch/ComfyUI), or run .ci/comfyui, which "
@@ -161,3 +171,11 @@ def assert_fp32_close(actual, expected, rtol=1e-4):
     """Equal up to float32 rounding accumulated through a few denoising steps: relative to the output's scale."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.fixture(autouse=True)
+def unload_after_each_test():
+    """The fork's clones keep their own load bookkeeping: unload after every test so no test samples another's
+    patched model (vendor NOTES.md). Autouse in every test module that imports it."""
+    yield
+    mm.unload_all_models()

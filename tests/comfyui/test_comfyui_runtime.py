@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import comfy_helpers as ch
 import pytest
 import torch
+from comfy_helpers import unload_after_each_test  # noqa: F401 (autouse: unload ComfyUI's models after each test)
 
 from fusion_engine.comfyui import NODE_CLASS_MAPPINGS
 from fusion_engine.comfyui.fuse import call_options, fusion_state, reuse_decisions, step_of

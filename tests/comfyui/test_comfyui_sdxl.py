@@ -2,6 +2,7 @@
 import comfy_helpers as ch
 import pytest
 import torch
+from comfy_helpers import unload_after_each_test  # noqa: F401 (autouse: unload ComfyUI's models after each test)
 
 from fusion_engine.comfyui.fuse import diffusers_names, fusion_state
 from fusion_engine.comfyui.nodes import FuseSubjectStyleLoRA
