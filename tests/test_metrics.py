@@ -82,8 +82,7 @@ def test_metrics_are_batched_and_accept_pil_or_tensors():
         metrics.clip_score(clip, images, _images(2))
 
 
-@pytest.mark.slow
-def test_openclip_architecture_name_with_a_local_checkpoint(tmp_path):
+def _check_openclip_name_with_a_local_checkpoint(tmp_path):
     import open_clip
 
     torch.manual_seed(0)
@@ -92,3 +91,30 @@ def test_openclip_architecture_name_with_a_local_checkpoint(tmp_path):
     loaded = load_openclip("ViT-B-32", tmp_path / "vitb32.safetensors")
     assert loaded.image_size == (224, 224)
     torch.testing.assert_close(loaded.backbone.conv1.weight, reference.visual.conv1.weight)
+    return loaded, reference
+
+
+@pytest.mark.slow
+def test_openclip_architecture_name_with_a_local_checkpoint(tmp_path):
+    _check_openclip_name_with_a_local_checkpoint(tmp_path)
+
+
+def test_openclip_architecture_name_at_its_real_layers_and_a_tiny_width(tmp_path, monkeypatch):
+    """The CI form of the slow test above: open_clip's own "ViT-B-32" entry (12 layers, patch 32, 224 px) built
+    by name through create_model, narrowed to width 64 so that it takes a second; the image tower's
+    output equals open_clip's own encode_image once the checkpoint is loaded."""
+    import open_clip
+    from open_clip import factory
+
+    config = factory.get_model_config("ViT-B-32")
+    assert config["vision_cfg"]["layers"] == 12 and config["vision_cfg"]["patch_size"] == 32
+    config["embed_dim"] = 32
+    config["vision_cfg"]["width"] = 64
+    config["text_cfg"].update(width=64, heads=1)
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "ViT-B-32", config)
+    loaded, reference = _check_openclip_name_with_a_local_checkpoint(tmp_path)
+    assert len(reference.visual.transformer.resblocks) == 12 and isinstance(reference, open_clip.CLIP)
+    images = _images(2, size=224, seed=3)
+    normalised = (images - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_STD).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), reference.encode_image(normalised), atol=1e-5, rtol=1e-5)

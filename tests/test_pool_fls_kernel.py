@@ -209,13 +209,30 @@ def test_pooled_fls_launcher_names_the_bad_input():
 def test_pool_fls_attach_on_the_tiny_unet_matches_the_reference_backend(tiny_pipe):
     """``fe.attach(unet, pool=, policy="fls", backend="triton")`` on tests/test_pool_equivalence.py's tiny UNet and
     pool (float32): the same output and per-layer choices as ``backend="reference"``, images naming 3 and 1 LoRAs."""
-    from conftest import unet_inputs
+    from test_pool_equivalence import make_pool
+
+    _check_pool_fls_attach(tiny_pipe.unet, make_pool(tiny_pipe.unet, torch.float32)[0])
+
+
+def test_pool_fls_attach_on_one_cross_attention_matches_the_reference_backend(tiny_pipe):
+    """The CI form of the slow test above: the same pool with every LoRA cut to the one block where all five
+    act, its cross-attention (4 Linears), so the interpreter runs 4 pooled launches."""
     from test_pool_equivalence import make_pool
 
     import fusion_engine as fe
 
-    unet = tiny_pipe.unet
-    pool, _ = make_pool(unet, torch.float32)
+    block = "down_blocks.1.attentions.0.transformer_blocks.0.attn2."
+    pool = fe.LoRAPool(dtype=torch.float32)
+    for name, lora in make_pool(tiny_pipe.unet, torch.float32)[1].items():
+        pool.add(name, fe.LoRA({n: layer for n, layer in lora.layers.items() if n.startswith(block)}, lora.source))
+    _check_pool_fls_attach(tiny_pipe.unet, pool)
+
+
+def _check_pool_fls_attach(unet, pool):
+    from conftest import unet_inputs
+
+    import fusion_engine as fe
+
     assignment = [("s0", "t1", "r16"), ("t0",)]
     inputs = unet_inputs(unet, 2 * len(assignment), seed=4)
     results = {}

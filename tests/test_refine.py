@@ -214,3 +214,24 @@ def test_compiled_score_matches_eager(tiny_pipe, loras, encoders):
     refiner = Refiner(*encoders, m=10.0, compile=True)
     compiled = _run(fe.FusionPipeline(tiny_pipe, *loras, refine=refiner), 0, **kw)
     torch.testing.assert_close(compiled.images, eager.images, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # 49 s on 2 shared cores (forward alone 23 s): inductor compiling the VAE decode; no CI form fits
+def test_compiled_score_and_its_gradient_match_eager_on_the_tiny_models(tiny_pipe, encoders):
+    """Stricter than the test above: the score alone (VAE decode + both encoders + R), compiled by inductor
+    on this CPU, must stay compiled (no silent fall-back to eager) and give eager's R and dR/dx0."""
+    references = ReferenceEmbeddings.of(*encoders, *_references(), 1)
+    args = references.clip_subject, references.clip_style, references.dino
+    compiled = Refiner(*encoders, m=10.0, compile=True).objective(tiny_pipe.vae, torch.device("cpu"))
+    eager = Refiner(*encoders, m=10.0, compile=False).objective(tiny_pipe.vae, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fall-back warns
+        compiled.warm_up(_noise(), *args)
+    assert compiled.compiled and not eager.compiled
+    results = []
+    for objective in (compiled, eager):
+        x0 = _noise(seed=3).requires_grad_(True)
+        score = objective(x0, *args)[0]
+        results.append((score.detach(), torch.autograd.grad(score.sum(), x0)[0]))
+    assert compiled.compiled
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)

@@ -124,16 +124,36 @@ def test_a_small_recomputation_reproduces_the_shipped_per_seed_scores():
         assert (recognised[clear] == np.array(per_seed[name]["recognised"][:4], bool)[clear]).all(), name
 
 
-@pytest.mark.slow
-@shipped
-def test_full_gates_recomputed_match_the_shipped_verdicts():
+def _measure_gates(seeds):
     import importlib
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ lives beside the package
-    measure_gates = importlib.import_module("training.toy.measure_gates")
-    result = measure_gates.measure(WEIGHTS, 100)
+    return importlib.import_module("training.toy.measure_gates").measure(WEIGHTS, seeds)
+
+
+@shipped
+def test_the_gates_measurement_on_two_seeds_reproduces_the_shipped_per_seed_values():
+    """The CI form of the slow test below: the gates' own code (training/toy/measure_gates.py: sampler settings,
+    every set, the world's decisions) on seeds 0-1; its per-seed scores and decisions, the only inputs of the four
+    rate gates, are the shipped ones (scores to a tolerance for another machine's float sums, decisions where the
+    score is clear of its threshold)."""
+    result, shipped = _measure_gates(2), _gates()["per_seed"]
+    assert set(result["per_seed"]) == set(shipped)
+    for name, got in result["per_seed"].items():
+        for metric, decision, threshold in (("subject_iou", "recognised", measures.SUBJECT_THRESHOLD),
+                                            ("style_fid", "carries_style", measures.STYLE_THRESHOLD)):
+            want = np.array(shipped[name][metric][:2])
+            np.testing.assert_allclose(got[metric], want, atol=0.05, err_msg=f"{name} {metric}")
+            clear = np.abs(want - threshold) > 0.05
+            assert (np.array(got[decision])[clear] == np.array(shipped[name][decision][:2])[clear]).all(), name
+
+
+@pytest.mark.slow
+@shipped
+def test_full_gates_recomputed_match_the_shipped_verdicts():
+    result = _measure_gates(100)
     shipped_gates = _gates()["gates"]
     for name, gate in result["gates"].items():
         assert gate["pass"] == shipped_gates[name]["pass"], (name, gate, shipped_gates[name])
