@@ -110,3 +110,13 @@ def test_a_served_batch_an_error_and_an_eviction_are_counted_with_their_tags(mon
         assert len(evicted) == service.catalogue.evictions and len(service.catalogue.pool.names) <= loaded
     finally:
         service.__del__()
+
+
+def test_ray_serve_accepts_the_autoscaling_config_from_serve_run_arguments():
+    from fusion_engine.serve.app import build_app
+
+    # `serve run ... min_replicas=0 max_replicas=3` passes strings; Ray validates the config when it is bound
+    config = build_app({"min_replicas": "0", "max_replicas": "3"})._bound_deployment._deployment_config
+    scaling = config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (0, 3, 1)
+    assert scaling.target_ongoing_requests == 8.0 and config.max_ongoing_requests == 64 + 8
