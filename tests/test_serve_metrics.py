@@ -110,6 +110,9 @@ def test_a_served_batch_an_error_and_an_eviction_are_counted_with_their_tags(mon
         assert len(evicted) == service.catalogue.evictions and len(service.catalogue.pool.names) <= loaded
     finally:
         service.__del__()
+        # @serve.batch keeps its queue (bound to this test's finished loop) on the class's method: drop it, or the
+        # deployment class no longer pickles for a later Ray test in this process
+        FusionService.func_or_class._batched.set_max_batch_size.__self__._queue = None
 
 
 def test_ray_serve_accepts_the_autoscaling_config_from_serve_run_arguments():
