@@ -234,7 +234,7 @@ def test_serve_subcommand_flags_and_a_clear_error_without_ray(monkeypatch, capsy
     from fusion_engine.cli.main import build_parser, main
 
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.replicas, args.max_batch_size, args.model) == ("127.0.0.1", 8000, 1, 8, None)
+    assert (args.host, args.port, args.replicas, args.max_batch_size, args.model) == ("127.0.0.1", 8000, None, 8, None)
     assert main(["serve", "--replicas", "0"]) == 2
     assert "--replicas" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "fusion_engine.serve.app", None)  # as if Ray were not installed
@@ -247,3 +247,39 @@ def test_client_refuses_a_bad_concurrency_before_sending_anything():
     for concurrency in (0, -1, 1.5, "2"):
         with pytest.raises(OptionError, match="concurrency must be a whole number >= 1"):
             client.generate_many([{"prompt": "a"}], concurrency=concurrency, progress=False)
+
+
+# -- autoscaling ----------------------------------------------------------------------------------------------------
+def test_autoscale_flags_map_onto_ray_serve_autoscaling_config(monkeypatch, capsys):
+    from fusion_engine.cli.main import main
+
+    fixed = ServeConfig(replicas=3).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["max_ongoing_requests"] == 64 + 8 and fixed["max_queued_requests"] == 4 * 64 * 3
+    scaled = ServeConfig(min_replicas=0, max_replicas=4, max_batch_size=6).deployment_options()
+    assert "num_replicas" not in scaled and scaled["max_queued_requests"] == 4 * 64 * 4
+    assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                            "target_ongoing_requests": 6.0}
+    for bad, message in [({"replicas": 2, "min_replicas": 1, "max_replicas": 2}, "exclude each other"),
+                         ({"min_replicas": 3, "max_replicas": 2}, "above max_replicas"),
+                         ({"min_replicas": 1}, "max_replicas must be"),
+                         ({"min_replicas": -1, "max_replicas": 2}, "min_replicas must be"),
+                         ({"target_ongoing_requests": 2.0}, "needs min_replicas"),
+                         ({"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1000.0}, "in (0,")]:
+        with pytest.raises(OptionError, match=message.replace("(", r"\(")):
+            ServeConfig(**bad).check()
+
+    seen = []
+    monkeypatch.setattr("fusion_engine.serve.runner.serve_forever", lambda config, *rest: seen.append(config) or 0)
+    assert main(["serve", "--autoscale", "1:5", "--target-ongoing-requests", "3"]) == 0
+    assert seen[-1].deployment_options()["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 5, "initial_replicas": 1, "target_ongoing_requests": 3.0}
+    assert main(["serve"]) == 0 and seen[-1].replicas == 1 and not seen[-1].autoscaling
+    for argv, words in [(["--replicas", "2", "--autoscale", "1:3"], "not allowed with argument --replicas"),
+                        (["--autoscale", "3:1"], "0 <= MIN <= MAX"), (["--autoscale", "2"], "is not MIN:MAX"),
+                        (["--autoscale", "0:0"], "0 <= MIN <= MAX"), (["--autoscale", "a:2"], "not an integer"),
+                        (["--target-ongoing-requests", "4"], "needs --autoscale"),
+                        (["--autoscale", "1:2", "--target-ongoing-requests", "0"], "is not > 0")]:
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err

@@ -82,6 +82,24 @@ def scale_pairs(text: str) -> list[tuple[float, float]]:
     return pairs
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not > 0")
+    return value
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` replicas for autoscaling: whole numbers, 0 <= MIN <= MAX, MAX >= 1."""
+    if text.count(":") != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX (e.g. 1:4)")
+    low, high = (_number(part.strip(), int) for part in text.split(":"))
+    if low < 0 or high < 1 or low > high or high > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} needs 0 <= MIN <= MAX, 1 <= MAX <= {MAX_COUNT}")
+    return low, high
+
+
 def true_cfg_scale(text: str) -> float:
     """FLUX's true CFG scale: a finite number > 1 (1 or less turns true CFG off)."""
     value = _number(text, float)
@@ -617,7 +635,13 @@ def _serve_flags(parser) -> None:
     parser.add_argument("--port", type=positive_int, default=8000)
     parser.add_argument("--model", default=None, help="local diffusers folder (default: the embedded toy world)")
     parser.add_argument("--loras", default=None, help="catalogue folder of NAME.safetensors (default: the toy's)")
-    parser.add_argument("--replicas", type=positive_int, default=1)
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=positive_int, default=None, help="a fixed replica count (default 1)")
+    scale.add_argument("--autoscale", type=replica_range, default=None, metavar="MIN:MAX",
+                       help="Ray Serve autoscaling between MIN and MAX replicas (MIN may be 0)")
+    parser.add_argument("--target-ongoing-requests", type=positive_float, default=None,
+                        help="with --autoscale: requests per replica the autoscaler aims at (default: "
+                             "--max-batch-size, one full batch each)")
     parser.add_argument("--num-cpus", type=non_negative_float, default=1.0, help="CPUs per replica")
     parser.add_argument("--num-gpus", type=non_negative_float, default=0.0, help="GPUs per replica")
     parser.add_argument("--max-batch-size", type=positive_int, default=8)
@@ -637,7 +661,12 @@ def cmd_serve(args) -> int:
         from fusion_engine.serve.runner import serve_forever
     except ImportError as error:
         return _fail(f"serve needs Ray Serve: pip install -e '.[serve]' ({error})")
-    config = ServeConfig(model=args.model, loras=args.loras, replicas=args.replicas, num_cpus=args.num_cpus,
+    if args.target_ongoing_requests is not None and args.autoscale is None:
+        raise _UsageError("serve: --target-ongoing-requests needs --autoscale MIN:MAX")
+    low, high = args.autoscale or (None, None)
+    config = ServeConfig(model=args.model, loras=args.loras, replicas=args.replicas or 1, min_replicas=low,
+                         max_replicas=high, target_ongoing_requests=args.target_ongoing_requests,
+                         num_cpus=args.num_cpus,
                          num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
                          batch_wait_timeout_s=args.batch_wait_timeout_s, max_queue=args.max_queue,
                          budget_bytes=args.budget_mb << 20, threads=args.threads,

@@ -78,9 +78,12 @@ def _bind_internal_grpc_to_loopback() -> None:
 class _Metrics:
     """Counters through Ray's metrics API (exported by Ray's metrics agent in Prometheus format)."""
 
-    def __init__(self):
-        from ray.serve import metrics
-
+    def __init__(self, backend=None):
+        """``backend``: a module with ``Counter``, ``Histogram`` and ``Gauge`` (default ``ray.serve.metrics``;
+        tests pass one that records)."""
+        if backend is None:
+            from ray.serve import metrics as backend
+        metrics = backend
         self.requests = metrics.Counter("fusion_requests", description="HTTP requests by route and status",
                                         tag_keys=("route", "status"))
         self.errors = metrics.Counter("fusion_errors", description="refused or failed requests by kind",
@@ -97,7 +100,7 @@ class _Metrics:
 class FusionService:
     """One replica: a pipeline, a pool with its catalogue, a worker thread; batches by ``@serve.batch``."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, metrics: _Metrics | None = None):
         import torch
 
         import fusion_engine as fe
@@ -109,7 +112,7 @@ class FusionService:
         self.config = ServeConfig(**config).check()
         self.limits = Limits(**self.config.limits)
         torch.set_num_threads(self.config.threads)
-        self.metrics = _Metrics()
+        self.metrics = metrics or _Metrics()
         pipe, device, dtype = load_pipeline(self.config)
         self._closed = False
         self._own_folder = None if self.config.loras else tempfile.mkdtemp(prefix="fusion-serve-loras-")
@@ -244,20 +247,14 @@ def build_app(args: dict | None = None):
     """The bound application for ``serve.run`` or ``serve run fusion_engine.serve.app:build_app key=value``
     (keys: ``ServeConfig`` fields)."""
     config = args if isinstance(args, ServeConfig) else ServeConfig(**_typed(args or {}))
-    config.check()
-    # above max_batch_size (batches can fill) and above max_queue (the replica itself answers 503 + Retry-After)
-    ongoing = config.max_queue + config.max_batch_size
-    return FusionService.options(
-        num_replicas=config.replicas, max_ongoing_requests=ongoing,
-        max_queued_requests=4 * config.max_queue * config.replicas,  # a backstop: each replica refuses first
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},  # threads: in __init__
-    ).bind(asdict(config))
+    return FusionService.options(**config.deployment_options()).bind(asdict(config))
 
 
 def _typed(args: dict) -> dict:
     """``serve run`` passes strings: turn them into the ``ServeConfig`` field types."""
     kinds = {"replicas": int, "max_batch_size": int, "max_queue": int, "budget_bytes": int, "threads": int,
-             "num_cpus": float, "num_gpus": float, "batch_wait_timeout_s": float}
+             "min_replicas": int, "max_replicas": int, "target_ongoing_requests": float, "num_cpus": float,
+             "num_gpus": float, "batch_wait_timeout_s": float}
     return {name: kinds[name](value) if name in kinds and isinstance(value, str) else value
             for name, value in args.items()}
 

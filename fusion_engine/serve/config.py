@@ -17,7 +17,10 @@ class ServeConfig:
     loras: str | None = None  # the catalogue folder; None with the toy world: its LoRAs, written per replica
     device: str | None = None  # None: cuda when num_gpus > 0, else cpu
     dtype: str | None = None  # None: float16 on cuda, float32 on cpu
-    replicas: int = 1
+    replicas: int = 1  # a fixed count; or autoscaling between min_replicas and max_replicas (not both)
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None  # per replica, what the autoscaler aims at; None: max_batch_size
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_batch_size: int = 8
@@ -42,7 +45,53 @@ class ServeConfig:
         if isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes < 1:
             raise OptionError(f"serve: budget_bytes must be a whole number >= 1, got {self.budget_bytes!r}")
         Limits(**self.limits)  # unknown limit names fail here
+        self._check_autoscaling()
         return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def _check_autoscaling(self) -> None:
+        from ..errors import OptionError
+
+        if not self.autoscaling:
+            if self.target_ongoing_requests is not None:
+                raise OptionError("serve: target_ongoing_requests needs min_replicas and max_replicas (autoscaling)")
+            return
+        if self.replicas != 1:
+            raise OptionError(f"serve: replicas={self.replicas} and min_replicas/max_replicas exclude each other: "
+                              "give a fixed count or autoscaling bounds")
+        for name, least in (("min_replicas", 0), ("max_replicas", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise OptionError(f"serve: {name} must be a whole number >= {least}, got {value!r}")
+        if self.min_replicas > self.max_replicas:
+            raise OptionError(f"serve: min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        target = self.target_ongoing_requests
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not 0 < target <= self.max_batch_size + self.max_queue):
+            raise OptionError(f"serve: target_ongoing_requests must be in (0, max_batch_size + max_queue = "
+                              f"{self.max_batch_size + self.max_queue}], got {target!r}")
+
+    def deployment_options(self) -> dict:
+        """The Ray Serve deployment options these settings make (``Deployment.options(**...)``): a fixed
+        ``num_replicas`` or an ``autoscaling_config``, the request caps and each replica's resources."""
+        self.check()
+        # above max_batch_size (batches can fill) and above max_queue (the replica itself answers 503 + Retry-After)
+        options = {"max_ongoing_requests": self.max_queue + self.max_batch_size,
+                   "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}  # threads: in __init__
+        if self.autoscaling:
+            # the autoscaler adds a replica when each holds more than the target: by default one full batch each
+            target = self.target_ongoing_requests or self.max_batch_size
+            options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                             "initial_replicas": max(1, self.min_replicas),
+                                             "target_ongoing_requests": float(target)}
+            most = self.max_replicas
+        else:
+            options["num_replicas"] = most = self.replicas
+        options["max_queued_requests"] = 4 * self.max_queue * most  # a backstop: each replica refuses first
+        return options
 
 
 def toy_catalogue(folder) -> str:
