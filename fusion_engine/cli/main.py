@@ -100,6 +100,16 @@ def replica_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def ray_address(text: str) -> str:
+    """A running Ray cluster's address as ``ray.init(address=)`` takes it: ``auto``, ``ray://HOST:PORT`` or
+    ``HOST:PORT`` (anything else would make Ray start or search in ways the user did not ask for)."""
+    import re
+
+    if text == "auto" or re.fullmatch(r"(ray://)?[A-Za-z0-9.\-]{1,253}:\d{1,5}", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text[:60]!r} is not 'auto', 'ray://HOST:PORT' or 'HOST:PORT'")
+
+
 def true_cfg_scale(text: str) -> float:
     """FLUX's true CFG scale: a finite number > 1 (1 or less turns true CFG off)."""
     value = _number(text, float)
@@ -651,7 +661,8 @@ def _serve_flags(parser) -> None:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per replica")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set "
                                                         "FUSION_ENGINE_API_KEY)")
-    parser.add_argument("--address", default=None, help="a running Ray cluster ('auto'); default: a local Ray")
+    parser.add_argument("--address", type=ray_address, default=None,
+                        help="a running Ray cluster ('auto', 'ray://HOST:PORT'); default: a local Ray")
     parser.add_argument("--ray-cpus", type=positive_int, default=2, help="CPUs of the local Ray")
 
 
@@ -671,7 +682,21 @@ def cmd_serve(args) -> int:
                          batch_wait_timeout_s=args.batch_wait_timeout_s, max_queue=args.max_queue,
                          budget_bytes=args.budget_mb << 20, threads=args.threads,
                          api_key=args.api_key or os.environ.get(API_KEY_ENV)).check()
+    if args.address is None:  # a local Ray: the replicas see this machine's files, so check them before Ray starts
+        _check_serve_paths(args.model, args.loras)
     return serve_forever(config, args.host, args.port, args.address, args.ray_cpus)
+
+
+def _check_serve_paths(model, loras) -> None:
+    """``--model`` a local pipeline folder and ``--loras`` a folder, checked here in one line each instead of by a
+    replica after Ray's start (on a cluster, ``--address``, the paths are the worker nodes' and are not checked)."""
+    from fusion_engine.errors import OptionError
+    from fusion_engine.integration.model_path import local_pipeline_folder
+
+    if model is not None:
+        local_pipeline_folder(model)
+    if loras is not None and not Path(loras).is_dir():
+        raise OptionError(f"serve: --loras {loras}: no such folder (the LoRA catalogue is a folder of .safetensors)")
 
 
 def _eval_flags(parser) -> None:
