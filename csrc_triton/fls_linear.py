@@ -62,7 +62,6 @@ from .utils import (
     ROW_GROUP_DTYPES,
     _expand_tile,
     _linear_tile,
-    alignments,
     as_operands,
     check_lora_linear_inputs,
     dot_pad,
@@ -74,8 +73,8 @@ from .utils import (
     launch_context,
     may_plan,
     new_empty,
+    plan_key,
     require,
-    tensor_key,
 )
 
 # ---- divergence modes (a constexpr: one compiled variant each)
@@ -551,10 +550,8 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     """
     stream, fast = launch_context()
     if fast:
-        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(subject_a), tensor_key(subject_b),
-               tensor_key(style_a), tensor_key(style_b), tensor_key(row_group), num_groups, divergence,
-               tensor_key(prev_choice), base, stream,
-               alignments(x, weight, bias, subject_a, subject_b, style_a, style_b, row_group, prev_choice))
+        key = plan_key((x, weight, bias, subject_a, subject_b, style_a, style_b, row_group, prev_choice),
+                       num_groups, divergence, base, stream)
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(stream, x, weight, bias, subject_a, subject_b, float(subject_scale), style_a, style_b,

@@ -18,7 +18,6 @@ from .lora_shrink import lora_shrink
 from .utils import (
     _expand_tile,
     _linear_tile,
-    alignments,
     as_operands,
     check_lora_linear_inputs,
     dot_pad,
@@ -29,8 +28,8 @@ from .utils import (
     launch_context,
     may_plan,
     new_empty,
+    plan_key,
     require,
-    tensor_key,
 )
 
 
@@ -85,9 +84,7 @@ def mix_linear_fwd(x, weight, bias, subject_a, subject_b, style_a, style_b, coef
     """
     stream, fast = launch_context()
     if fast:
-        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(subject_a), tensor_key(subject_b),
-               tensor_key(style_a), tensor_key(style_b), tensor_key(coef), stream,
-               alignments(x, weight, bias, subject_a, subject_b, style_a, style_b, coef))
+        key = plan_key((x, weight, bias, subject_a, subject_b, style_a, style_b, coef), stream)
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(stream, x, weight, bias, subject_a, subject_b, style_a, style_b, coef)

@@ -54,7 +54,6 @@ from .pooled_mix_linear import _slot_delta, check_pool_inputs, pool_operands
 from .utils import (
     ROW_GROUP_DTYPES,
     _linear_tile,
-    alignments,
     dot_pad,
     dot_precision,
     gemm_config,
@@ -63,8 +62,8 @@ from .utils import (
     launch_context,
     may_plan,
     new_empty,
+    plan_key,
     require,
-    tensor_key,
 )
 
 # ---- per-(row, N-tile) partial statistics: slots of the `part` buffer (slot, n_tile, row)
@@ -444,10 +443,8 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
     """
     stream, fast = launch_context()
     if fast:
-        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(a_stack), tensor_key(b_stack),
-               tensor_key(scales), tensor_key(present), tensor_key(sample_slots), tensor_key(row_group), num_groups,
-               divergence, tensor_key(prev_choice), stream,
-               alignments(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, prev_choice))
+        key = plan_key((x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, prev_choice),
+                       num_groups, divergence, stream)
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(stream, x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,

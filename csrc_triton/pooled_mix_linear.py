@@ -28,7 +28,6 @@ from .utils import (
     MAX_RANK,
     SUPPORTED_DTYPES,
     _linear_tile,
-    alignments,
     dot_pad,
     dot_precision,
     gemm_config,
@@ -37,8 +36,8 @@ from .utils import (
     launch_context,
     may_plan,
     new_empty,
+    plan_key,
     require,
-    tensor_key,
 )
 
 
@@ -166,9 +165,7 @@ def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slot
     """
     stream, fast = launch_context()
     if fast:
-        key = (tensor_key(x), tensor_key(weight), tensor_key(bias), tensor_key(a_stack), tensor_key(b_stack),
-               tensor_key(scales), tensor_key(sample_slots), tensor_key(sample_weights), stream,
-               alignments(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights))
+        key = plan_key((x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights), stream)
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(stream, x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)

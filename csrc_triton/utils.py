@@ -122,16 +122,6 @@ def launch_context():
     return active.get_current_stream(active.get_current_device()), True
 
 
-def alignments(*tensors) -> int:
-    """Which tensors' data pointers are 16-byte aligned, as bits (None counts as unaligned): part of a plan's key,
-    since Triton compiles a variant per pointer alignment. Fresh outputs and a plan's scratch buffers need no bit:
-    torch's allocators align far more."""
-    mask = 0
-    for t in tensors:
-        mask = mask << 1 | (t is not None and t.data_ptr() & 15 == 0)
-    return mask
-
-
 def may_plan() -> bool:
     """Whether a launch through the JIT path may be kept as a plan: not while a CUDA graph is being captured (a
     plan's scratch buffers must not come from a graph's private memory pool)."""
@@ -144,9 +134,20 @@ def keep_plan(plans: dict, key, plan) -> None:
     plans[key] = plan
 
 
-def tensor_key(t):
-    """What a plan depends on for one tensor argument (None for an absent one)."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+def plan_key(tensors: tuple, *values) -> tuple:
+    """What a launch plan depends on: per tensor argument (None for an absent one) its shape, strides, dtype and
+    device, and whether its data pointer is 16-byte aligned (Triton compiles a variant per pointer alignment; fresh
+    outputs and a plan's scratch need no bit: torch's allocators align far more), then the other ``values`` (flags,
+    group counts, the stream). Each tensor is named once, so its layout and its alignment cannot drift apart."""
+    key, mask = [], 0
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            mask <<= 1
+        else:
+            key.append((t.shape, t.stride(), t.dtype, t.device))
+            mask = mask << 1 | (t.data_ptr() & 15 == 0)
+    return (*key, mask, *values)
 
 
 class KernelLaunch:
