@@ -39,6 +39,23 @@ def test_user_scale_multiplies_alpha_over_rank(tmp_path, loras):
     assert loaded.layer_scale(name) == pytest.approx(4 / 8 * 0.8)
 
 
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_a_user_scale_is_saved_as_the_effect_it_has(tmp_path, loras, layout):
+    _, style = loras  # alpha 4, rank 8: every layer 0.5, times the user's 0.3 -> 0.15 after a round trip
+    scaled = fe.load_lora(style, scale=0.3)
+    loaded = fe.load_lora(fe.save_lora(scaled, tmp_path / f"scaled_{layout}.safetensors", layout=layout))
+    for name in style.layers:
+        assert loaded.layer_scale(name) == pytest.approx(scaled.layer_scale(name)) == pytest.approx(0.15)
+        assert torch.equal(loaded.layers[name].lora_a, style.layers[name].lora_a)
+
+
+def test_old_diffusers_layout_refuses_a_scale_it_cannot_store(tmp_path, loras):
+    subject, _ = loras  # alpha == rank: storable at scale 1 (above), not at 0.5
+    with pytest.raises(fe.OptionError, match="scale 0.5"):
+        fe.save_lora(fe.load_lora(subject, scale=0.5), tmp_path / "old.safetensors", layout="diffusers")
+    assert not (tmp_path / "old.safetensors").exists()
+
+
 def test_text_encoder_keys_load_as_a_component_or_are_listed_when_left_out(tmp_path, loras):
     subject, _ = loras
     state = lora_to_state_dict(subject, "kohya")

@@ -1,6 +1,8 @@
 """``LoRA`` -> safetensors file in a layout other tools read: PEFT (diffusers), old diffusers, kohya.
 
-Every component is written (UNet and text encoders), and DoRA magnitudes with their layers.
+Every component is written (UNet and text encoders), and DoRA magnitudes with their layers. The LoRA's user
+strength (``lora.scale``) is folded into each written alpha, so the file loads with the effect the in-memory LoRA
+has: ``load_lora(save_lora(load_lora(f, scale=0.5), g))`` scales each layer as ``load_lora(f, scale=0.5)`` does.
 """
 from __future__ import annotations
 
@@ -19,10 +21,15 @@ from .weights import DENOISER, TRANSFORMER, LoRA, LoRALayer
 LAYOUTS = ("peft", "diffusers", "kohya")
 
 
-def _peft_config(component: str, layers: dict[str, LoRALayer]) -> dict:
+def _written_alpha(lora: LoRA, layer: LoRALayer) -> float:
+    """The alpha a file needs for this layer's effective scale: ``alpha / rank * lora.scale`` == written / rank."""
+    return float(layer.alpha) * lora.scale
+
+
+def _peft_config(lora: LoRA, component: str, layers: dict[str, LoRALayer]) -> dict:
     """The adapter config diffusers writes beside PEFT-layout weights (it carries the alphas)."""
     ranks = {name: layer.rank for name, layer in layers.items()}
-    alphas = {name: layer.alpha for name, layer in layers.items()}
+    alphas = {name: _written_alpha(lora, layer) for name, layer in layers.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -59,7 +66,7 @@ def _layer_keys(lora: LoRA, component: str, name: str, layer: LoRALayer, layout:
     if layout == "kohya":
         key = _kohya_prefix(lora, component, name)
         out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = lora_a, lora_b
-        out[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
+        out[f"{key}.alpha"] = torch.tensor(_written_alpha(lora, layer))
         if layer.is_dora:  # kohya/LyCORIS: one magnitude per output row, shaped like a weight's first dim
             out[f"{key}.dora_scale"] = layer.magnitude.reshape(-1, *([1] * (lora_a.ndim - 1))).contiguous()
         return out
@@ -92,11 +99,14 @@ def save_lora(lora: LoRA, path, layout: str = "peft") -> Path:
     """Write ``lora`` as a ``.safetensors`` file. The old diffusers layout has no alpha: it needs alpha == rank."""
     path = Path(path)
     layers = [layer for part in lora.components.values() for layer in part.values()]
-    if layout == "diffusers" and any(layer.alpha != layer.rank for layer in layers):
-        raise OptionError(f"{path}: the old diffusers layout stores no alpha; use 'peft' or 'kohya' for alpha != rank")
+    if layout == "diffusers" and any(_written_alpha(lora, layer) != layer.rank for layer in layers):
+        raise OptionError(f"{path}: the old diffusers layout stores no alpha, so it holds only alpha / rank * scale "
+                          f"== 1 (this LoRA: scale {lora.scale}, alphas {lora.alphas()}, ranks {lora.ranks()}); "
+                          "use 'peft' or 'kohya'")
     metadata = {"format": "pt"}
     if layout == "peft":
-        config = {k: v for component, part in lora.components.items() for k, v in _peft_config(component, part).items()}
+        config = {key: value for component, part in lora.components.items()
+                  for key, value in _peft_config(lora, component, part).items()}
         metadata[ADAPTER_METADATA_KEY] = json.dumps(config, sort_keys=True)
     with atomic_write(path) as scratch:
         save_file(lora_to_state_dict(lora, layout), str(scratch), metadata=metadata)
