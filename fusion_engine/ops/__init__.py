@@ -90,21 +90,25 @@ def mix_linear(*args, backend: str = "reference", **kwargs):
     return reference.mix_linear(*args, **kwargs)
 
 
-def pooled_fls_linear(*args, backend: str = "reference", prev_choice=None, **kwargs):
+def pooled_fls_linear(*args, backend: str = "reference", prev_choice=None, slot_ranks=None, base=None, **kwargs):
     """See ``pooled.pooled_fls_linear`` (the LoRA pool's N-way FLS); returns (out, scores, choice).
 
     ``prev_choice``: the layer's last choices, the Triton kernel's speculation guess (it never changes the result,
-    only the cost); the reference ignores it.
+    only the cost). ``slot_ranks``: optional (S,) int tensor of each slot's own rank, which the kernels pad to slot by
+    slot (None: they read it from the stacks). ``base``: the kernels' "fused" or "cublas" base GEMM (None: by size
+    class). The reference ignores all three: none changes the result beyond rounding.
     """
     if backend == "triton":
-        return _triton_ops().pooled_fls_linear(*args, prev_choice=prev_choice, **kwargs)
+        return _triton_ops().pooled_fls_linear(*args, prev_choice=prev_choice, slot_ranks=slot_ranks, base=base,
+                                               **kwargs)
     return pooled.pooled_fls_linear(*args, **kwargs)
 
 
-def pooled_mix_linear(*args, backend: str = "reference", **kwargs):
-    """See ``pooled.pooled_mix_linear`` (the LoRA pool's static policies)."""
+def pooled_mix_linear(*args, backend: str = "reference", slot_ranks=None, base=None, **kwargs):
+    """See ``pooled.pooled_mix_linear`` (the LoRA pool's static policies); ``slot_ranks`` and ``base`` as
+    ``pooled_fls_linear`` (the Triton kernels' only)."""
     if backend == "triton":
-        return _triton_ops().pooled_mix_linear(*args, **kwargs)
+        return _triton_ops().pooled_mix_linear(*args, slot_ranks=slot_ranks, base=base, **kwargs)
     return pooled.pooled_mix_linear(*args, **kwargs)
 
 
