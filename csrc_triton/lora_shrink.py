@@ -255,7 +255,8 @@ def stack_ranks(a_stack: torch.Tensor) -> torch.Tensor:
         version = a_stack._version
     except RuntimeError:  # an inference tensor has no version counter: no reuse
         version = None
-    cached = _RANKS.get(id(a_stack))
+    capturing = not may_plan()  # a graph must record the computation, never read a value kept from before it
+    cached = None if capturing else _RANKS.get(id(a_stack))
     if version is not None and cached is not None and cached[0]() is a_stack and cached[1] == version:
         return cached[2]
     if R == 0:
@@ -264,7 +265,7 @@ def stack_ranks(a_stack: torch.Tensor) -> torch.Tensor:
         nonzero = a_stack.reshape(S, R, -1).ne(0).any(-1)
         rows = torch.arange(1, R + 1, dtype=torch.int32, device=a_stack.device)
         ranks = torch.where(nonzero, rows, 0).amax(-1).to(torch.int32)
-    if version is not None and may_plan():
+    if version is not None and not capturing:
         if len(_RANKS) >= _MAX_RANKS:
             _RANKS.pop(next(iter(_RANKS)))
         _RANKS[id(a_stack)] = (weakref.ref(a_stack), version, ranks)

@@ -110,10 +110,14 @@ def test_pooled_mix_kernel_reads_each_slot_only_up_to_its_given_rank():
     assert kt.max_error(full, ref) > 1e-2  # the cut mattered
 
 
-def test_stack_ranks_follow_in_place_writes_of_the_stacks():
+def test_stack_ranks_follow_in_place_writes_of_the_stacks(monkeypatch):
     """Without ``slot_ranks`` the launchers read each slot's rank from the stacks: the last non-zero row of its A,
-    recomputed after an in-place write (as a pool's add/remove make) and kept otherwise."""
-    from csrc_triton.lora_shrink import stack_ranks
+    recomputed after an in-place write (as a pool's add/remove make) and kept otherwise, never reused while a CUDA
+    graph is captured (a replay after a pool change must recompute)."""
+    import importlib
+
+    shrink_module = importlib.import_module("csrc_triton.lora_shrink")  # the package exports a function of that name
+    stack_ranks = shrink_module.stack_ranks
 
     a_stack = torch.zeros(4, 40, 7)
     a_stack[0, :3], a_stack[1, :20], a_stack[2, 39] = 1.0, 1.0, 1.0
@@ -122,7 +126,10 @@ def test_stack_ranks_follow_in_place_writes_of_the_stacks():
     assert stack_ranks(a_stack) is first  # unchanged stacks: kept
     a_stack[3, :5].fill_(2.0)
     a_stack[0].zero_()
-    assert stack_ranks(a_stack).tolist() == [0, 20, 40, 5]
+    kept = stack_ranks(a_stack)
+    assert kept.tolist() == [0, 20, 40, 5]
+    monkeypatch.setattr(shrink_module, "may_plan", lambda: False)  # as during a capture
+    assert stack_ranks(a_stack) is not kept
 
 
 def test_pooled_mix_kernel_follows_a_new_slot_table_without_new_shapes():
