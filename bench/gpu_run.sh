@@ -10,13 +10,16 @@
 # to bench/results/ here and commit at once: raw logs lost with a machine are lost for good); without $OUT they go
 # to bench/results/<date>-<card>/.
 #
-# Time limits (seconds, override by environment): INSTALL_S=60, E2E_S=240 (gpu_e2e stops starting rows 45 s before
-# it), TABLE_S=75 (gpu_table's layer tables; cut short, its printed rows stay): 6.25 min at most, so a 15-minute
-# loan holds the start, this run and a rerun. Each step runs whatever the one before did.
+# Time limits (seconds, override by environment): INSTALL_S=60, E2E_S=200 (gpu_e2e stops starting rows 45 s before
+# it), TABLE_S=75 (gpu_table's layer tables; cut short, its printed rows stay), POOL_S=60 (gpu_table's pool table:
+# the pooled kernels' variants, hoisted shrink with the fused and the cuBLAS base, per-slot ranks, pooled mix, beside
+# the pair kernel and the merged F.linear): 6.6 min at most, so a 15-minute loan holds the start, this run and a
+# rerun. Each step runs whatever the one before did.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 INSTALL_S="${INSTALL_S:-60}"
-E2E_S="${E2E_S:-240}"
+E2E_S="${E2E_S:-200}"
+POOL_S="${POOL_S:-60}"
 TABLE_S="${TABLE_S:-75}"
 PY="${PY:-python}"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' /' '--')
@@ -54,4 +57,8 @@ echo "gpu_e2e exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_e2e.txt"
 echo "== gpu_table.py --tables sdxl flux (timeout ${TABLE_S}s)"
 timeout "$TABLE_S" "$PY" bench/gpu_table.py --tables sdxl flux 2>&1 | tee "$DEST/gpu_table.txt"
 echo "gpu_table exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_table.txt"
+
+echo "== gpu_table.py --tables pool (timeout ${POOL_S}s)"
+timeout "$POOL_S" "$PY" bench/gpu_table.py --tables pool 2>&1 | tee "$DEST/gpu_pool.txt"
+echo "gpu_table pool exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_pool.txt"
 ls -la "$DEST"

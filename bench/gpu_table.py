@@ -39,8 +39,10 @@
    layer on the device), the reference FLS path (pure torch, capturable), naive eager FLS (host
    syncs: not capturable); eager and CUDA-graph-captured (torch.cuda.CUDAGraph).
 5. Pool table (bf16, rank 64, 8 images x 4096 tokens, K=N=640 and 1280): 8 distinct pairs (16 pool slots) in one
-   pooled FLS call against 8 single-pair fls_linear calls of one image each and the merged-weight linear of the
-   batch (the floor), eager calls, correct guesses; the pooled call's choices checked against float64 first.
+   pooled call per variant (pooled FLS with the fused and the cuBLAS base, with half the slots at rank 16, pooled mix
+   fused and cuBLAS) against 8 single-pair fls_linear calls of one image each and the merged-weight linear of the
+   batch (the floor); a uniform assignment (every image on one pair): the pair kernel's batch call against the
+   pooled one. Eager calls, correct guesses; every variant's choices checked against float64 first.
 6. Pool step table (issue 13's GPU target; bf16, rank 64): table 4's attention-only step (same blocks, shapes and
    attention) for P = 8 images with CFG, batch 2P copy-major as diffusers batches it (rows 0..P-1 uncond, P..2P-1
    cond), each image with its own random (subject, style) pair at every linear (2P pool slots per layer; an image's
@@ -487,7 +489,8 @@ POOL_RANK = 64
 
 
 def pool_row(images: int, tokens: int, K: int, N: int, rank: int, dtype) -> str:
-    """One row of the pool table: verify the pooled FLS call against float64, then time the three methods."""
+    """One row of the pool table: verify every pooled variant against float64, then time them side by side with the
+    pair kernel and the merged-weight linear."""
     from fusion_engine.ops import pooled
 
     g = torch.Generator(device=RUN.device).manual_seed(images + tokens + K)
@@ -498,47 +501,92 @@ def pool_row(images: int, tokens: int, K: int, N: int, rank: int, dtype) -> str:
     slots = 2 * images  # image i fuses slots 2i (subject) and 2i + 1 (style)
     x, weight = rnd(images * tokens, K), rnd(N, K, std=K ** -0.5)
     a_stack, b_stack = rnd(slots, rank, K, std=K ** -0.5), rnd(slots, N, rank, std=0.5)
+    # mixed ranks: every other slot a quarter of the stacks' rank (zero rows past it, as a pool pads them)
+    mixed_a, mixed_b = a_stack.clone(), b_stack.clone()
+    mixed_a[1::2, max(rank // 4, 1):] = 0
+    mixed_b[1::2, :, max(rank // 4, 1):] = 0
     scales = torch.full((slots,), 0.8, device=RUN.device)
     present = torch.ones(slots, dtype=torch.bool, device=RUN.device)
     sample_slots = torch.arange(slots, device=RUN.device).reshape(images, 2)
+    uniform_slots = torch.zeros_like(sample_slots) + torch.arange(2, device=RUN.device)  # every image on pair 0
     row_group = torch.arange(images, device=RUN.device).repeat_interleave(tokens)
+    weights = torch.ones(images, 2, device=RUN.device)
     args = (x, weight, None, a_stack, b_stack, scales, present, sample_slots, row_group, images)
+    mixed = (x, weight, None, mixed_a, mixed_b, scales, present, sample_slots, row_group, images)
+    uniform = (x, weight, None, a_stack, b_stack, scales, present, uniform_slots, row_group, images)
     rows = [slice(i * tokens, (i + 1) * tokens) for i in range(images)]
     one_group = torch.zeros(tokens, dtype=torch.int32, device=RUN.device)
+    pair_a = (a_stack[0], b_stack[0], 0.8, a_stack[1], b_stack[1], 0.8)
 
     def pair_call(i, guess=None):
         return RUN.ops.fls_linear(x[rows[i]], weight, None, a_stack[2 * i], b_stack[2 * i], 0.8, a_stack[2 * i + 1],
                                   b_stack[2 * i + 1], 0.8, one_group, 1, "kl", prev_choice=guess)
 
+    def pooled_call(call_args, guess, base):
+        return RUN.ops.pooled_fls_linear(*call_args, "kl", prev_choice=guess, base=base)
+
+    problems = []
     with torch.no_grad():
-        out, _, choice = RUN.ops.pooled_fls_linear(*args, "kl")
-        ref_out, _, ref_choice = pooled.pooled_fls_linear(
-            *(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in args), "kl")
-        same = bool(torch.equal(choice, ref_choice))
-        if not same:
-            RUN.failures.append(f"pool {images}x{tokens} K={K}: choices differ from float64")
-        error = (out.double() - ref_out).abs().max().item()
+        errors, choices = [], {}
+        for name, call_args in (("pool", args), ("mixed", mixed), ("uniform", uniform)):
+            ref_out, _, ref_choice = pooled.pooled_fls_linear(
+                *(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in call_args), "kl")
+            for base in ("fused", "cublas"):
+                out, _, choice = pooled_call(call_args, None, base)
+                choices[name, base] = choice
+                if not torch.equal(choice, ref_choice):
+                    problems.append(f"{name} {base}: choices differ from float64")
+                errors.append((out.double() - ref_out).abs().max().item())
+            mix_ref = pooled.pooled_mix_linear(*(t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+                                                 for t in (x, weight, None, call_args[3], call_args[4], scales,
+                                                           call_args[7], weights)))
+            for base in ("fused", "cublas"):
+                mix_out = RUN.ops.pooled_mix_linear(x, weight, None, call_args[3], call_args[4], scales, call_args[7],
+                                                    weights, base=base)
+                errors.append((mix_out.double() - mix_ref).abs().max().item())
+        RUN.failures.extend(f"pool {images}x{tokens} K={K}: {p}" for p in problems)
         guesses = [pair_call(i)[3] for i in range(images)]
+        uniform_guess = RUN.ops.fls_linear(x, weight, None, *pair_a, row_group, images, "kl")[3]
         floor = bench(lambda: F.linear(x, weight))
-        pooled_ms = bench(lambda: RUN.ops.pooled_fls_linear(*args, "kl", prev_choice=choice))
-        per_image_ms = bench(lambda: [pair_call(i, guesses[i]) for i in range(images)])
-    return (f"| {images} x {tokens}, {K} | {'yes' if same else 'NO'} | {error:.2e} | {floor * 1e3:.1f} us | "
-            f"{pooled_ms / floor:.2f}x | {per_image_ms / floor:.2f}x |")
+        times = {
+            "pair x N": bench(lambda: [pair_call(i, guesses[i]) for i in range(images)]),
+            "pooled fused": bench(lambda: pooled_call(args, choices["pool", "fused"], "fused")),
+            "pooled cublas": bench(lambda: pooled_call(args, choices["pool", "cublas"], "cublas")),
+            "pooled mixed ranks": bench(lambda: pooled_call(mixed, choices["mixed", "fused"], "fused")),
+            "pooled mix fused": bench(lambda: RUN.ops.pooled_mix_linear(x, weight, None, a_stack, b_stack, scales,
+                                                                        sample_slots, weights, base="fused")),
+            "pooled mix cublas": bench(lambda: RUN.ops.pooled_mix_linear(x, weight, None, a_stack, b_stack, scales,
+                                                                         sample_slots, weights, base="cublas")),
+            "uniform: pair": bench(lambda: RUN.ops.fls_linear(x, weight, None, *pair_a, row_group, images, "kl",
+                                                              prev_choice=uniform_guess)),
+            "uniform: pooled": bench(lambda: pooled_call(uniform, choices["uniform", "fused"], None)),
+        }
+    cells = " | ".join(f"{t / floor:.2f}x" for t in times.values())
+    return (f"| {images} x {tokens}, {K} | {'yes' if not problems else 'NO'} | {max(errors):.2e} | "
+            f"{floor * 1e3:.1f} us | {cells} |")
+
+
+POOL_COLUMNS = ("pair fls_linear x N images", "pooled FLS fused", "pooled FLS cuBLAS base",
+                "pooled FLS, half the slots at rank/4", "pooled mix fused", "pooled mix cuBLAS base",
+                "uniform pair: fls_linear (batch)", "uniform pair: pooled FLS (default base)")
 
 
 def pool_table():
-    """The LoRA pool: ``images`` images, each with its own pair (2 * images pool slots), in one pooled FLS call
-    (correct guess) against one single-pair fls_linear call per image (correct guesses) and the merged-weight
-    linear of the whole batch (the floor). Verified first: choices equal to a float64 run of the pooled reference,
-    output error reported."""
+    """The LoRA pool: ``images`` images, each with its own pair (2 * images pool slots), in one pooled call per
+    variant (hoisted shrink; fused or cuBLAS base; half the slots at a quarter of the rank, which the kernels pad per
+    slot; the mix kernel) against one single-pair fls_linear call per image and the merged-weight linear of the whole
+    batch (the floor); and a uniform assignment (every image on one pair), the pair kernel's batch call against the
+    pooled one (the pair kernel stays the default for uniform assignments until this column says otherwise).
+    Correct guesses. Verified first: every variant's choices equal to a float64 run of the pooled reference, the
+    largest output error over all variants reported."""
     shapes, rank = ([(4, 16, 32, 32)], 8) if RUN.smoke else (POOL_SHAPES, POOL_RANK)
     dtype = torch.float32 if RUN.smoke else torch.bfloat16
-    emit(f"## LoRA pool: one pooled FLS call (kl) for N images with N distinct pairs, rank {rank}, "
+    emit(f"## LoRA pool: one pooled call (kl) for N images with N distinct pairs, rank {rank}, "
          f"{dtype_name(dtype)}; eager calls (x = ratio to the merged-weight linear of the batch)")
     emit()
-    emit("| images x tokens, K=N | choices = float64 | out max error | merged (floor) | pooled FLS | "
-         "per-image fls_linear |")
-    emit("|---|---|---|---|---|---|")
+    emit("| images x tokens, K=N | choices = float64 | out max error | merged (floor) | "
+         + " | ".join(POOL_COLUMNS) + " |")
+    emit("|---|---|---|---|" + "---|" * len(POOL_COLUMNS))
     for images, tokens, K, N in shapes:
         emit(pool_row(images, tokens, K, N, rank, dtype))
     emit()

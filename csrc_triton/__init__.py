@@ -3,7 +3,8 @@
 * ``fls_linear``  fused FLS linear: base GEMM + both LoRA deltas + kl/cosine/dot statistics +
   per-group decision + y0 + d_chosen, device-side, shape-only grids (CUDA-graph capturable).
 * ``mix_linear``  y0 + coef[0] d_subject + coef[1] d_style with coef a device tensor (direct / schedules).
-* ``lora_shrink`` x [subject_a; style_a]^T for both adapters in one pass, shared by the two ops.
+* ``lora_shrink`` x [subject_a; style_a]^T for both adapters in one pass, shared by the two ops; the pool's shrink,
+  x_b A_slot^T once per row and position, each slot at its own padded rank, shared by the two pooled ops.
 * ``pooled_mix_linear`` the LoRA pool's static-weight linear: each sample adds its own LoRAs by a slot table.
 * ``pooled_fls_linear`` the LoRA pool's N-way FLS linear: fls_linear's speculate + fix-up over each sample's slots.
 * ``utils``       limits (MAX_RANK, SUPPORTED_DTYPES), the launch contract, tile configs, tile helpers.

@@ -53,20 +53,24 @@ JS divergence needs the row's LSEs before its second sweep; it stays on the refe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .lora_shrink import lora_shrink
 from .utils import (
+    _DIVERGENCE_COSINE,
+    _DIVERGENCE_KL,
+    BASE_CODES,
+    DIVERGENCE_CODES,
     ROW_GROUP_DTYPES,
+    _base_tile,
     _expand_tile,
-    _linear_tile,
     as_operands,
+    base_mode,
     check_lora_linear_inputs,
+    cublas_linear,
     dot_pad,
     dot_precision,
-    fls_base_config,
     gemm_config,
     keep_plan,
     launch,
@@ -77,16 +81,8 @@ from .utils import (
     require,
 )
 
-# ---- divergence modes (a constexpr: one compiled variant each)
-_DIVERGENCE_KL = tl.constexpr(0)
-_DIVERGENCE_COSINE = tl.constexpr(1)
-_DIVERGENCE_DOT = tl.constexpr(2)
-DIVERGENCE_CODES = {"kl": _DIVERGENCE_KL.value, "cosine": _DIVERGENCE_COSINE.value, "dot": _DIVERGENCE_DOT.value}
-
-# ---- where y0 comes from (a constexpr: one compiled variant each)
-_BASE_COMPUTED = tl.constexpr(0)  # the tile's own GEMM (fp32 accumulator)
-_BASE_LOADED = tl.constexpr(1)  # read from the y0 buffer cuBLAS wrote (x's dtype)
-BASE_CODES = {"fused": _BASE_COMPUTED.value, "cublas": _BASE_LOADED.value}
+# the divergence modes (_DIVERGENCE_*) and where y0 comes from (_BASE_*) are constexpr codes shared with the pooled
+# kernels: csrc_triton/utils.py
 
 # ---- per-(row, N-tile) partial statistics: slots of the `part` buffer (slot, n_tile, row)
 # kl: (max, sum exp) of y0, and (max, sum exp, sum exp * d) of each y1 = y0 + d
@@ -156,22 +152,6 @@ def _guessed_rows(guess_ptr, group, HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.con
 
 
 @triton.jit
-def _branch_tiles(x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n,
-                  K, subject_rank, style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_xam,
-                  style_offset, HAS_BIAS: tl.constexpr, HAS_SUBJECT: tl.constexpr, HAS_STYLE: tl.constexpr,
-                  SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 tiles of y0 (the Triton GEMM) and both scaled deltas (zeros for an absent LoRA)."""
-    y0 = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
-                      HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
-    subject_delta, style_delta = _delta_tiles(
-        xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank, subject_scale,
-        style_scale, stride_xam, style_offset, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M,
-        BLOCK_N, DOT_PRECISION)
-    return y0, subject_delta, style_delta
-
-
-@triton.jit
 def _delta_tiles(xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank,
                  subject_scale, style_scale, stride_xam, style_offset, HAS_SUBJECT: tl.constexpr,
                  HAS_STYLE: tl.constexpr, SUBJECT_RANK_PAD: tl.constexpr, STYLE_RANK_PAD: tl.constexpr,
@@ -179,12 +159,12 @@ def _delta_tiles(xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, su
     """fp32 tiles of both scaled deltas from the shrink buffer (zeros for an absent LoRA)."""
     if HAS_SUBJECT:
         subject_delta = subject_scale * _expand_tile(xa_ptr, subject_b_ptr, offs_am, offs_n, mask_n, subject_rank,
-                                                     stride_xam, 0, SUBJECT_RANK_PAD, DOT_PRECISION)
+                                                     stride_xam, 0, subject_rank, SUBJECT_RANK_PAD, DOT_PRECISION)
     else:
         subject_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_STYLE:
         style_delta = style_scale * _expand_tile(xa_ptr, style_b_ptr, offs_am, offs_n, mask_n, style_rank,
-                                                 stride_xam, style_offset, STYLE_RANK_PAD, DOT_PRECISION)
+                                                 stride_xam, style_offset, style_rank, STYLE_RANK_PAD, DOT_PRECISION)
     else:
         style_delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     return subject_delta, style_delta
@@ -199,20 +179,12 @@ def _base_and_delta_tiles(x_ptr, w_ptr, bias_ptr, y0_ptr, xa_ptr, subject_b_ptr,
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fp32 tiles of y0 and both scaled deltas, y0 computed or loaded as ``BASE`` says. Both kernels
     get their tiles here, so a fixed-up tile is bit-identical to a correctly guessed one."""
-    if BASE == _BASE_LOADED:
-        # masked columns load as exact zeros, as _linear_tile leaves them (the statistics rely on it)
-        y0 = tl.load(y0_ptr + offs_am[:, None] * stride_y0m + offs_n[None, :], mask=mask_n[None, :],
-                     other=0.0).to(tl.float32)
-        subject_delta, style_delta = _delta_tiles(
-            xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank, subject_scale,
-            style_scale, stride_xam, style_offset, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD,
-            BLOCK_M, BLOCK_N, DOT_PRECISION)
-    else:
-        y0, subject_delta, style_delta = _branch_tiles(
-            x_ptr, w_ptr, bias_ptr, xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, K, subject_rank,
-            style_rank, subject_scale, style_scale, stride_xm, stride_wn, stride_xam, style_offset, HAS_BIAS,
-            HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-            DOT_PRECISION)
+    y0 = _base_tile(x_ptr, w_ptr, bias_ptr, y0_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn, stride_y0m,
+                    BASE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    subject_delta, style_delta = _delta_tiles(
+        xa_ptr, subject_b_ptr, style_b_ptr, offs_am, offs_n, mask_n, subject_rank, style_rank, subject_scale,
+        style_scale, stride_xam, style_offset, HAS_SUBJECT, HAS_STYLE, SUBJECT_RANK_PAD, STYLE_RANK_PAD, BLOCK_M,
+        BLOCK_N, DOT_PRECISION)
     return y0, subject_delta, style_delta
 
 
@@ -570,8 +542,7 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
                                     and prev_choice.device == x.device),
             lambda: f"fls_linear: prev_choice must be (G={G},) bool/uint8 on {x.device}, got "
             f"{None if prev_choice is None else (tuple(prev_choice.shape), prev_choice.dtype, prev_choice.device)}")
-    require(base is None or base in BASE_CODES, lambda: f"fls_linear: base must be one of {tuple(BASE_CODES)} or "
-            f"None, got {base!r}")
+    base = base_mode(base, M, N, K, "fls_linear")
     code = DIVERGENCE_CODES[divergence]
     subject_rank, style_rank = subject_a.shape[0], style_a.shape[0]
     dev = x.device
@@ -598,9 +569,8 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
     xa, style_offset = lora_shrink(x, subject_a, style_a, launches)
 
     cfg = gemm_config(M, N, K, "fls")
-    base = fls_base_config(M, N, K) if base is None else base
     # split: the merged layer's own cuBLAS call, into a buffer of its own (the kernels never overwrite it)
-    y0 = F.linear(x, weight, bias) if base == "cublas" else None
+    y0 = cublas_linear(x, weight, bias) if base == "cublas" else None
     num_pid_m, num_pid_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     live_slot = NUM_STATS[code]
     part = new_empty((live_slot + NUM_LIVE, num_pid_n, M), torch.float32, dev)
@@ -661,7 +631,7 @@ class _FLSPlan:
         choice = new_empty((groups,), torch.uint8, dev)
         self.workspace.zero_()
         self.shrink(stream, x, subject_a, style_a)
-        y0 = F.linear(x, weight, bias) if self.split else x
+        y0 = cublas_linear(x, weight, bias) if self.split else x
         guess = choice if prev_choice is None else (
             prev_choice.view(torch.uint8) if prev_choice.dtype == torch.bool else prev_choice)
         tensors = (x, weight, x if bias is None else bias, y0, subject_b, style_b, row_group, guess, out,

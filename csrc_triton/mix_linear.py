@@ -62,10 +62,11 @@ def _mix_linear_kernel(
     # coefficients carry the LoRA scales; adding the scaled delta in fp32 = one rounding at the end
     if HAS_SUBJECT:
         acc += tl.load(coef_ptr) * _expand_tile(xa_ptr, subject_b_ptr, offs_am, offs_n, mask_n, subject_rank,
-                                                stride_xam, 0, SUBJECT_RANK_PAD, DOT_PRECISION)
+                                                stride_xam, 0, subject_rank, SUBJECT_RANK_PAD, DOT_PRECISION)
     if HAS_STYLE:
         acc += tl.load(coef_ptr + 1) * _expand_tile(xa_ptr, style_b_ptr, offs_am, offs_n, mask_n, style_rank,
-                                                    stride_xam, style_offset, STYLE_RANK_PAD, DOT_PRECISION)
+                                                    stride_xam, style_offset, style_rank, STYLE_RANK_PAD,
+                                                    DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
 

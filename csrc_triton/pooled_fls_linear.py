@@ -12,9 +12,13 @@ from the slot table (SGMV-style segments, as ``pooled_mix_linear``). One program
 is ``B * cdiv(T, BLOCK_M) * cdiv(N, BLOCK_N)``, the N-tiles of a row tile adjacent: shapes only, never the slot
 table or the decisions, so a step can be captured in a CUDA graph and the assignment changed between replays.
 
-* ``_pooled_fls_speculate_kernel``: the tile's y0 in fp32, then for each of the ``NUM_POSITIONS`` positions (a
-  constexpr, 1..4 in practice) the position's delta ``scales[slot] * (x A_slot^T) B_slot^T`` (zeros for slot -1;
-  the shrink inside the tile's K loop, rounded to x's dtype as eager LoRA does), its per-row partial statistics
+* the pooled shrink (``lora_shrink.pooled_lora_shrink``, its own launch): x_b A_slot^T once per row and position,
+  rounded to x's dtype as eager LoRA does, each slot at its own padded rank (not the widest slot's).
+* ``_pooled_fls_speculate_kernel``: the tile's y0 in fp32 (its own GEMM, or loaded from cuBLAS's ``F.linear`` for
+  ``base="cublas"``, the split variant of ``fls_linear``, same exactness argument: y0 lives in a buffer of its own
+  that the fix-up re-reads), then for each of the ``NUM_POSITIONS`` positions (a constexpr, 1..4 in practice) the
+  position's delta ``scales[slot] * (x A_slot^T) B_slot^T`` (zeros for slot -1; the expand of the shrink's block
+  at the slot's width), its per-row partial statistics
   against y0 and its per-row "non-zero here" flag. Only the guessed position's delta is kept (a select, so no
   position needs its tile alive after its statistics are stored); the tile writes y0 + d_guess, the guess being
   the caller's ``prev_choice`` for the row's group (e.g. the layer's last step), else position 0. The last N-tile
@@ -29,9 +33,10 @@ table or the decisions, so a step can be captured in a CUDA graph and the assign
 The output is exactly y0 + d_chosen for THIS call, whatever the guess. Group scores are float32 sums by atomics: on
 a GPU their order varies between runs, so two positions with bitwise-equal deltas (the same LoRA named twice, which
 an assignment refuses) may differ in the last bit and their tie go either way; the interpreter's order is fixed. The
-stacks hold every slot at the layer's largest rank, zero-padded, so slots of different ranks share one RANK_PAD
-(padded ranks add exact zeros). JS divergence needs the rows' LSEs before a second sweep: it stays on the reference
-path (see fusion_engine/ops/triton_ops.py). Forward only: no autograd is registered for this op.
+stacks hold every slot at the layer's largest rank, zero-padded; the kernels read each slot only up to its own
+padded rank (``slot_ranks``; padded ranks add exact zeros). JS divergence needs the rows' LSEs before a second
+sweep: it stays on the reference path (see fusion_engine/ops/triton_ops.py). Forward only: no autograd is registered
+for this op.
 """
 from __future__ import annotations
 
@@ -40,9 +45,8 @@ import triton
 import triton.language as tl
 
 from .fls_linear import (
-    _DIVERGENCE_COSINE,
-    _DIVERGENCE_KL,
-    DIVERGENCE_CODES,
+    _STAT_Y0_MAX,
+    _STAT_Y0_SUMEXP,
     _cosine_row_score,
     _kl_row_score,
     _kl_tile_stats,
@@ -50,10 +54,17 @@ from .fls_linear import (
     _merge_lse,
     _tile_live,
 )
-from .pooled_mix_linear import _slot_delta, check_pool_inputs, pool_operands
+from .lora_shrink import _slot_expand, _slot_rank, check_slot_ranks, pooled_lora_shrink
+from .pooled_mix_linear import check_pool_inputs, pool_operands
 from .utils import (
+    _DIVERGENCE_COSINE,
+    _DIVERGENCE_KL,
+    BASE_CODES,
+    DIVERGENCE_CODES,
     ROW_GROUP_DTYPES,
-    _linear_tile,
+    _base_tile,
+    base_mode,
+    cublas_linear,
     dot_pad,
     dot_precision,
     gemm_config,
@@ -67,16 +78,16 @@ from .utils import (
 )
 
 # ---- per-(row, N-tile) partial statistics: slots of the `part` buffer (slot, n_tile, row)
-# kl: y0's (max, sum exp), then per position l the (max, sum exp, sum exp * d_l) of y1_l = y0 + d_l
-_STAT_Y0_MAX = tl.constexpr(0)
-_STAT_Y0_SUMEXP = tl.constexpr(1)
+# kl: y0's (max, sum exp) at the pair kernel's slots (_STAT_Y0_MAX, _STAT_Y0_SUMEXP, shared), then per position l
+# the (max, sum exp, sum exp * d_l) of y1_l = y0 + d_l
 _KL_FIRST = tl.constexpr(2)  # slot of position 0's first statistic
 _KL_MAX = tl.constexpr(0)  # offsets inside one position's block
 _KL_SUMEXP = tl.constexpr(1)
 _KL_EXP_DELTA = tl.constexpr(2)
 _KL_PER_POSITION = tl.constexpr(3)
-# cosine: y0's squared norm, then per position (y1_l . y0, |y1_l|^2); dot: per position y1_l . y0
-_STAT_Y0_SQNORM = tl.constexpr(0)
+# cosine: y0's squared norm (not at the pair kernel's _STAT_Y0_SQNORM slot: a name of its own), then per position
+# (y1_l . y0, |y1_l|^2); dot: per position y1_l . y0
+_POOL_STAT_Y0_SQNORM = tl.constexpr(0)
 _COSINE_FIRST = tl.constexpr(1)
 _COSINE_DOT_Y0 = tl.constexpr(0)
 _COSINE_SQNORM = tl.constexpr(1)
@@ -93,8 +104,9 @@ def num_stats(code: int, positions: int) -> int:
     return positions  # dot
 
 
-# ---- per-group float32 accumulators: slots of the `gacc` buffer (group, 1 + 3 * NUM_POSITIONS)
-_GROUP_ROWS = tl.constexpr(0)
+# ---- per-group float32 accumulators: slots of the `gacc` buffer (group, 1 + 3 * NUM_POSITIONS); the pair kernel's
+# layout differs (its _GROUP_* names), so these names are the pool's own
+_POOL_GROUP_ROWS = tl.constexpr(0)
 _GROUP_FIRST = tl.constexpr(1)  # slot of position 0's first sum
 _GROUP_SCORE_SUM = tl.constexpr(0)  # offsets inside one position's block: the rows' scores
 _GROUP_LIVE = tl.constexpr(1)  # rows whose delta is non-zero
@@ -126,7 +138,7 @@ def _sample_tile_coords(row_group_ptr, T, N, num_pid_t, num_pid_n, BLOCK_M: tl.c
 
 
 @triton.jit
-def _guessed_rows(guess_ptr, group, HAS_GUESS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _guessed_positions(guess_ptr, group, HAS_GUESS: tl.constexpr, BLOCK_M: tl.constexpr):
     """The speculated position per row (int32; -1 = base): the caller's guess for the row's group, else 0."""
     if HAS_GUESS:
         guess = tl.load(guess_ptr + group).to(tl.int32)
@@ -136,16 +148,19 @@ def _guessed_rows(guess_ptr, group, HAS_GUESS: tl.constexpr, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _position_delta(x_ptr, a_ptr, b_ptr, scales_ptr, slots_ptr, sample, position, offs_am, offs_n, mask_n, N, K, R,
-                    stride_xm, NUM_POSITIONS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 tile of position ``position``'s scaled delta for this sample (zeros for slot -1). Both kernels compute
-    their deltas here, so a fixed-up tile is bit-identical to a correctly guessed one."""
+def _position_delta(xa_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, sample, position, offs_am, offs_n, mask_n, N, R,
+                    stride_xam, NUM_POSITIONS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 tile of position ``position``'s scaled delta for this sample (zeros for slot -1), from the pooled
+    shrink's block. Both kernels compute their deltas here, so a fixed-up tile is bit-identical to a correctly
+    guessed one."""
     slot = tl.load(slots_ptr + sample * NUM_POSITIONS + position)
     delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if slot >= 0:
-        delta = tl.load(scales_ptr + slot) * _slot_delta(x_ptr, a_ptr, b_ptr, slot, offs_am, offs_n, mask_n, N, K,
-                                                         R, stride_xm, BLOCK_M, RANK_PAD, BLOCK_K, DOT_PRECISION)
+        delta = tl.load(scales_ptr + slot) * _slot_expand(xa_ptr, b_ptr + slot * N * R, offs_am, offs_n, mask_n,
+                                                          _slot_rank(ranks_ptr, slot, R), R, stride_xam,
+                                                          position * RANK_PAD, RANK_PAD, BLOCK_M, BLOCK_N,
+                                                          DOT_PRECISION)
     return delta
 
 
@@ -157,7 +172,7 @@ def _group_score(sums, rows, position):
 
 @triton.jit
 def _group_rows(sums):
-    return tl.maximum(tl.load(sums + _GROUP_ROWS), 1.0)
+    return tl.maximum(tl.load(sums + _POOL_GROUP_ROWS), 1.0)
 
 
 @triton.jit
@@ -193,7 +208,7 @@ def _store_base_stats(part_ptrs, stat_stride, mask_m, mask_n, y0, DIVERGENCE: tl
         tl.store(part_ptrs + _STAT_Y0_SUMEXP * stat_stride, tl.sum(tl.exp(y0m - y0_max[:, None]), axis=1),
                  mask=mask_m)
     elif DIVERGENCE == _DIVERGENCE_COSINE:
-        tl.store(part_ptrs + _STAT_Y0_SQNORM * stat_stride, tl.sum(y0 * y0, axis=1), mask=mask_m)
+        tl.store(part_ptrs + _POOL_STAT_Y0_SQNORM * stat_stride, tl.sum(y0 * y0, axis=1), mask=mask_m)
 
 
 @triton.jit
@@ -232,7 +247,7 @@ def _row_base_stats(row_ptrs, M, stat_stride, num_pid_n, mask_m, DIVERGENCE: tl.
                                                 tile_sumexp, tile_sumexp)
     elif DIVERGENCE == _DIVERGENCE_COSINE:
         for t in range(0, num_pid_n):
-            first += _load_stat(row_ptrs + t * M, _STAT_Y0_SQNORM, stat_stride, mask_m, 0.0)
+            first += _load_stat(row_ptrs + t * M, _POOL_STAT_Y0_SQNORM, stat_stride, mask_m, 0.0)
     return first, second
 
 
@@ -299,7 +314,7 @@ def _reduce_rows(part_ptr, gacc_ptr, slots_ptr, present_ptr, sample, offs_am, ma
     g_lo = tl.min(tl.where(mask_m, group, num_groups), axis=0)
     one_group = g_lo == tl.max(tl.where(mask_m, group, -1), axis=0)
     rows = mask_m.to(tl.float32)
-    _add_to_groups(gacc_ptr, group, mask_m, one_group, g_lo, _GROUP_ROWS, rows, GROUP_STRIDE)
+    _add_to_groups(gacc_ptr, group, mask_m, one_group, g_lo, _POOL_GROUP_ROWS, rows, GROUP_STRIDE)
     y0_first, y0_second = _row_base_stats(row_ptrs, M, stat_stride, num_pid_n, mask_m, DIVERGENCE, BLOCK_M)
     for position in tl.static_range(NUM_POSITIONS):
         block = _GROUP_FIRST + position * _GROUP_PER_POSITION
@@ -318,11 +333,13 @@ def _reduce_rows(part_ptr, gacc_ptr, slots_ptr, present_ptr, sample, offs_am, ma
 
 @triton.jit
 def _pooled_fls_speculate_kernel(
-    x_ptr,  # (B * T, K), unit stride along K
-    w_ptr,  # (N, K) contiguous: the base weight
-    bias_ptr,  # (N,); read only when HAS_BIAS
-    a_ptr,  # (S, R, K) contiguous: every slot's A, zero-padded to the rank R
-    b_ptr,  # (S, N, R) contiguous: every slot's B
+    x_ptr,  # (B * T, K), unit stride along K; read only when BASE == _BASE_COMPUTED
+    w_ptr,  # (N, K) contiguous: the base weight; read only when BASE == _BASE_COMPUTED
+    bias_ptr,  # (N,); read only when HAS_BIAS and BASE == _BASE_COMPUTED
+    y0_ptr,  # (B * T, N) x's dtype: F.linear(x, W, b) (cuBLAS); read only when BASE == _BASE_LOADED
+    xa_ptr,  # (B * T, NUM_POSITIONS * RANK_PAD): the pooled shrink's buffer
+    b_ptr,  # (S, N, R) contiguous: every slot's B, zero-padded to the rank R
+    ranks_ptr,  # (S,) int32/int64: each slot's own rank
     scales_ptr,  # (S,) float32: each slot's LoRA scale
     present_ptr,  # (S,) uint8: the slot's LoRA adapts this layer
     slots_ptr,  # (B, NUM_POSITIONS) int64: each sample's slots, -1 = none
@@ -332,27 +349,27 @@ def _pooled_fls_speculate_kernel(
     part_ptr,  # (LIVE_SLOT + NUM_POSITIONS, num_pid_n, B * T) float32 scratch: per-tile partial statistics
     ticket_ptr,  # (B * num_pid_t,) int32, zeroed: N-tiles of each row tile done so far
     gacc_ptr,  # (num_groups, GROUP_STRIDE) float32, zeroed: per-group sums
-    M, T, N, K, R, num_groups, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_om,
-    DIVERGENCE: tl.constexpr, LIVE_SLOT: tl.constexpr, GROUP_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_GUESS: tl.constexpr, NUM_POSITIONS: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    M, T, N, K, R, num_groups, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_y0m, stride_xam, stride_om,
+    DIVERGENCE: tl.constexpr, LIVE_SLOT: tl.constexpr, GROUP_STRIDE: tl.constexpr, BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GUESS: tl.constexpr, NUM_POSITIONS: tl.constexpr, RANK_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Speculate: write y0 + d_guess and the tile's statistics; the row tile's last N-tile reduces the rows into
     the group sums."""
     pid, pid_row, pid_n, sample, offs_n, mask_m, mask_n, offs_am, group = _sample_tile_coords(
         row_group_ptr, T, N, num_pid_t, num_pid_n, BLOCK_M, BLOCK_N)
-    guess = _guessed_rows(guess_ptr, group, HAS_GUESS, BLOCK_M)
-    y0 = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
-                      HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    guess = _guessed_positions(guess_ptr, group, HAS_GUESS, BLOCK_M)
+    y0 = _base_tile(x_ptr, w_ptr, bias_ptr, y0_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn, stride_y0m,
+                    BASE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
     # layout (slot, n_tile, row): a tile's stores are coalesced
     stat_stride = num_pid_n * M
     part_ptrs = part_ptr + pid_n * M + offs_am
     _store_base_stats(part_ptrs, stat_stride, mask_m, mask_n, y0, DIVERGENCE)
     chosen = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for position in tl.static_range(NUM_POSITIONS):
-        delta = _position_delta(x_ptr, a_ptr, b_ptr, scales_ptr, slots_ptr, sample, position, offs_am, offs_n,
-                                mask_n, N, K, R, stride_xm, NUM_POSITIONS, BLOCK_M, BLOCK_N, RANK_PAD, BLOCK_K,
-                                DOT_PRECISION)
+        delta = _position_delta(xa_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, sample, position, offs_am, offs_n,
+                                mask_n, N, R, stride_xam, NUM_POSITIONS, BLOCK_M, BLOCK_N, RANK_PAD, DOT_PRECISION)
         _store_position_stats(part_ptrs, stat_stride, mask_m, mask_n, y0, delta, position, DIVERGENCE, LIVE_SLOT)
         chosen = tl.where(guess[:, None] == position, delta, chosen)
     out_ptrs = out_ptr + offs_am[:, None] * stride_om + offs_n[None, :]
@@ -368,11 +385,13 @@ def _pooled_fls_speculate_kernel(
 
 @triton.jit
 def _pooled_fls_fix_up_kernel(
-    x_ptr,  # (B * T, K), unit stride along K
-    w_ptr,  # (N, K) contiguous
-    bias_ptr,  # (N,); read only when HAS_BIAS
-    a_ptr,  # (S, R, K) contiguous
+    x_ptr,  # (B * T, K), unit stride along K; read only when BASE == _BASE_COMPUTED
+    w_ptr,  # (N, K) contiguous; read only when BASE == _BASE_COMPUTED
+    bias_ptr,  # (N,); read only when HAS_BIAS and BASE == _BASE_COMPUTED
+    y0_ptr,  # (B * T, N) x's dtype: the y0 the speculate kernel read; read only when BASE == _BASE_LOADED
+    xa_ptr,  # (B * T, NUM_POSITIONS * RANK_PAD): the pooled shrink's buffer
     b_ptr,  # (S, N, R) contiguous
+    ranks_ptr,  # (S,) int32/int64
     scales_ptr,  # (S,) float32
     slots_ptr,  # (B, NUM_POSITIONS) int64
     row_group_ptr,  # (B * T,) int32/int64
@@ -381,27 +400,27 @@ def _pooled_fls_fix_up_kernel(
     gacc_ptr,  # (num_groups, GROUP_STRIDE) float32: the final group sums
     scores_ptr,  # (num_groups, NUM_POSITIONS) float32 out
     choice_ptr,  # (num_groups,) int64 out: the chosen position, -1 = base
-    T, N, K, R, num_groups, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_om,
-    GROUP_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUESS: tl.constexpr, NUM_POSITIONS: tl.constexpr,
-    RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, N, K, R, num_groups, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_y0m, stride_xam, stride_om,
+    GROUP_STRIDE: tl.constexpr, BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUESS: tl.constexpr,
+    NUM_POSITIONS: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Decide + fix up: the decision is final; recompute and rewrite the rows whose guess was wrong. Program 0 also
     writes every group's scores and choice."""
     pid, pid_row, pid_n, sample, offs_n, mask_m, mask_n, offs_am, group = _sample_tile_coords(
         row_group_ptr, T, N, num_pid_t, num_pid_n, BLOCK_M, BLOCK_N)
-    guess = _guessed_rows(guess_ptr, group, HAS_GUESS, BLOCK_M)
+    guess = _guessed_positions(guess_ptr, group, HAS_GUESS, BLOCK_M)
     take = _group_choice(gacc_ptr, group, NUM_POSITIONS, GROUP_STRIDE)
     wrong = (take != guess) & mask_m
     if tl.max(wrong.to(tl.int32), axis=0) > 0:
-        y0 = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
-                          HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+        y0 = _base_tile(x_ptr, w_ptr, bias_ptr, y0_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn, stride_y0m,
+                        BASE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
         chosen = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for position in tl.static_range(NUM_POSITIONS):
             if tl.max((wrong & (take == position)).to(tl.int32), axis=0) > 0:  # only the positions rows take
-                delta = _position_delta(x_ptr, a_ptr, b_ptr, scales_ptr, slots_ptr, sample, position, offs_am,
-                                        offs_n, mask_n, N, K, R, stride_xm, NUM_POSITIONS, BLOCK_M, BLOCK_N,
-                                        RANK_PAD, BLOCK_K, DOT_PRECISION)
+                delta = _position_delta(xa_ptr, b_ptr, ranks_ptr, scales_ptr, slots_ptr, sample, position, offs_am,
+                                        offs_n, mask_n, N, R, stride_xam, NUM_POSITIONS, BLOCK_M, BLOCK_N, RANK_PAD,
+                                        DOT_PRECISION)
                 chosen = tl.where(take[:, None] == position, delta, chosen)
         out_ptrs = out_ptr + offs_am[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, (y0 + chosen).to(out_ptr.dtype.element_ty), mask=wrong[:, None] & mask_n[None, :])
@@ -422,7 +441,7 @@ def _pooled_fls_fix_up_kernel(
 # ============================================================================ launcher
 
 def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, num_groups,
-                          divergence="kl", prev_choice=None):
+                          divergence="kl", prev_choice=None, slot_ranks=None, base=None):
     """Launch the pooled N-way FLS linear. Same contract as ``fusion_engine.ops.pooled.pooled_fls_linear`` for
     ``divergence`` in ``DIVERGENCE_CODES`` (kl, cosine, dot).
 
@@ -437,18 +456,23 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
         divergence: "kl", "cosine" or "dot".
         prev_choice: optional (G,) int64 device tensor, the choices of the previous call of this layer; used only
             as the speculation guess (a wrong or stale guess costs time, never accuracy).
+        slot_ranks: optional (S,) int32/int64 device tensor, each slot's own rank (the pool knows them); None: read
+            from the stacks on the device (``lora_shrink.stack_ranks``, kept while the stacks are unchanged).
+        base: where y0 comes from: "fused" (the kernels' own GEMM), "cublas" (``F.linear`` into a y0 buffer the
+            kernels read: the split variant of ``fls_linear``), or None for the size-class default of
+            ``csrc_triton.utils.fls_base_config``.
 
     Returns:
         (out, scores, choice): out (M, N) in x.dtype, scores (G, L) float32, choice (G,) int64 (-1 = base).
     """
     stream, fast = launch_context()
     if fast:
-        key = plan_key((x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, prev_choice),
-                       num_groups, divergence, stream)
+        key = plan_key((x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, prev_choice,
+                        slot_ranks), num_groups, divergence, base, stream)
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(stream, x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
-                        prev_choice)
+                        prev_choice, slot_ranks)
     require(divergence in DIVERGENCE_CODES, lambda: f"pooled_fls_linear: the fused kernel supports "
             f"{tuple(DIVERGENCE_CODES)}, not {divergence!r}")
     check_pool_inputs("pooled_fls_linear", x, weight, bias, a_stack, b_stack, scales, sample_slots)
@@ -466,6 +490,8 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
                                     and prev_choice.device == x.device),
             lambda: f"pooled_fls_linear: prev_choice must be (G={G},) int64 on {x.device}, got "
             f"{None if prev_choice is None else (tuple(prev_choice.shape), prev_choice.dtype, prev_choice.device)}")
+    base = base_mode(base, M, N, K, "pooled_fls_linear")
+    ranks = check_slot_ranks("pooled_fls_linear", slot_ranks, a_stack)
     dev = x.device
     out = new_empty((M, N), x.dtype, dev)
     scores = new_empty((G, positions), torch.float32, dev)
@@ -485,6 +511,10 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
     planned = fast and all(a is b for a, b in zip(operands, inputs)) and may_plan()
     T = M // batch
     code = DIVERGENCE_CODES[divergence]
+    launches = [] if planned else None
+    xa = pooled_lora_shrink(x, a_stack, ranks, sample_slots, launches)
+    # split: the merged layer's own cuBLAS call, into a buffer of its own (the kernels never overwrite it)
+    y0 = cublas_linear(x, weight, bias) if base == "cublas" else None
     cfg = gemm_config(T, N, K, "fls")
     num_pid_t, num_pid_n = triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     live_slot, group_stride = num_stats(code, positions), group_slots(positions)
@@ -494,50 +524,56 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
     ticket, gacc = workspace[:batch * num_pid_t], workspace[batch * num_pid_t:].view(torch.float32)
 
     shared = dict(
-        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, a_ptr=a_stack, b_ptr=b_stack,
-        scales_ptr=scales, slots_ptr=sample_slots, row_group_ptr=row_group,
-        guess_ptr=prev_choice if prev_choice is not None else choice,
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, y0_ptr=y0 if y0 is not None else x,
+        xa_ptr=xa, b_ptr=b_stack, ranks_ptr=ranks, scales_ptr=scales, slots_ptr=sample_slots,
+        row_group_ptr=row_group, guess_ptr=prev_choice if prev_choice is not None else choice,
         out_ptr=out, gacc_ptr=gacc, T=T, N=N, K=K, R=R, num_groups=G, num_pid_t=num_pid_t, num_pid_n=num_pid_n,
-        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0),
-        GROUP_STRIDE=group_stride, HAS_BIAS=bias is not None, HAS_GUESS=prev_choice is not None,
-        NUM_POSITIONS=positions, RANK_PAD=dot_pad(R), EVEN_K=K % cfg["BLOCK_K"] == 0,
-        DOT_PRECISION=dot_precision(x.dtype), **cfg,
+        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_y0m=y0.stride(0) if y0 is not None else 0,
+        stride_xam=xa.stride(0), stride_om=out.stride(0), GROUP_STRIDE=group_stride, BASE=BASE_CODES[base],
+        HAS_BIAS=bias is not None, HAS_GUESS=prev_choice is not None, NUM_POSITIONS=positions, RANK_PAD=dot_pad(R),
+        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     grid = (batch * num_pid_t * num_pid_n,)
-    launches = [] if planned else None
-    launch(_pooled_fls_speculate_kernel, grid, launches, _SPECULATE_VARYING, present_ptr=present.view(torch.uint8),
-           part_ptr=part, ticket_ptr=ticket, M=M, DIVERGENCE=code, LIVE_SLOT=live_slot, **shared)
-    launch(_pooled_fls_fix_up_kernel, grid, launches, _FIX_UP_VARYING, scores_ptr=scores, choice_ptr=choice,
+    launch(_pooled_fls_speculate_kernel, grid, launches, _POOL_SPECULATE_VARYING,
+           present_ptr=present.view(torch.uint8), part_ptr=part, ticket_ptr=ticket, M=M, DIVERGENCE=code,
+           LIVE_SLOT=live_slot, **shared)
+    launch(_pooled_fls_fix_up_kernel, grid, launches, _POOL_FIX_UP_VARYING, scores_ptr=scores, choice_ptr=choice,
            BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), **shared)
     if planned and all(launches):
-        keep_plan(_PLANS, key, _PooledFLSPlan(launches, out.shape, scores.shape, x.dtype, dev, workspace))
+        keep_plan(_PLANS, key, _PooledFLSPlan(launches, out.shape, scores.shape, x.dtype, dev, workspace,
+                                              base == "cublas"))
     return out, scores, choice
 
 
 # the arguments a replay passes per call (utils.KernelLaunch); the rest (scratch, sizes, flags) is the plan's
-_SHARED_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "scales_ptr", "slots_ptr", "row_group_ptr",
-                   "guess_ptr", "out_ptr")
-_SPECULATE_VARYING = _SHARED_VARYING + ("present_ptr",)
-_FIX_UP_VARYING = _SHARED_VARYING + ("scores_ptr", "choice_ptr")
+_POOL_SHARED_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "y0_ptr", "b_ptr", "ranks_ptr", "scales_ptr", "slots_ptr",
+                        "row_group_ptr", "guess_ptr", "out_ptr")
+_POOL_SPECULATE_VARYING = _POOL_SHARED_VARYING + ("present_ptr",)
+_POOL_FIX_UP_VARYING = _POOL_SHARED_VARYING + ("scores_ptr", "choice_ptr")
 _PLANS: dict = {}
 
 
 class _PooledFLSPlan:
-    """The launches of one planned ``pooled_fls_linear_fwd`` key: speculate and fix-up into the plan's statistics
-    buffer, the workspace zeroed in place, fresh outputs."""
+    """The launches of one planned ``pooled_fls_linear_fwd`` key: the shrink into the plan's buffer, speculate and
+    fix-up into the plan's statistics buffer, the workspace zeroed in place, fresh outputs (and cuBLAS's y0 for the
+    split variant)."""
 
-    def __init__(self, launches, out_shape, scores_shape, dtype, device, workspace):
-        (self.speculate, self.fix_up), self.workspace = launches, workspace
+    def __init__(self, launches, out_shape, scores_shape, dtype, device, workspace, split):
+        (self.shrink, self.speculate, self.fix_up), self.workspace = launches, workspace
         self.out_shape, self.scores_shape, self.dtype, self.device = out_shape, scores_shape, dtype, device
+        self.split = split
 
     def __call__(self, stream, x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
-                 prev_choice):
+                 prev_choice, slot_ranks):
         dev = self.device
+        ranks = check_slot_ranks("pooled_fls_linear", slot_ranks, a_stack)
         out = new_empty(self.out_shape, self.dtype, dev)
         scores = new_empty(self.scores_shape, torch.float32, dev)
         choice = new_empty(self.scores_shape[:1], torch.int64, dev)
         self.workspace.zero_()
-        tensors = (x, weight, x if bias is None else bias, a_stack, b_stack, scales, sample_slots, row_group,
+        self.shrink(stream, x, a_stack, ranks, sample_slots)
+        y0 = cublas_linear(x, weight, bias) if self.split else x
+        tensors = (x, weight, x if bias is None else bias, y0, b_stack, ranks, scales, sample_slots, row_group,
                    choice if prev_choice is None else prev_choice, out)
         self.speculate(stream, *tensors, present.view(torch.uint8))
         self.fix_up(stream, *tensors, scores, choice)

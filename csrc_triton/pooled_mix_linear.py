@@ -7,16 +7,19 @@ sample*: its slots are scalars, read from the slot table on the device, and the 
 dots. The grid is ``B * cdiv(T, BLOCK_M) * cdiv(N, BLOCK_N)``: shapes only, never the slot table, so a step with a
 fixed batch shape can be captured in a CUDA graph and the assignment changed between replays.
 
-Algorithm (one program per tile):
-1. the base tile y0 = x W^T + b in fp32 (``_linear_tile``, rows clamped into the sample);
+Algorithm:
+0. the shrink, once per row and position (``lora_shrink.pooled_lora_shrink``, its own launch, as punica's / vLLM's
+   shrink): x_b A_slot^T in fp32, rounded to x's dtype (as eager LoRA does), each slot at its own padded rank;
+then one program per output tile:
+1. the base tile y0 in fp32: the tile's own GEMM (``base="fused"``), or loaded from ``F.linear(x, W, b)`` that the
+   launcher ran first (``base="cublas"``, the split variant of ``fls_linear``: cuBLAS's GEMM plus this epilogue;
+   the kernel then adds into that buffer in place, each tile read before it is written by the same program);
 2. for each of the ``NUM_POSITIONS`` positions (a constexpr: the widest image's LoRA count): read the slot;
-   a slot < 0 (the image names fewer LoRAs) adds nothing. Else the shrink x_tile A_slot^T over K in fp32,
-   rounded to x's dtype (as eager LoRA does), then the expand against B_slot's tile, scaled by
-   ``weights[b, l] * scales[slot]`` and added in fp32;
+   a slot < 0 (the image names fewer LoRAs) adds nothing. Else the expand of the slot's shrink block against
+   B_slot's tile (at the slot's width), scaled by ``weights[b, l] * scales[slot]`` and added in fp32;
 3. one rounding to x's dtype on the store.
-The stacks hold every slot at the layer's largest rank, zero-padded, so different ranks share one RANK_PAD.
-This version recomputes the shrink in every N-tile (rank / BLOCK_N extra FLOPs per LoRA); a separate pooled
-shrink launch (as ``lora_shrink`` for a pair) is the next step once it is measured on a GPU.
+Precision of ``base="cublas"``: y0 is rounded to x's dtype once more than the fused variant (as the merged layer
+rounds it; see csrc_triton/fls_linear.py), within the same per-dtype tolerance.
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_shrink import _slot_expand, _slot_rank, check_slot_ranks, pooled_lora_shrink
 from .utils import (
+    BASE_CODES,
     MAX_RANK,
     SUPPORTED_DTYPES,
-    _linear_tile,
+    _base_tile,
+    base_mode,
+    cublas_linear,
     dot_pad,
     dot_precision,
     gemm_config,
@@ -42,50 +49,22 @@ from .utils import (
 
 
 @triton.jit
-def _slot_shrink(x_ptr, a_ptr, offs_m, offs_r, offs_k, R, K, stride_xm, BLOCK_M: tl.constexpr,
-                 RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 (BLOCK_M, RANK_PAD) tile of x A^T for one slot's A ``(R, K)`` at ``a_ptr``; padded ranks are zeros."""
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    at_ptrs = a_ptr + offs_r[None, :] * K + offs_k[:, None]  # (BLOCK_K, RANK_PAD) view of A^T
-    xa = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        in_k = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
-        at = tl.load(at_ptrs, mask=(offs_r[None, :] < R) & in_k[:, None], other=0.0)
-        xa = tl.dot(xt, at, xa, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        at_ptrs += BLOCK_K
-    return xa
-
-
-@triton.jit
-def _slot_delta(x_ptr, a_ptr, b_ptr, slot, offs_m, offs_n, mask_n, N, K, R, stride_xm, BLOCK_M: tl.constexpr,
-                RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) tile of the unscaled (x A_slot^T) B_slot^T of one valid slot, the shrink rounded to
-    x's dtype between the two products (as eager LoRA does). ``a_ptr`` / ``b_ptr`` are the stacks."""
-    offs_r = tl.arange(0, RANK_PAD)
-    xa = _slot_shrink(x_ptr, a_ptr + slot * R * K, offs_m, offs_r, tl.arange(0, BLOCK_K), R, K, stride_xm, BLOCK_M,
-                      RANK_PAD, BLOCK_K, DOT_PRECISION)
-    # (RANK_PAD, BLOCK_N) tile of B_slot^T; padded ranks load zeros
-    bt = tl.load(b_ptr + slot * N * R + offs_n[None, :] * R + offs_r[:, None],
-                 mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-    return tl.dot(xa.to(x_ptr.dtype.element_ty), bt, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def _pooled_mix_linear_kernel(
-    x_ptr,  # (B * T, K), unit stride along K
-    w_ptr,  # (N, K) contiguous
-    bias_ptr,  # (N,); read only when HAS_BIAS
-    a_ptr,  # (S, R, K) contiguous: every slot's A, zero-padded to the rank R
-    b_ptr,  # (S, N, R) contiguous: every slot's B
+    x_ptr,  # (B * T, K), unit stride along K; read only when BASE == _BASE_COMPUTED
+    w_ptr,  # (N, K) contiguous; read only when BASE == _BASE_COMPUTED
+    bias_ptr,  # (N,); read only when HAS_BIAS and BASE == _BASE_COMPUTED
+    y0_ptr,  # (B * T, N) x's dtype: F.linear(x, W, b); read only when BASE == _BASE_LOADED (it is out_ptr then)
+    xa_ptr,  # (B * T, NUM_POSITIONS * RANK_PAD): the pooled shrink's buffer
+    b_ptr,  # (S, N, R) contiguous: every slot's B, zero-padded to the rank R
+    ranks_ptr,  # (S,) int32/int64: each slot's own rank
     scales_ptr,  # (S,) float32: alpha / rank times the LoRA's scale
     slots_ptr,  # (B, NUM_POSITIONS) int64: each sample's slots, -1 = none
     weights_ptr,  # (B, NUM_POSITIONS) float32: the policy's weight of each position
     out_ptr,  # (B * T, N) out, x's dtype
-    T, N, K, R, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, NUM_POSITIONS: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, N, K, R, num_pid_t, num_pid_n, stride_xm, stride_wn, stride_y0m, stride_xam, stride_om,
+    BASE: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_POSITIONS: tl.constexpr, RANK_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sample = pid // (num_pid_t * num_pid_n)
@@ -97,14 +76,15 @@ def _pooled_mix_linear_kernel(
     mask_n = offs_n < N
     offs_m = sample * T + tl.minimum(offs_t, T - 1)  # clamped into the sample: loads need no row mask
 
-    acc = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, K, stride_xm, stride_wn,
-                       HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    acc = _base_tile(x_ptr, w_ptr, bias_ptr, y0_ptr, offs_m, offs_n, mask_n, K, stride_xm, stride_wn, stride_y0m,
+                     BASE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
     for position in tl.static_range(NUM_POSITIONS):
         slot = tl.load(slots_ptr + sample * NUM_POSITIONS + position)
         if slot >= 0:
             coef = tl.load(weights_ptr + sample * NUM_POSITIONS + position) * tl.load(scales_ptr + slot)
-            acc += coef * _slot_delta(x_ptr, a_ptr, b_ptr, slot, offs_m, offs_n, mask_n, N, K, R, stride_xm, BLOCK_M,
-                                      RANK_PAD, BLOCK_K, DOT_PRECISION)
+            acc += coef * _slot_expand(xa_ptr, b_ptr + slot * N * R, offs_m, offs_n, mask_n,
+                                       _slot_rank(ranks_ptr, slot, R), R, stride_xam, position * RANK_PAD, RANK_PAD,
+                                       BLOCK_M, BLOCK_N, DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_n[None, :])
 
@@ -149,7 +129,8 @@ def pool_operands(x, weight, bias, a_stack, b_stack):
     return x, weight, None if bias is None else bias.to(x.dtype).contiguous(), a_stack, b_stack
 
 
-def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights):
+def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights, slot_ranks=None,
+                          base=None):
     """Launch the pooled mix linear. Same contract as ``fusion_engine.ops.pooled.pooled_mix_linear``.
 
     Args:
@@ -159,26 +140,32 @@ def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slot
         scales: (S,) each slot's LoRA scale.
         sample_slots: (B, L) int64 slots per sample, -1 = none; B must divide M.
         sample_weights: (B, L) the policy's weight of each position.
+        slot_ranks: optional (S,) int32/int64 device tensor, each slot's own rank (the pool knows them); None: read
+            from the stacks on the device (``lora_shrink.stack_ranks``, kept while the stacks are unchanged).
+        base: where y0 comes from: "fused" (the kernel's own GEMM), "cublas" (``F.linear`` first, the kernel adds
+            the LoRAs), or None for the size-class default of ``csrc_triton.utils.fls_base_config``.
 
     Returns:
         (M, N) tensor in x.dtype.
     """
     stream, fast = launch_context()
     if fast:
-        key = plan_key((x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights), stream)
+        key = plan_key((x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights, slot_ranks), base,
+                       stream)
         plan = _PLANS.get(key)
         if plan is not None:
-            return plan(stream, x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
+            return plan(stream, x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights, slot_ranks)
     check_pool_inputs("pooled_mix_linear", x, weight, bias, a_stack, b_stack, scales, sample_slots)
     require(sample_weights.shape == sample_slots.shape and sample_weights.device == x.device,
             lambda: f"pooled_mix_linear: sample_weights must be like sample_slots {tuple(sample_slots.shape)} on "
             f"{x.device}, got {tuple(sample_weights.shape)} on {sample_weights.device}")
     (M, K), N, R = x.shape, weight.shape[0], a_stack.shape[1]
+    base = base_mode(base, M, N, K, "pooled_mix_linear")
+    ranks = check_slot_ranks("pooled_mix_linear", slot_ranks, a_stack)
     batch, positions = sample_slots.shape
     T = M // batch
-    out = new_empty((M, N), x.dtype, x.device)
     if M == 0:
-        return out
+        return new_empty((M, N), x.dtype, x.device)
     inputs = (x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
     x, weight, bias, a_stack, b_stack = pool_operands(x, weight, bias, a_stack, b_stack)
     scales, sample_weights = (t.to(torch.float32).contiguous() for t in (scales, sample_weights))
@@ -187,37 +174,45 @@ def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slot
     # a plan replays with the caller's tensors, so only when no operand was converted
     planned = fast and all(a is b for a, b in zip(operands, inputs)) and may_plan()
 
+    launches = [] if planned else None
+    xa = pooled_lora_shrink(x, a_stack, ranks, sample_slots, launches)
+    # split: y0 by cuBLAS into the output buffer, which the kernel then adds into (each tile read, then written)
+    out = cublas_linear(x, weight, bias) if base == "cublas" else new_empty((M, N), x.dtype, x.device)
     cfg = gemm_config(T, N, K, "mix")
     num_pid_t, num_pid_n = triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     grid = (batch * num_pid_t * num_pid_n,)
-    launches = [] if planned else None
     launch(
-        _pooled_mix_linear_kernel, grid, launches, _VARYING,
-        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, a_ptr=a_stack, b_ptr=b_stack,
-        scales_ptr=scales, slots_ptr=sample_slots, weights_ptr=sample_weights, out_ptr=out,
+        _pooled_mix_linear_kernel, grid, launches, _MIX_VARYING,
+        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, y0_ptr=out, xa_ptr=xa, b_ptr=b_stack,
+        ranks_ptr=ranks, scales_ptr=scales, slots_ptr=sample_slots, weights_ptr=sample_weights, out_ptr=out,
         T=T, N=N, K=K, R=R, num_pid_t=num_pid_t, num_pid_n=num_pid_n,
-        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_om=out.stride(0),
-        HAS_BIAS=bias is not None, NUM_POSITIONS=positions, RANK_PAD=dot_pad(R),
-        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
+        stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_y0m=out.stride(0), stride_xam=xa.stride(0),
+        stride_om=out.stride(0), BASE=BASE_CODES[base], HAS_BIAS=bias is not None, NUM_POSITIONS=positions,
+        RANK_PAD=dot_pad(R), EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     if planned and all(launches):
-        keep_plan(_PLANS, key, _PooledMixPlan(launches[0], out.shape, x.dtype, x.device))
+        keep_plan(_PLANS, key, _PooledMixPlan(launches, out.shape, x.dtype, x.device, base == "cublas"))
     return out
 
 
-# the arguments a replay passes per call (utils.KernelLaunch); the rest (sizes, flags) is the plan's
-_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "scales_ptr", "slots_ptr", "weights_ptr", "out_ptr")
+# the arguments a replay passes per call (utils.KernelLaunch); the rest (the shrink buffer, sizes, flags) is the plan's
+_MIX_VARYING = ("x_ptr", "w_ptr", "bias_ptr", "y0_ptr", "b_ptr", "ranks_ptr", "scales_ptr", "slots_ptr", "weights_ptr",
+                "out_ptr")
 _PLANS: dict = {}
 
 
 class _PooledMixPlan:
-    """The launch of one planned ``pooled_mix_linear_fwd`` key, with a fresh output."""
+    """The launches of one planned ``pooled_mix_linear_fwd`` key: the shrink into the plan's buffer, then the main
+    kernel into a fresh output (cuBLAS's y0 for the split variant)."""
 
-    def __init__(self, kernel_launch, out_shape, dtype, device):
-        self.launch, self.out_shape, self.dtype, self.device = kernel_launch, out_shape, dtype, device
+    def __init__(self, launches, out_shape, dtype, device, split):
+        (self.shrink, self.main), self.out_shape, self.dtype, self.device = launches, out_shape, dtype, device
+        self.split = split
 
-    def __call__(self, stream, x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights):
-        out = new_empty(self.out_shape, self.dtype, self.device)
-        self.launch(stream, x, weight, x if bias is None else bias, a_stack, b_stack, scales, sample_slots,
-                    sample_weights, out)
+    def __call__(self, stream, x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights, slot_ranks):
+        ranks = check_slot_ranks("pooled_mix_linear", slot_ranks, a_stack)
+        out = cublas_linear(x, weight, bias) if self.split else new_empty(self.out_shape, self.dtype, self.device)
+        self.shrink(stream, x, a_stack, ranks, sample_slots)
+        self.main(stream, x, weight, x if bias is None else bias, out, b_stack, ranks, scales, sample_slots,
+                  sample_weights, out)
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -21,6 +22,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_RANK = 128  # the padded rank of one LoRA is a tl.dot dimension (16..128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROW_GROUP_DTYPES = (torch.int32, torch.int64)
+
+# ---- constexpr codes shared by the pair and pooled FLS kernels (one compiled variant each)
+_DIVERGENCE_KL = tl.constexpr(0)
+_DIVERGENCE_COSINE = tl.constexpr(1)
+_DIVERGENCE_DOT = tl.constexpr(2)
+DIVERGENCE_CODES = {"kl": _DIVERGENCE_KL.value, "cosine": _DIVERGENCE_COSINE.value, "dot": _DIVERGENCE_DOT.value}
+# where y0 comes from
+_BASE_COMPUTED = tl.constexpr(0)  # the tile's own GEMM (fp32 accumulator)
+_BASE_LOADED = tl.constexpr(1)  # read from the y0 buffer cuBLAS wrote (x's dtype)
+BASE_CODES = {"fused": _BASE_COMPUTED.value, "cublas": _BASE_LOADED.value}
 
 # Testing hook: when True, every buffer a launcher allocates uninitialised (outputs, scores,
 # decisions, partial statistics, the shrink buffer) is filled with NaN / 0x5A first, so an element
@@ -242,6 +253,19 @@ FLS_BASES = ("fused", "cublas")
 _FLS_BASE_TABLE = {"small_m": "fused", "mid": "fused", "large": "cublas"}
 
 
+def cublas_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The split variants' base output y0 = F.linear(x, W, b) in x's dtype (cuBLAS on a GPU): the merged layer's own
+    call. One name for every launcher, so an ahead-of-time compile check can stand it in once."""
+    return F.linear(x, weight, bias)
+
+
+def base_mode(base: str | None, M: int, N: int, K: int, op: str) -> str:
+    """``base`` checked ("fused" or "cublas"), or the size-class default of ``fls_base_config`` when None."""
+    require(base is None or base in BASE_CODES,
+            lambda: f"{op}: base must be one of {tuple(BASE_CODES)} or None, got {base!r}")
+    return fls_base_config(M, N, K) if base is None else base
+
+
 def fls_base_config(M: int, N: int, K: int) -> str:
     """The FLS op's base mode for this shape ("fused" or "cublas", see ``FLS_BASES``), by size class
     only, like ``gemm_config``."""
@@ -290,15 +314,36 @@ def _linear_tile(
 @triton.jit
 def _expand_tile(
     xa_ptr,  # (M, >= rank_offset + RANK_PAD): the shrink buffer, padded columns exact zeros
-    b_ptr,  # (N, rank) contiguous: one LoRA's B
+    b_ptr,  # (N, >= rank), row stride stride_bn: one LoRA's B (a pool slot's B is padded to the stacks' rank)
     offs_m, offs_n, mask_n, rank, stride_xam,
     rank_offset,  # first column of this LoRA's block in xa
+    stride_bn,  # B's row stride: its rank for a pair's contiguous B, the stacks' rank R for a pool slot
     RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """fp32 tile of (x A^T) B^T from the shrink buffer."""
+    """fp32 tile of (x A^T) B^T from the shrink buffer (pair and pooled kernels alike). Reads RANK_PAD columns of
+    xa: the shrink wrote them all (its padded columns are exact zeros)."""
     offs_r = tl.arange(0, RANK_PAD)
     xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + rank_offset + offs_r[None, :])
     # read B as the (RANK_PAD, BLOCK_N) tile of B^T
-    bt = tl.load(b_ptr + offs_n[None, :] * rank + offs_r[:, None],
+    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None],
                  mask=(offs_r[:, None] < rank) & mask_n[None, :], other=0.0)
     return tl.dot(xa, bt, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _base_tile(
+    x_ptr, w_ptr, bias_ptr,  # read only when BASE == _BASE_COMPUTED
+    y0_ptr,  # (M, N) x's dtype: F.linear(x, W, b) (cuBLAS); read only when BASE == _BASE_LOADED
+    offs_am, offs_n, mask_n, K, stride_xm, stride_wn, stride_y0m,
+    BASE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 tile of y0, computed (``_linear_tile``) or loaded from cuBLAS's y0 as ``BASE`` says (pair and pooled
+    kernels alike). Masked columns are exact zeros either way (the statistics rely on it)."""
+    if BASE == _BASE_LOADED:
+        y0 = tl.load(y0_ptr + offs_am[:, None] * stride_y0m + offs_n[None, :], mask=mask_n[None, :],
+                     other=0.0).to(tl.float32)
+    else:
+        y0 = _linear_tile(x_ptr, w_ptr, bias_ptr, offs_am, offs_n, mask_n, K, stride_xm, stride_wn,
+                          HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    return y0

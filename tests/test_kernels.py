@@ -410,9 +410,10 @@ jit.JITFunction.run = lambda self, *a, grid, warmup, **k: _run(self, *a, grid=gr
 import importlib, inspect, types
 from csrc_triton import fls_linear_fwd, mix_linear_fwd, pooled_fls_linear_fwd, pooled_mix_linear_fwd
 
-# split variant (base="cublas"): its y0 = F.linear(...) would run on the CPU here; a stand-in of the right shape
-_split = importlib.import_module("csrc_triton.fls_linear")
-_split.F = types.SimpleNamespace(linear=lambda x, w, b=None: torch.empty(x.shape[0], w.shape[0], dtype=x.dtype))
+# split variants (base="cublas"): their y0 = F.linear(...) (utils.cublas_linear, every launcher's) would run on the
+# CPU here; a stand-in of the right shape
+_utils = importlib.import_module("csrc_triton.utils")
+_utils.F = types.SimpleNamespace(linear=lambda x, w, b=None: torch.empty(x.shape[0], w.shape[0], dtype=x.dtype))
 E, bf, fp16, fp32 = torch.empty, torch.bfloat16, torch.float16, torch.float32
 n = 0
 
@@ -451,16 +452,17 @@ for (M, K, N), (rc, rs), dt, cases in PAIR:
         done(f"fls_linear {M}x{K}x{N} r={rc},{rs} {dt} {div} base={base} guess={guess} bias={bias}")
     mix_linear_fwd(x, w, b if M % 2 else None, ac, bc, as_, bs, torch.ones(2))
     done(f"mix_linear {M}x{K}x{N} {dt}")
-# the pool: S slots (ranks padded to R), L positions per sample, an absent slot (-1); (B, T, K, N), S, L, R, dtype,
-# [(divergence, base, guess, bias)]
+# the pool: S slots (stacks padded to R; the kernels branch per slot on its own width, 16..dot_pad(R)), L positions
+# per sample, an absent slot (-1), the slot ranks read from the stacks or given as int64; (B, T, K, N), S, L, R, dtype,
+# [(divergence, base, guess, bias)], mix bases
 POOL = [((2, 4096, 640, 640), 16, 2, 64, bf, [("kl", "fused", 1, 1), ("kl", "cublas", 1, 1), ("cosine", "fused", 1, 1),
-                                              ("dot", "fused", 0, 0)]),
-        ((4, 1024, 1280, 1280), 8, 3, 32, bf, [("kl", "fused", 1, 1)]),
-        ((3, 13, 61, 77), 5, 2, 7, fp16, [("kl", "fused", 0, 1), ("dot", "cublas", 1, 0)]),
-        ((3, 13, 61, 77), 5, 3, 7, fp32, [("cosine", "fused", 1, 1)])]
-if sys.argv[1:] == ["one"]:
-    POOL = [((3, 13, 61, 77), 5, 2, 7, fp16, [("kl", "fused", 0, 1)])]
-for (B, T, K, N), S, L, R, dt, cases in POOL:
+                                              ("dot", "fused", 0, 0)], ("fused", "cublas")),
+        ((4, 1024, 1280, 1280), 8, 3, 128, bf, [("kl", "fused", 1, 1), ("kl", "cublas", 0, 1)], ("fused", "cublas")),
+        ((3, 13, 61, 77), 5, 2, 7, fp16, [("kl", "fused", 0, 1), ("dot", "cublas", 1, 0)], ("fused", "cublas")),
+        ((3, 13, 61, 77), 5, 3, 7, fp32, [("cosine", "fused", 1, 1), ("cosine", "cublas", 1, 1)], ("fused", "cublas"))]
+if sys.argv[1:] == ["one"]:  # one variant per launcher: the pooled fls fused, the pooled mix split (both base codes)
+    POOL = [((3, 13, 61, 77), 5, 2, 7, fp16, [("kl", "fused", 0, 1)], ("cublas",))]
+for (B, T, K, N), S, L, R, dt, cases, mix_bases in POOL:
     x, w, b = E(B * T, K, dtype=dt), E(N, K, dtype=dt), E(N, dtype=dt)
     a_stack, b_stack, scales = E(S, R, K, dtype=dt), E(S, N, R, dtype=dt), torch.ones(S)
     present = torch.ones(S, dtype=torch.bool)
@@ -471,11 +473,17 @@ for (B, T, K, N), S, L, R, dt, cases in POOL:
         if (kw := base_kw(pooled_fls_linear_fwd, base)) is not None:
             pooled_fls_linear_fwd(x, w, b if bias else None, a_stack, b_stack, scales, present, slots, rg, B, div,
                                   prev_choice=torch.zeros(B, dtype=torch.long) if guess else None, **kw)
-            done(f"pooled_fls_linear {B}x{T}x{K}x{N} L={L} {dt} {div} base={base} guess={guess} bias={bias}")
-    for base in ("fused", "cublas"):
+            done(f"pooled_fls_linear {B}x{T}x{K}x{N} L={L} R={R} {dt} {div} base={base} guess={guess} bias={bias}")
+    for base in mix_bases:
         if (kw := base_kw(pooled_mix_linear_fwd, base)) is not None:
             pooled_mix_linear_fwd(x, w, b if B % 2 else None, a_stack, b_stack, scales, slots, torch.ones(B, L), **kw)
-            done(f"pooled_mix_linear {B}x{T}x{K}x{N} L={L} {dt} base={base}")
+            done(f"pooled_mix_linear {B}x{T}x{K}x{N} L={L} R={R} {dt} base={base}")
+    if sys.argv[1:] != ["one"] and R > 16:  # the ranks given (int64), not read from the stacks
+        ranks = torch.full((S,), R, dtype=torch.long)
+        pooled_fls_linear_fwd(x, w, b, a_stack, b_stack, scales, present, slots, rg, B, "kl", slot_ranks=ranks)
+        done(f"pooled_fls_linear {B}x{T}x{K}x{N} L={L} R={R} {dt} kl slot_ranks=int64")
+        pooled_mix_linear_fwd(x, w, b, a_stack, b_stack, scales, slots, torch.ones(B, L), slot_ranks=ranks)
+        done(f"pooled_mix_linear {B}x{T}x{K}x{N} L={L} R={R} {dt} slot_ranks=int64")
 print("triton", triton.__version__, "sm_90, launches compiled:", n)
 print("COMPILED")
 """
@@ -487,9 +495,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     on the installed triton with a stand-in driver, so type errors the interpreter accepts show up.
     Every launcher and each constexpr value at least once: fls (fused and split base="cublas", kl/cosine/dot,
     with and without a guess and a bias, an absent LoRA, bf16/fp16/fp32, SDXL and FLUX size classes), mix,
-    pooled fls (2 and 3 positions, an absent slot, ranks padded) and pooled mix (and the base= variants a
-    pooled launcher offers once it has them). Verifies the installed triton; for another one (the GPU
-    image's 3.6), run it with that triton's Python."""
+    pooled fls and pooled mix (fused and split base="cublas", 2 and 3 positions, an absent slot, the per-slot width
+    branches up to rank 128, slot ranks read from the stacks or given as int64), each with its pooled shrink.
+    Verifies the installed triton; for another one (the GPU image's 3.6), run it with that triton's Python."""
     _compile_for_sm90(timeout=1800)
 
 
@@ -504,8 +512,8 @@ def _compile_for_sm90(*args, timeout):
 
 
 def test_one_kernel_per_launcher_compiles_for_sm90_without_a_gpu():
-    """The CI form of the slow test above: one small fp16 variant of each launcher (fls, mix, pooled fls, pooled
-    mix) through triton's real sm_90 pipeline and ptxas. About 15 s of CPU."""
+    """The CI form of the slow test above: one small fp16 variant of each launcher (fls, mix, pooled fls fused,
+    pooled mix split, each pooled one with its shrink) through triton's real sm_90 pipeline and ptxas."""
     out = _compile_for_sm90("one", timeout=600)
     for launcher in ("fls_linear", "mix_linear", "pooled_fls_linear", "pooled_mix_linear"):
         assert f"compiled {launcher} " in out, launcher

@@ -28,7 +28,7 @@ def test_launch_overhead_smoke(tmp_path):
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # shrink + speculate + fix-up for both FLS variants, shrink + mix, speculate + fix-up, one pooled mix launch
-    assert "planned launches identical to the JIT's: 11 launches of 5 launchers" in res.stdout, res.stdout
+    assert "planned launches identical to the JIT's: 13 launches of 5 launchers" in res.stdout, res.stdout
     rows = json.loads(out.read_text())["rows"]
     got = {(row["name"], row["path"]) for row in rows}
     for case in CASES:

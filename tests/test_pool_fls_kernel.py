@@ -54,7 +54,7 @@ def _poison():
         yield
 
 
-def make_inputs(shape, dtype, seed, images=IMAGES, bias=True, granularity="image", copies=1):
+def make_inputs(shape, dtype, seed, images=IMAGES, bias=True, granularity="image", copies=1, ranks=RANKS):
     """Keyword arguments of the pooled FLS op (fresh random, never zeros but slot ZERO's B); ``copies`` CFG copies
     of every image (copy-major, as diffusers batches them: an image's group spans ``copies`` samples)."""
     T, K, N = SHAPES[shape]
@@ -64,16 +64,16 @@ def make_inputs(shape, dtype, seed, images=IMAGES, bias=True, granularity="image
         return torch.randn(*size, generator=g) * std
 
     weight = rnd(N, K, std=K ** -0.5)
-    R = max(RANKS)
-    a_stack, b_stack = torch.zeros(len(RANKS), R, K), torch.zeros(len(RANKS), N, R)
-    for slot, rank in enumerate(RANKS):  # zero-padded to the largest rank, as the pool stores them
+    R = max(ranks)
+    a_stack, b_stack = torch.zeros(len(ranks), R, K), torch.zeros(len(ranks), N, R)
+    for slot, rank in enumerate(ranks):  # zero-padded to the largest rank, as the pool stores them
         a_stack[slot, :rank], b_stack[slot, :, :rank] = rnd(rank, K, std=K ** -0.5), rnd(N, rank, std=0.5)
     a_stack[TIE], b_stack[TIE] = a_stack[1], b_stack[1]
     b_stack[ZERO] = 0.0
-    rank = RANKS[ALIGNED]  # delta_j = s * y0_j (+ noise) for the first `rank` channels: d . y0 > 0
+    rank = ranks[ALIGNED]  # delta_j = s * y0_j (+ noise) for the first `rank` channels: d . y0 > 0
     a_stack[ALIGNED, :rank] = weight[:rank]
     b_stack[ALIGNED, :rank, :rank] = torch.eye(rank) + rnd(rank, rank, std=0.05)
-    present = torch.ones(len(RANKS), dtype=torch.bool)
+    present = torch.ones(len(ranks), dtype=torch.bool)
     present[ABSENT] = False
     slots = torch.tensor(images * copies, dtype=torch.int64)
     batch = slots.shape[0]
@@ -249,3 +249,47 @@ def _check_pool_fls_attach(unet, pool):
     assert len(records) == len(ref_records) > 0
     for record, ref in zip(records, ref_records):
         assert record.layer == ref.layer and torch.equal(record.choice, ref.choice), (record.layer, record.choice)
+
+
+# slot ranks spanning every padded width the kernels pick per slot (16, 32, 64: the stacks' rank 40 pads to 64), the
+# TIE slot a copy of slot 1 (rank 20), slot ALIGNED (rank 3 here) aligned with the base weight
+WIDE_RANKS = (40, 20, 3, 20, 4, 2)
+
+
+@pytest.mark.parametrize("dtype, base, given_ranks", [
+    (torch.float32, "fused", False), (torch.float32, "cublas", True), (torch.bfloat16, "cublas", False),
+    (torch.float16, "fused", True)], ids=["fp32-fused", "fp32-cublas-given", "bf16-cublas", "fp16-fused-given"])
+def test_pooled_fls_kernel_variants_with_mixed_slot_ranks(dtype, base, given_ranks):
+    """Both base variants, the slots' ranks read from the stacks or given, each slot at its own padded width: the
+    float64 reference's choices, scores and output within the per-dtype rule."""
+    inputs = make_inputs("odd", dtype, seed=13, images=IMAGES[:6], ranks=WIDE_RANKS)
+    if given_ranks:
+        inputs["slot_ranks"] = torch.tensor(WIDE_RANKS, dtype=torch.int32)
+    inputs["sample_slots"][2] = torch.tensor([1, 2, 0])
+    with kt.interpreter_bf16_dot():
+        result = pooled_fls_linear_fwd(**inputs, divergence="kl", base=base)
+    inputs.pop("slot_ranks", None)
+    ref_scores, ref_choice = check_against_reference(inputs, "kl", result)  # every position's score, chosen or not
+    assert ref_scores[2, 2] > 0 and ref_choice[5].item() == -1  # the rank-40 slot (a 64-wide block) scored
+
+
+def test_pooled_fls_kernel_reads_each_slot_only_up_to_its_given_rank():
+    """``slot_ranks`` is what the kernels pad to: a slot given a smaller rank computes exactly that truncated LoRA
+    (the float64 reference of the truncated stacks), so the per-slot rank is really the bound the kernels use."""
+    inputs = make_inputs("odd", torch.float32, seed=17, images=IMAGES[:3], ranks=WIDE_RANKS)
+    cut = torch.tensor([33, 17, 3, 20, 4, 2], dtype=torch.int64)  # slots 0 and 1 cut inside their width
+    result = pooled_fls_linear_fwd(**inputs, divergence="cosine", slot_ranks=cut)
+    for slot, rank in enumerate(cut.tolist()):
+        inputs["a_stack"][slot, rank:] = 0.0
+    check_against_reference(inputs, "cosine", result)
+    full = pooled_fls_linear_fwd(**{**inputs, "a_stack": make_inputs("odd", torch.float32, seed=17, images=IMAGES[:3],
+                                                                     ranks=WIDE_RANKS)["a_stack"]}, divergence="cosine")
+    assert kt.max_error(full[0], result[0]) > 1e-3  # the cut mattered
+
+
+def test_pooled_fls_cublas_variant_output_does_not_depend_on_the_guess():
+    inputs = make_inputs("odd", torch.float32, seed=3, images=IMAGES[2:6], copies=2, ranks=WIDE_RANKS)
+    out, scores, choice = pooled_fls_linear_fwd(**inputs, divergence="dot", base="cublas")
+    wrong = (choice + 2) % (inputs["sample_slots"].shape[1] + 1) - 1
+    out2, _, choice2 = pooled_fls_linear_fwd(**inputs, divergence="dot", base="cublas", prev_choice=wrong)
+    assert torch.equal(out2, out) and torch.equal(choice2, choice)

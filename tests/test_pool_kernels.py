@@ -28,16 +28,16 @@ RANKS = (3, 5, 8, 0)  # slot 3 is a freed slot (zeros, scale 0)
 SLOTS = [[2, -1, -1], [0, 1, -1], [1, 0, 2], [2, 1, -1], [0, -1, -1]]  # samples name 1, 2 and 3 LoRAs
 
 
-def _inputs(shape, dtype, seed):
+def _inputs(shape, dtype, seed, ranks=RANKS):
     batch, rows, K, N = SHAPES[shape]
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*size, std=1.0):
         return torch.randn(*size, generator=g) * std
 
-    R = max(RANKS)
-    a_stack, b_stack = torch.zeros(len(RANKS), R, K), torch.zeros(len(RANKS), N, R)
-    for slot, rank in enumerate(RANKS):  # zero-padded as the pool stores them
+    R = max(ranks)
+    a_stack, b_stack = torch.zeros(len(ranks), R, K), torch.zeros(len(ranks), N, R)
+    for slot, rank in enumerate(ranks):  # zero-padded as the pool stores them
         a_stack[slot, :rank], b_stack[slot, :, :rank] = rnd(rank, K, std=K ** -0.5), rnd(N, rank, std=0.5)
     slots = torch.tensor(SLOTS[:batch], dtype=torch.int64)
     return dict(x=rnd(batch * rows, K).to(dtype), weight=rnd(N, K, std=K ** -0.5).to(dtype), bias=rnd(N).to(dtype),
@@ -79,6 +79,59 @@ def test_pooled_mix_kernel_matches_float64_reference(shape, dtype, bias):
     assert kt.max_error(no_lora, ref) > 10 * tol
 
 
+@pytest.mark.parametrize("dtype, base, given_ranks", [
+    (torch.float32, "cublas", False), (torch.bfloat16, "fused", True), (torch.bfloat16, "cublas", False),
+    (torch.float16, "cublas", True)], ids=["fp32-cublas", "bf16-fused-given", "bf16-cublas", "fp16-cublas-given"])
+def test_pooled_mix_kernel_variants_with_mixed_slot_ranks(dtype, base, given_ranks):
+    """Both base variants, slot ranks 3, 20, 40 and a freed slot (padded widths 16, 32, 64, skipped), read from the
+    stacks or given: the float64 reference within the per-dtype rule (bf16 with the interpreter's dot patched)."""
+    ranks = (3, 20, 40, 0)
+    inputs = _inputs("odd", dtype, seed=21, ranks=ranks)
+    if given_ranks:
+        inputs["slot_ranks"] = torch.tensor(ranks, dtype=torch.int32)
+    with kt.poisoned_outputs(), kt.interpreter_bf16_dot():
+        out = pooled_mix_linear_fwd(**inputs, base=base)
+    inputs.pop("slot_ranks", None)
+    ref = pooled_mix_linear(**kt.to_float64(inputs))
+    tol = 2 * kt.max_error(_eager(inputs), ref) + kt.ATOL[dtype] * max(1.0, ref.abs().max().item())
+    assert out.dtype == dtype and kt.max_error(out, ref) <= tol, (kt.max_error(out, ref), tol)
+
+
+def test_pooled_mix_kernel_reads_each_slot_only_up_to_its_given_rank():
+    """A slot given a smaller rank computes exactly that truncated LoRA: the per-slot rank is the kernels' bound."""
+    ranks, cut = (3, 20, 40, 0), (3, 11, 33, 0)
+    inputs = _inputs("odd", torch.float32, seed=22, ranks=ranks)
+    out = pooled_mix_linear_fwd(**inputs, slot_ranks=torch.tensor(cut))
+    truncated = {**inputs, "a_stack": inputs["a_stack"].clone()}
+    for slot, rank in enumerate(cut):
+        truncated["a_stack"][slot, rank:] = 0.0
+    ref, full = (pooled_mix_linear(**kt.to_float64(case)) for case in (truncated, inputs))
+    assert kt.max_error(out, ref) <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert kt.max_error(full, ref) > 1e-2  # the cut mattered
+
+
+def test_stack_ranks_follow_in_place_writes_of_the_stacks(monkeypatch):
+    """Without ``slot_ranks`` the launchers read each slot's rank from the stacks: the last non-zero row of its A,
+    recomputed after an in-place write (as a pool's add/remove make) and kept otherwise, never reused while a CUDA
+    graph is captured (a replay after a pool change must recompute)."""
+    import importlib
+
+    shrink_module = importlib.import_module("csrc_triton.lora_shrink")  # the package exports a function of that name
+    stack_ranks = shrink_module.stack_ranks
+
+    a_stack = torch.zeros(4, 40, 7)
+    a_stack[0, :3], a_stack[1, :20], a_stack[2, 39] = 1.0, 1.0, 1.0
+    first = stack_ranks(a_stack)
+    assert first.tolist() == [3, 20, 40, 0] and first.dtype == torch.int32
+    assert stack_ranks(a_stack) is first  # unchanged stacks: kept
+    a_stack[3, :5].fill_(2.0)
+    a_stack[0].zero_()
+    kept = stack_ranks(a_stack)
+    assert kept.tolist() == [0, 20, 40, 5]
+    monkeypatch.setattr(shrink_module, "may_plan", lambda: False)  # as during a capture
+    assert stack_ranks(a_stack) is not kept
+
+
 def test_pooled_mix_kernel_follows_a_new_slot_table_without_new_shapes():
     """Same shapes, another assignment: the grid is the same, the output follows the table."""
     inputs = _inputs("odd", torch.float32, seed=9)
@@ -94,6 +147,10 @@ def test_pooled_mix_launcher_names_the_bad_input():
         pooled_mix_linear_fwd(**{**inputs, "sample_slots": inputs["sample_slots"][:2]})
     with pytest.raises(ValueError, match=r"b_stack \(S, N=45, R\)"):
         pooled_mix_linear_fwd(**{**inputs, "b_stack": inputs["b_stack"][:, :-1]})
+    with pytest.raises(ValueError, match=r"slot_ranks must be \(S=4,\) int32/int64"):
+        pooled_mix_linear_fwd(**inputs, slot_ranks=torch.ones(4))
+    with pytest.raises(ValueError, match=r"base must be one of \('fused', 'cublas'\)"):
+        pooled_mix_linear_fwd(**inputs, base="cutlass")
 
 
 def _small_pool_model(**capacity):
@@ -158,7 +215,7 @@ def test_pool_attach_runs_the_fls_kernel(divergence, monkeypatch):
     choices and gives the same again."""
     launches = []
     monkeypatch.setattr(csrc_triton, "pooled_fls_linear_fwd",
-                        lambda *args: launches.append(args[-1].clone()) or pooled_fls_linear_fwd(*args))
+                        lambda *args: launches.append(args[11].clone()) or pooled_fls_linear_fwd(*args))
     model, pool, x = _small_pool_model()
     ref_out, ref_records = _run_pool(model, pool, x, "reference", divergence=divergence)
     import fusion_engine as fe

@@ -2,7 +2,9 @@
 
 ``reference``: pure torch (``reference.py``), any device; the oracle.
 ``triton``: the kernels in ``csrc_triton`` via ``triton_ops`` (CUDA, or CPU under TRITON_INTERPRET=1).
-``auto``: triton for CUDA tensors when it imports, else reference.
+``auto``: triton for CUDA tensors when it imports, else reference; given the layer's size (``resolve_backend``'s
+``size``), the fastest backend for its size class on the GPU measurements recorded in the repository
+(``backend_choice``).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from ..errors import AttachError, OptionError
 from ..utils.deprecation import renamed_option
-from . import pooled, reference
+from . import backend_choice, pooled, reference
 from .reference import DIVERGENCES
 
 BACKENDS = ("auto", "reference", "triton")
@@ -23,17 +25,24 @@ def _triton_ops():
     return triton_ops
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("reference" or "triton") for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, size: dict | None = None) -> str:
+    """The concrete backend ("reference" or "triton") for tensors on ``device``.
+
+    ``size`` (optional, for ``"auto"``): the layer call's ``op``, ``M``, ``N``, ``K``, ``rank`` and ``dtype`` (see
+    ``backend_choice.choose_backend``); with it, ``"auto"`` on CUDA picks by size class on the recorded
+    measurements, without it the kernels wherever they run."""
     if backend not in BACKENDS:
         raise OptionError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
         try:
-            return "triton" if _triton_ops().is_available() else "reference"
+            available = _triton_ops().is_available()
         except ImportError:
-            return "reference"
+            available = False
+        if not available or size is None:
+            return "triton" if available else "reference"
+        return backend_choice.resolve(backend, device_type=device.type, triton_available=True, **size)[0]
     return backend
 
 
@@ -90,23 +99,27 @@ def mix_linear(*args, backend: str = "reference", **kwargs):
     return reference.mix_linear(*args, **kwargs)
 
 
-def pooled_fls_linear(*args, backend: str = "reference", prev_choice=None, **kwargs):
+def pooled_fls_linear(*args, backend: str = "reference", prev_choice=None, slot_ranks=None, base=None, **kwargs):
     """See ``pooled.pooled_fls_linear`` (the LoRA pool's N-way FLS); returns (out, scores, choice).
 
     ``prev_choice``: the layer's last choices, the Triton kernel's speculation guess (it never changes the result,
-    only the cost); the reference ignores it.
+    only the cost). ``slot_ranks``: optional (S,) int tensor of each slot's own rank, which the kernels pad to slot by
+    slot (None: they read it from the stacks). ``base``: the kernels' "fused" or "cublas" base GEMM (None: by size
+    class). The reference ignores all three: none changes the result beyond rounding.
     """
     if backend == "triton":
-        return _triton_ops().pooled_fls_linear(*args, prev_choice=prev_choice, **kwargs)
+        return _triton_ops().pooled_fls_linear(*args, prev_choice=prev_choice, slot_ranks=slot_ranks, base=base,
+                                               **kwargs)
     return pooled.pooled_fls_linear(*args, **kwargs)
 
 
-def pooled_mix_linear(*args, backend: str = "reference", **kwargs):
-    """See ``pooled.pooled_mix_linear`` (the LoRA pool's static policies)."""
+def pooled_mix_linear(*args, backend: str = "reference", slot_ranks=None, base=None, **kwargs):
+    """See ``pooled.pooled_mix_linear`` (the LoRA pool's static policies); ``slot_ranks`` and ``base`` as
+    ``pooled_fls_linear`` (the Triton kernels' only)."""
     if backend == "triton":
-        return _triton_ops().pooled_mix_linear(*args, **kwargs)
+        return _triton_ops().pooled_mix_linear(*args, slot_ranks=slot_ranks, base=base, **kwargs)
     return pooled.pooled_mix_linear(*args, **kwargs)
 
 
-__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "check_supported", "fls_linear", "mix_linear", "pooled_fls_linear",
-           "pooled_mix_linear", "reference", "resolve_backend"]
+__all__ = ["BACKENDS", "DIVERGENCES", "LAYER_KINDS", "backend_choice", "check_supported", "fls_linear", "mix_linear",
+           "pooled_fls_linear", "pooled_mix_linear", "reference", "resolve_backend"]

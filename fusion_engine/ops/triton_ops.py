@@ -200,9 +200,11 @@ def mix_linear(x, weight, bias, subject_a, subject_b, style_a, style_b, coef):
 # --------------------------------------------------------------------------- pooled_mix_linear (the LoRA pool)
 
 def _pooled_mix_linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
-                            scales: Tensor, sample_slots: Tensor, sample_weights: Tensor) -> Tensor:
+                            scales: Tensor, sample_slots: Tensor, sample_weights: Tensor, slot_ranks: Tensor | None,
+                            base: str | None) -> Tensor:
     _check_device(x)
-    return _kernels.pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
+    return _kernels.pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights,
+                                          slot_ranks, base)
 
 
 _pooled_mix_linear_op = torch.library.custom_op("fusion_engine::pooled_mix_linear_triton", _pooled_mix_linear_impl,
@@ -210,26 +212,32 @@ _pooled_mix_linear_op = torch.library.custom_op("fusion_engine::pooled_mix_linea
 _pooled_mix_linear_op.register_fake(lambda x, weight, *_stacks_and_tables: x.new_empty((x.shape[0], weight.shape[0])))
 
 
-def pooled_mix_linear(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights):
+def pooled_mix_linear(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights, slot_ranks=None,
+                      base=None):
     """The pool's static-weight linear (see ``fusion_engine.ops.pooled.pooled_mix_linear``); forward only (no
-    autograd registration yet: a guided backward runs the reference ops)."""
+    autograd registration yet: a guided backward runs the reference ops).
+
+    ``slot_ranks`` (optional): (S,) int32/int64 device tensor of each slot's own rank, which the kernels pad to, each
+    slot on its own (None: read from the stacks on the device). ``base`` (optional): "fused" or "cublas" overrides
+    the size-class choice of where the base output comes from (csrc_triton/pooled_mix_linear.py)."""
     _check_device(x)
     op = _kernels.pooled_mix_linear_fwd if _eager(x) else _pooled_mix_linear_op
-    return op(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights)
+    return op(x, weight, bias, a_stack, b_stack, scales, sample_slots, sample_weights, slot_ranks, base)
 
 
 # --------------------------------------------------------------------------- pooled_fls_linear (the LoRA pool)
 
 def _pooled_fls_linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
                             scales: Tensor, present: Tensor, sample_slots: Tensor, row_group: Tensor, num_groups: int,
-                            divergence: str, prev_choice: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                            divergence: str, prev_choice: Tensor | None, slot_ranks: Tensor | None,
+                            base: str | None) -> tuple[Tensor, Tensor, Tensor]:
     _check_device(x)
     return _kernels.pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group,
-                                          num_groups, divergence, prev_choice)
+                                          num_groups, divergence, prev_choice, slot_ranks, base)
 
 
 def _pooled_fls_linear_fake(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, num_groups,
-                            divergence, prev_choice):
+                            divergence, prev_choice, slot_ranks, base):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((num_groups, sample_slots.shape[1]), dtype=torch.float32),
             x.new_empty((num_groups,), dtype=torch.int64))
@@ -241,13 +249,14 @@ _pooled_fls_linear_op.register_fake(_pooled_fls_linear_fake)
 
 
 def pooled_fls_linear(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, num_groups,
-                      divergence="kl", prev_choice=None):
+                      divergence="kl", prev_choice=None, slot_ranks=None, base=None):
     """The pool's N-way FLS linear (see ``fusion_engine.ops.pooled.pooled_fls_linear``); returns (out, scores,
     choice). Forward only, as ``pooled_mix_linear`` (a guided backward runs the reference ops).
 
     ``prev_choice`` (optional, extra to the reference signature): the (G,) int64 choices this layer returned on its
     previous call, only the kernel's speculation guess (a stale or wrong guess costs a recompute of the affected
-    tiles, never accuracy). ``divergence="js"`` is not fused: it runs the pooled reference op on the same device.
+    tiles, never accuracy). ``slot_ranks`` and ``base``: as ``pooled_mix_linear``. ``divergence="js"`` is not
+    fused: it runs the pooled reference op on the same device.
     """
     _check_device(x)
     reference.check_divergence(divergence)
@@ -256,7 +265,7 @@ def pooled_fls_linear(x, weight, bias, a_stack, b_stack, scales, present, sample
                                         num_groups, divergence)
     op = _kernels.pooled_fls_linear_fwd if _eager(x) else _pooled_fls_linear_op
     return op(x, weight, bias, a_stack, b_stack, scales, present, sample_slots, row_group, int(num_groups), divergence,
-              prev_choice)
+              prev_choice, slot_ranks, base)
 
 
 __all__ = ["fls_linear", "is_available", "mix_linear", "pooled_fls_linear", "pooled_mix_linear", "unsupported"]
