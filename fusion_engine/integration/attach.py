@@ -14,6 +14,9 @@ as ``fe.attach(pipe.unet, ...)`` would, and adds what a sampler would otherwise 
 Outside a call scope (driving ``pipe.unet`` yourself) the fusion behaves as one attached to the denoiser:
 set the layout and step yourself. ``detach()`` removes the hook, puts the class back and detaches the
 denoiser: the pipeline is bit for bit as before.
+
+``fe.attach(pipe, pool=pool)`` attaches a LoRA pool the same way; every call may then pass ``loras=[...]`` (one
+entry per prompt or per image) beside its prompts.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ import weakref
 
 import torch.nn as nn
 
-from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
+from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError, OptionTypeError
 from ..lora.weights import DENOISERS
 from ..runtime.context import images_in_batch
 from ..runtime.fusion import Fusion, as_lora, attach_model
 from ..runtime.trace import Trace
 from ..samplers import uses_true_cfg
+from ..utils.deprecation import renamed_option, warn_renamed
 
 _PIPELINES: weakref.WeakKeyDictionary[object, PipelineAttachment] = weakref.WeakKeyDictionary()
 _FUSED_CLASSES: dict[type, type] = {}
@@ -98,6 +102,32 @@ def _fused_class(cls: type) -> type:
     return _FUSED_CLASSES[cls]
 
 
+def loras_per_image(loras, arguments: dict) -> list:
+    """``loras`` given per prompt (expanded by ``num_images_per_prompt``, diffusers' prompt-major order) or per
+    image; a ``BatchLayoutError`` naming both counts otherwise.
+
+    Args:
+        loras: one entry per prompt or per image (a LoRA name or a tuple of names).
+        arguments: the pipeline call's arguments by name (``prompt``, ``num_images_per_prompt``).
+
+    Example:
+        >>> loras_per_image([("dog", "ink"), "cat"], {"prompt": ["a", "b"], "num_images_per_prompt": 2})
+        [('dog', 'ink'), ('dog', 'ink'), 'cat', 'cat']
+    """
+    if isinstance(loras, str) or not isinstance(loras, (list, tuple)):
+        raise OptionTypeError(f"loras must be a list, one entry per prompt or per image (a LoRA name or a tuple of "
+                              f"names, e.g. [('dog', 'ink'), 'cat']), got {type(loras).__name__} {loras!r:.80}")
+    prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
+    prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(loras)
+    loras = list(loras)
+    if len(loras) == prompts:
+        return [entry for entry in loras for _ in range(per_prompt)]
+    if len(loras) == prompts * per_prompt:
+        return loras
+    raise BatchLayoutError(f"loras has {len(loras)} entries for {prompts} prompt(s) x {per_prompt} image(s) each: "
+                           "give one per prompt or one per image")
+
+
 class PipelineAttachment:
     """Handle of a fusion attached to a pipeline: the denoiser's ``Fusion``, the last call's trace, ``detach``.
 
@@ -138,6 +168,19 @@ class PipelineAttachment:
     def attached(self) -> bool:
         return self.fusion.attached
 
+    # -- a pool's assignment ----------------------------------------------------------------------------------
+    @property
+    def pool(self):
+        return self.fusion.pool
+
+    def set_loras(self, entries) -> None:
+        self.fusion.set_loras(entries)
+
+    def set_assignment(self, entries) -> None:
+        """Deprecated name of ``set_loras``."""
+        warn_renamed("set_assignment", "set_loras")
+        self.set_loras(entries)
+
     # -- install / remove -------------------------------------------------------------------------------------
     def install(self) -> None:
         def before_denoiser(module, args, kwargs):
@@ -176,7 +219,26 @@ class PipelineAttachment:
 
     # -- one pipeline call ------------------------------------------------------------------------------------
     def call(self, original, pipe, args, kwargs):
-        """Run the pipeline's own ``__call__`` with the layout and step followed per denoiser call."""
+        """Run the pipeline's own ``__call__`` with the layout and step followed per denoiser call (a pool's
+        ``loras=`` set for the call and put back after it)."""
+        loras = None
+        if self.pool is not None:
+            loras = renamed_option(kwargs.pop("loras", None), kwargs.pop("pairs", None), "pairs", "loras")
+        if loras is None:
+            return self._call(original, pipe, args, kwargs)
+        bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        context = self.fusion.context
+        with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
+            before = context.assignment
+            context.set_loras(loras_per_image(loras, bound.arguments))
+            try:
+                return self._call(original, pipe, args, kwargs)
+            finally:
+                context.assignment = before
+                context._tables.clear()
+
+    def _call(self, original, pipe, args, kwargs):
         signature = inspect.signature(original)
         bound = signature.bind(pipe, *args, **kwargs)
         with_defaults = signature.bind(pipe, *args, **kwargs)
@@ -230,7 +292,8 @@ class PipelineAttachment:
 
     def _begin(self) -> None:
         context = self.fusion.context
-        context.trace = Trace(self.fusion.layer_names, self.policy.describe()) if self._trace_enabled else None
+        context.trace = Trace(self.fusion.layer_names, self.policy.describe(), pair=self.pool is None) \
+            if self._trace_enabled else None
         context.reset()
         self._next_step, self._in_call = 0, threading.get_ident()
 
@@ -268,12 +331,17 @@ def check_attachable(pipe) -> str:
     return name
 
 
-def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> PipelineAttachment:
-    """Fuse ``pipe``'s denoiser (and every other component the LoRAs have layers for) and follow its calls."""
+def attach_pipeline(pipe, subject=None, style=None, *, pool=None, trace: bool = True, **options) -> PipelineAttachment:
+    """Fuse ``pipe``'s denoiser (and every other component the LoRAs have layers for) and follow its calls; with
+    ``pool=``, attach the pool to the denoiser (each call names LoRAs per image)."""
     if pipe in _PIPELINES:
         raise AlreadyAttachedError(
             f"this pipeline already has a fusion attached ({_PIPELINES[pipe]!r}); detach it first"
         )
+    if pool is not None:
+        name = check_attachable(pipe)
+        fusion = attach_model(getattr(pipe, name), subject, style, pool=pool, trace=trace, **options)
+        return _installed(PipelineAttachment(pipe, name, fusion, {}, trace), [fusion])
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
     fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **options)
@@ -283,13 +351,31 @@ def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> P
             # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
             components[component] = attach_model(getattr(pipe, component), component_subject, component_style,
                                                  backend=options.get("backend", "auto"), trace=False)
-        handle = PipelineAttachment(pipe, name, fusion, components, trace)
-        handle.install()
     except BaseException:
         for attached in (*components.values(), fusion):
             attached.detach()
         raise
+    return _installed(PipelineAttachment(pipe, name, fusion, components, trace), [*components.values(), fusion])
+
+
+def _installed(handle: PipelineAttachment, fusions) -> PipelineAttachment:
+    """``handle`` installed on its pipeline, or every fusion detached again when that raises."""
+    try:
+        handle.install()
+    except BaseException:
+        for fusion in fusions:
+            fusion.detach()
+        raise
     return handle
+
+
+def attach_target(target, subject=None, style=None, *, pool=None, **options):
+    """``fe.attach``: to a diffusers pipeline object (a ``PipelineAttachment``) or to a model (a ``Fusion``)."""
+    if pool is not None and (subject is not None or style is not None):
+        raise AttachError("attach takes a subject/style pair or a pool=, not both")
+    if is_pipeline(target):
+        return attach_pipeline(target, subject, style, pool=pool, **options)
+    return attach_model(target, subject, style, pool=pool, **options)
 
 
 def _part(lora, component: str):
@@ -322,5 +408,6 @@ def attached_pipeline(pipe) -> PipelineAttachment | None:
     return _PIPELINES.get(pipe)
 
 
-__all__ = ["PipelineAttachment", "attach_pipeline", "attached_pipeline", "call_signature", "check_attachable",
+__all__ = ["PipelineAttachment", "attach_pipeline", "attach_target", "attached_pipeline", "call_signature",
+           "check_attachable", "loras_per_image",
            "check_call_arguments", "denoiser_name", "is_pipeline", "pipeline_base_class"]

@@ -9,10 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import AttachError, OptionError
-from ..runtime.context import images_in_batch
-from ..runtime.fusion import as_lora, attach_model
-from ..runtime.pool_context import normalize_assignment
-from ..runtime.pool_fusion import attach_pool, pool_policy
+from ..runtime.context import images_in_batch, normalize_assignment
+from ..runtime.fusion import as_lora, attach_model, pool_policy
 from ..runtime.trace import Trace
 from ..samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
 from ..utils.deprecation import renamed_option, warn_renamed
@@ -22,10 +20,10 @@ from .attach import (
     check_attachable,
     check_call_arguments,
     denoiser_name,
+    loras_per_image,
     pipeline_base_class,
 )
 from .model_path import DIT_FAMILIES, load_local_pipeline
-from .pool_attach import attach_pool_target, loras_per_image
 
 
 @dataclass
@@ -254,7 +252,7 @@ class FusionPipeline:
     def _attach_to_pipe(self, assignment):
         if assignment is None:
             return attach_pipeline(self.pipe, self.subject, self.style, policy=self.policy, **self.attach_options)
-        return attach_pool_target(self.pipe, self.pool, policy=self.policy, **self.attach_options)
+        return attach_pipeline(self.pipe, pool=self.pool, policy=self.policy, **self.attach_options)
 
     def _pipeline_call(self, kwargs: dict, progress: bool | None, assignment) -> FusionPipelineOutput:
         if assignment is not None:
@@ -323,7 +321,7 @@ class FusionPipeline:
             fusion = attach_model(sampler.denoiser, self.subject, self.style, policy=self.policy,
                                   **self.attach_options)
         else:
-            fusion = attach_pool(sampler.denoiser, self.pool, policy=self.policy, **self.attach_options)
+            fusion = attach_model(sampler.denoiser, pool=self.pool, policy=self.policy, **self.attach_options)
         try:
             fusion.set_batch_layout(images, conditioning.copies)
             if assignment is not None:

@@ -7,6 +7,7 @@ import torch.nn as nn
 from ..errors import AlreadyAttachedError, ModelMismatchError, preview
 from ..lora.families import SD_UNET, describe_family, families_fit, model_family
 from .layers import DynamicLoRALayer
+from .pool import resolved_device
 
 FUSABLE_TYPES = (nn.Linear, nn.Conv2d)  # exact types: subclasses may change forward in ways we cannot fuse
 _CROSS_ATTENTION_INPUTS = ("attn2.to_k", "attn2.to_v")
@@ -155,3 +156,51 @@ def check_fit(model: nn.Module, names: list[str], loras: dict) -> None:
         f"({found} resolve to modules):\n  " + "\n  ".join(summaries + listed)
         + (f"\n  ... (+{more} more)" if more else "")
     )
+
+
+def _pool_shape_problem(name: str, module: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why pool LoRAs for weight ``shape`` do not fit ``module`` (an nn.Linear or nn.Conv2d), None when they do: a
+    conv needs the same kernel (1x1-conv storage, ``(N, K)``, fits a 1x1 conv)."""
+    weight = tuple(module.weight.shape)
+    if type(module) is nn.Linear:
+        fits = weight == tuple(shape)
+    else:
+        fits = weight == tuple(shape) or (len(shape) == 2 and weight == (*shape, 1, 1))
+        if fits and module.groups != 1:
+            return (f"{name}: is a grouped Conv2d (groups={module.groups}); the pool fuses conv layers with "
+                    "groups=1 only (attach it as a pair)")
+    if fits:
+        return None
+    lora_kernel = "x".join(map(str, shape[2:])) or "1x1 (or a Linear layer's LoRA)"
+    kind = "" if type(module) is nn.Linear else (f" (a LoRA kernel of {lora_kernel}, the conv's is "
+                                                 f"{'x'.join(map(str, weight[2:]))})")
+    return (f"{name}: the pool's LoRAs need weight {tuple(shape)}, the model's {type(module).__name__} is "
+            f"{weight}{kind}")
+
+
+def _pool_fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Why pool layers ``shapes`` (name -> base weight shape) cannot go on ``model``: missing, not Linear or Conv2d,
+    other shapes (a conv LoRA of another kernel size), another device or dtype than the pool's."""
+    problems = []
+    for name, shape in shapes.items():
+        module = find_module(model, name)
+        if module is None:
+            problems.append(f"{name}: no such module in the model")
+        elif type(module) not in (nn.Linear, nn.Conv2d):
+            problems.append(f"{name}: is a {type(module).__name__}; the pool fuses nn.Linear and nn.Conv2d layers "
+                            "only")
+        elif problem := _pool_shape_problem(name, module, shape):
+            problems.append(problem)
+        elif resolved_device(module.weight.device) != pool.device or module.weight.dtype != pool.dtype:
+            problems.append(f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
+                            f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
+    return problems
+
+
+def check_pool_fit(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """A ``ModelMismatchError`` listing why pool layers ``shapes`` do not fit ``model`` (``what`` says which step)."""
+    problems = _pool_fit_problems(model, pool, shapes)
+    if problems:
+        raise ModelMismatchError(f"{what}: {len(problems)} layer(s) do not fit this model:\n  "
+                                 + "\n  ".join(problems[:10]) + (f"\n  ... (+{len(problems) - 10} more)"
+                                                                 if len(problems) > 10 else ""))

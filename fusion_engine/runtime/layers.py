@@ -1,4 +1,12 @@
-"""Fused stand-ins for LoRA-targeted layers. Each keeps the original module untouched inside it."""
+"""Fused stand-ins for LoRA-targeted layers, one family for a pair and a pool: each keeps the original module
+untouched inside it, its bank of adapters and the shared context.
+
+The bank: a pair's layer holds its two entries (subject, style: factors cast to the base weight, each with its own
+rank (0 = absent), scale and DoRA gain); a pool's layer reads the pool's stacks for it (``LoRAPool.layer``: every
+slot's factors padded to one rank, with per-slot scales and presence). The assignment is the context's: uniform for a
+pair, which runs the pair ops (two 2-D matmuls: ``ops.fls_linear`` / ``ops.mix_linear``), per image for a pool, which
+runs the pooled ops over the slots each image names. ``DynamicLoRALinear`` and ``DynamicLoRAConv2d`` are siblings.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,6 +17,7 @@ from .. import ops
 from ..errors import LayerAttributeError
 from ..lora.checks import check_cast_factor, check_layer_scale
 from ..lora.weights import delta_weight
+from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
 from .trace import choice_code
 
@@ -160,34 +169,47 @@ class DynamicLoRALayer(nn.Module):
         subject_scale, style_scale = self.lora_scales
         return torch.tensor([weights[0] * subject_scale, weights[1] * style_scale], dtype=torch.float32, device=device)
 
-    def keep_decisions(self, choice, subject_score=None, style_score=None) -> None:
+    def keep_decisions(self, choice, *scores) -> None:
         """Hold this forward's decisions until the model's forward ends (``FusionContext.collect``); outside the
         attached model's forward, record them at once."""
         context = self.context
         if not context.tracing:
             return
         if context.in_forward:  # into __dict__ directly (what collect pops): nn.Module.__setattr__ costs per call
-            self.__dict__["kept_decisions"] = (choice, subject_score, style_score)
+            self.__dict__["kept_decisions"] = (choice, *scores)
         else:
-            context.trace.record(context.step, self.index, choice, subject_score, style_score)
+            context.trace.record(context.step, self.index, choice, *scores)
+
+    def _guess(self, groups: int, device, dtype: torch.dtype) -> torch.Tensor:
+        """This layer's decisions at its previous call with this many groups (the subject, position 0, at first): the
+        Triton kernel's speculation guess. Decisions barely change between denoising steps, so the kernel writes the
+        guessed branch and only recomputes tiles whose group decided otherwise. A persistent buffer updated in place
+        keeps CUDA-graph replays valid; a wrong guess costs a recompute, never another result."""
+        key = (groups, str(device), dtype)
+        if key not in self._last_choice:
+            self._last_choice[key] = (torch.ones if dtype == torch.bool else torch.zeros)(groups, dtype=dtype,
+                                                                                          device=device)
+        return self._last_choice[key]
+
+    def pooled(self, x: torch.Tensor):
+        """(the pool's stacks for this layer, each batch row's slots) when a pool assignment drives this forward,
+        else None (a pair, or a layer no pool LoRA adapts any more: its base layer)."""
+        pool = self.context.pool
+        held = pool.layer(self.name) if pool is not None else None
+        return None if held is None else (held, self.context.sample_slots(x.shape[0] if x.ndim > 1 else 1, x.device))
 
     def extra_repr(self) -> str:
+        if self.context.pool is not None:
+            held = self.context.pool.layer(self.name)
+            return f"{self.name}, pool rank={held.rank if held is not None else 0}"
         dora = ", dora" if self.has_dora else ""
         return f"{self.name}, subject_rank={self.subject_rank}, style_rank={self.style_rank}{dora}"
 
 
 class DynamicLoRALinear(DynamicLoRALayer):
-    def _speculation_buffer(self, groups: int, device) -> torch.Tensor:
-        """This layer's decisions at its previous call with this many groups (subject at first).
-
-        Decisions barely change between denoising steps, so the kernel writes the guessed branch
-        and only recomputes tiles whose group decided otherwise. A persistent buffer updated in
-        place keeps CUDA-graph replays valid.
-        """
-        key = (groups, str(device))
-        if key not in self._last_choice:
-            self._last_choice[key] = torch.ones(groups, dtype=torch.bool, device=device)
-        return self._last_choice[key]
+    """A Linear layer. Triton backend: the pair kernels (``fls_linear`` / ``mix_linear``) for a pair, the pooled ones
+    for a pool, each speculating on this layer's previous decisions; elsewhere, DoRA, and in a pool forward that
+    carries a gradient to ``x`` (the pooled kernels are forward only), the reference ops."""
 
     def _dora_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A layer with a DoRA branch: the reference path (the fused kernels take plain LoRA only)."""
@@ -207,20 +229,43 @@ class DynamicLoRALinear(DynamicLoRALayer):
         self.keep_decisions(choice, subject_score, style_score)
         return out.to(x.dtype)
 
+    def _pooled_forward(self, x: torch.Tensor, rows: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
+        context, base = self.context, self.base
+        backend = ops.resolve_backend(context.backend, x.device)
+        if backend == "triton" and torch.is_grad_enabled() and rows.requires_grad:
+            backend = "reference"  # the pooled kernels are forward only: a gradient pass runs the reference (autograd)
+        if not context.policy.uses_divergence:
+            return ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, held.scales, slots,
+                                         context.sample_weights(slots.shape[0], x.device, self.name), backend=backend)
+        row_group, groups = context.row_groups(slots.shape[0], rows.shape[0] // slots.shape[0], x.device)
+        guess = self._guess(groups, x.device, torch.int64) if backend == "triton" else None
+        out, scores, choice = ops.pooled_fls_linear(
+            rows, base.weight, base.bias, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess,
+        )
+        if guess is not None:
+            guess.copy_(choice)
+        self.keep_decisions(choice, scores)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
         if not context.enabled:
             return base(x)
-        subject_scale, style_scale = self.lora_scales
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
+        if context.pool is not None:
+            pooled = self.pooled(x)
+            out = base(x) if pooled is None else self._pooled_forward(x, rows, *pooled)
+            return out if pooled is None else out.reshape(*lead, out.shape[-1])
+        subject_scale, style_scale = self.lora_scales
         if self.has_dora:
             out = self._dora_forward(x, rows)
             return out.reshape(*lead, out.shape[-1])
         backend = ops.resolve_backend(context.backend, x.device)
         if context.policy.uses_divergence:
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
-            guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
+            guess = self._guess(groups, x.device, torch.bool) if backend == "triton" else None
             out, subject_score, style_score, choice = ops.fls_linear(
                 rows, base.weight, base.bias, self.subject_a, self.subject_b, subject_scale, self.style_a, self.style_b,
                 style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess,
@@ -238,7 +283,21 @@ class DynamicLoRALinear(DynamicLoRALayer):
 
 
 class DynamicLoRAConv2d(DynamicLoRALayer):
-    """LoCon layers: the same rule with the channel dimension per pixel (reference path only)."""
+    """LoCon layers: the same rule with the channel dimension per pixel, the reference ops on every backend (there is
+    no Triton conv kernel). A pool's runs the pooled conv ops (grouped convolutions over the samples, the base
+    layer's stride, padding, dilation and padding mode)."""
+
+    def _pooled_forward(self, x: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
+        context, base, batch = self.context, self.base, x.shape[0]
+        if not context.policy.uses_divergence:
+            return pooled_mix_conv2d(x, base, held.a, held.b, held.scales, slots,
+                                     context.sample_weights(batch, x.device, self.name))
+        out, scores, choice = pooled_fls_conv2d(
+            x, base, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            lambda pixels: context.row_groups(batch, pixels, x.device), context.policy.divergence,
+        )
+        self.keep_decisions(choice, scores)
+        return out
 
     def _conv(self, x, weight, bias=None):
         """The base layer's convolution (stride, padding and padding mode) with another weight."""
@@ -255,6 +314,11 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         context, base, dtype = self.context, self.base, x.dtype
         if not context.enabled:
             return base(x)
+        if context.pool is not None:
+            if x.ndim == 3:  # an unbatched input, as nn.Conv2d takes it
+                return self.forward(x.unsqueeze(0)).squeeze(0)
+            pooled = self.pooled(x)
+            return base(x) if pooled is None else self._pooled_forward(x, *pooled)
         bias = None if base.bias is None else base.bias.to(dtype)
         y0 = self._conv(x, base.weight.to(dtype), bias).to(accumulation_dtype(dtype))
         if not context.policy.uses_divergence and not self.has_dora:
