@@ -1,8 +1,8 @@
 """Every feature of a pair on a pool too (issue 21 phase two): each pool image is its single-pair attach.
 
 Float64 on a tiny conv + attention net (its blocks named as SDXL's B-LoRA blocks), so outputs agree to 1e-10 and
-FLS decisions exactly: all six policies with a mixed assignment, granularity ``"batch"`` with a uniform one, and
-input gradients through the pool (what LLR needs).
+FLS decisions exactly: all six policies with a mixed assignment, DoRA LoRAs (linear and conv layers, a LoRA scale
+per call), granularity ``"batch"`` with a uniform one, and input gradients through the pool (what LLR needs).
 """
 import pytest
 import torch
@@ -63,6 +63,32 @@ def test_each_pool_image_is_its_single_pair_for_every_policy(world, policy, opti
             for record in single_records:  # the pair's view: 1 = subject (position 0), 0 = style (position 1)
                 pooled = records[single.layer_names[record.layer]]
                 assert int(pooled.choice[image]) == (0 if int(record.choice[0]) == 1 else 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("policy,options", [("fls", {"divergence": "kl"}), ("direct", {"weights": (0.5, 2.0)}),
+                                            ("switch", {"tau": 1})])
+def test_a_pool_with_dora_is_each_images_dora_pair(world, policy, options, scale):
+    net, _, _, x = world
+    loras = {"d0": make_lora(net, 7, 2, dora=True), "p0": make_lora(net, 8, 3),
+             "d1": make_lora(net, 9, 3, dora=True, skip=("conv_in",)), "d2": make_lora(net, 10, 2, dora=True)}
+    pool = fe.LoRAPool(dtype=torch.float64)
+    for name, lora in loras.items():
+        pool.add(name, lora)
+    assignment = [("d0", "p0"), ("d1", "d2")]
+    kwargs = {"cross_attention_kwargs": {"scale": scale}}
+    with fe.attach(net, pool=pool, policy=policy, backend="reference", **options) as fusion:
+        fusion.set_loras(assignment)
+        drive(fusion, policy, 1, IMAGES)
+        with torch.no_grad():
+            got = net(x, **kwargs)
+    for image, names in enumerate(assignment):
+        rows = rows_of(image)
+        with fe.attach(net, *[loras[n] for n in names], policy=policy, backend="reference", **options) as single:
+            drive(single, policy, 1, 1)
+            with torch.no_grad():
+                expected = net(x[rows], **kwargs)
+        torch.testing.assert_close(got[rows], expected, rtol=1e-10, atol=1e-10)
 
 
 def test_batch_granularity_on_a_uniform_pool_is_the_pair(world):

@@ -230,27 +230,32 @@ class FusionContext:
 
     def _key(self, kind: str, batch: int, device) -> tuple:
         step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
-        return (kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale)
+        return (kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale,
+                self.branch)
 
     def sample_slots(self, batch: int, device) -> torch.Tensor:
         """``(batch, L)`` int64 pool slots of each batch row's image, ``-1`` padded (built once per shape)."""
         return self._table("slots", batch, device, torch.int64, self._image_slots, -1)
 
-    def sample_weights(self, batch: int, device, layer: str | None = None) -> torch.Tensor:
-        """``(batch, L)`` float32 static-policy weights of each row's image, times the call's LoRA scale.
+    def sample_weights(self, batch: int, device, layer: str | None = None, scaled: bool = True) -> torch.Tensor:
+        """``(batch, L)`` float32 static-policy weights of each row's image, times the call's LoRA scale (``scaled``).
 
         Args:
-            layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``) gets one table
-                per layer, built once per step and kept together as one entry.
+            layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``, ``blora``) gets one
+                table per layer, built once per step and kept together as one entry.
         """
-        if not getattr(self.policy, "per_layer", False):
-            return self._table("weights", batch, device, torch.float32, self._image_weights, 0.0)
-        by_layer = self._table("layer weights", batch, device, None, None, None)
-        if layer not in by_layer:
+        scale = self.lora_scale if scaled else 1.0
+        if not self.policy.per_layer:
             def per_image(image, names):
-                return [w * self.lora_scale for w in self.policy.layer_weights(layer, names, self)]
+                return [w * scale for w in self.policy.image_weights(len(names), self)]
 
-            by_layer[layer] = self._build(batch, device, torch.float32, per_image, 0.0)
+            return self._table(f"weights {scaled}", batch, device, torch.float32, per_image, 0.0)
+        by_layer = self._table(f"layer weights {scaled}", batch, device, None, None, None)
+        if layer not in by_layer:
+            def per_layer_image(image, names):
+                return [w * scale for w in self.policy.layer_weights(layer, names, self)]
+
+            by_layer[layer] = self._build(batch, device, torch.float32, per_layer_image, 0.0)
         return by_layer[layer]
 
     def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
@@ -258,9 +263,6 @@ class FusionContext:
             return [self.pool.slot(name) for name in names]
         except UnknownLoRAError as error:
             raise UnknownLoRAError(f"image {image}: {error} (removed since the assignment was set?)") from None
-
-    def _image_weights(self, image: int, names: tuple[str, ...]) -> list[float]:
-        return [w * self.lora_scale for w in self.policy.image_weights(len(names), self)]
 
     def _table(self, kind: str, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
         """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image

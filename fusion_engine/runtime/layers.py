@@ -191,6 +191,22 @@ class DynamicLoRALayer(nn.Module):
                                                                                           device=device)
         return self._last_choice[key]
 
+    def pool_gains(self, held) -> torch.Tensor | None:
+        """DoRA on a pool: ``(S, N)`` gains of every slot against this layer's base weight (``dora_gain``; 1 for a
+        slot that is not DoRA here), None when no pool LoRA is DoRA at this layer. Cached per pool version."""
+        pool = self.context.pool
+        magnitudes = pool.magnitudes(self.name)
+        if not magnitudes:
+            return None
+        cached = self.__dict__.get("_pool_gains")
+        if cached is None or cached[0] != pool.version:
+            weight = self.base.weight
+            gains = torch.ones(held.rows, held.b.shape[1], dtype=accumulation_dtype(weight.dtype), device=weight.device)
+            for slot, magnitude in magnitudes.items():
+                gains[slot] = dora_gain(weight, held.a[slot], held.b[slot], float(held.scales[slot]), magnitude)
+            self.__dict__["_pool_gains"] = cached = (pool.version, gains)
+        return cached[1]
+
     def pooled(self, x: torch.Tensor):
         """(the pool's stacks for this layer, each batch row's slots) when a pool assignment drives this forward,
         else None (a pair, or a layer no pool LoRA adapts any more: its base layer)."""
@@ -232,16 +248,19 @@ class DynamicLoRALinear(DynamicLoRALayer):
     def _pooled_forward(self, x: torch.Tensor, rows: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
         backend = ops.resolve_backend(context.backend, x.device)
-        if backend == "triton" and torch.is_grad_enabled() and rows.requires_grad:
-            backend = "reference"  # the pooled kernels are forward only: a gradient pass runs the reference (autograd)
+        gains = self.pool_gains(held)
+        if backend == "triton" and (gains is not None or (torch.is_grad_enabled() and rows.requires_grad)):
+            backend = "reference"  # the pooled kernels are forward only and plain LoRA: else the reference (autograd)
+        dora = {} if gains is None else {"gains": gains}
         if not context.policy.uses_divergence:
-            return ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, held.scales, slots,
-                                         context.sample_weights(slots.shape[0], x.device, self.name), backend=backend)
+            scales, weights = _static_scales(context, held, slots, x.device, self.name, gains)
+            return ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, scales, slots, weights,
+                                         backend=backend, **dora)
         row_group, groups = context.row_groups(slots.shape[0], rows.shape[0] // slots.shape[0], x.device)
         guess = self._guess(groups, x.device, torch.int64) if backend == "triton" else None
         out, scores, choice = ops.pooled_fls_linear(
             rows, base.weight, base.bias, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
-            row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess,
+            row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess, **dora,
         )
         if guess is not None:
             guess.copy_(choice)
@@ -289,12 +308,13 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
 
     def _pooled_forward(self, x: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
         context, base, batch = self.context, self.base, x.shape[0]
+        gains = self.pool_gains(held)
         if not context.policy.uses_divergence:
-            return pooled_mix_conv2d(x, base, held.a, held.b, held.scales, slots,
-                                     context.sample_weights(batch, x.device, self.name))
+            scales, weights = _static_scales(context, held, slots, x.device, self.name, gains)
+            return pooled_mix_conv2d(x, base, held.a, held.b, scales, slots, weights, gains=gains)
         out, scores, choice = pooled_fls_conv2d(
             x, base, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
-            lambda pixels: context.row_groups(batch, pixels, x.device), context.policy.divergence,
+            lambda pixels: context.row_groups(batch, pixels, x.device), context.policy.divergence, gains=gains,
         )
         self.keep_decisions(choice, scores)
         return out
@@ -343,6 +363,14 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         )
         self.keep_decisions(choice, subject_score, style_score)
         return from_pixel_rows(out, batch, height, width).to(dtype)
+
+
+def _static_scales(context, held, slots: torch.Tensor, device, layer: str, gains) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot scales, per-row static weights) of a pool's static policy: the call's LoRA scale folded into the weights,
+    or with DoRA into the scales (inside DoRA's gain, as a pair's ``branch_delta`` applies it)."""
+    if gains is None:
+        return held.scales, context.sample_weights(slots.shape[0], device, layer)
+    return held.scales * context.lora_scale, context.sample_weights(slots.shape[0], device, layer, scaled=False)
 
 
 def _keys_into_base(state_dict, prefix, *args) -> None:
