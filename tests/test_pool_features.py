@@ -9,8 +9,10 @@ import torch
 from test_frozen_pair import CHANNELS, TinyNet, make_lora
 
 import fusion_engine as fe
+from fusion_engine.runtime.trace import ALL, BASE, BOTH, STYLE, SUBJECT
 
 IMAGES, COPIES = 2, 2
+PAIR_TO_POSITION = {SUBJECT: 0, STYLE: 1, BOTH: ALL, BASE: -1}
 MIXED = [("s0", "t0"), ("s1", "t1")]
 POLICIES = [("fls", {"divergence": "kl"}), ("fls", {"divergence": "cosine"}), ("direct", {}), ("klora", {}),
             ("blora", {}), ("switch", {"tau": 1}), ("composite", {})]
@@ -58,11 +60,10 @@ def test_each_pool_image_is_its_single_pair_for_every_policy(world, policy, opti
                 expected = net(x[rows])
             single_records = single.trace.gather()
         torch.testing.assert_close(got[rows], expected, rtol=1e-10, atol=1e-10)
-        if policy == "fls":
-            assert single_records
-            for record in single_records:  # the pair's view: 1 = subject (position 0), 0 = style (position 1)
-                pooled = records[single.layer_names[record.layer]]
-                assert int(pooled.choice[image]) == (0 if int(record.choice[0]) == 1 else 1)
+        assert single_records and len(records) == len(fusion.layer_names)  # static policies record too
+        for record in single_records:  # the pair's view: subject = position 0, style = 1, both = ALL, base = -1
+            pooled = records[single.layer_names[record.layer]]
+            assert int(pooled.choice[image]) == PAIR_TO_POSITION[int(record.choice[0])]
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -123,3 +124,33 @@ def test_input_gradients_through_a_pool_are_the_pairs(world):
             drive(single, "fls", 0, 1)
             net(single_inputs).square().sum().backward()
         torch.testing.assert_close(inputs.grad[rows], single_inputs.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_a_pool_with_text_encoder_parts_is_each_images_pair_with_them(tiny_pipe):
+    """The LoRAs' text-encoder parts go into the pool's part for the text encoder; ``pipe(prompts, loras=...)`` then
+    fuses each prompt's parts, as ``fe.attach(pipe, subject, style)`` with those files fuses the pair's."""
+    from test_text_encoder import lora_with_text_parts
+
+    loras = {"a": lora_with_text_parts(tiny_pipe, seed=3), "b": lora_with_text_parts(tiny_pipe, seed=9),
+             "c": lora_with_text_parts(tiny_pipe, seed=21, alphas=(4.0, 2.0))}
+    pool = fe.LoRAPool()
+    for name, lora in loras.items():
+        pool.add(name, lora)
+    assert set(pool.parts) == {"text_encoder"} and pool.parts["text_encoder"].names == ["a", "b", "c"]
+    prompts, assignment, seeds = ["a sbu dog", "a szn cat"], [("a", "b"), ("c", "a")], [5, 6]
+    options = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt")
+    with fe.attach(tiny_pipe, pool=pool) as attached:
+        assert set(attached.components) == {"text_encoder"}
+        got = tiny_pipe(prompts, loras=assignment, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                        **options).images
+    with fe.attach(tiny_pipe, pool=pool) as attached:
+        attached.components["text_encoder"].detach()  # the same call without the text-encoder parts differs
+        without = tiny_pipe(prompts, loras=assignment, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                            **options).images
+    for image, (prompt, names, seed) in enumerate(zip(prompts, assignment, seeds)):
+        with fe.attach(tiny_pipe, *[loras[n] for n in names]):
+            expected = tiny_pipe([prompt], generator=[torch.Generator().manual_seed(seed)], **options).images
+        torch.testing.assert_close(got[image:image + 1], expected, atol=2e-5, rtol=1e-4)
+        assert (without[image:image + 1] - expected).abs().max() > 1e-3
+    pool.remove("a")
+    assert pool.parts["text_encoder"].names == ["b", "c"]

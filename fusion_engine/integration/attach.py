@@ -128,6 +128,22 @@ def loras_per_image(loras, arguments: dict) -> list:
                            "give one per prompt or one per image")
 
 
+def _per_prompt(per_image: list, images_per_prompt: int) -> list:
+    """The text encoders' assignment: one entry per prompt (its images must name the same LoRAs: a prompt is encoded
+    once for all of them)."""
+    prompts = [per_image[i:i + images_per_prompt] for i in range(0, len(per_image), images_per_prompt)]
+    for index, entries in enumerate(prompts):
+        if any(_names(entry) != _names(entries[0]) for entry in entries):
+            raise BatchLayoutError(f"prompt {index}: its {images_per_prompt} images name different LoRAs "
+                                   f"({entries!r:.120}), but the LoRAs' text-encoder parts encode a prompt once for "
+                                   "all its images; give the LoRAs per prompt")
+    return [entries[0] for entries in prompts]
+
+
+def _names(entry) -> tuple:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 class PipelineAttachment:
     """Handle of a fusion attached to a pipeline: the denoiser's ``Fusion``, the last call's trace, ``detach``.
 
@@ -175,6 +191,8 @@ class PipelineAttachment:
 
     def set_loras(self, entries) -> None:
         self.fusion.set_loras(entries)
+        for fusion in self.components.values():  # text encoders: one row per prompt (one image per prompt here)
+            fusion.context.set_loras(entries)
 
     def set_assignment(self, entries) -> None:
         """Deprecated name of ``set_loras``."""
@@ -228,15 +246,19 @@ class PipelineAttachment:
             return self._call(original, pipe, args, kwargs)
         bound = inspect.signature(original).bind(pipe, *args, **kwargs)
         bound.apply_defaults()
-        context = self.fusion.context
+        per_image = loras_per_image(loras, bound.arguments)
+        contexts = [self.fusion.context, *(fusion.context for fusion in self.components.values())]
         with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
-            before = context.assignment
-            context.set_loras(loras_per_image(loras, bound.arguments))
+            before = [context.assignment for context in contexts]
             try:
+                self.fusion.context.set_loras(per_image)
+                for context in contexts[1:]:  # text encoders run once per prompt
+                    context.set_loras(_per_prompt(per_image, bound.arguments.get("num_images_per_prompt") or 1))
                 return self._call(original, pipe, args, kwargs)
             finally:
-                context.assignment = before
-                context._tables.clear()
+                for context, assignment in zip(contexts, before):
+                    context.assignment = assignment
+                    context._tables.clear()
 
     def _call(self, original, pipe, args, kwargs):
         signature = inspect.signature(original)
@@ -341,7 +363,19 @@ def attach_pipeline(pipe, subject=None, style=None, *, pool=None, trace: bool = 
     if pool is not None:
         name = check_attachable(pipe)
         fusion = attach_model(getattr(pipe, name), subject, style, pool=pool, trace=trace, **options)
-        return _installed(PipelineAttachment(pipe, name, fusion, {}, trace), [fusion])
+        components: dict[str, Fusion] = {}
+        try:  # the LoRAs' text-encoder parts, with a text encoder's defaults ("direct", per prompt), as a pair's
+            for component, part in sorted(getattr(pool, "parts", {}).items()):
+                if isinstance(getattr(pipe, component, None), nn.Module):
+                    components[component] = attach_model(getattr(pipe, component), pool=part, policy="direct",
+                                                         granularity="sample", backend=options.get("backend", "auto"),
+                                                         trace=False)
+                    components[component].context.partial = True
+        except BaseException:
+            for attached in (*components.values(), fusion):
+                attached.detach()
+            raise
+        return _installed(PipelineAttachment(pipe, name, fusion, components, trace), [*components.values(), fusion])
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
     fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **options)

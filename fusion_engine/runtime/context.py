@@ -32,7 +32,8 @@ def images_in_batch(prompts: list, num_images_per_prompt: int, negative_prompt=N
 
 
 def normalize_assignment(entries, pool) -> list[tuple[str, ...]]:
-    """Each image's LoRA names as a tuple (a string names one LoRA); errors name the image and the name."""
+    """Each image's LoRA names as a tuple (a string names one LoRA); errors name the image and the name (``pool``
+    None: names are not checked, as for a component's part pool, which holds only the LoRAs with parts there)."""
     if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
         raise OptionError(f"an assignment is a list with one entry per image (a name or a tuple of names), "
                           f"got {entries!r:.80}")
@@ -45,7 +46,7 @@ def normalize_assignment(entries, pool) -> list[tuple[str, ...]]:
         if len(set(names)) != len(names):
             raise OptionError(f"assignment entry {image} names a LoRA twice: {names}")
         for name in names:
-            if name not in pool:
+            if pool is not None and name not in pool:
                 raise UnknownLoRAError(f"image {image} names LoRA {name!r}, which is not in the pool (it holds "
                                        f"{preview(pool.names) or 'none'})")
         images.append(names)
@@ -85,6 +86,7 @@ class FusionContext:
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
         self.pool = pool
         self.assignment: list[tuple[str, ...]] | None = None
+        self.partial = False  # a component's part pool: a name it lacks is no LoRA there (slot -1), not an error
         self._tables: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -210,7 +212,7 @@ class FusionContext:
 
     # -- a pool's assignment ----------------------------------------------------------------------
     def set_loras(self, entries) -> None:
-        assignment = normalize_assignment(entries, self.pool)
+        assignment = normalize_assignment(entries, None if self.partial else self.pool)
         for names in assignment:
             self.policy.check_named(len(names))
         self.assignment = assignment
@@ -259,6 +261,8 @@ class FusionContext:
         return by_layer[layer]
 
     def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
+        if self.partial:
+            return [self.pool.slot(name) if name in self.pool else -1 for name in names]
         try:
             return [self.pool.slot(name) for name in names]
         except UnknownLoRAError as error:

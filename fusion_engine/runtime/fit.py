@@ -1,12 +1,14 @@
-"""Does a LoRA pair fit a model? Every target is checked before anything is swapped, and one error lists
-every problem, with per-LoRA counts so "made for another base model" is obvious at a glance."""
+"""Does a LoRA pair (or a pool) fit a model? Every target is checked before anything is swapped, and one error lists
+every problem, with per-LoRA counts so "made for another base model" is obvious at a glance. ``layer_factors`` gives
+a pair's entries at a layer as they fit it (cast to its weight, checked, DoRA's gain): what an attach resolves."""
 from __future__ import annotations
 
 import torch.nn as nn
 
 from ..errors import AlreadyAttachedError, ModelMismatchError, preview
+from ..lora.checks import check_cast_factor, check_layer_scale
 from ..lora.families import SD_UNET, describe_family, families_fit, model_family
-from .layers import DynamicLoRALayer
+from .layers import DynamicLoRALayer, absent_factors, dora_gain
 from .pool import resolved_device
 
 FUSABLE_TYPES = (nn.Linear, nn.Conv2d)  # exact types: subclasses may change forward in ways we cannot fuse
@@ -129,6 +131,31 @@ def refuse_other_family(model: nn.Module, loras: dict) -> None:
                 f"cannot attach: the {role} LoRA ({lora.source}) is made for {describe_family(family)} (from its "
                 f"keys), but this model is {describe_family(mine)} ({type(model).__name__}); load a LoRA made for "
                 f"{describe_family(mine)}")
+
+
+def layer_factors(lora, name: str, base: nn.Module):
+    """(lora_a, lora_b, scale, dora_gain) of ``lora`` at ``name`` cast to the base weight; None if absent there.
+
+    ``dora_gain`` is empty unless the layer is DoRA (see ``layers.dora_gain``).
+
+    A ``LoRAValueError`` names the layer and factor when the cast overflows (float32 7e4 -> float16 Inf)
+    or the effective scale is not finite in float32.
+    """
+    if lora is None or name not in lora.layers:
+        return None
+    weight = base.weight
+    no_gain = absent_factors(base)[3]
+    layer = lora.layers[name]
+    lora_a = layer.lora_a.to(device=weight.device, dtype=weight.dtype)
+    lora_b = layer.lora_b.to(device=weight.device, dtype=weight.dtype)
+    check_cast_factor(lora.source, name, "lora_a", layer.lora_a, lora_a)
+    check_cast_factor(lora.source, name, "lora_b", layer.lora_b, lora_b)
+    check_layer_scale(lora.source, name, lora.layer_scale(name))
+    if weight.ndim == 2 and lora_a.ndim == 4:  # kohya stores some Linear LoRAs as 1x1 convs
+        lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
+    scale = lora.layer_scale(name)
+    gain = no_gain if layer.magnitude is None else dora_gain(weight, layer.lora_a, layer.lora_b, scale, layer.magnitude)
+    return lora_a, lora_b, scale, gain
 
 
 def check_fit(model: nn.Module, names: list[str], loras: dict) -> None:

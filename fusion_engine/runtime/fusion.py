@@ -24,7 +24,7 @@ from ..policies import divergence_option, make_policy
 from ..utils.deprecation import warn_renamed
 from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .context import FusionContext
-from .fit import check_fit, check_pool_fit, find_module
+from .fit import check_fit, check_pool_fit, find_module, layer_factors
 from .layers import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
 from .owner import Owner
 from .trace import Trace, max_records
@@ -228,7 +228,7 @@ class Fusion:
         if not new or not self.attached:
             return
         originals = {name: self.model.get_submodule(name) for name in new}
-        layers = _layers(originals, None, None, self.context, start=len(self.layers))
+        layers = _layers(originals, {}, self.context, start=len(self.layers))
         _swap_in(self.model, layers, originals)
         self.layers.extend(layers)
         self._originals.update(originals)
@@ -271,15 +271,15 @@ class Fusion:
 class Spec:
     """One resolved attach: everything ``install`` needs, nothing it has to look up in ``lora/`` or ``policies/``."""
 
-    names: list[str]  # the target layers, in the model's module order
+    names: list[str]  # the target layers, in the model's module order, checked to fit
     policy: object  # the policy instance
     granularity: str
     backend: str
     max_records: int  # 0: no trace
-    subject: object = None  # a pair's bank: the LoRA parts aligned to the model (None: absent)
+    subject: object = None  # a pair's bank: the LoRA parts aligned to the model (None: absent) ...
     style: object = None
+    factors: dict = field(default_factory=dict)  # ... and per layer its two entries (a, b, scale, gain) or None
     pool: object = None  # a pool's bank
-    kinds: dict = field(default_factory=dict)  # name -> "linear" / "conv2d"
 
 
 def _check_backend(backend: str) -> None:
@@ -287,10 +287,19 @@ def _check_backend(backend: str) -> None:
         raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def _check_kernels(model: nn.Module, spec: Spec, ranks) -> None:
+    """What the backend declines fails at attach, not at its first launch mid-sampling (``ranks``: name -> ranks)."""
+    for name in spec.names:
+        weight = model.get_submodule(name).weight
+        kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
+        check_supported(spec.backend, kind, weight.dtype, ranks(name), device=weight.device, layer=name)
+
+
 def resolve_pair(model: nn.Module, subject, style, *, policy=None, divergence: str | None = None,
                  granularity: str | None = None, backend: str = "auto", trace: bool | int = True,
                  **policy_options) -> Spec:
-    """A pair attach resolved: inputs coerced once, the component's defaults, the parts aligned, the policy built."""
+    """A pair attach resolved: inputs coerced once, the component's defaults, the parts aligned to the model and
+    checked to fit, each layer's two entries cast to its base weight, the policy built."""
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     if subject is None and style is None:
         raise AttachError("attach needs a subject LoRA, a style LoRA, or both")
@@ -301,17 +310,31 @@ def resolve_pair(model: nn.Module, subject, style, *, policy=None, divergence: s
     subject, style = align_to_model(subject, model), align_to_model(style, model)
     policy = make_policy(policy, **policy_options, **divergence_option(policy, divergence))
     names = in_module_order(model, set(subject.layers if subject else ()) | set(style.layers if style else ()))
-    return Spec(names, policy, granularity, backend, max_records(trace), subject, style)
+    check_fit(model, names, {"subject": subject, "style": style})
+    _refuse_fused_projections(model)
+    factors = {}
+    for name in names:
+        base = model.get_submodule(name)
+        factors[name] = (layer_factors(subject, name, base), layer_factors(style, name, base))
+    spec = Spec(names, policy, granularity, backend, max_records(trace), subject, style, factors)
+    _check_kernels(model, spec, lambda name: tuple(0 if f is None else f[0].shape[0] for f in factors[name]))
+    return spec
 
 
 def resolve_pool(model: nn.Module, pool, *, policy=None, divergence: str | None = None, granularity: str | None = None,
                  backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> Spec:
-    """A pool attach resolved: the pool policy, the target names (the pool's layers and ``targets``)."""
+    """A pool attach resolved: the pool policy, the target names (the pool's layers and ``targets``) checked to fit."""
     _check_backend(backend)
     granularity = granularity or "image"
     policy = pool_policy(policy, divergence, granularity, policy_options)
     names = in_module_order(model, set(pool.layers) | set(targets))
-    return Spec(names, policy, granularity, backend, max_records(trace), pool=pool)
+    check_fit(model, names, {})
+    shapes = {name: pool.layers[name].shape if name in pool.layers else
+              tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
+    check_pool_fit(model, pool, shapes, "cannot attach the pool")
+    spec = Spec(names, policy, granularity, backend, max_records(trace), pool=pool)
+    _check_kernels(model, spec, lambda name: (pool.layers[name].rank if name in pool.layers else 0,))
+    return spec
 
 
 def pool_policy(policy, divergence: str | None, granularity: str, policy_options: dict):
@@ -319,36 +342,22 @@ def pool_policy(policy, divergence: str | None, granularity: str, policy_options
     return make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))
 
 
-def _layers(originals: dict[str, nn.Module], subject, style, context, start: int = 0) -> list[DynamicLoRALayer]:
-    return [_DYNAMIC_TYPES[type(module)](module, name, start + index, subject, style, context)
+def _layers(originals: dict[str, nn.Module], factors: dict, context, start: int = 0) -> list[DynamicLoRALayer]:
+    return [_DYNAMIC_TYPES[type(module)](module, name, start + index, *factors.get(name, (None, None)), context)
             for index, (name, module) in enumerate(originals.items())]
 
 
 def install(model: nn.Module, spec: Spec) -> Fusion:
-    """Build the context, the trace and the fused layers of ``spec`` and swap them into ``model`` (all or none);
-    the fit is checked first, under the attach lock, so of two threads attaching to one model one wins."""
+    """Build the trace, the context and the fused layers of ``spec`` and swap them into ``model``, all or none.
+    Under the attach lock: of two threads attaching to one model, one wins."""
     with _ATTACH_LOCK:
         if model in _ATTACHED:
             raise _already_attached(_ATTACHED[model])
-        if spec.pool is None:
-            check_fit(model, spec.names, {"subject": spec.subject, "style": spec.style})
-            _refuse_fused_projections(model)
-        else:
-            check_fit(model, spec.names, {})
-            shapes = {name: spec.pool.layers[name].shape if name in spec.pool.layers else
-                      tuple(getattr(find_module(model, name), "weight", None).shape) for name in spec.names}
-            check_pool_fit(model, spec.pool, shapes, "cannot attach the pool")
         trace = Trace(spec.names, spec.policy.describe(), spec.max_records, pair=spec.pool is None) \
             if spec.max_records else None
         context = FusionContext(spec.policy, spec.granularity, spec.backend, trace, spec.pool)
         originals = {name: model.get_submodule(name) for name in spec.names}
-        layers = _layers(originals, spec.subject, spec.style, context)
-        for layer in layers:  # what the backend declines fails here, not at its first launch mid-sampling
-            kind = "linear" if isinstance(layer, DynamicLoRALinear) else "conv2d"
-            held = spec.pool.layers.get(layer.name) if spec.pool is not None else None
-            ranks = (layer.subject_rank, layer.style_rank) if spec.pool is None else (held.rank if held else 0,)
-            check_supported(spec.backend, kind, layer.base.weight.dtype, ranks, device=layer.base.weight.device,
-                            layer=layer.name)
+        layers = _layers(originals, spec.factors, context)
         if spec.pool is None:
             spec.policy.setup(layers)
         _swap_in(model, layers, originals)

@@ -15,38 +15,18 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import LayerAttributeError
-from ..lora.checks import check_cast_factor, check_layer_scale
 from ..lora.weights import delta_weight
 from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
-from .trace import choice_code
+from .trace import ALL, choice_code
 
 
-def _factors(lora, name: str, base: nn.Module):
-    """(lora_a, lora_b, scale, dora_gain) of ``lora`` at ``name`` cast to the base weight; rank-0 factors if absent.
-
-    ``dora_gain`` is empty unless the layer is DoRA (see ``dora_gain``).
-
-    A ``LoRAValueError`` names the layer and factor when the cast overflows (float32 7e4 -> float16 Inf)
-    or the effective scale is not finite in float32.
-    """
+def absent_factors(base: nn.Module):
+    """(lora_a, lora_b, scale, dora_gain) of an absent adapter at ``base``: rank-0 factors, scale 0, no gain."""
     weight = base.weight
-    no_gain = weight.new_zeros(0, dtype=accumulation_dtype(weight.dtype))
-    if lora is None or name not in lora.layers:
-        lora_a = weight.new_zeros(0, *weight.shape[1:])
-        lora_b = weight.new_zeros(weight.shape[0], 0, *([1, 1] if weight.ndim == 4 else []))
-        return lora_a, lora_b, 0.0, no_gain
-    layer = lora.layers[name]
-    lora_a = layer.lora_a.to(device=weight.device, dtype=weight.dtype)
-    lora_b = layer.lora_b.to(device=weight.device, dtype=weight.dtype)
-    check_cast_factor(lora.source, name, "lora_a", layer.lora_a, lora_a)
-    check_cast_factor(lora.source, name, "lora_b", layer.lora_b, lora_b)
-    check_layer_scale(lora.source, name, lora.layer_scale(name))
-    if weight.ndim == 2 and lora_a.ndim == 4:  # kohya stores some Linear LoRAs as 1x1 convs
-        lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
-    scale = lora.layer_scale(name)
-    gain = no_gain if layer.magnitude is None else dora_gain(weight, layer.lora_a, layer.lora_b, scale, layer.magnitude)
-    return lora_a, lora_b, scale, gain
+    lora_a = weight.new_zeros(0, *weight.shape[1:])
+    lora_b = weight.new_zeros(weight.shape[0], 0, *([1, 1] if weight.ndim == 4 else []))
+    return lora_a, lora_b, 0.0, weight.new_zeros(0, dtype=accumulation_dtype(weight.dtype))
 
 
 def dora_gain(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -72,11 +52,13 @@ class DynamicLoRALayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module, name: str, index: int, subject, style, context):
+        """``subject``, ``style``: a pair's entries at this layer, ``(lora_a, lora_b, scale, dora_gain)`` as
+        ``fit.layer_factors`` resolves them (None: absent, rank 0); a pool layer has neither (its bank is the pool)."""
         super().__init__()
         self.base = base
         self.name, self.index = name, index
-        subject_a, subject_b, self.subject_scale, subject_gain = _factors(subject, name, base)
-        style_a, style_b, self.style_scale, style_gain = _factors(style, name, base)
+        subject_a, subject_b, self.subject_scale, subject_gain = subject or absent_factors(base)
+        style_a, style_b, self.style_scale, style_gain = style or absent_factors(base)
         # Non-persistent: an attached model's state_dict stays the base model's plus "base." paths.
         self.register_buffer("subject_a", subject_a, persistent=False)
         self.register_buffer("subject_b", subject_b, persistent=False)
@@ -207,6 +189,24 @@ class DynamicLoRALayer(nn.Module):
             self.__dict__["_pool_gains"] = cached = (pool.version, gains)
         return cached[1]
 
+    def _static(self, held, slots: torch.Tensor, device, gains) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot scales, per-row weights) of a pool's static policy, the call's LoRA scale folded into the weights (with
+        DoRA into the scales: inside DoRA's gain, as a pair's ``branch_delta`` applies it); records each image's
+        position kept (the one LoRA weighted and adapting the layer, ``ALL`` for several, ``-1`` for none)."""
+        context = self.context
+        if gains is None:
+            scales, weights = held.scales, context.sample_weights(slots.shape[0], device, self.name)
+        else:
+            scales = held.scales * context.lora_scale
+            weights = context.sample_weights(slots.shape[0], device, self.name, scaled=False)
+        if context.tracing:
+            valid = slots >= 0
+            live = (weights != 0) & valid & held.present[torch.where(valid, slots, -1)]
+            count, first = live.sum(-1), live.to(torch.int8).argmax(-1)
+            positions = torch.where(count == 1, first, torch.where(count > 1, ALL, -1))
+            self.keep_decisions(positions[: len(context.assignment)])
+        return scales, weights
+
     def pooled(self, x: torch.Tensor):
         """(the pool's stacks for this layer, each batch row's slots) when a pool assignment drives this forward,
         else None (a pair, or a layer no pool LoRA adapts any more: its base layer)."""
@@ -253,7 +253,7 @@ class DynamicLoRALinear(DynamicLoRALayer):
             backend = "reference"  # the pooled kernels are forward only and plain LoRA: else the reference (autograd)
         dora = {} if gains is None else {"gains": gains}
         if not context.policy.uses_divergence:
-            scales, weights = _static_scales(context, held, slots, x.device, self.name, gains)
+            scales, weights = self._static(held, slots, x.device, gains)
             return ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, scales, slots, weights,
                                          backend=backend, **dora)
         row_group, groups = context.row_groups(slots.shape[0], rows.shape[0] // slots.shape[0], x.device)
@@ -310,7 +310,7 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         context, base, batch = self.context, self.base, x.shape[0]
         gains = self.pool_gains(held)
         if not context.policy.uses_divergence:
-            scales, weights = _static_scales(context, held, slots, x.device, self.name, gains)
+            scales, weights = self._static(held, slots, x.device, gains)
             return pooled_mix_conv2d(x, base, held.a, held.b, scales, slots, weights, gains=gains)
         out, scores, choice = pooled_fls_conv2d(
             x, base, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
@@ -363,14 +363,6 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         )
         self.keep_decisions(choice, subject_score, style_score)
         return from_pixel_rows(out, batch, height, width).to(dtype)
-
-
-def _static_scales(context, held, slots: torch.Tensor, device, layer: str, gains) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot scales, per-row static weights) of a pool's static policy: the call's LoRA scale folded into the weights,
-    or with DoRA into the scales (inside DoRA's gain, as a pair's ``branch_delta`` applies it)."""
-    if gains is None:
-        return held.scales, context.sample_weights(slots.shape[0], device, layer)
-    return held.scales * context.lora_scale, context.sample_weights(slots.shape[0], device, layer, scaled=False)
 
 
 def _keys_into_base(state_dict, prefix, *args) -> None:

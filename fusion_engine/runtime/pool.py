@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -159,6 +158,7 @@ class LoRAPool:
         self._slots: dict[str, int] = {}  # name -> slot
         self._ranks: dict[str, dict[str, tuple[int, float]]] = {}  # name -> layer -> (the LoRA's rank, its scale)
         self._magnitudes: dict[str, dict[int, torch.Tensor]] = {}  # DoRA: layer -> slot -> magnitude (N,)
+        self.parts: dict[str, LoRAPool] = {}  # component (text encoders) -> the pool of the LoRAs' parts there
         self._lock = threading.RLock()
         self._watchers: list[weakref.ref] = []
         self.version = 0  # bumped by every add/remove: assignments resolve names to slots again
@@ -305,7 +305,9 @@ class LoRAPool:
 
         Allowed while a fusion is attached, between calls (during another thread's call: ``ConcurrentUseError``):
         the fusion takes the new LoRA's layers at once.
-        DoRA layers keep their magnitudes beside the stacks (``magnitudes``).
+        DoRA layers keep their magnitudes beside the stacks (``magnitudes``). A LoRA's parts for other components (its
+        text encoders') go, under the same name, into that component's pool (``parts``), which a pipeline attach
+        fuses into the component.
         Raises ``OptionError`` (a name in use), ``LoRAShapeError`` (a layer shaped unlike the pool's
         LoRAs there, e.g. a conv LoRA of another kernel size; a conv B that is not 1x1), ``ModelMismatchError`` (a
         layer the attached model lacks or that does not fit it), ``PoolBudgetError``.
@@ -315,41 +317,51 @@ class LoRAPool:
             raise OptionError(f"LoRAPool.add: the name must be a non-empty string, got {name!r}")
         if not isinstance(lora, LoRA):
             lora = load_lora(lora)
-        if lora.other_components:
-            warnings.warn(f"LoRAPool.add({name!r}): the pool fuses the denoiser only; the LoRA's parts for "
-                          f"{sorted(lora.other_components)} are left out", UserWarning, stacklevel=2)
         with self._lock:
-            if name in self._slots:
-                raise OptionError(f"LoRAPool.add: a LoRA named {name!r} is in the pool already; remove it first")
-            prepared = self._prepare(name, lora)
-            slot = self._free_slot(name)
-            plan = self._plan(slot, prepared)
-            after = sum(_layer_bytes(rows, rank, shape, self.dtype) for _, shape, rows, rank in plan.values())
-            if self.budget_bytes is not None and after > self.budget_bytes:
-                raise PoolBudgetError(
-                    f"LoRAPool.add({name!r}): the pool would hold {after} bytes, over its budget of "
-                    f"{self.budget_bytes} (it holds {self.nbytes} bytes in {len(self)} LoRAs now; the LoRA has "
-                    f"{len(prepared)} layers); remove a LoRA first or raise budget_bytes")
-            shapes = {layer_name: _weight_shape(a, b) for layer_name, (a, b, _) in prepared.items()}
-            for watcher in self._live_watchers():
-                watcher.owner.check_free(f"LoRAPool.add({name!r})")  # not while another thread runs the model
-                watcher.check_pool_layers(name, shapes)
-            self._commit(slot, plan, prepared)
-            for layer_name, layer in lora.layers.items():
-                if layer.magnitude is not None:
-                    magnitude = layer.magnitude.detach().reshape(-1)
-                    self._magnitudes.setdefault(layer_name, {})[slot] = magnitude.to(
-                        device=self.device, dtype=accumulation_dtype(self.dtype))
-            self._slots[name] = slot
-            self._ranks[name] = {layer_name: (a.shape[0], scale) for layer_name, (a, _, scale) in prepared.items()}
-            self.version += 1
-            try:
-                for watcher in self._live_watchers():
-                    watcher.cover_pool_layers(list(prepared))
+            self._add(name, lora)
+            try:  # the LoRA's text-encoder parts, each in its component's pool (same name; same capacity)
+                for component in sorted(set(lora.components) - {lora.component}):
+                    part = self.parts.get(component) or LoRAPool(self.device, self.dtype, max_loras=self.max_loras,
+                                                                 max_rank=self.max_rank)
+                    part.add(name, lora.for_component(component))
+                    self.parts[component] = part
             except BaseException:
-                self.remove(name)
+                self.remove(name)  # and its parts added so far
                 raise
         return self
+
+    def _add(self, name: str, lora: LoRA) -> None:
+        """``add`` for this pool's own component (the denoiser, or a part pool's component)."""
+        if name in self._slots:
+            raise OptionError(f"LoRAPool.add: a LoRA named {name!r} is in the pool already; remove it first")
+        prepared = self._prepare(name, lora)
+        slot = self._free_slot(name)
+        plan = self._plan(slot, prepared)
+        after = sum(_layer_bytes(rows, rank, shape, self.dtype) for _, shape, rows, rank in plan.values())
+        if self.budget_bytes is not None and after > self.budget_bytes:
+            raise PoolBudgetError(
+                f"LoRAPool.add({name!r}): the pool would hold {after} bytes, over its budget of "
+                f"{self.budget_bytes} (it holds {self.nbytes} bytes in {len(self)} LoRAs now; the LoRA has "
+                f"{len(prepared)} layers); remove a LoRA first or raise budget_bytes")
+        shapes = {layer_name: _weight_shape(a, b) for layer_name, (a, b, _) in prepared.items()}
+        for watcher in self._live_watchers():
+            watcher.owner.check_free(f"LoRAPool.add({name!r})")  # not while another thread runs the model
+            watcher.check_pool_layers(name, shapes)
+        self._commit(slot, plan, prepared)
+        for layer_name, layer in lora.layers.items():
+            if layer.magnitude is not None:
+                magnitude = layer.magnitude.detach().reshape(-1)
+                self._magnitudes.setdefault(layer_name, {})[slot] = magnitude.to(
+                    device=self.device, dtype=accumulation_dtype(self.dtype))
+        self._slots[name] = slot
+        self._ranks[name] = {layer_name: (a.shape[0], scale) for layer_name, (a, _, scale) in prepared.items()}
+        self.version += 1
+        try:
+            for watcher in self._live_watchers():
+                watcher.cover_pool_layers(list(prepared))
+        except BaseException:
+            self.remove(name)
+            raise
 
     def _commit(self, slot: int, plan, prepared) -> None:
         """Write ``prepared`` into ``slot``; re-allocate only stacks the ``plan`` finds too small (never when fixed)."""
@@ -393,6 +405,9 @@ class LoRAPool:
         (see the module docstring). Returns the pool."""
         with self._lock:
             slot = self.slot(name)
+            for part in self.parts.values():
+                if name in part:
+                    part.remove(name)
             for watcher in self._live_watchers():
                 watcher.owner.check_free(f"LoRAPool.remove({name!r})")
             del self._slots[name]
