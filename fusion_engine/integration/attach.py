@@ -144,6 +144,9 @@ def _names(entry) -> tuple:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+_FORWARDED = ("context", "policy", "layers", "layer_names", "trace", "attached", "pool", "loras")
+
+
 class PipelineAttachment:
     """Handle of a fusion attached to a pipeline: the denoiser's ``Fusion``, the last call's trace, ``detach``.
 
@@ -158,36 +161,13 @@ class PipelineAttachment:
         self._hook = None
         self._base_class = type(pipe)
 
-    # -- the denoiser's Fusion, for convenience ---------------------------------------------------------------
-    @property
-    def context(self):
-        return self.fusion.context
-
-    @property
-    def policy(self):
-        return self.fusion.policy
-
-    @property
-    def layers(self):
-        return self.fusion.layers
-
-    @property
-    def layer_names(self) -> list[str]:
-        return self.fusion.layer_names
-
-    @property
-    def trace(self) -> Trace | None:
-        """The last pipeline call's trace (a fresh one per call; None when attached with ``trace=False``)."""
-        return self.fusion.trace
-
-    @property
-    def attached(self) -> bool:
-        return self.fusion.attached
-
-    # -- a pool's assignment ----------------------------------------------------------------------------------
-    @property
-    def pool(self):
-        return self.fusion.pool
+    def __getattr__(self, name: str):
+        """The denoiser's ``Fusion``'s, for convenience: ``context``, ``policy``, ``layers``, ``layer_names``,
+        ``attached``, ``pool``, ``loras``, and ``trace`` (the last pipeline call's: a fresh one per call; None when
+        attached with ``trace=False``)."""
+        if name in _FORWARDED and "fusion" in self.__dict__:
+            return getattr(self.fusion, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def set_loras(self, entries) -> None:
         self.fusion.set_loras(entries)
@@ -354,59 +334,34 @@ def check_attachable(pipe) -> str:
 
 
 def attach_pipeline(pipe, subject=None, style=None, *, pool=None, trace: bool = True, **options) -> PipelineAttachment:
-    """Fuse ``pipe``'s denoiser (and every other component the LoRAs have layers for) and follow its calls; with
-    ``pool=``, attach the pool to the denoiser (each call names LoRAs per image)."""
+    """Fuse ``pipe``'s denoiser and every other component the bank has layers for (text encoders: a pair's parts, a
+    pool's ``parts``, each with a text encoder's defaults), and follow its calls."""
     if pipe in _PIPELINES:
         raise AlreadyAttachedError(
             f"this pipeline already has a fusion attached ({_PIPELINES[pipe]!r}); detach it first"
         )
-    if pool is not None:
-        name = check_attachable(pipe)
-        fusion = attach_model(getattr(pipe, name), subject, style, pool=pool, trace=trace, **options)
-        components: dict[str, Fusion] = {}
-        try:  # the LoRAs' text-encoder parts, with a text encoder's defaults ("direct", per prompt), as a pair's
-            for component, part in sorted(getattr(pool, "parts", {}).items()):
-                if isinstance(getattr(pipe, component, None), nn.Module):
-                    components[component] = attach_model(getattr(pipe, component), pool=part, policy="direct",
-                                                         granularity="sample", backend=options.get("backend", "auto"),
-                                                         trace=False)
-                    components[component].context.partial = True
-        except BaseException:
-            for attached in (*components.values(), fusion):
-                attached.detach()
-            raise
-        return _installed(PipelineAttachment(pipe, name, fusion, components, trace), [*components.values(), fusion])
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
-    fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **options)
+    bank = {} if pool is None else {"pool": pool}
+    fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **bank, **options)
     components: dict[str, Fusion] = {}
     try:
-        for component, (component_subject, component_style) in _component_loras(pipe, subject, style, name):
+        for component, loras, part in _component_banks(pipe, subject, style, pool, name):
             # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
-            components[component] = attach_model(getattr(pipe, component), component_subject, component_style,
-                                                 backend=options.get("backend", "auto"), trace=False)
+            defaults = {} if part is None else {"pool": part, "policy": "direct", "granularity": "sample"}
+            components[component] = attach_model(getattr(pipe, component), *loras, backend=options.get("backend",
+                                                 "auto"), trace=False, **defaults)
+        handle = PipelineAttachment(pipe, name, fusion, components, trace)
+        handle.install()
     except BaseException:
         for attached in (*components.values(), fusion):
             attached.detach()
-        raise
-    return _installed(PipelineAttachment(pipe, name, fusion, components, trace), [*components.values(), fusion])
-
-
-def _installed(handle: PipelineAttachment, fusions) -> PipelineAttachment:
-    """``handle`` installed on its pipeline, or every fusion detached again when that raises."""
-    try:
-        handle.install()
-    except BaseException:
-        for fusion in fusions:
-            fusion.detach()
         raise
     return handle
 
 
 def attach_target(target, subject=None, style=None, *, pool=None, **options):
     """``fe.attach``: to a diffusers pipeline object (a ``PipelineAttachment``) or to a model (a ``Fusion``)."""
-    if pool is not None and (subject is not None or style is not None):
-        raise AttachError("attach takes a subject/style pair or a pool=, not both")
     if is_pipeline(target):
         return attach_pipeline(target, subject, style, pool=pool, **options)
     return attach_model(target, subject, style, pool=pool, **options)
@@ -424,9 +379,14 @@ def _part(lora, component: str):
     return lora.for_component(component)
 
 
-def _component_loras(pipe, subject, style, denoiser: str):
-    """(component, (subject part, style part)) for each non-denoiser component the LoRAs have layers for
-    (text encoders), when the LoRA objects carry ``components``."""
+def _component_banks(pipe, subject, style, pool, denoiser: str):
+    """(component, (subject part, style part), None) for each non-denoiser component the LoRAs have layers for (text
+    encoders), when the LoRA objects carry ``components``; with a pool, (component, (), its part pool) for each part
+    the pipeline has."""
+    if pool is not None:
+        yield from ((component, (), part) for component, part in sorted(pool.parts.items())
+                    if isinstance(getattr(pipe, component, None), nn.Module))
+        return
     names = set()
     for lora in (subject, style):
         names |= set(getattr(lora, "components", None) or ())
@@ -435,7 +395,7 @@ def _component_loras(pipe, subject, style, denoiser: str):
             raise AttachError(f"the LoRAs have layers for {component!r}, which {type(pipe).__name__} does not have")
         parts = tuple(lora.for_component(component) if lora is not None else None for lora in (subject, style))
         if any(part is not None for part in parts):
-            yield component, parts
+            yield component, parts, None
 
 
 def attached_pipeline(pipe) -> PipelineAttachment | None:

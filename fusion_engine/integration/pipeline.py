@@ -9,8 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import AttachError, OptionError
+from ..policies import divergence_option, make_policy
 from ..runtime.context import images_in_batch, normalize_assignment
-from ..runtime.fusion import as_lora, attach_model, pool_policy
+from ..runtime.fusion import as_lora, attach_model
 from ..runtime.trace import Trace
 from ..samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
 from ..utils.deprecation import renamed_option, warn_renamed
@@ -94,7 +95,7 @@ class FusionPipeline:
         self.pool = pool
         self.subject, self.style = as_lora(subject, "subject"), as_lora(style, "style")
         if pool is not None:
-            self._check_pool(policy, divergence, granularity, policy_options)
+            self._check_pool(policy, divergence, policy_options)
         elif self.subject is None and self.style is None:
             raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both (or a pool=)")
         if policy == "composite" and (self.subject is None or self.style is None):
@@ -107,7 +108,7 @@ class FusionPipeline:
         if self.uses_lean_loop:
             self._check_lean_pipeline()
 
-    def _check_pool(self, policy, divergence: str | None, granularity: str, policy_options: dict) -> None:
+    def _check_pool(self, policy, divergence: str | None, policy_options: dict) -> None:
         """Refuse, before any call, what a pool FusionPipeline cannot run (the attach's own checks come per call)."""
         if self.subject is not None or self.style is not None:
             raise AttachError("FusionPipeline takes a subject/style pair or a pool=, not both")
@@ -116,7 +117,7 @@ class FusionPipeline:
         if self.refine is not None:
             raise OptionError("refine= (LLR) makes its references from one subject and one style LoRA: it runs on a "
                               "single pair (FusionPipeline(pipe, subject, style, refine=...)), not with a pool")
-        pool_policy(policy, divergence, granularity, dict(policy_options))  # what the attach would refuse, now
+        make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))  # refused now
 
     def _check_denoiser(self) -> None:
         """Refuse a transformer pipeline of a family this library does not drive (layout, step, CFG unknown)."""

@@ -145,20 +145,39 @@ def select_n(y0: torch.Tensor, deltas: list[torch.Tensor], candidates: list[torc
     return y0 + chosen, scores, choice
 
 
+def _deltas(y0, base_out, sample_slots, scales, present, gains, delta_of, as_rows=lambda t: t):
+    """Each position's delta (``delta_of(slot index, coef)``, DoRA applied, then ``as_rows``) and candidates."""
+    deltas, candidates = [], []
+    for position in range(sample_slots.shape[1]):
+        index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
+        deltas.append(as_rows(dora_delta(delta_of(index, coef), base_out, gains, index)))
+        candidates.append(candidate)
+    return deltas, candidates
+
+
+def _mix(y, base_out, sample_slots, scales, sample_weights, gains, delta_of):
+    """``y`` plus every position's delta (``delta_of(slot index, coef)``) weighted per sample (see the mix ops)."""
+    weights = sample_weights.to(y.dtype)
+    for position in range(sample_slots.shape[1]):
+        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
+        if gains is None:
+            y = y + delta_of(index, coef * weights[:, position])
+            continue
+        delta, weight = dora_delta(delta_of(index, coef), base_out, gains, index), weights[:, position]
+        y = y + delta * (weight.reshape(-1, 1, 1, 1) if delta.ndim == 4 else
+                         weight.repeat_interleave(delta.shape[0] // weight.shape[0])[:, None])
+    return y
+
+
 def pooled_fls_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
                       b_stack: torch.Tensor, scales: torch.Tensor, present: torch.Tensor, sample_slots: torch.Tensor,
                       row_group: torch.Tensor, num_groups: int, divergence: str = "kl", gains=None):
     """N-way FLS linear over pool slots. Returns ``(out, scores, choice)``: ``out`` ``(M, N)`` in ``x.dtype``,
     ``scores`` ``(G, L)`` float32 (float64 for float64 inputs), ``choice`` ``(G,)`` int64 (``-1``: base)."""
-    batch = sample_slots.shape[0]
     y0 = base_linear(x, weight, bias)
-    base_out = _unbiased(y0, bias, gains)
-    x3 = x.reshape(batch, -1, x.shape[-1])
-    deltas, candidates = [], []
-    for position in range(sample_slots.shape[1]):
-        index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
-        deltas.append(dora_delta(gathered_delta(x3, a_stack, b_stack, index, coef), base_out, gains, index))
-        candidates.append(candidate)
+    x3 = x.reshape(sample_slots.shape[0], -1, x.shape[-1])
+    deltas, candidates = _deltas(y0, _unbiased(y0, bias, gains), sample_slots, scales, present, gains,
+                                 lambda index, coef: gathered_delta(x3, a_stack, b_stack, index, coef))
     out, scores, choice = select_n(y0, deltas, candidates, row_group, num_groups, divergence)
     return out.to(x.dtype), scores, choice
 
@@ -172,19 +191,10 @@ def pooled_mix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     LoRA scale of the call folded in), so a step-dependent policy changes it without recompiling. With ``gains``
     (DoRA) the call's LoRA scale goes in ``scales`` instead (it scales the delta inside DoRA's gain, not the gain).
     """
-    batch = sample_slots.shape[0]
     y = base_linear(x, weight, bias)
-    base_out = _unbiased(y, bias, gains)
-    x3 = x.reshape(batch, -1, x.shape[-1])
-    weights = sample_weights.to(y.dtype)
-    for position in range(sample_slots.shape[1]):
-        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
-        if gains is None:
-            y = y + gathered_delta(x3, a_stack, b_stack, index, coef * weights[:, position])
-        else:
-            delta = dora_delta(gathered_delta(x3, a_stack, b_stack, index, coef), base_out, gains, index)
-            y = y + delta * weights[:, position].repeat_interleave(delta.shape[0] // batch)[:, None]
-    return y.to(x.dtype)
+    x3 = x.reshape(sample_slots.shape[0], -1, x.shape[-1])
+    return _mix(y, _unbiased(y, bias, gains), sample_slots, scales, sample_weights, gains,
+                lambda index, coef: gathered_delta(x3, a_stack, b_stack, index, coef)).to(x.dtype)
 
 
 def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, groups: int, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -256,15 +266,11 @@ def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
         ...                                         groups_of)  # doctest: +SKIP
     """
     y0, a_stack = _conv_setup(x, conv, a_stack)
-    base_out = _unbiased(y0, conv.bias, gains)
     batch, _, height, width = y0.shape
     row_group, num_groups = row_groups(height * width)
-    deltas, candidates = [], []
-    for position in range(sample_slots.shape[1]):
-        index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
-        delta = gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)
-        deltas.append(pixel_rows(dora_delta(delta, base_out, gains, index)))
-        candidates.append(candidate)
+    deltas, candidates = _deltas(y0, _unbiased(y0, conv.bias, gains), sample_slots, scales, present, gains,
+                                 lambda index, coef: gathered_conv_delta(x, conv, a_stack, b_stack, index, coef),
+                                 pixel_rows)
     out, scores, choice = select_n(pixel_rows(y0), deltas, candidates, row_group, num_groups, divergence)
     return from_pixel_rows(out, batch, height, width).to(x.dtype), scores, choice
 
@@ -278,16 +284,8 @@ def pooled_mix_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
         >>> out = pooled_mix_conv2d(x, conv, held.a, held.b, held.scales, slots, weights)  # doctest: +SKIP
     """
     y, a_stack = _conv_setup(x, conv, a_stack)
-    base_out = _unbiased(y, conv.bias, gains)
-    weights = sample_weights.to(y.dtype)
-    for position in range(sample_slots.shape[1]):
-        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
-        if gains is None:
-            y = y + gathered_conv_delta(x, conv, a_stack, b_stack, index, coef * weights[:, position])
-        else:
-            delta = dora_delta(gathered_conv_delta(x, conv, a_stack, b_stack, index, coef), base_out, gains, index)
-            y = y + delta * weights[:, position].reshape(-1, 1, 1, 1)
-    return y.to(x.dtype)
+    return _mix(y, _unbiased(y, conv.bias, gains), sample_slots, scales, sample_weights, gains,
+                lambda index, coef: gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)).to(x.dtype)
 
 
 __all__ = ["decide_n", "dora_delta", "gathered_conv_delta", "gathered_delta", "grouped_conv2d", "pooled_fls_conv2d",

@@ -86,7 +86,7 @@ class FusionContext:
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
         self.pool = pool
         self.assignment: list[tuple[str, ...]] | None = None
-        self.partial = False  # a component's part pool: a name it lacks is no LoRA there (slot -1), not an error
+        self.partial = bool(getattr(pool, "is_part", False))  # a part pool: a name it lacks is no LoRA there, slot -1
         self._tables: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -244,36 +244,31 @@ class FusionContext:
 
         Args:
             layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``, ``blora``) gets one
-                table per layer, built once per step and kept together as one entry.
+                table per layer.
         """
-        scale = self.lora_scale if scaled else 1.0
-        if not self.policy.per_layer:
-            def per_image(image, names):
-                return [w * scale for w in self.policy.image_weights(len(names), self)]
+        scale, per_layer = (self.lora_scale if scaled else 1.0), self.policy.per_layer
 
-            return self._table(f"weights {scaled}", batch, device, torch.float32, per_image, 0.0)
-        by_layer = self._table(f"layer weights {scaled}", batch, device, None, None, None)
-        if layer not in by_layer:
-            def per_layer_image(image, names):
-                return [w * scale for w in self.policy.layer_weights(layer, names, self)]
+        def per_image(image, names):
+            policy = self.policy
+            weights = policy.layer_weights(layer, names, self) if per_layer else policy.image_weights(len(names), self)
+            return [w * scale for w in weights]
 
-            by_layer[layer] = self._build(batch, device, torch.float32, per_layer_image, 0.0)
-        return by_layer[layer]
+        return self._table(("weights", scaled, layer if per_layer else None), batch, device, torch.float32, per_image,
+                           0.0)
 
     def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
-        if self.partial:
-            return [self.pool.slot(name) if name in self.pool else -1 for name in names]
         try:
-            return [self.pool.slot(name) for name in names]
+            return [-1 if self.partial and name not in self.pool else self.pool.slot(name) for name in names]
         except UnknownLoRAError as error:
             raise UnknownLoRAError(f"image {image}: {error} (removed since the assignment was set?)") from None
 
-    def _table(self, kind: str, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
-        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image
-        (``per_image`` None: an empty dict to fill, e.g. one table per layer)."""
+    def _table(self, kind, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
+        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image."""
         key = self._key(kind, batch, device)
         if key not in self._tables:
-            self._store(key, {} if per_image is None else self._build(batch, device, dtype, per_image, pad))
+            if len(self._tables) >= 4096:  # a long-lived attach meets many steps, shapes and layers: keep the newest
+                self._tables.clear()
+            self._tables[key] = self._build(batch, device, dtype, per_image, pad)
         return self._tables[key]
 
     def _build(self, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
@@ -282,8 +277,3 @@ class FusionContext:
         table = [per_image(image, names) for image, names in enumerate(self.assignment)]
         table = [values + [pad] * (width - len(values)) for values in table]
         return torch.tensor([table[image] for image in rows], dtype=dtype).to(device)
-
-    def _store(self, key: tuple, table) -> None:
-        if len(self._tables) >= 64:  # a long-lived attach meets many steps and shapes: keep the newest few
-            self._tables.clear()
-        self._tables[key] = table

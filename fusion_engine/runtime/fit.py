@@ -205,28 +205,19 @@ def _pool_shape_problem(name: str, module: nn.Module, shape: tuple[int, ...]) ->
             f"{weight}{kind}")
 
 
-def _pool_fit_problems(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Why pool layers ``shapes`` (name -> base weight shape) cannot go on ``model``: missing, not Linear or Conv2d,
-    other shapes (a conv LoRA of another kernel size), another device or dtype than the pool's."""
+def check_pool_fit(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """A ``ModelMismatchError`` (``what`` says which step) listing why pool layers ``shapes`` (name -> base weight
+    shape) cannot go on ``model``: missing, not Linear or Conv2d, other shapes (a conv LoRA of another kernel size),
+    another device or dtype than the pool's."""
     problems = []
     for name, shape in shapes.items():
         module = find_module(model, name)
-        if module is None:
-            problems.append(f"{name}: no such module in the model")
-        elif type(module) not in (nn.Linear, nn.Conv2d):
-            problems.append(f"{name}: is a {type(module).__name__}; the pool fuses nn.Linear and nn.Conv2d layers "
-                            "only")
-        elif problem := _pool_shape_problem(name, module, shape):
-            problems.append(problem)
-        elif resolved_device(module.weight.device) != pool.device or module.weight.dtype != pool.dtype:
-            problems.append(f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
-                            f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
-    return problems
-
-
-def check_pool_fit(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """A ``ModelMismatchError`` listing why pool layers ``shapes`` do not fit ``model`` (``what`` says which step)."""
-    problems = _pool_fit_problems(model, pool, shapes)
+        problem = _module_problem(name, module) or _pool_shape_problem(name, module, shape)
+        if problem is None and (resolved_device(module.weight.device) != pool.device
+                                or module.weight.dtype != pool.dtype):
+            problem = (f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
+                       f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
+        problems += [problem] if problem else []
     if problems:
         raise ModelMismatchError(f"{what}: {len(problems)} layer(s) do not fit this model:\n  "
                                  + "\n  ".join(problems[:10]) + (f"\n  ... (+{len(problems) - 10} more)"

@@ -326,7 +326,7 @@ def resolve_pool(model: nn.Module, pool, *, policy=None, divergence: str | None 
     """A pool attach resolved: the pool policy, the target names (the pool's layers and ``targets``) checked to fit."""
     _check_backend(backend)
     granularity = granularity or "image"
-    policy = pool_policy(policy, divergence, granularity, policy_options)
+    policy = make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))
     names = in_module_order(model, set(pool.layers) | set(targets))
     check_fit(model, names, {})
     shapes = {name: pool.layers[name].shape if name in pool.layers else
@@ -335,11 +335,6 @@ def resolve_pool(model: nn.Module, pool, *, policy=None, divergence: str | None 
     spec = Spec(names, policy, granularity, backend, max_records(trace), pool=pool)
     _check_kernels(model, spec, lambda name: (pool.layers[name].rank if name in pool.layers else 0,))
     return spec
-
-
-def pool_policy(policy, divergence: str | None, granularity: str, policy_options: dict):
-    """The pool policy for these attach options, or the ``OptionError`` an attach would raise."""
-    return make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))
 
 
 def _layers(originals: dict[str, nn.Module], factors: dict, context, start: int = 0) -> list[DynamicLoRALayer]:
@@ -404,13 +399,10 @@ def attach_model(
         trace: record decisions: ``True`` keeps the last ``DEFAULT_MAX_RECORDS`` records (a model that stays
             attached never grows without bound), an int keeps that many, ``False`` records nothing.
 
-    Text encoders take the text-encoder parts of LoRA files (``lora.for_component("text_encoder")``).
-    There the defaults are ``policy="direct"`` (both deltas added, as diffusers' ``set_adapters``
-    does: the paper selects in the denoiser only, and each LoRA's trigger words need its own text
-    delta) and ``granularity="sample"`` (FLS decides once per prompt, over its tokens); ``fls`` and
-    ``direct`` are the policies a text encoder can run (it has no denoising step). Elsewhere the
-    defaults are ``"fls"`` and ``"image"``. A LoRA whose file also has parts for other components
-    warns that this attach leaves them out.
+    Text encoders take the text-encoder parts of LoRA files (``lora.for_component("text_encoder")``), with the
+    defaults ``policy="direct"`` (both deltas added, as diffusers' ``set_adapters``: each LoRA's trigger words need
+    its own text delta) and ``granularity="sample"``; ``fls`` and ``direct`` run there (no denoising step). A LoRA
+    whose file also has parts for other components warns that this attach leaves them out.
 
     Example:
         >>> with fe.attach(unet, subject.for_component("unet"), style.for_component("unet")) as fusion:
@@ -486,5 +478,4 @@ def detach_all(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "detach_all", "install", "pool_policy", "resolve_pair",
-           "resolve_pool"]
+__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "detach_all", "install", "resolve_pair", "resolve_pool"]

@@ -159,6 +159,7 @@ class LoRAPool:
         self._ranks: dict[str, dict[str, tuple[int, float]]] = {}  # name -> layer -> (the LoRA's rank, its scale)
         self._magnitudes: dict[str, dict[int, torch.Tensor]] = {}  # DoRA: layer -> slot -> magnitude (N,)
         self.parts: dict[str, LoRAPool] = {}  # component (text encoders) -> the pool of the LoRAs' parts there
+        self.is_part = False  # one of another pool's ``parts``: it holds only the LoRAs with layers there
         self._lock = threading.RLock()
         self._watchers: list[weakref.ref] = []
         self.version = 0  # bumped by every add/remove: assignments resolve names to slots again
@@ -323,6 +324,7 @@ class LoRAPool:
                 for component in sorted(set(lora.components) - {lora.component}):
                     part = self.parts.get(component) or LoRAPool(self.device, self.dtype, max_loras=self.max_loras,
                                                                  max_rank=self.max_rank)
+                    part.is_part = True
                     part.add(name, lora.for_component(component))
                     self.parts[component] = part
             except BaseException:

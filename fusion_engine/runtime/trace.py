@@ -47,12 +47,6 @@ def choice_code(subject_weight: float, style_weight: float) -> int:
     return SUBJECT if subject_weight else STYLE if style_weight else BASE
 
 
-def mix_position(weights) -> int:
-    """The position code of a static mix: the one LoRA weighted, ``ALL`` for several, ``-1`` for none."""
-    live = [position for position, weight in enumerate(weights) if weight]
-    return live[0] if len(live) == 1 else ALL if live else -1
-
-
 @dataclass
 class TraceRecord:
     """One (step, layer) record. ``choice``: ``(groups,)`` positions (int64), or for a pair's view the int8
