@@ -107,8 +107,6 @@ def test_pool_fusion_pipeline_construction_refusals(tiny_pipe):
         fe.FusionPipeline(tiny_pipe, loras["s0"], pool=pool)
     with pytest.raises(fe.OptionError, match="unknown policy 'nope'"):
         fe.FusionPipeline(tiny_pipe, pool=pool, policy="nope")
-    with pytest.raises(fe.OptionError, match="refine= .* not with a pool"):
-        fe.FusionPipeline(tiny_pipe, pool=pool, refine=object())
     with pytest.raises(fe.AttachError, match="pool must be a fe.LoRAPool"):
         fe.FusionPipeline(tiny_pipe, pool={"s0": loras["s0"]})
 

@@ -66,7 +66,8 @@ class FusionPipeline:
     With ``pool=`` (a ``fe.LoRAPool``, instead of ``subject``/``style``) every call takes ``loras=[...]`` beside its
     prompts, one entry per prompt or per image (a LoRA name, a pair, or more names): each image (and its CFG copy)
     fuses its own LoRAs, as ``fe.attach(pipe, pool=pool)`` does, and is the image a single-pair FusionPipeline of
-    its own pair makes with the same seed. ``refine`` and policy ``"composite"`` need a single pair.
+    its own pair makes with the same seed; ``refine`` (each image naming a (subject, style) pair) and policy
+    ``"composite"`` (position 0, then 1) run on a pool too.
 
     Args:
         pipe: a diffusers pipeline whose denoiser is ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3).
@@ -98,7 +99,7 @@ class FusionPipeline:
             self._check_pool(policy, divergence, policy_options)
         elif self.subject is None and self.style is None:
             raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both (or a pool=)")
-        if policy == "composite" and (self.subject is None or self.style is None):
+        if policy == "composite" and pool is None and (self.subject is None or self.style is None):
             raise AttachError("policy 'composite' averages a subject pass and a style pass: it needs both LoRAs")
         self.policy = policy
         self.attach_options = dict(divergence=divergence, granularity=granularity, backend=backend, trace=trace,
@@ -114,9 +115,6 @@ class FusionPipeline:
             raise AttachError("FusionPipeline takes a subject/style pair or a pool=, not both")
         if not (hasattr(self.pool, "layers") and hasattr(self.pool, "slot")):
             raise AttachError(f"pool must be a fe.LoRAPool, got {type(self.pool).__name__}")
-        if self.refine is not None:
-            raise OptionError("refine= (LLR) makes its references from one subject and one style LoRA: it runs on a "
-                              "single pair (FusionPipeline(pipe, subject, style, refine=...)), not with a pool")
         make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))  # refused now
 
     def _check_denoiser(self) -> None:
@@ -308,7 +306,7 @@ class FusionPipeline:
         if self.refine is not None:  # before set_timesteps: the reference runs share this scheduler
             same_call = {name: value for name, value in args.items()
                          if name not in ("prompt", "latents", "generator", "output_type", "return_dict")}
-            refinement = self.refine.start(self, noise=initial_noise, generator=generator, **llr,
+            refinement = self.refine.start(self, noise=initial_noise, generator=generator, assignment=assignment, **llr,
                                            unpack=lambda x: sampler.unpack(x, height, width),
                                            **{**same_call, "height": height, "width": width})
         timesteps = sampler.set_timesteps(num_inference_steps, initial_noise)
