@@ -156,29 +156,38 @@ def test_a_pool_with_text_encoder_parts_is_each_images_pair_with_them(tiny_pipe)
     assert pool.parts["text_encoder"].names == ["b", "c"]
 
 
+PROMPTS, SEEDS = ["a sbu dog in szn style", "a szn cat"], [3, 4]
+
+
+def two_pairs(pipe):
+    """A pool of two default pairs on ``pipe``'s UNet (named as ``MIXED``), and the LoRAs by name."""
+    from fusion_engine.worlds.random import default_loras
+
+    s0, t0 = default_loras(pipe.unet, seed=0)
+    s1, t1 = default_loras(pipe.unet, seed=10)
+    loras = {"s0": s0, "t0": t0, "s1": s1, "t1": t1}
+    pool = fe.LoRAPool()
+    for name, lora in loras.items():
+        pool.add(name, lora)
+    return pool, loras
+
+
 def test_llr_on_a_pool_is_each_images_llr_pair(tiny_pipe):
     """LLR (refine=) on a pool FusionPipeline: each image's references are its first and its second LoRA alone, and
     its guided steps differentiate through the pooled reference ops, so each image is its pair's LLR image."""
     from fusion_engine.refine import Refiner
     from fusion_engine.scoring.encoders import tiny_dino, tiny_openclip
-    from fusion_engine.worlds.random import default_loras
 
     refiner = Refiner(tiny_openclip(seed=0), tiny_dino(seed=1), m=50.0)
-    s0, t0 = default_loras(tiny_pipe.unet, seed=0)
-    s1, t1 = default_loras(tiny_pipe.unet, seed=10)
-    loras = {"s0": s0, "t0": t0, "s1": s1, "t1": t1}
-    pool = fe.LoRAPool()
-    for name, lora in loras.items():
-        pool.add(name, lora)
-    prompts, assignment, seeds = ["a sbu dog in szn style", "a szn cat"], [("s0", "t0"), ("s1", "t1")], [3, 4]
+    pool, loras = two_pairs(tiny_pipe)
     options = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt", subject_prompt="a photo of sbu dog",
                    style_prompt="a painting in szn style", progress=False)
     pooled = fe.FusionPipeline(tiny_pipe, pool=pool, refine=refiner, backend="reference")
-    got = pooled(prompts, loras=assignment, generator=[torch.Generator().manual_seed(s) for s in seeds], **options)
+    got = pooled(PROMPTS, loras=MIXED, generator=[torch.Generator().manual_seed(s) for s in SEEDS], **options)
     unguided = fe.FusionPipeline(tiny_pipe, pool=pool, backend="reference")(
-        prompts, loras=assignment, generator=[torch.Generator().manual_seed(s) for s in seeds],
+        PROMPTS, loras=MIXED, generator=[torch.Generator().manual_seed(s) for s in SEEDS],
         **{k: v for k, v in options.items() if not k.endswith("_prompt")})
-    for image, (prompt, names, seed) in enumerate(zip(prompts, assignment, seeds)):
+    for image, (prompt, names, seed) in enumerate(zip(PROMPTS, MIXED, SEEDS)):
         single = fe.FusionPipeline(tiny_pipe, *[loras[n] for n in names], refine=refiner, backend="reference")
         expected = single([prompt], generator=[torch.Generator().manual_seed(seed)], **options)
         for mine, theirs in zip(got.references, expected.references):
@@ -188,19 +197,11 @@ def test_llr_on_a_pool_is_each_images_llr_pair(tiny_pipe):
 
 
 def test_composite_in_the_lean_loop_on_a_pool_is_each_images_pair(tiny_pipe):
-    from fusion_engine.worlds.random import default_loras
-
-    s0, t0 = default_loras(tiny_pipe.unet, seed=0)
-    s1, t1 = default_loras(tiny_pipe.unet, seed=10)
-    loras = {"s0": s0, "t0": t0, "s1": s1, "t1": t1}
-    pool = fe.LoRAPool()
-    for name, lora in loras.items():
-        pool.add(name, lora)
-    prompts, assignment, seeds = ["a sbu dog in szn style", "a szn cat"], [("s0", "t0"), ("s1", "t1")], [3, 4]
+    pool, loras = two_pairs(tiny_pipe)
     options = dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt", progress=False)
     got = fe.FusionPipeline(tiny_pipe, pool=pool, policy="composite")(
-        prompts, loras=assignment, generator=[torch.Generator().manual_seed(s) for s in seeds], **options).images
-    for image, (prompt, names, seed) in enumerate(zip(prompts, assignment, seeds)):
+        PROMPTS, loras=MIXED, generator=[torch.Generator().manual_seed(s) for s in SEEDS], **options).images
+    for image, (prompt, names, seed) in enumerate(zip(PROMPTS, MIXED, SEEDS)):
         single = fe.FusionPipeline(tiny_pipe, *[loras[n] for n in names], policy="composite")
         expected = single([prompt], generator=[torch.Generator().manual_seed(seed)], **options).images
         torch.testing.assert_close(got[image:image + 1], expected, atol=2e-5, rtol=1e-4)

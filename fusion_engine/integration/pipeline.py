@@ -248,15 +248,14 @@ class FusionPipeline:
         with_defaults = {"num_images_per_prompt": 1, **kwargs}
         return normalize_assignment(loras_per_image(loras, with_defaults), self.pool)
 
-    def _attach_to_pipe(self, assignment):
-        if assignment is None:
-            return attach_pipeline(self.pipe, self.subject, self.style, policy=self.policy, **self.attach_options)
-        return attach_pipeline(self.pipe, pool=self.pool, policy=self.policy, **self.attach_options)
+    def _attach(self, attach, target):
+        """``attach`` (``attach_pipeline`` or ``attach_model``) of this pipeline's bank: its pair, or its pool."""
+        return attach(target, self.subject, self.style, pool=self.pool, policy=self.policy, **self.attach_options)
 
     def _pipeline_call(self, kwargs: dict, progress: bool | None, assignment) -> FusionPipelineOutput:
         if assignment is not None:
             kwargs = {**kwargs, "loras": assignment}
-        with _progress_bar(self.pipe, progress), self._attach_to_pipe(assignment) as fusion:
+        with _progress_bar(self.pipe, progress), self._attach(attach_pipeline, self.pipe) as fusion:
             result = self.pipe(**kwargs, return_dict=True)
         trace = fusion.trace
         if trace is not None:
@@ -316,11 +315,7 @@ class FusionPipeline:
         show = progress if progress is not None else not getattr(self.pipe, "_progress_bar_config", {}).get("disable")
         composite = self.policy == "composite"
 
-        if assignment is None:
-            fusion = attach_model(sampler.denoiser, self.subject, self.style, policy=self.policy,
-                                  **self.attach_options)
-        else:
-            fusion = attach_model(sampler.denoiser, pool=self.pool, policy=self.policy, **self.attach_options)
+        fusion = self._attach(attach_model, sampler.denoiser)
         try:
             fusion.set_batch_layout(images, conditioning.copies)
             if assignment is not None:
