@@ -5,15 +5,13 @@ classes and functions a user meets (``fusion_engine/__init__.py`` re-exports thi
 """
 from __future__ import annotations
 
-from .errors import AttachError
-from .integration.attach import PipelineAttachment, attach_pipeline, is_pipeline
+from .integration.attach import PipelineAttachment, attach_target
 from .integration.batching import BatchFusion, Request, Result
 from .integration.pipeline import FusionPipeline, FusionPipelineOutput
-from .integration.pool_attach import attach_pool_target
 from .lora import LoRA, LoRALayer, load_lora, save_lora
 from .policies import POLICIES, make_policy
 from .refine import Refiner
-from .runtime.fusion import Fusion, attach_model, detach_all
+from .runtime.fusion import Fusion, detach_all
 from .runtime.pool import LoRAPool
 from .runtime.trace import Trace
 
@@ -22,15 +20,9 @@ def attach(target, subject=None, style=None, *, pool=None, **options):
     """``fe.attach``: to a diffusers pipeline object (a ``PipelineAttachment``) or to a model (a ``Fusion``).
 
     See ``fusion_engine.runtime.fusion.attach_model`` for the options. With ``pool=`` (a ``fe.LoRAPool``, no subject
-    or style) each image fuses the LoRAs it names: see ``fusion_engine.runtime.pool_fusion.attach_pool``.
+    or style) each image fuses the LoRAs it names (``set_loras``, or ``loras=`` per pipeline call).
     """
-    if pool is not None:
-        if subject is not None or style is not None:
-            raise AttachError("attach takes a subject/style pair or a pool=, not both")
-        return attach_pool_target(target, pool, **options)
-    if is_pipeline(target):
-        return attach_pipeline(target, subject, style, **options)
-    return attach_model(target, subject, style, **options)
+    return attach_target(target, subject, style, pool=pool, **options)
 
 
 __all__ = ["BatchFusion", "Fusion", "FusionPipeline", "FusionPipelineOutput", "LoRA", "LoRALayer", "LoRAPool",

@@ -161,8 +161,8 @@ def test_the_check_catches_wrong_imports():
         "fusion_engine.runtime.layers imports fusion_engine.integration.pipeline"]
     assert wrong_imports("fusion_engine.ops.reference", "def f():\n    from ..runtime.fusion import attach\n") == [
         "fusion_engine.ops.reference imports fusion_engine.runtime.fusion"]
-    assert wrong_imports("fusion_engine.runtime.pool_fusion", "from ..integration.attach import PipelineAttachment\n") \
-        == ["fusion_engine.runtime.pool_fusion imports fusion_engine.integration.attach"]
+    assert wrong_imports("fusion_engine.runtime.fusion", "from ..integration.attach import PipelineAttachment\n") \
+        == ["fusion_engine.runtime.fusion imports fusion_engine.integration.attach"]
     assert wrong_imports("fusion_engine.integration.batching", "from .. import api\n") == [
         "fusion_engine.integration.batching imports fusion_engine.api"]
     assert wrong_imports("fusion_engine.eval.engine", "from fusion_engine import worlds\n") == [
@@ -184,7 +184,7 @@ def test_the_check_catches_circles():
     assert circles({"a": {"b"}, "b": {"a"}}) == [["a", "b"]]
     assert circles({"x": {"a"}, "a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
-    graph = import_graph()  # the old circle, put back: runtime's pool attach importing the pipeline attach
+    graph = import_graph()  # a circle put in: the pipeline attach importing BatchFusion, which imports it
     graph["fusion_engine.integration.attach"] = graph["fusion_engine.integration.attach"] | {
-        "fusion_engine.integration.pool_attach"}
-    assert ["fusion_engine.integration.attach", "fusion_engine.integration.pool_attach"] in circles(graph)
+        "fusion_engine.integration.batching"}
+    assert ["fusion_engine.integration.attach", "fusion_engine.integration.batching"] in circles(graph)

@@ -12,7 +12,7 @@ from test_fls_oracle import oracle_score
 from test_pool_equivalence import COPIES, image_rows, run_pool, run_single
 
 import fusion_engine as fe
-from fusion_engine.runtime.pool_layers import PooledLoRAConv2d
+from fusion_engine.runtime.layers import DynamicLoRAConv2d
 from fusion_engine.worlds.random import attention_targets, random_lora
 
 IMAGES = 4
@@ -151,7 +151,7 @@ def test_three_loras_on_a_conv_layer_match_a_float64_computation(tiny_pipe, dive
         fusion.set_loras(orders)
         fusion.set_step(0, 4)
         layer = unet.get_submodule(THREE_WAY_LAYER)
-        assert isinstance(layer, PooledLoRAConv2d)
+        assert isinstance(layer, DynamicLoRAConv2d)
         with torch.no_grad():
             got = layer(x)
         record = fusion.trace.gather()[-1]
@@ -229,7 +229,7 @@ def test_kohya_conv_files_in_a_pool_equal_single_pair_pipeline_calls(tiny_pipe, 
     with fe.attach(tiny_pipe, pool=pool) as fusion:
         got = tiny_pipe(prompts, loras=pairs, generator=[torch.Generator().manual_seed(s) for s in seeds],
                         **options).images
-        assert any(isinstance(layer, PooledLoRAConv2d) for layer in fusion.fusion.layers)
+        assert any(isinstance(layer, DynamicLoRAConv2d) for layer in fusion.fusion.layers)
     for image, (prompt, pair, seed) in enumerate(zip(prompts, pairs, seeds)):
         with fe.attach(tiny_pipe, *[fe.load_lora(tmp_path / f"{n}.safetensors") for n in pair]):
             expected = tiny_pipe([prompt], generator=[torch.Generator().manual_seed(seed)], **options).images

@@ -37,6 +37,7 @@ from ..ops import check_supported
 from ..ops.reference import accumulation_dtype, base_linear, from_pixel_rows, lora_delta, pixel_rows, select_rows
 from ..policies import make_policy
 from ..runtime.context import FusionContext
+from ..runtime.fit import layer_factors
 from ..runtime.layers import DynamicLoRAConv2d, DynamicLoRALinear
 from ..runtime.trace import DEFAULT_MAX_RECORDS, Trace
 
@@ -417,7 +418,8 @@ def build_fusion(model, subject, style, paths, *, policy: str, divergence: str, 
             raise ComfyFusionError(f"layer {paths[name]}: weights in {module.weight.dtype} (e.g. fp8) are not "
                                    "supported by the fusion node yet; load the model in fp16/bf16/fp32")
         cls = DynamicLoRAConv2d if isinstance(module, nn.Conv2d) else DynamicLoRALinear
-        layer = cls(CallWeights(module), name, index, subject, style, context)
+        base = CallWeights(module)
+        layer = cls(base, name, index, layer_factors(subject, name, base), layer_factors(style, name, base), context)
         kind = "conv2d" if cls is DynamicLoRAConv2d else "linear"
         check_supported(backend, kind, module.weight.dtype, (layer.subject_rank, layer.style_rank),
                         device=comfy.model_management.get_torch_device(), layer=name)

@@ -14,6 +14,9 @@ as ``fe.attach(pipe.unet, ...)`` would, and adds what a sampler would otherwise 
 Outside a call scope (driving ``pipe.unet`` yourself) the fusion behaves as one attached to the denoiser:
 set the layout and step yourself. ``detach()`` removes the hook, puts the class back and detaches the
 denoiser: the pipeline is bit for bit as before.
+
+``fe.attach(pipe, pool=pool)`` attaches a LoRA pool the same way; every call may then pass ``loras=[...]`` (one
+entry per prompt or per image) beside its prompts.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ import weakref
 
 import torch.nn as nn
 
-from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError
+from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError, OptionTypeError
 from ..lora.weights import DENOISERS
 from ..runtime.context import images_in_batch
 from ..runtime.fusion import Fusion, as_lora, attach_model
 from ..runtime.trace import Trace
 from ..samplers import uses_true_cfg
+from ..utils.deprecation import renamed_option, warn_renamed
 
 _PIPELINES: weakref.WeakKeyDictionary[object, PipelineAttachment] = weakref.WeakKeyDictionary()
 _FUSED_CLASSES: dict[type, type] = {}
@@ -98,6 +102,51 @@ def _fused_class(cls: type) -> type:
     return _FUSED_CLASSES[cls]
 
 
+def loras_per_image(loras, arguments: dict) -> list:
+    """``loras`` given per prompt (expanded by ``num_images_per_prompt``, diffusers' prompt-major order) or per
+    image; a ``BatchLayoutError`` naming both counts otherwise.
+
+    Args:
+        loras: one entry per prompt or per image (a LoRA name or a tuple of names).
+        arguments: the pipeline call's arguments by name (``prompt``, ``num_images_per_prompt``).
+
+    Example:
+        >>> loras_per_image([("dog", "ink"), "cat"], {"prompt": ["a", "b"], "num_images_per_prompt": 2})
+        [('dog', 'ink'), ('dog', 'ink'), 'cat', 'cat']
+    """
+    if isinstance(loras, str) or not isinstance(loras, (list, tuple)):
+        raise OptionTypeError(f"loras must be a list, one entry per prompt or per image (a LoRA name or a tuple of "
+                              f"names, e.g. [('dog', 'ink'), 'cat']), got {type(loras).__name__} {loras!r:.80}")
+    prompt, per_prompt = arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1
+    prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(loras)
+    loras = list(loras)
+    if len(loras) == prompts:
+        return [entry for entry in loras for _ in range(per_prompt)]
+    if len(loras) == prompts * per_prompt:
+        return loras
+    raise BatchLayoutError(f"loras has {len(loras)} entries for {prompts} prompt(s) x {per_prompt} image(s) each: "
+                           "give one per prompt or one per image")
+
+
+def _per_prompt(per_image: list, images_per_prompt: int) -> list:
+    """The text encoders' assignment: one entry per prompt (its images must name the same LoRAs: a prompt is encoded
+    once for all of them)."""
+    prompts = [per_image[i:i + images_per_prompt] for i in range(0, len(per_image), images_per_prompt)]
+    for index, entries in enumerate(prompts):
+        if any(_names(entry) != _names(entries[0]) for entry in entries):
+            raise BatchLayoutError(f"prompt {index}: its {images_per_prompt} images name different LoRAs "
+                                   f"({entries!r:.120}), but the LoRAs' text-encoder parts encode a prompt once for "
+                                   "all its images; give the LoRAs per prompt")
+    return [entries[0] for entries in prompts]
+
+
+def _names(entry) -> tuple:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+_FORWARDED = ("context", "policy", "layers", "layer_names", "trace", "attached", "pool", "loras")
+
+
 class PipelineAttachment:
     """Handle of a fusion attached to a pipeline: the denoiser's ``Fusion``, the last call's trace, ``detach``.
 
@@ -112,31 +161,23 @@ class PipelineAttachment:
         self._hook = None
         self._base_class = type(pipe)
 
-    # -- the denoiser's Fusion, for convenience ---------------------------------------------------------------
-    @property
-    def context(self):
-        return self.fusion.context
+    def __getattr__(self, name: str):
+        """The denoiser's ``Fusion``'s, for convenience: ``context``, ``policy``, ``layers``, ``layer_names``,
+        ``attached``, ``pool``, ``loras``, and ``trace`` (the last pipeline call's: a fresh one per call; None when
+        attached with ``trace=False``)."""
+        if name in _FORWARDED and "fusion" in self.__dict__:
+            return getattr(self.fusion, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
-    @property
-    def policy(self):
-        return self.fusion.policy
+    def set_loras(self, entries) -> None:
+        self.fusion.set_loras(entries)
+        for fusion in self.components.values():  # text encoders: one row per prompt (one image per prompt here)
+            fusion.context.set_loras(entries)
 
-    @property
-    def layers(self):
-        return self.fusion.layers
-
-    @property
-    def layer_names(self) -> list[str]:
-        return self.fusion.layer_names
-
-    @property
-    def trace(self) -> Trace | None:
-        """The last pipeline call's trace (a fresh one per call; None when attached with ``trace=False``)."""
-        return self.fusion.trace
-
-    @property
-    def attached(self) -> bool:
-        return self.fusion.attached
+    def set_assignment(self, entries) -> None:
+        """Deprecated name of ``set_loras``."""
+        warn_renamed("set_assignment", "set_loras")
+        self.set_loras(entries)
 
     # -- install / remove -------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -176,7 +217,30 @@ class PipelineAttachment:
 
     # -- one pipeline call ------------------------------------------------------------------------------------
     def call(self, original, pipe, args, kwargs):
-        """Run the pipeline's own ``__call__`` with the layout and step followed per denoiser call."""
+        """Run the pipeline's own ``__call__`` with the layout and step followed per denoiser call (a pool's
+        ``loras=`` set for the call and put back after it)."""
+        loras = None
+        if self.pool is not None:
+            loras = renamed_option(kwargs.pop("loras", None), kwargs.pop("pairs", None), "pairs", "loras")
+        if loras is None:
+            return self._call(original, pipe, args, kwargs)
+        bound = inspect.signature(original).bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        per_image = loras_per_image(loras, bound.arguments)
+        contexts = [self.fusion.context, *(fusion.context for fusion in self.components.values())]
+        with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
+            before = [context.assignment for context in contexts]
+            try:
+                self.fusion.context.set_loras(per_image)
+                for context in contexts[1:]:  # text encoders run once per prompt
+                    context.set_loras(_per_prompt(per_image, bound.arguments.get("num_images_per_prompt") or 1))
+                return self._call(original, pipe, args, kwargs)
+            finally:
+                for context, assignment in zip(contexts, before):
+                    context.assignment = assignment
+                    context._tables.clear()
+
+    def _call(self, original, pipe, args, kwargs):
         signature = inspect.signature(original)
         bound = signature.bind(pipe, *args, **kwargs)
         with_defaults = signature.bind(pipe, *args, **kwargs)
@@ -230,7 +294,8 @@ class PipelineAttachment:
 
     def _begin(self) -> None:
         context = self.fusion.context
-        context.trace = Trace(self.fusion.layer_names, self.policy.describe()) if self._trace_enabled else None
+        context.trace = Trace(self.fusion.layer_names, self.policy.describe(), pair=self.pool is None) \
+            if self._trace_enabled else None
         context.reset()
         self._next_step, self._in_call = 0, threading.get_ident()
 
@@ -268,21 +333,24 @@ def check_attachable(pipe) -> str:
     return name
 
 
-def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> PipelineAttachment:
-    """Fuse ``pipe``'s denoiser (and every other component the LoRAs have layers for) and follow its calls."""
+def attach_pipeline(pipe, subject=None, style=None, *, pool=None, trace: bool = True, **options) -> PipelineAttachment:
+    """Fuse ``pipe``'s denoiser and every other component the bank has layers for (text encoders: a pair's parts, a
+    pool's ``parts``, each with a text encoder's defaults), and follow its calls."""
     if pipe in _PIPELINES:
         raise AlreadyAttachedError(
             f"this pipeline already has a fusion attached ({_PIPELINES[pipe]!r}); detach it first"
         )
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
-    fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **options)
+    bank = {} if pool is None else {"pool": pool}
+    fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **bank, **options)
     components: dict[str, Fusion] = {}
     try:
-        for component, (component_subject, component_style) in _component_loras(pipe, subject, style, name):
+        for component, loras, part in _component_banks(pipe, subject, style, pool, name):
             # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
-            components[component] = attach_model(getattr(pipe, component), component_subject, component_style,
-                                                 backend=options.get("backend", "auto"), trace=False)
+            defaults = {} if part is None else {"pool": part, "policy": "direct", "granularity": "sample"}
+            components[component] = attach_model(getattr(pipe, component), *loras, backend=options.get("backend",
+                                                 "auto"), trace=False, **defaults)
         handle = PipelineAttachment(pipe, name, fusion, components, trace)
         handle.install()
     except BaseException:
@@ -290,6 +358,13 @@ def attach_pipeline(pipe, subject, style, *, trace: bool = True, **options) -> P
             attached.detach()
         raise
     return handle
+
+
+def attach_target(target, subject=None, style=None, *, pool=None, **options):
+    """``fe.attach``: to a diffusers pipeline object (a ``PipelineAttachment``) or to a model (a ``Fusion``)."""
+    if is_pipeline(target):
+        return attach_pipeline(target, subject, style, pool=pool, **options)
+    return attach_model(target, subject, style, pool=pool, **options)
 
 
 def _part(lora, component: str):
@@ -304,9 +379,14 @@ def _part(lora, component: str):
     return lora.for_component(component)
 
 
-def _component_loras(pipe, subject, style, denoiser: str):
-    """(component, (subject part, style part)) for each non-denoiser component the LoRAs have layers for
-    (text encoders), when the LoRA objects carry ``components``."""
+def _component_banks(pipe, subject, style, pool, denoiser: str):
+    """(component, (subject part, style part), None) for each non-denoiser component the LoRAs have layers for (text
+    encoders), when the LoRA objects carry ``components``; with a pool, (component, (), its part pool) for each part
+    the pipeline has."""
+    if pool is not None:
+        yield from ((component, (), part) for component, part in sorted(pool.parts.items())
+                    if isinstance(getattr(pipe, component, None), nn.Module))
+        return
     names = set()
     for lora in (subject, style):
         names |= set(getattr(lora, "components", None) or ())
@@ -315,12 +395,13 @@ def _component_loras(pipe, subject, style, denoiser: str):
             raise AttachError(f"the LoRAs have layers for {component!r}, which {type(pipe).__name__} does not have")
         parts = tuple(lora.for_component(component) if lora is not None else None for lora in (subject, style))
         if any(part is not None for part in parts):
-            yield component, parts
+            yield component, parts, None
 
 
 def attached_pipeline(pipe) -> PipelineAttachment | None:
     return _PIPELINES.get(pipe)
 
 
-__all__ = ["PipelineAttachment", "attach_pipeline", "attached_pipeline", "call_signature", "check_attachable",
+__all__ = ["PipelineAttachment", "attach_pipeline", "attach_target", "attached_pipeline", "call_signature",
+           "check_attachable", "loras_per_image",
            "check_call_arguments", "denoiser_name", "is_pipeline", "pipeline_base_class"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import FusionEngineError, OptionError, OptionTypeError, ServiceBusyError, ServiceStoppedError
-from .pool_attach import attach_pool_target
+from .attach import attach_target
 
 _RESERVED = ("prompt", "loras", "pairs", "generator", "num_images_per_prompt", "callback_on_step_end")
 
@@ -107,7 +107,7 @@ class BatchFusion:
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise OptionError(f"BatchFusion: max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
         self.pipe, self.pool, self.max_batch, self.max_wait_s = pipe, pool, max_batch, max_wait_s
-        self.fusion = attach_pool_target(pipe, pool, **attach_options)
+        self.fusion = attach_target(pipe, pool=pool, **attach_options)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()

@@ -9,10 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import AttachError, OptionError
-from ..runtime.context import images_in_batch
+from ..policies import divergence_option, make_policy
+from ..runtime.context import images_in_batch, normalize_assignment
 from ..runtime.fusion import as_lora, attach_model
-from ..runtime.pool_context import normalize_assignment
-from ..runtime.pool_fusion import attach_pool, pool_policy
 from ..runtime.trace import Trace
 from ..samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
 from ..utils.deprecation import renamed_option, warn_renamed
@@ -22,10 +21,10 @@ from .attach import (
     check_attachable,
     check_call_arguments,
     denoiser_name,
+    loras_per_image,
     pipeline_base_class,
 )
 from .model_path import DIT_FAMILIES, load_local_pipeline
-from .pool_attach import attach_pool_target, loras_per_image
 
 
 @dataclass
@@ -67,7 +66,8 @@ class FusionPipeline:
     With ``pool=`` (a ``fe.LoRAPool``, instead of ``subject``/``style``) every call takes ``loras=[...]`` beside its
     prompts, one entry per prompt or per image (a LoRA name, a pair, or more names): each image (and its CFG copy)
     fuses its own LoRAs, as ``fe.attach(pipe, pool=pool)`` does, and is the image a single-pair FusionPipeline of
-    its own pair makes with the same seed. ``refine`` and policy ``"composite"`` need a single pair.
+    its own pair makes with the same seed; ``refine`` (each image naming a (subject, style) pair) and policy
+    ``"composite"`` (position 0, then 1) run on a pool too.
 
     Args:
         pipe: a diffusers pipeline whose denoiser is ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3).
@@ -96,10 +96,10 @@ class FusionPipeline:
         self.pool = pool
         self.subject, self.style = as_lora(subject, "subject"), as_lora(style, "style")
         if pool is not None:
-            self._check_pool(policy, divergence, granularity, policy_options)
+            self._check_pool(policy, divergence, policy_options)
         elif self.subject is None and self.style is None:
             raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both (or a pool=)")
-        if policy == "composite" and (self.subject is None or self.style is None):
+        if policy == "composite" and pool is None and (self.subject is None or self.style is None):
             raise AttachError("policy 'composite' averages a subject pass and a style pass: it needs both LoRAs")
         self.policy = policy
         self.attach_options = dict(divergence=divergence, granularity=granularity, backend=backend, trace=trace,
@@ -109,16 +109,13 @@ class FusionPipeline:
         if self.uses_lean_loop:
             self._check_lean_pipeline()
 
-    def _check_pool(self, policy, divergence: str | None, granularity: str, policy_options: dict) -> None:
+    def _check_pool(self, policy, divergence: str | None, policy_options: dict) -> None:
         """Refuse, before any call, what a pool FusionPipeline cannot run (the attach's own checks come per call)."""
         if self.subject is not None or self.style is not None:
             raise AttachError("FusionPipeline takes a subject/style pair or a pool=, not both")
         if not (hasattr(self.pool, "layers") and hasattr(self.pool, "slot")):
             raise AttachError(f"pool must be a fe.LoRAPool, got {type(self.pool).__name__}")
-        if self.refine is not None:
-            raise OptionError("refine= (LLR) makes its references from one subject and one style LoRA: it runs on a "
-                              "single pair (FusionPipeline(pipe, subject, style, refine=...)), not with a pool")
-        pool_policy(policy, divergence, granularity, dict(policy_options))  # what the attach would refuse, now
+        make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))  # refused now
 
     def _check_denoiser(self) -> None:
         """Refuse a transformer pipeline of a family this library does not drive (layout, step, CFG unknown)."""
@@ -251,15 +248,14 @@ class FusionPipeline:
         with_defaults = {"num_images_per_prompt": 1, **kwargs}
         return normalize_assignment(loras_per_image(loras, with_defaults), self.pool)
 
-    def _attach_to_pipe(self, assignment):
-        if assignment is None:
-            return attach_pipeline(self.pipe, self.subject, self.style, policy=self.policy, **self.attach_options)
-        return attach_pool_target(self.pipe, self.pool, policy=self.policy, **self.attach_options)
+    def _attach(self, attach, target):
+        """``attach`` (``attach_pipeline`` or ``attach_model``) of this pipeline's bank: its pair, or its pool."""
+        return attach(target, self.subject, self.style, pool=self.pool, policy=self.policy, **self.attach_options)
 
     def _pipeline_call(self, kwargs: dict, progress: bool | None, assignment) -> FusionPipelineOutput:
         if assignment is not None:
             kwargs = {**kwargs, "loras": assignment}
-        with _progress_bar(self.pipe, progress), self._attach_to_pipe(assignment) as fusion:
+        with _progress_bar(self.pipe, progress), self._attach(attach_pipeline, self.pipe) as fusion:
             result = self.pipe(**kwargs, return_dict=True)
         trace = fusion.trace
         if trace is not None:
@@ -309,7 +305,7 @@ class FusionPipeline:
         if self.refine is not None:  # before set_timesteps: the reference runs share this scheduler
             same_call = {name: value for name, value in args.items()
                          if name not in ("prompt", "latents", "generator", "output_type", "return_dict")}
-            refinement = self.refine.start(self, noise=initial_noise, generator=generator, **llr,
+            refinement = self.refine.start(self, noise=initial_noise, generator=generator, assignment=assignment, **llr,
                                            unpack=lambda x: sampler.unpack(x, height, width),
                                            **{**same_call, "height": height, "width": width})
         timesteps = sampler.set_timesteps(num_inference_steps, initial_noise)
@@ -319,11 +315,7 @@ class FusionPipeline:
         show = progress if progress is not None else not getattr(self.pipe, "_progress_bar_config", {}).get("disable")
         composite = self.policy == "composite"
 
-        if assignment is None:
-            fusion = attach_model(sampler.denoiser, self.subject, self.style, policy=self.policy,
-                                  **self.attach_options)
-        else:
-            fusion = attach_pool(sampler.denoiser, self.pool, policy=self.policy, **self.attach_options)
+        fusion = self._attach(attach_model, sampler.denoiser)
         try:
             fusion.set_batch_layout(images, conditioning.copies)
             if assignment is not None:

@@ -26,6 +26,9 @@ Contract (what a pooled kernel must meet; the single-pair contract of ``referenc
   all samples at once as grouped convolutions (``groups=B``). The rows of the rule are the output pixels, channels
   at dim 1, ``H_out * W_out`` rows per sample in row-major pixel order (the single-pair conv module's layout). These
   run here on every backend (there is no Triton conv kernel), as single-pair conv layers do.
+* DoRA (``gains``, optional): ``(S, N)`` per slot and output channel, DoRA's ``m / ||W + s B A||`` for a DoRA slot,
+  1 for any other (the zero slot included). A position's delta is then PEFT's ``(g - 1) * base_out + g * s * delta``
+  with ``base_out`` the base output without its bias, as ``DynamicLoRALayer.branch_delta`` forms it for a pair.
 * Precision as in ``reference.py``: every GEMM and convolution in ``x.dtype`` (the model's), its result upcast to the
   accumulation precision for the scales, sums and divergence statistics, the output rounded once to ``x.dtype``.
 """
@@ -60,6 +63,27 @@ def gathered_delta(x3: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tenso
     b = b_stack[slots].to(x3.dtype)  # (B, N, R)
     delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2)).to(coef.dtype)  # (B, T, N)
     return (delta * coef.reshape(-1, 1, 1)).reshape(-1, b.shape[1])
+
+
+def dora_delta(delta: torch.Tensor, base_out: torch.Tensor, gains: torch.Tensor | None, index: torch.Tensor,
+               ) -> torch.Tensor:
+    """``delta`` (rows or ``(B, N, H, W)``, sample-major) as a DoRA slot's: ``(g - 1) * base_out + g * delta`` with
+    each sample's gain ``gains[index]``; ``delta`` as it is without ``gains``."""
+    if gains is None:
+        return delta
+    gain = gains[index].to(delta.dtype)  # (B, N)
+    if delta.ndim == 4:
+        gain = gain[:, :, None, None]
+    else:
+        gain = gain.repeat_interleave(delta.shape[0] // gain.shape[0], 0)
+    return (gain - 1) * base_out + gain * delta
+
+
+def _unbiased(y0: torch.Tensor, bias: torch.Tensor | None, gains) -> torch.Tensor:
+    """The base output without its bias (DoRA's ``base_out``; only formed with ``gains``)."""
+    if gains is None or bias is None:
+        return y0
+    return y0 - bias.to(y0.dtype).reshape(-1, *([1] * (y0.ndim - 2)))
 
 
 def _position(sample_slots: torch.Tensor, position: int, scales: torch.Tensor, present: torch.Tensor):
@@ -121,39 +145,56 @@ def select_n(y0: torch.Tensor, deltas: list[torch.Tensor], candidates: list[torc
     return y0 + chosen, scores, choice
 
 
-def pooled_fls_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
-                      b_stack: torch.Tensor, scales: torch.Tensor, present: torch.Tensor, sample_slots: torch.Tensor,
-                      row_group: torch.Tensor, num_groups: int, divergence: str = "kl"):
-    """N-way FLS linear over pool slots. Returns ``(out, scores, choice)``: ``out`` ``(M, N)`` in ``x.dtype``,
-    ``scores`` ``(G, L)`` float32 (float64 for float64 inputs), ``choice`` ``(G,)`` int64 (``-1``: base)."""
-    batch = sample_slots.shape[0]
-    y0 = base_linear(x, weight, bias)
-    x3 = x.reshape(batch, -1, x.shape[-1])
+def _deltas(y0, base_out, sample_slots, scales, present, gains, delta_of, as_rows=lambda t: t):
+    """Each position's delta (``delta_of(slot index, coef)``, DoRA applied, then ``as_rows``) and candidates."""
     deltas, candidates = [], []
     for position in range(sample_slots.shape[1]):
         index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
-        deltas.append(gathered_delta(x3, a_stack, b_stack, index, coef))
+        deltas.append(as_rows(dora_delta(delta_of(index, coef), base_out, gains, index)))
         candidates.append(candidate)
+    return deltas, candidates
+
+
+def _mix(y, base_out, sample_slots, scales, sample_weights, gains, delta_of):
+    """``y`` plus every position's delta (``delta_of(slot index, coef)``) weighted per sample (see the mix ops)."""
+    weights = sample_weights.to(y.dtype)
+    for position in range(sample_slots.shape[1]):
+        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
+        if gains is None:
+            y = y + delta_of(index, coef * weights[:, position])
+            continue
+        delta, weight = dora_delta(delta_of(index, coef), base_out, gains, index), weights[:, position]
+        y = y + delta * (weight.reshape(-1, 1, 1, 1) if delta.ndim == 4 else
+                         weight.repeat_interleave(delta.shape[0] // weight.shape[0])[:, None])
+    return y
+
+
+def pooled_fls_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
+                      b_stack: torch.Tensor, scales: torch.Tensor, present: torch.Tensor, sample_slots: torch.Tensor,
+                      row_group: torch.Tensor, num_groups: int, divergence: str = "kl", gains=None):
+    """N-way FLS linear over pool slots. Returns ``(out, scores, choice)``: ``out`` ``(M, N)`` in ``x.dtype``,
+    ``scores`` ``(G, L)`` float32 (float64 for float64 inputs), ``choice`` ``(G,)`` int64 (``-1``: base)."""
+    y0 = base_linear(x, weight, bias)
+    x3 = x.reshape(sample_slots.shape[0], -1, x.shape[-1])
+    deltas, candidates = _deltas(y0, _unbiased(y0, bias, gains), sample_slots, scales, present, gains,
+                                 lambda index, coef: gathered_delta(x3, a_stack, b_stack, index, coef))
     out, scores, choice = select_n(y0, deltas, candidates, row_group, num_groups, divergence)
     return out.to(x.dtype), scores, choice
 
 
 def pooled_mix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_stack: torch.Tensor,
                       b_stack: torch.Tensor, scales: torch.Tensor, sample_slots: torch.Tensor,
-                      sample_weights: torch.Tensor) -> torch.Tensor:
+                      sample_weights: torch.Tensor, gains=None) -> torch.Tensor:
     """Static per-image weights: ``y0 + sum_l w[b, l] * s_l * delta_l`` over each sample's named LoRAs.
 
     ``sample_weights`` ``(B, L)`` float32: the policy's weight of each position for the sample's image (the
-    LoRA scale of the call folded in), so a step-dependent policy changes it without recompiling.
+    LoRA scale of the call folded in), so a step-dependent policy changes it without recompiling. With ``gains``
+    (DoRA) the call's LoRA scale goes in ``scales`` instead (it scales the delta inside DoRA's gain, not the gain).
     """
-    batch = sample_slots.shape[0]
     y = base_linear(x, weight, bias)
-    x3 = x.reshape(batch, -1, x.shape[-1])
-    weights = sample_weights.to(y.dtype)
-    for position in range(sample_slots.shape[1]):
-        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
-        y = y + gathered_delta(x3, a_stack, b_stack, index, coef * weights[:, position])
-    return y.to(x.dtype)
+    x3 = x.reshape(sample_slots.shape[0], -1, x.shape[-1])
+    return _mix(y, _unbiased(y, bias, gains), sample_slots, scales, sample_weights, gains,
+                lambda index, coef: gathered_delta(x3, a_stack, b_stack, index, coef)).to(x.dtype)
 
 
 def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, groups: int, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -206,7 +247,7 @@ def _conv_setup(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor):
 
 def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
                       scales: torch.Tensor, present: torch.Tensor, sample_slots: torch.Tensor, row_groups,
-                      divergence: str = "kl"):
+                      divergence: str = "kl", gains=None):
     """N-way FLS conv over pool slots (see the module contract): the linear op's rule with channels at dim 1.
 
     Args:
@@ -227,29 +268,25 @@ def pooled_fls_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Ten
     y0, a_stack = _conv_setup(x, conv, a_stack)
     batch, _, height, width = y0.shape
     row_group, num_groups = row_groups(height * width)
-    deltas, candidates = [], []
-    for position in range(sample_slots.shape[1]):
-        index, coef, candidate = _position(sample_slots, position, scales.to(y0.dtype), present)
-        deltas.append(pixel_rows(gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)))
-        candidates.append(candidate)
+    deltas, candidates = _deltas(y0, _unbiased(y0, conv.bias, gains), sample_slots, scales, present, gains,
+                                 lambda index, coef: gathered_conv_delta(x, conv, a_stack, b_stack, index, coef),
+                                 pixel_rows)
     out, scores, choice = select_n(pixel_rows(y0), deltas, candidates, row_group, num_groups, divergence)
     return from_pixel_rows(out, batch, height, width).to(x.dtype), scores, choice
 
 
 def pooled_mix_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, a_stack: torch.Tensor, b_stack: torch.Tensor,
-                      scales: torch.Tensor, sample_slots: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+                      scales: torch.Tensor, sample_slots: torch.Tensor, sample_weights: torch.Tensor,
+                      gains=None) -> torch.Tensor:
     """Static per-image weights on a conv layer: ``y0 + sum_l w[b, l] * s_l * delta_l`` (see ``pooled_mix_linear``).
 
     Example:
         >>> out = pooled_mix_conv2d(x, conv, held.a, held.b, held.scales, slots, weights)  # doctest: +SKIP
     """
     y, a_stack = _conv_setup(x, conv, a_stack)
-    weights = sample_weights.to(y.dtype)
-    for position in range(sample_slots.shape[1]):
-        index, coef, _ = _position(sample_slots, position, scales.to(y.dtype), torch.ones_like(scales, dtype=bool))
-        y = y + gathered_conv_delta(x, conv, a_stack, b_stack, index, coef * weights[:, position])
-    return y.to(x.dtype)
+    return _mix(y, _unbiased(y, conv.bias, gains), sample_slots, scales, sample_weights, gains,
+                lambda index, coef: gathered_conv_delta(x, conv, a_stack, b_stack, index, coef)).to(x.dtype)
 
 
-__all__ = ["decide_n", "gathered_conv_delta", "gathered_delta", "grouped_conv2d", "pooled_fls_conv2d",
+__all__ = ["decide_n", "dora_delta", "gathered_conv_delta", "gathered_delta", "grouped_conv2d", "pooled_fls_conv2d",
            "pooled_fls_linear", "pooled_mix_conv2d", "pooled_mix_linear", "select_n"]

@@ -5,9 +5,9 @@ from ..errors import OptionError, OptionTypeError
 from .base import Policy
 from .blora import SDXL_BLOCKS, BLoRAPolicy
 from .composite import CompositePolicy
-from .direct import DirectPolicy
+from .direct import DirectPolicy, PositionDirect
 from .fls import FLSPolicy
-from .klora import KLoRAPolicy
+from .klora import KLoRAPolicy, PoolKLoRA
 from .switch import SwitchPolicy
 
 POLICIES = {
@@ -20,16 +20,23 @@ POLICIES = {
 }
 
 
-def make_policy(policy, **options) -> Policy:
-    """A Policy from a name (``"fls"``, ``"direct"``, ...) and its options, or a ready instance."""
+POOL_POLICIES = {**POLICIES, "direct": PositionDirect, "klora": PoolKLoRA}  # a pool's: by position in each image
+
+
+def make_policy(policy, pool: bool = False, **options) -> Policy:
+    """A Policy from a name (``"fls"``, ``"direct"``, ...) and its options, or a ready instance; ``pool``: the policy
+    of a LoRA pool (every name, over the LoRAs each image names by position; ``None`` is ``"fls"``)."""
+    classes = POOL_POLICIES if pool else POLICIES
+    if pool and policy is None:
+        policy = "fls"
     if isinstance(policy, Policy):
         if options:
             raise OptionTypeError(f"options {sorted(options)} given with a ready policy instance {policy!r}")
         return policy
-    if policy not in POLICIES:
-        raise OptionError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")
+    if policy not in classes:
+        raise OptionError(f"unknown policy {policy!r}; expected one of {sorted(classes)}")
     try:
-        return POLICIES[policy](**options)
+        return classes[policy](**options)
     except TypeError as error:
         raise OptionTypeError(f"policy {policy!r} does not take options {sorted(options)}: {error}") from None
 
@@ -46,6 +53,6 @@ def divergence_option(policy, divergence: str | None) -> dict:
 
 
 __all__ = [
-    "POLICIES", "SDXL_BLOCKS", "BLoRAPolicy", "CompositePolicy", "DirectPolicy", "FLSPolicy", "KLoRAPolicy",
-    "Policy", "SwitchPolicy", "divergence_option", "make_policy",
+    "POLICIES", "POOL_POLICIES", "SDXL_BLOCKS", "BLoRAPolicy", "CompositePolicy", "DirectPolicy", "FLSPolicy",
+    "KLoRAPolicy", "Policy", "PoolKLoRA", "PositionDirect", "SwitchPolicy", "divergence_option", "make_policy",
 ]

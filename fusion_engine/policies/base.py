@@ -1,4 +1,9 @@
-"""What every policy is: a rule that says, per layer and call, how much of each LoRA delta to add."""
+"""What every policy is: a rule that says, per layer and call, how much of each LoRA delta to add.
+
+A pair's layers ask ``weights(layer, context)`` (subject, style). A pool's images ask by position over the LoRAs
+each names, in its order (position 0 is a pair's subject, 1 its style): ``image_weights(count, context)``, or for a
+policy whose weights depend on the layer (``per_layer``) ``layer_weights(layer_name, names, context)``.
+"""
 from __future__ import annotations
 
 
@@ -10,6 +15,14 @@ class Policy:
     name = "policy"
     uses_divergence = False  # True: the fused op measures both branches and picks per group
     needs_step = False  # True: weights depend on the sampler's step (set via Fusion.set_step)
+    per_layer = False  # True (a pool): static weights per layer, ``layer_weights``; else per image, ``image_weights``
+
+    def check_named(self, count: int) -> None:
+        """A pool image names ``count`` LoRAs: an ``OptionError`` when this policy cannot fuse that many."""
+
+    def image_weights(self, count: int, context) -> list[float]:
+        """A pool image's static weight per position (the image names ``count`` LoRAs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define static weights")
 
     def setup(self, layers) -> None:
         """Called once at attach with the fused layers (precompute anything static here)."""

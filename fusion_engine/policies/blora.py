@@ -21,6 +21,7 @@ def _inside(name: str, prefixes) -> bool:
 
 class BLoRAPolicy(Policy):
     name = "blora"
+    per_layer = True  # a pool: position 0 (the subject) in the subject blocks, position 1 (the style) in the style's
 
     def __init__(self, blocks: dict | None = None):
         if not isinstance(blocks, (dict, type(None))):
@@ -61,6 +62,10 @@ class BLoRAPolicy(Policy):
 
     def weights(self, layer, context):
         return self._weights[layer.name]
+
+    def layer_weights(self, layer: str, names: tuple[str, ...], context) -> list[float]:
+        inside = (_inside(layer, self.subject_blocks), _inside(layer, self.style_blocks))
+        return [float(position < 2 and inside[position]) for position in range(len(names))]
 
     def describe(self) -> str:
         return f"blora[subject={list(self.subject_blocks)}, style={list(self.style_blocks)}]"

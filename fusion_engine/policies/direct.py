@@ -29,3 +29,31 @@ class DirectPolicy(Policy):
 
     def describe(self) -> str:
         return f"direct[{self.subject_weight:g},{self.style_weight:g}]"
+
+
+class PositionDirect(Policy):
+    """Direct merge for a pool: position ``l`` of an image's names weighted by ``weights[l]`` (default 1 for all)."""
+
+    name = "direct"
+
+    def __init__(self, weights=None):
+        if weights is not None:
+            try:
+                weights = tuple(float(w) for w in weights)
+            except (TypeError, ValueError):
+                raise OptionError(f"direct: weights must be numbers, one per named LoRA, got {weights!r:.80}") from None
+            bad = [w for w in weights if not math.isfinite(w) or abs(w) > torch.finfo(torch.float32).max]
+            if bad or not weights:
+                raise OptionError(f"direct: weights={weights!r}: each must be finite in float32, at least one")
+        self.weights_by_position = weights
+
+    def check_named(self, count: int) -> None:
+        if self.weights_by_position is not None and count > len(self.weights_by_position):
+            raise OptionError(f"direct: an image names {count} LoRAs but weights has {len(self.weights_by_position)}")
+
+    def image_weights(self, count: int, context) -> list[float]:
+        return [1.0] * count if self.weights_by_position is None else list(self.weights_by_position[:count])
+
+    def describe(self) -> str:
+        shown = "1" if self.weights_by_position is None else ",".join(f"{w:g}" for w in self.weights_by_position)
+        return f"direct[{shown}]"

@@ -133,3 +133,78 @@ class KLoRAPolicy(Policy):
 
     def describe(self) -> str:
         return f"klora[{self.pattern}]"
+
+
+class PoolKLoRA(KLoRAPolicy):
+    """K-LoRA per image over the LoRAs it names, ``names[0]`` the subject, the others styles.
+
+    At a layer, the candidates are the image's LoRAs that adapt it: none -> the base layer; one -> that LoRA.
+    Otherwise each candidate ``p`` scores ``S_p``, the sum of the ``k`` largest ``|scale_p * B_p A_p|`` with
+    ``k`` the product of the two largest candidate ranks, and a LoRA whose ``S_p`` is 0 is absent (all absent:
+    the first candidate). The subject's value is ``S_0 / gamma_0``, a style's ``S_p * time_scale(t) / gamma_p``,
+    where ``gamma_p`` is K-LoRA's robust mean of ``sum|dW_p| / sum|dW_1|`` over the layers both adapt (so
+    ``gamma_1 = 1``). The largest value wins; the subject only when strictly larger than every style (K-LoRA's
+    strict comparison, so a pair is exactly the single-pair ``klora``), and ties among styles go to the LoRA
+    named earlier.
+    """
+
+    per_layer = True
+
+    def __init__(self, pattern: str = "s*"):
+        super().__init__(pattern)
+        self._images: dict[tuple, dict] = {}
+
+    def setup(self, layers) -> None:
+        """Scores come per image from the pool (``image_scores``), not from the fused layers."""
+
+    def image_scores(self, names: tuple[str, ...], pool) -> dict:
+        """``{"layers": layer -> (candidate positions, S per candidate), "gamma": per position}``, cached per
+        names and pool version."""
+        key = (names, pool.version)
+        if key not in self._images:
+            if len(self._images) >= 256:
+                self._images.clear()
+            self._images[key] = self._scores(names, pool)
+        return self._images[key]
+
+    @staticmethod
+    def _scores(names: tuple[str, ...], pool) -> dict:
+        adapted = [pool.lora_layers(name) for name in names]
+        layers, totals = {}, {}
+        for layer in sorted(set().union(*adapted)):
+            candidates = [p for p, ranks in enumerate(adapted) if layer in ranks]
+            if len(candidates) < 2:
+                layers[layer] = (candidates, None)
+                continue
+            top = sorted((adapted[p][layer][0] for p in candidates), reverse=True)
+            k, scores = top[0] * top[1], []
+            for p in candidates:
+                topk, total = factor_scores(*pool.factors(names[p], layer), adapted[p][layer][1], k)
+                scores.append(topk)
+                totals[p, layer] = total
+            layers[layer] = (candidates, scores)
+        gamma = [1.0] * len(names)
+        for p in range(len(names)):
+            if p != 1 and len(names) > 1:
+                gamma[p] = robust_gamma([totals[p, layer] / totals[1, layer] for layer in layers
+                                         if totals.get((p, layer), 0) > 0 and totals.get((1, layer), 0) > 0])
+        return {"layers": layers, "gamma": gamma}
+
+    def layer_choice(self, layer: str, names: tuple[str, ...], context) -> int:
+        """The position kept at ``layer`` for an image naming ``names`` (``-1``: the base layer)."""
+        scores = self.image_scores(names, context.pool)
+        candidates, values = scores["layers"].get(layer, ([], None))
+        if values is None:
+            return candidates[0] if candidates else -1
+        live = [(p, v) for p, v in zip(candidates, values) if v > 0]
+        if len(live) < 2:
+            return live[0][0] if live else candidates[0]
+        time_scale, gamma = self.time_scale(context.progress()), scores["gamma"]
+        styles = [(v * time_scale / gamma[p], p) for p, v in live if p > 0]
+        best, style = max(styles, key=lambda item: (item[0], -item[1]))  # ties among styles: the earlier name
+        subject = [v / gamma[0] for p, v in live if p == 0]
+        return 0 if subject and subject[0] > best else style
+
+    def layer_weights(self, layer: str, names: tuple[str, ...], context) -> list[float]:
+        choice = self.layer_choice(layer, names, context)
+        return [float(position == choice) for position in range(len(names))]

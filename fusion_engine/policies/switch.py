@@ -21,5 +21,10 @@ class SwitchPolicy(Policy):
         subject_turn = (context.current_step() // self.tau) % 2 == 0
         return (1.0, 0.0) if subject_turn else (0.0, 1.0)
 
+    def image_weights(self, count: int, context) -> list[float]:
+        """A pool image: one named LoRA at a time, in the order named (``(step // tau) % count``)."""
+        turn = (context.current_step() // self.tau) % count
+        return [float(position == turn) for position in range(count)]
+
     def describe(self) -> str:
         return f"switch[tau={self.tau}]"

@@ -76,11 +76,12 @@ class Refiner:
         return self._objective
 
     def start(self, pipeline, *, noise, generator, subject_prompt=None, style_prompt=None, reference_images=None,
-              unpack=None, **call_options) -> Refinement:
+              unpack=None, assignment=None, **call_options) -> Refinement:
         """Make (or take) the references and embed them; called by FusionPipeline before fusion sampling.
 
         Args:
             unpack: the sampler's latents -> (B, C, h, w) VAE latents (FLUX's packed tokens); None: as they are.
+            assignment: a pool pipeline's LoRA names per image (each a (subject, style) pair).
             call_options: the fused call's own arguments, so the references run the same sampler.
         """
         unpack = unpack if unpack is not None else _same
@@ -88,7 +89,8 @@ class Refiner:
             subject_images, style_images = user_references(reference_images)
         else:
             subject_images, style_images = generate_references(
-                pipeline, subject_prompt, style_prompt, noise=noise, generator=generator, **call_options)
+                pipeline, subject_prompt, style_prompt, noise=noise, generator=generator, assignment=assignment,
+                **call_options)
         references = ReferenceEmbeddings.of(self.clip, self.dino, subject_images, style_images, len(noise),
                                             self.dino_reference)
         objective = self.objective(pipeline.vae, noise.device)

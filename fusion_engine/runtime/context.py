@@ -1,11 +1,18 @@
-"""Per-attach state the fused layers read on every forward: step, batch layout, decision groups."""
+"""Per-attach state the fused layers read on every forward: step, batch layout, decision groups, LoRA scale,
+enabled, and which LoRAs each batch row fuses (the assignment).
+
+A pair's assignment is uniform: every row fuses the layer's own two entries (subject, style). A pool's is held by
+name and resolved to pool slots once per (batch shape, layout, pool version, step for step-dependent policies),
+into small device tensors the fused layers of one forward share: the layers index the pool with them on the
+device, with no host sync and no loop over images.
+"""
 from __future__ import annotations
 
 import warnings
 
 import torch
 
-from ..errors import BatchLayoutError, StepContextError, StepRangeError
+from ..errors import BatchLayoutError, OptionError, StepContextError, StepRangeError, UnknownLoRAError, preview
 from .trace import Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
@@ -24,15 +31,42 @@ def images_in_batch(prompts: list, num_images_per_prompt: int, negative_prompt=N
     return len(prompts) * num_images_per_prompt
 
 
+def normalize_assignment(entries, pool) -> list[tuple[str, ...]]:
+    """Each image's LoRA names as a tuple (a string names one LoRA); errors name the image and the name (``pool``
+    None: names are not checked, as for a component's part pool, which holds only the LoRAs with parts there)."""
+    if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+        raise OptionError(f"an assignment is a list with one entry per image (a name or a tuple of names), "
+                          f"got {entries!r:.80}")
+    images = []
+    for image, entry in enumerate(entries):
+        names = (entry,) if isinstance(entry, str) else tuple(entry) if isinstance(entry, (tuple, list)) else None
+        if not names or not all(isinstance(name, str) for name in names):
+            raise OptionError(f"assignment entry {image} must be a LoRA name or a non-empty tuple of names, "
+                              f"got {entry!r:.80}")
+        if len(set(names)) != len(names):
+            raise OptionError(f"assignment entry {image} names a LoRA twice: {names}")
+        for name in names:
+            if pool is not None and name not in pool:
+                raise UnknownLoRAError(f"image {image} names LoRA {name!r}, which is not in the pool (it holds "
+                                       f"{preview(pool.names) or 'none'})")
+        images.append(names)
+    if not images:
+        raise OptionError("an assignment needs one entry per image; got an empty list")
+    return images
+
+
 class FusionContext:
     """Shared by every fused layer of one attach. Written by the sampler, read by layers and policies.
 
     Batch layout: with classifier-free guidance the UNet batch is ``copies`` stacked copies of
     ``images`` images (diffusers order: ``[uncond..., cond...]``), so batch row ``b`` is image
     ``b % images``. Without a layout, every batch row is its own image.
+
+    ``pool``: a pool fusion's ``LoRAPool`` (``assignment`` then names each image's LoRAs); None for a pair, whose
+    assignment is uniform.
     """
 
-    def __init__(self, policy, granularity: str, backend: str, trace: Trace | None):
+    def __init__(self, policy, granularity: str, backend: str, trace: Trace | None, pool=None):
         if granularity not in GRANULARITIES:
             raise BatchLayoutError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
         self.policy = policy
@@ -50,6 +84,10 @@ class FusionContext:
         self.coefficients: dict[str, torch.Tensor] = {}  # device -> (layers, 2) float32, static policies
         self.lora_scale = 1.0  # diffusers' cross_attention_kwargs={"scale": s}, read per forward
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
+        self.pool = pool
+        self.assignment: list[tuple[str, ...]] | None = None
+        self.partial = bool(getattr(pool, "is_part", False))  # a part pool: a name it lacks is no LoRA there, slot -1
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     @property
     def trace(self) -> Trace | None:
@@ -145,8 +183,8 @@ class FusionContext:
         """Static policies: every layer's (w_subject * scale, w_style * scale) for the coming forward, computed on
         the host (the step, the branch, the LoRA scale) and copied into one persistent device table in place.
         Runs before each forward of the attached model, outside any compiled graph."""
-        if self.policy.uses_divergence or not layers:
-            return
+        if self.policy.uses_divergence or not layers or self.pool is not None:
+            return  # a pool's static weights come per image from ``sample_weights``
         rows = []
         for layer in layers:
             weights = self.policy.weights(layer, self)
@@ -171,3 +209,71 @@ class FusionContext:
             kept = layer.__dict__.pop("kept_decisions", None)
             if kept is not None and self._trace is not None:
                 self._trace.record(self.step, layer.index, *kept)
+
+    # -- a pool's assignment ----------------------------------------------------------------------
+    def set_loras(self, entries) -> None:
+        assignment = normalize_assignment(entries, None if self.partial else self.pool)
+        for names in assignment:
+            self.policy.check_named(len(names))
+        self.assignment = assignment
+        self._tables.clear()
+
+    def _images_of_rows(self, batch: int) -> list[int]:
+        if self.assignment is None:
+            raise StepContextError("a pool fusion needs to know which LoRAs each image uses: call "
+                                   "fusion.set_loras([(...), ...]) (or pass loras=[...] to the pipeline call)")
+        images = self.images if self.images is not None else batch
+        if len(self.assignment) != images:
+            layout = (f"the batch layout says {self.images} image(s) x {self.copies} copies" if self.images
+                      else f"without a batch layout each of the {batch} batch rows is an image")
+            raise BatchLayoutError(f"the LoRA lists (loras=) name LoRAs for {len(self.assignment)} image(s), but "
+                                   f"{layout}; give one entry per image")
+        return [row % images for row in range(batch)]
+
+    def _key(self, kind: str, batch: int, device) -> tuple:
+        step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
+        return (kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale,
+                self.branch)
+
+    def sample_slots(self, batch: int, device) -> torch.Tensor:
+        """``(batch, L)`` int64 pool slots of each batch row's image, ``-1`` padded (built once per shape)."""
+        return self._table("slots", batch, device, torch.int64, self._image_slots, -1)
+
+    def sample_weights(self, batch: int, device, layer: str | None = None, scaled: bool = True) -> torch.Tensor:
+        """``(batch, L)`` float32 static-policy weights of each row's image, times the call's LoRA scale (``scaled``).
+
+        Args:
+            layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``, ``blora``) gets one
+                table per layer.
+        """
+        scale, per_layer = (self.lora_scale if scaled else 1.0), self.policy.per_layer
+
+        def per_image(image, names):
+            policy = self.policy
+            weights = policy.layer_weights(layer, names, self) if per_layer else policy.image_weights(len(names), self)
+            return [w * scale for w in weights]
+
+        return self._table(("weights", scaled, layer if per_layer else None), batch, device, torch.float32, per_image,
+                           0.0)
+
+    def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
+        try:
+            return [-1 if self.partial and name not in self.pool else self.pool.slot(name) for name in names]
+        except UnknownLoRAError as error:
+            raise UnknownLoRAError(f"image {image}: {error} (removed since the assignment was set?)") from None
+
+    def _table(self, kind, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
+        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image."""
+        key = self._key(kind, batch, device)
+        if key not in self._tables:
+            if len(self._tables) >= 4096:  # a long-lived attach meets many steps, shapes and layers: keep the newest
+                self._tables.clear()
+            self._tables[key] = self._build(batch, device, dtype, per_image, pad)
+        return self._tables[key]
+
+    def _build(self, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
+        rows = self._images_of_rows(batch)
+        width = max(len(names) for names in self.assignment)
+        table = [per_image(image, names) for image, names in enumerate(self.assignment)]
+        table = [values + [pad] * (width - len(values)) for values in table]
+        return torch.tensor([table[image] for image in rows], dtype=dtype).to(device)

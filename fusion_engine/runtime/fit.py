@@ -1,12 +1,15 @@
-"""Does a LoRA pair fit a model? Every target is checked before anything is swapped, and one error lists
-every problem, with per-LoRA counts so "made for another base model" is obvious at a glance."""
+"""Does a LoRA pair (or a pool) fit a model? Every target is checked before anything is swapped, and one error lists
+every problem, with per-LoRA counts so "made for another base model" is obvious at a glance. ``layer_factors`` gives
+a pair's entries at a layer as they fit it (cast to its weight, checked, DoRA's gain): what an attach resolves."""
 from __future__ import annotations
 
 import torch.nn as nn
 
 from ..errors import AlreadyAttachedError, ModelMismatchError, preview
+from ..lora.checks import check_cast_factor, check_layer_scale
 from ..lora.families import SD_UNET, describe_family, families_fit, model_family
-from .layers import DynamicLoRALayer
+from .layers import DynamicLoRALayer, absent_factors, dora_gain
+from .pool import resolved_device
 
 FUSABLE_TYPES = (nn.Linear, nn.Conv2d)  # exact types: subclasses may change forward in ways we cannot fuse
 _CROSS_ATTENTION_INPUTS = ("attn2.to_k", "attn2.to_v")
@@ -130,6 +133,31 @@ def refuse_other_family(model: nn.Module, loras: dict) -> None:
                 f"{describe_family(mine)}")
 
 
+def layer_factors(lora, name: str, base: nn.Module):
+    """(lora_a, lora_b, scale, dora_gain) of ``lora`` at ``name`` cast to the base weight; None if absent there.
+
+    ``dora_gain`` is empty unless the layer is DoRA (see ``layers.dora_gain``).
+
+    A ``LoRAValueError`` names the layer and factor when the cast overflows (float32 7e4 -> float16 Inf)
+    or the effective scale is not finite in float32.
+    """
+    if lora is None or name not in lora.layers:
+        return None
+    weight = base.weight
+    no_gain = absent_factors(base)[3]
+    layer = lora.layers[name]
+    lora_a = layer.lora_a.to(device=weight.device, dtype=weight.dtype)
+    lora_b = layer.lora_b.to(device=weight.device, dtype=weight.dtype)
+    check_cast_factor(lora.source, name, "lora_a", layer.lora_a, lora_a)
+    check_cast_factor(lora.source, name, "lora_b", layer.lora_b, lora_b)
+    check_layer_scale(lora.source, name, lora.layer_scale(name))
+    if weight.ndim == 2 and lora_a.ndim == 4:  # kohya stores some Linear LoRAs as 1x1 convs
+        lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
+    scale = lora.layer_scale(name)
+    gain = no_gain if layer.magnitude is None else dora_gain(weight, layer.lora_a, layer.lora_b, scale, layer.magnitude)
+    return lora_a, lora_b, scale, gain
+
+
 def check_fit(model: nn.Module, names: list[str], loras: dict) -> None:
     """Raise unless every target in ``names`` resolves to a fusable layer that every LoRA's factors fit."""
     modules = {name: find_module(model, name) for name in names}
@@ -155,3 +183,42 @@ def check_fit(model: nn.Module, names: list[str], loras: dict) -> None:
         f"({found} resolve to modules):\n  " + "\n  ".join(summaries + listed)
         + (f"\n  ... (+{more} more)" if more else "")
     )
+
+
+def _pool_shape_problem(name: str, module: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why pool LoRAs for weight ``shape`` do not fit ``module`` (an nn.Linear or nn.Conv2d), None when they do: a
+    conv needs the same kernel (1x1-conv storage, ``(N, K)``, fits a 1x1 conv)."""
+    weight = tuple(module.weight.shape)
+    if type(module) is nn.Linear:
+        fits = weight == tuple(shape)
+    else:
+        fits = weight == tuple(shape) or (len(shape) == 2 and weight == (*shape, 1, 1))
+        if fits and module.groups != 1:
+            return (f"{name}: is a grouped Conv2d (groups={module.groups}); the pool fuses conv layers with "
+                    "groups=1 only (attach it as a pair)")
+    if fits:
+        return None
+    lora_kernel = "x".join(map(str, shape[2:])) or "1x1 (or a Linear layer's LoRA)"
+    kind = "" if type(module) is nn.Linear else (f" (a LoRA kernel of {lora_kernel}, the conv's is "
+                                                 f"{'x'.join(map(str, weight[2:]))})")
+    return (f"{name}: the pool's LoRAs need weight {tuple(shape)}, the model's {type(module).__name__} is "
+            f"{weight}{kind}")
+
+
+def check_pool_fit(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """A ``ModelMismatchError`` (``what`` says which step) listing why pool layers ``shapes`` (name -> base weight
+    shape) cannot go on ``model``: missing, not Linear or Conv2d, other shapes (a conv LoRA of another kernel size),
+    another device or dtype than the pool's."""
+    problems = []
+    for name, shape in shapes.items():
+        module = find_module(model, name)
+        problem = _module_problem(name, module) or _pool_shape_problem(name, module, shape)
+        if problem is None and (resolved_device(module.weight.device) != pool.device
+                                or module.weight.dtype != pool.dtype):
+            problem = (f"{name}: the model's weight is {module.weight.dtype} on {module.weight.device}, the pool "
+                       f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
+        problems += [problem] if problem else []
+    if problems:
+        raise ModelMismatchError(f"{what}: {len(problems)} layer(s) do not fit this model:\n  "
+                                 + "\n  ".join(problems[:10]) + (f"\n  ... (+{len(problems) - 10} more)"
+                                                                 if len(problems) > 10 else ""))

@@ -1,22 +1,30 @@
-"""attach/detach: swap every LoRA-targeted layer of a model for a fused module, and back, exactly."""
+"""The one attach: swap every LoRA-targeted layer of a model for a fused module, and back, exactly.
+
+A fusion's bank is a pair (subject, style; uniform assignment: every row fuses both) or a ``LoRAPool`` (each image
+names its LoRAs, ``Fusion.set_loras``). ``attach_model`` first resolves the attach into a ``Spec`` (the LoRA parts,
+aligned to the model, or the pool; the defaults; the policy instance; the target names, checked to fit), then
+``install`` builds the context, the trace and the layers from the spec alone and swaps them in.
+"""
 from __future__ import annotations
 
 import numbers
 import threading
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..errors import AlreadyAttachedError, AttachError, preview
+from ..errors import AlreadyAttachedError, AttachError, OptionError, preview
 from ..lora import LoRA, load_lora
 from ..lora.align import align_to_model
 from ..lora.checks import check_scale
 from ..ops import BACKENDS, check_supported
 from ..policies import divergence_option, make_policy
+from ..utils.deprecation import warn_renamed
 from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
 from .context import FusionContext
-from .fit import check_fit, find_module
+from .fit import check_fit, check_pool_fit, find_module, layer_factors
 from .layers import DynamicLoRAConv2d, DynamicLoRALayer, DynamicLoRALinear
 from .owner import Owner
 from .trace import Trace, max_records
@@ -99,6 +107,7 @@ class Fusion:
 
     def __init__(self, model, subject, style, context: FusionContext, layers, originals):
         self.model, self.subject, self.style = model, subject, style
+        self.pool = context.pool  # a pool fusion's bank (None for a pair)
         self.context = context
         self.layers: list[DynamicLoRALayer] = layers
         self._originals: dict[str, nn.Module] = originals
@@ -182,6 +191,50 @@ class Fusion:
         """For policy 'composite': which LoRA's pass the next UNet call is ('subject' or 'style')."""
         self.context.branch = branch
 
+    # -- a pool's assignment, and its watcher protocol (LoRAs added while attached) ----------------------------
+    def set_loras(self, entries) -> None:
+        """A pool fusion: which LoRAs each image fuses, one entry per image (a name or a tuple of names, in priority
+        order): ``[("dog", "watercolor"), ("cat", "pixel-art"), "dog"]``. CFG copies follow their image. Names are
+        checked now (``UnknownLoRAError`` naming the image and the name) and resolved to slots per call."""
+        if self.pool is None:
+            raise OptionError("set_loras names LoRAs per image from a pool; this fusion fuses one subject/style pair")
+        self.owner.check_free("set_loras")  # not while another thread runs the model
+        self.context.set_loras(entries)
+
+    def set_assignment(self, entries) -> None:
+        """Deprecated name of ``set_loras``."""
+        warn_renamed("set_assignment", "set_loras")
+        self.set_loras(entries)
+
+    @property
+    def loras(self) -> list[tuple[str, ...]] | None:
+        """Each image's LoRA names, as the last ``set_loras`` (or the running call's ``loras=``) gave them."""
+        return self.context.assignment
+
+    @property
+    def assignment(self) -> list[tuple[str, ...]] | None:
+        """Deprecated name of ``loras``."""
+        warn_renamed("assignment", "loras")
+        return self.loras
+
+    def check_pool_layers(self, lora_name: str, shapes: dict[str, tuple[int, int]]) -> None:
+        covered = set(self.layer_names)
+        check_pool_fit(self.model, self.pool, {n: s for n, s in shapes.items() if n not in covered},
+                       f"cannot add pool LoRA {lora_name!r} while attached")
+
+    def cover_pool_layers(self, names: list[str]) -> None:
+        covered = set(self.layer_names)
+        new = [name for name in names if name not in covered]
+        if not new or not self.attached:
+            return
+        originals = {name: self.model.get_submodule(name) for name in new}
+        layers = _layers(originals, {}, self.context, start=len(self.layers))
+        _swap_in(self.model, layers, originals)
+        self.layers.extend(layers)
+        self._originals.update(originals)
+        if self.context.trace is not None:
+            self.context.trace.layer_names.extend(new)
+
     def detach(self) -> None:
         """Put every original module back (the very same objects: the model is bit-for-bit as before)."""
         with _ATTACH_LOCK:
@@ -198,6 +251,8 @@ class Fusion:
             self._overrides = {}
             if _ATTACHED.get(self.model) is self:
                 del _ATTACHED[self.model]
+        if self.pool is not None:
+            self.pool.unwatch(self)
 
     def __enter__(self) -> Fusion:
         return self
@@ -207,7 +262,104 @@ class Fusion:
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
+        if self.pool is not None:
+            return f"Fusion({self.policy.describe()}, {len(self.pool)} LoRAs, layers={len(self.layers)}, {state})"
         return f"Fusion({self.policy!r}, layers={len(self.layers)}, granularity={self.context.granularity}, {state})"
+
+
+@dataclass
+class Spec:
+    """One resolved attach: everything ``install`` needs, nothing it has to look up in ``lora/`` or ``policies/``."""
+
+    names: list[str]  # the target layers, in the model's module order, checked to fit
+    policy: object  # the policy instance
+    granularity: str
+    backend: str
+    max_records: int  # 0: no trace
+    subject: object = None  # a pair's bank: the LoRA parts aligned to the model (None: absent) ...
+    style: object = None
+    factors: dict = field(default_factory=dict)  # ... and per layer its two entries (a, b, scale, gain) or None
+    pool: object = None  # a pool's bank
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _check_kernels(model: nn.Module, spec: Spec, ranks) -> None:
+    """What the backend declines fails at attach, not at its first launch mid-sampling (``ranks``: name -> ranks)."""
+    for name in spec.names:
+        weight = model.get_submodule(name).weight
+        kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
+        check_supported(spec.backend, kind, weight.dtype, ranks(name), device=weight.device, layer=name)
+
+
+def resolve_pair(model: nn.Module, subject, style, *, policy=None, divergence: str | None = None,
+                 granularity: str | None = None, backend: str = "auto", trace: bool | int = True,
+                 **policy_options) -> Spec:
+    """A pair attach resolved: inputs coerced once, the component's defaults, the parts aligned to the model and
+    checked to fit, each layer's two entries cast to its base weight, the policy built."""
+    subject, style = as_lora(subject, "subject"), as_lora(style, "style")
+    if subject is None and style is None:
+        raise AttachError("attach needs a subject LoRA, a style LoRA, or both")
+    _check_backend(backend)
+    policy, granularity = component_defaults(subject, style, policy, granularity)
+    refuse_unsupported_backend(subject, style, backend)
+    warn_unapplied_components(subject, style)
+    subject, style = align_to_model(subject, model), align_to_model(style, model)
+    policy = make_policy(policy, **policy_options, **divergence_option(policy, divergence))
+    names = in_module_order(model, set(subject.layers if subject else ()) | set(style.layers if style else ()))
+    check_fit(model, names, {"subject": subject, "style": style})
+    _refuse_fused_projections(model)
+    factors = {}
+    for name in names:
+        base = model.get_submodule(name)
+        factors[name] = (layer_factors(subject, name, base), layer_factors(style, name, base))
+    spec = Spec(names, policy, granularity, backend, max_records(trace), subject, style, factors)
+    _check_kernels(model, spec, lambda name: tuple(0 if f is None else f[0].shape[0] for f in factors[name]))
+    return spec
+
+
+def resolve_pool(model: nn.Module, pool, *, policy=None, divergence: str | None = None, granularity: str | None = None,
+                 backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> Spec:
+    """A pool attach resolved: the pool policy, the target names (the pool's layers and ``targets``) checked to fit."""
+    _check_backend(backend)
+    granularity = granularity or "image"
+    policy = make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))
+    names = in_module_order(model, set(pool.layers) | set(targets))
+    check_fit(model, names, {})
+    shapes = {name: pool.layers[name].shape if name in pool.layers else
+              tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
+    check_pool_fit(model, pool, shapes, "cannot attach the pool")
+    spec = Spec(names, policy, granularity, backend, max_records(trace), pool=pool)
+    _check_kernels(model, spec, lambda name: (pool.layers[name].rank if name in pool.layers else 0,))
+    return spec
+
+
+def _layers(originals: dict[str, nn.Module], factors: dict, context, start: int = 0) -> list[DynamicLoRALayer]:
+    return [_DYNAMIC_TYPES[type(module)](module, name, start + index, *factors.get(name, (None, None)), context)
+            for index, (name, module) in enumerate(originals.items())]
+
+
+def install(model: nn.Module, spec: Spec) -> Fusion:
+    """Build the trace, the context and the fused layers of ``spec`` and swap them into ``model``, all or none.
+    Under the attach lock: of two threads attaching to one model, one wins."""
+    with _ATTACH_LOCK:
+        if model in _ATTACHED:
+            raise _already_attached(_ATTACHED[model])
+        trace = Trace(spec.names, spec.policy.describe(), spec.max_records, pair=spec.pool is None) \
+            if spec.max_records else None
+        context = FusionContext(spec.policy, spec.granularity, spec.backend, trace, spec.pool)
+        originals = {name: model.get_submodule(name) for name in spec.names}
+        layers = _layers(originals, spec.factors, context)
+        if spec.pool is None:
+            spec.policy.setup(layers)
+        _swap_in(model, layers, originals)
+        fusion = register(model, Fusion(model, spec.subject, spec.style, context, layers, originals))
+        if spec.pool is not None:
+            spec.pool.watch(fusion)
+    return fusion
 
 
 def attach_model(
@@ -215,6 +367,7 @@ def attach_model(
     subject=None,
     style=None,
     *,
+    pool=None,
     policy=None,
     divergence: str | None = None,
     granularity: str | None = None,
@@ -222,30 +375,34 @@ def attach_model(
     trace: bool | int = True,
     **policy_options,
 ) -> Fusion:
-    """Fuse ``subject`` and ``style`` LoRAs into ``model`` (any diffusers UNet, text encoder or nn.Module).
+    """Fuse a bank of LoRAs into ``model`` (any diffusers UNet, text encoder or nn.Module): a ``subject`` and
+    ``style`` pair (every row fuses both), or a ``pool`` (each image fuses the LoRAs it names: ``set_loras``).
 
-    Every layer either LoRA targets is swapped for a fused module; a layer targeted by one LoRA fuses
-    with the other absent. Nothing is changed unless every target resolves and fits.
+    Pair: every layer either LoRA targets is swapped for a fused module; a layer targeted by one LoRA fuses
+    with the other absent. Pool: every Linear (Conv2d) layer a pool LoRA adapts, and every name in ``targets=``
+    (for LoRAs added later). Nothing is changed unless every target resolves and fits.
 
     Args:
         policy: ``"fls"`` (default; ``"direct"`` on a text encoder), ``"direct"``, ``"klora"``, ``"blora"``,
             ``"switch"``, ``"composite"``, or a ``Policy`` instance. Policy options: ``weights=(wc, ws)``
-            (direct), ``pattern`` (klora), ``blocks`` (blora), ``tau`` (switch).
+            (direct), ``pattern`` (klora), ``blocks`` (blora), ``tau`` (switch). A pool runs each of them by
+            position over each image's names in order (position 0 is a pair's subject, 1 its style): ``"fls"``
+            N-way, ``"direct"`` with ``weights=`` per position, ``"switch"`` in turns, ``"klora"`` per layer,
+            ``"blora"`` positions 0 and 1 in their blocks, ``"composite"`` the pass's position.
         divergence: FLS's divergence: ``"kl"`` (default), ``"js"``, ``"cosine"``, ``"dot"``; refused with any other
             policy (it would be ignored).
         granularity: which rows decide together: ``"image"`` (default; ``"sample"`` on a text encoder),
-            ``"sample"``, ``"token"``, ``"batch"``.
-        backend: ``"auto"``, ``"reference"``, ``"triton"``.
+            ``"sample"``, ``"token"``, ``"batch"`` (a pool's images then decide each position together).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``. On triton a pair runs the pair kernels, a pool the pooled
+            ones (forward only: a pool forward carrying a gradient to the layer's input runs the reference ops).
+            Conv (LoCon) layers run the reference ops on every backend.
         trace: record decisions: ``True`` keeps the last ``DEFAULT_MAX_RECORDS`` records (a model that stays
             attached never grows without bound), an int keeps that many, ``False`` records nothing.
 
-    Text encoders take the text-encoder parts of LoRA files (``lora.for_component("text_encoder")``).
-    There the defaults are ``policy="direct"`` (both deltas added, as diffusers' ``set_adapters``
-    does: the paper selects in the denoiser only, and each LoRA's trigger words need its own text
-    delta) and ``granularity="sample"`` (FLS decides once per prompt, over its tokens); ``fls`` and
-    ``direct`` are the policies a text encoder can run (it has no denoising step). Elsewhere the
-    defaults are ``"fls"`` and ``"image"``. A LoRA whose file also has parts for other components
-    warns that this attach leaves them out.
+    Text encoders take the text-encoder parts of LoRA files (``lora.for_component("text_encoder")``), with the
+    defaults ``policy="direct"`` (both deltas added, as diffusers' ``set_adapters``: each LoRA's trigger words need
+    its own text delta) and ``granularity="sample"``; ``fls`` and ``direct`` run there (no denoising step). A LoRA
+    whose file also has parts for other components warns that this attach leaves them out.
 
     Example:
         >>> with fe.attach(unet, subject.for_component("unet"), style.for_component("unet")) as fusion:
@@ -254,43 +411,19 @@ def attach_model(
         >>> te = fe.attach(pipe.text_encoder, subject.for_component("text_encoder"),
         ...                style.for_component("text_encoder"))
     """
-    subject, style = as_lora(subject, "subject"), as_lora(style, "style")
-    if subject is None and style is None:
-        raise AttachError("attach needs a subject LoRA, a style LoRA, or both")
-    if backend not in BACKENDS:
-        raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if model in _ATTACHED:  # checked again under the lock below
-        raise _already_attached(_ATTACHED[model])
-    policy, granularity = component_defaults(subject, style, policy, granularity)
-    refuse_unsupported_backend(subject, style, backend)
-    warn_unapplied_components(subject, style)
-    subject, style = align_to_model(subject, model), align_to_model(style, model)
-    policy = make_policy(policy, **policy_options, **divergence_option(policy, divergence))
-
-    with _ATTACH_LOCK:  # check-and-register is atomic: of two threads attaching to one model, one wins
-        if model in _ATTACHED:
+    options = dict(policy=policy, divergence=divergence, granularity=granularity, backend=backend, trace=trace,
+                   **policy_options)
+    if pool is not None:
+        if subject is not None or style is not None:
+            raise AttachError("attach takes a subject/style pair or a pool=, not both")
+        if not (hasattr(pool, "layers") and hasattr(pool, "slot")):
+            raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
+        spec = resolve_pool(model, pool, **options)
+    else:
+        if model in _ATTACHED:  # before resolving (checked again under the lock in install)
             raise _already_attached(_ATTACHED[model])
-        names = in_module_order(model, set(subject.layers if subject else ()) | set(style.layers if style else ()))
-        check_fit(model, names, {"subject": subject, "style": style})
-        _refuse_fused_projections(model)
-
-        records = max_records(trace)
-        trace_object = Trace(names, policy.describe(), records) if records else None
-        context = FusionContext(policy, granularity, backend, trace_object)
-        originals = {name: model.get_submodule(name) for name in names}
-        layers = [
-            _DYNAMIC_TYPES[type(module)](module, name, index, subject, style, context)
-            for index, (name, module) in enumerate(originals.items())
-        ]
-        for layer in layers:  # what the backend declines fails here, not at its first launch mid-sampling
-            kind = "linear" if isinstance(layer, DynamicLoRALinear) else "conv2d"
-            check_supported(backend, kind, layer.base.weight.dtype, (layer.subject_rank, layer.style_rank),
-                            device=layer.base.weight.device, layer=layer.name)
-        policy.setup(layers)
-
-        _swap_in(model, layers, originals)
-        fusion = register(model, Fusion(model, subject, style, context, layers, originals))
-    return fusion
+        spec = resolve_pair(model, subject, style, **options)
+    return install(model, spec)
 
 
 def in_module_order(model: nn.Module, wanted) -> list[str]:
@@ -345,4 +478,4 @@ def detach_all(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Fusion", "attach_model", "attached_fusion", "detach_all"]
+__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "detach_all", "install", "resolve_pair", "resolve_pool"]

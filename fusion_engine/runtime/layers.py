@@ -1,4 +1,12 @@
-"""Fused stand-ins for LoRA-targeted layers. Each keeps the original module untouched inside it."""
+"""Fused stand-ins for LoRA-targeted layers, one family for a pair and a pool: each keeps the original module
+untouched inside it, its bank of adapters and the shared context.
+
+The bank: a pair's layer holds its two entries (subject, style: factors cast to the base weight, each with its own
+rank (0 = absent), scale and DoRA gain); a pool's layer reads the pool's stacks for it (``LoRAPool.layer``: every
+slot's factors padded to one rank, with per-slot scales and presence). The assignment is the context's: uniform for a
+pair, which runs the pair ops (two 2-D matmuls: ``ops.fls_linear`` / ``ops.mix_linear``), per image for a pool, which
+runs the pooled ops over the slots each image names. ``DynamicLoRALinear`` and ``DynamicLoRAConv2d`` are siblings.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,37 +15,18 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import LayerAttributeError
-from ..lora.checks import check_cast_factor, check_layer_scale
 from ..lora.weights import delta_weight
+from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
-from .trace import choice_code
+from .trace import ALL, choice_code
 
 
-def _factors(lora, name: str, base: nn.Module):
-    """(lora_a, lora_b, scale, dora_gain) of ``lora`` at ``name`` cast to the base weight; rank-0 factors if absent.
-
-    ``dora_gain`` is empty unless the layer is DoRA (see ``dora_gain``).
-
-    A ``LoRAValueError`` names the layer and factor when the cast overflows (float32 7e4 -> float16 Inf)
-    or the effective scale is not finite in float32.
-    """
+def absent_factors(base: nn.Module):
+    """(lora_a, lora_b, scale, dora_gain) of an absent adapter at ``base``: rank-0 factors, scale 0, no gain."""
     weight = base.weight
-    no_gain = weight.new_zeros(0, dtype=accumulation_dtype(weight.dtype))
-    if lora is None or name not in lora.layers:
-        lora_a = weight.new_zeros(0, *weight.shape[1:])
-        lora_b = weight.new_zeros(weight.shape[0], 0, *([1, 1] if weight.ndim == 4 else []))
-        return lora_a, lora_b, 0.0, no_gain
-    layer = lora.layers[name]
-    lora_a = layer.lora_a.to(device=weight.device, dtype=weight.dtype)
-    lora_b = layer.lora_b.to(device=weight.device, dtype=weight.dtype)
-    check_cast_factor(lora.source, name, "lora_a", layer.lora_a, lora_a)
-    check_cast_factor(lora.source, name, "lora_b", layer.lora_b, lora_b)
-    check_layer_scale(lora.source, name, lora.layer_scale(name))
-    if weight.ndim == 2 and lora_a.ndim == 4:  # kohya stores some Linear LoRAs as 1x1 convs
-        lora_a, lora_b = lora_a.flatten(1), lora_b.flatten(1)
-    scale = lora.layer_scale(name)
-    gain = no_gain if layer.magnitude is None else dora_gain(weight, layer.lora_a, layer.lora_b, scale, layer.magnitude)
-    return lora_a, lora_b, scale, gain
+    lora_a = weight.new_zeros(0, *weight.shape[1:])
+    lora_b = weight.new_zeros(weight.shape[0], 0, *([1, 1] if weight.ndim == 4 else []))
+    return lora_a, lora_b, 0.0, weight.new_zeros(0, dtype=accumulation_dtype(weight.dtype))
 
 
 def dora_gain(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -63,11 +52,13 @@ class DynamicLoRALayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module, name: str, index: int, subject, style, context):
+        """``subject``, ``style``: a pair's entries at this layer, ``(lora_a, lora_b, scale, dora_gain)`` as
+        ``fit.layer_factors`` resolves them (None: absent, rank 0); a pool layer has neither (its bank is the pool)."""
         super().__init__()
         self.base = base
         self.name, self.index = name, index
-        subject_a, subject_b, self.subject_scale, subject_gain = _factors(subject, name, base)
-        style_a, style_b, self.style_scale, style_gain = _factors(style, name, base)
+        subject_a, subject_b, self.subject_scale, subject_gain = subject or absent_factors(base)
+        style_a, style_b, self.style_scale, style_gain = style or absent_factors(base)
         # Non-persistent: an attached model's state_dict stays the base model's plus "base." paths.
         self.register_buffer("subject_a", subject_a, persistent=False)
         self.register_buffer("subject_b", subject_b, persistent=False)
@@ -160,34 +151,81 @@ class DynamicLoRALayer(nn.Module):
         subject_scale, style_scale = self.lora_scales
         return torch.tensor([weights[0] * subject_scale, weights[1] * style_scale], dtype=torch.float32, device=device)
 
-    def keep_decisions(self, choice, subject_score=None, style_score=None) -> None:
+    def keep_decisions(self, choice, *scores) -> None:
         """Hold this forward's decisions until the model's forward ends (``FusionContext.collect``); outside the
         attached model's forward, record them at once."""
         context = self.context
         if not context.tracing:
             return
         if context.in_forward:  # into __dict__ directly (what collect pops): nn.Module.__setattr__ costs per call
-            self.__dict__["kept_decisions"] = (choice, subject_score, style_score)
+            self.__dict__["kept_decisions"] = (choice, *scores)
         else:
-            context.trace.record(context.step, self.index, choice, subject_score, style_score)
+            context.trace.record(context.step, self.index, choice, *scores)
+
+    def _guess(self, groups: int, device, dtype: torch.dtype) -> torch.Tensor:
+        """This layer's decisions at its previous call with this many groups (the subject, position 0, at first): the
+        Triton kernel's speculation guess. Decisions barely change between denoising steps, so the kernel writes the
+        guessed branch and only recomputes tiles whose group decided otherwise. A persistent buffer updated in place
+        keeps CUDA-graph replays valid; a wrong guess costs a recompute, never another result."""
+        key = (groups, str(device), dtype)
+        if key not in self._last_choice:
+            self._last_choice[key] = (torch.ones if dtype == torch.bool else torch.zeros)(groups, dtype=dtype,
+                                                                                          device=device)
+        return self._last_choice[key]
+
+    def pool_gains(self, held) -> torch.Tensor | None:
+        """DoRA on a pool: ``(S, N)`` gains of every slot against this layer's base weight (``dora_gain``; 1 for a
+        slot that is not DoRA here), None when no pool LoRA is DoRA at this layer. Cached per pool version."""
+        pool = self.context.pool
+        magnitudes = pool.magnitudes(self.name)
+        if not magnitudes:
+            return None
+        cached = self.__dict__.get("_pool_gains")
+        if cached is None or cached[0] != pool.version:
+            weight = self.base.weight
+            gains = torch.ones(held.rows, held.b.shape[1], dtype=accumulation_dtype(weight.dtype), device=weight.device)
+            for slot, magnitude in magnitudes.items():
+                gains[slot] = dora_gain(weight, held.a[slot], held.b[slot], float(held.scales[slot]), magnitude)
+            self.__dict__["_pool_gains"] = cached = (pool.version, gains)
+        return cached[1]
+
+    def _static(self, held, slots: torch.Tensor, device, gains) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot scales, per-row weights) of a pool's static policy, the call's LoRA scale folded into the weights (with
+        DoRA into the scales: inside DoRA's gain, as a pair's ``branch_delta`` applies it); records each image's
+        position kept (the one LoRA weighted and adapting the layer, ``ALL`` for several, ``-1`` for none)."""
+        context = self.context
+        if gains is None:
+            scales, weights = held.scales, context.sample_weights(slots.shape[0], device, self.name)
+        else:
+            scales = held.scales * context.lora_scale
+            weights = context.sample_weights(slots.shape[0], device, self.name, scaled=False)
+        if context.tracing:
+            valid = slots >= 0
+            live = (weights != 0) & valid & held.present[torch.where(valid, slots, -1)]
+            count, first = live.sum(-1), live.to(torch.int8).argmax(-1)
+            positions = torch.where(count == 1, first, torch.where(count > 1, ALL, -1))
+            self.keep_decisions(positions[: len(context.assignment)])
+        return scales, weights
+
+    def pooled(self, x: torch.Tensor):
+        """(the pool's stacks for this layer, each batch row's slots) when a pool assignment drives this forward,
+        else None (a pair, or a layer no pool LoRA adapts any more: its base layer)."""
+        pool = self.context.pool
+        held = pool.layer(self.name) if pool is not None else None
+        return None if held is None else (held, self.context.sample_slots(x.shape[0] if x.ndim > 1 else 1, x.device))
 
     def extra_repr(self) -> str:
+        if self.context.pool is not None:
+            held = self.context.pool.layer(self.name)
+            return f"{self.name}, pool rank={held.rank if held is not None else 0}"
         dora = ", dora" if self.has_dora else ""
         return f"{self.name}, subject_rank={self.subject_rank}, style_rank={self.style_rank}{dora}"
 
 
 class DynamicLoRALinear(DynamicLoRALayer):
-    def _speculation_buffer(self, groups: int, device) -> torch.Tensor:
-        """This layer's decisions at its previous call with this many groups (subject at first).
-
-        Decisions barely change between denoising steps, so the kernel writes the guessed branch
-        and only recomputes tiles whose group decided otherwise. A persistent buffer updated in
-        place keeps CUDA-graph replays valid.
-        """
-        key = (groups, str(device))
-        if key not in self._last_choice:
-            self._last_choice[key] = torch.ones(groups, dtype=torch.bool, device=device)
-        return self._last_choice[key]
+    """A Linear layer. Triton backend: the pair kernels (``fls_linear`` / ``mix_linear``) for a pair, the pooled ones
+    for a pool, each speculating on this layer's previous decisions; elsewhere, DoRA, and in a pool forward that
+    carries a gradient to ``x`` (the pooled kernels are forward only), the reference ops."""
 
     def _dora_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A layer with a DoRA branch: the reference path (the fused kernels take plain LoRA only)."""
@@ -207,20 +245,46 @@ class DynamicLoRALinear(DynamicLoRALayer):
         self.keep_decisions(choice, subject_score, style_score)
         return out.to(x.dtype)
 
+    def _pooled_forward(self, x: torch.Tensor, rows: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
+        context, base = self.context, self.base
+        backend = ops.resolve_backend(context.backend, x.device)
+        gains = self.pool_gains(held)
+        if backend == "triton" and (gains is not None or (torch.is_grad_enabled() and rows.requires_grad)):
+            backend = "reference"  # the pooled kernels are forward only and plain LoRA: else the reference (autograd)
+        dora = {} if gains is None else {"gains": gains}
+        if not context.policy.uses_divergence:
+            scales, weights = self._static(held, slots, x.device, gains)
+            return ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, scales, slots, weights,
+                                         backend=backend, **dora)
+        row_group, groups = context.row_groups(slots.shape[0], rows.shape[0] // slots.shape[0], x.device)
+        guess = self._guess(groups, x.device, torch.int64) if backend == "triton" else None
+        out, scores, choice = ops.pooled_fls_linear(
+            rows, base.weight, base.bias, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess, **dora,
+        )
+        if guess is not None:
+            guess.copy_(choice)
+        self.keep_decisions(choice, scores)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
         if not context.enabled:
             return base(x)
-        subject_scale, style_scale = self.lora_scales
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
+        if context.pool is not None:
+            pooled = self.pooled(x)
+            out = base(x) if pooled is None else self._pooled_forward(x, rows, *pooled)
+            return out if pooled is None else out.reshape(*lead, out.shape[-1])
+        subject_scale, style_scale = self.lora_scales
         if self.has_dora:
             out = self._dora_forward(x, rows)
             return out.reshape(*lead, out.shape[-1])
         backend = ops.resolve_backend(context.backend, x.device)
         if context.policy.uses_divergence:
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
-            guess = self._speculation_buffer(groups, x.device) if backend == "triton" else None
+            guess = self._guess(groups, x.device, torch.bool) if backend == "triton" else None
             out, subject_score, style_score, choice = ops.fls_linear(
                 rows, base.weight, base.bias, self.subject_a, self.subject_b, subject_scale, self.style_a, self.style_b,
                 style_scale, row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess,
@@ -238,7 +302,22 @@ class DynamicLoRALinear(DynamicLoRALayer):
 
 
 class DynamicLoRAConv2d(DynamicLoRALayer):
-    """LoCon layers: the same rule with the channel dimension per pixel (reference path only)."""
+    """LoCon layers: the same rule with the channel dimension per pixel, the reference ops on every backend (there is
+    no Triton conv kernel). A pool's runs the pooled conv ops (grouped convolutions over the samples, the base
+    layer's stride, padding, dilation and padding mode)."""
+
+    def _pooled_forward(self, x: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
+        context, base, batch = self.context, self.base, x.shape[0]
+        gains = self.pool_gains(held)
+        if not context.policy.uses_divergence:
+            scales, weights = self._static(held, slots, x.device, gains)
+            return pooled_mix_conv2d(x, base, held.a, held.b, scales, slots, weights, gains=gains)
+        out, scores, choice = pooled_fls_conv2d(
+            x, base, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            lambda pixels: context.row_groups(batch, pixels, x.device), context.policy.divergence, gains=gains,
+        )
+        self.keep_decisions(choice, scores)
+        return out
 
     def _conv(self, x, weight, bias=None):
         """The base layer's convolution (stride, padding and padding mode) with another weight."""
@@ -255,6 +334,11 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         context, base, dtype = self.context, self.base, x.dtype
         if not context.enabled:
             return base(x)
+        if context.pool is not None:
+            if x.ndim == 3:  # an unbatched input, as nn.Conv2d takes it
+                return self.forward(x.unsqueeze(0)).squeeze(0)
+            pooled = self.pooled(x)
+            return base(x) if pooled is None else self._pooled_forward(x, *pooled)
         bias = None if base.bias is None else base.bias.to(dtype)
         y0 = self._conv(x, base.weight.to(dtype), bias).to(accumulation_dtype(dtype))
         if not context.policy.uses_divergence and not self.has_dora:

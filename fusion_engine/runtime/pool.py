@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -106,16 +105,13 @@ def _layer_bytes(rows: int, rank: int, shape: tuple[int, ...], dtype: torch.dtyp
 
 def _pool_factors(lora: LoRA, name: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B (N, r)) of a LoRA layer as the pool stores it: A (r, K) for a Linear or 1x1-conv storage (flattened),
-    (r, C_in, kh, kw) for a conv (LoCon) layer; a B that is not a 1x1 conv, and DoRA layers, are refused."""
+    (r, C_in, kh, kw) for a conv (LoCon) layer; a B that is not a 1x1 conv is refused."""
     lora_a, lora_b = layer.lora_a, layer.lora_b
     if lora_b.ndim == 4 and lora_b.shape[2:] != (1, 1):
         raise LoRAShapeError(f"{lora.source}: layer {name}: B {tuple(lora_b.shape)} is not a 1x1 conv; the LoRA pool "
                              "takes conv (LoCon) layers whose B is 1x1 (kohya's and PEFT's layout)")
     if lora_a.ndim == 4 and lora_a.shape[2:] == (1, 1):
         lora_a = lora_a.flatten(1)
-    if layer.magnitude is not None:
-        raise OptionError(f"{lora.source}: layer {name}: a DoRA layer; the LoRA pool takes plain LoRA layers only "
-                          "(attach it as a pair with fe.attach(model, subject, style))")
     return lora_a, lora_b.flatten(1)
 
 
@@ -161,6 +157,9 @@ class LoRAPool:
         self._idle: dict[str, PoolLayer] = {}  # fixed capacity: zeroed stacks of layers no held LoRA adapts now
         self._slots: dict[str, int] = {}  # name -> slot
         self._ranks: dict[str, dict[str, tuple[int, float]]] = {}  # name -> layer -> (the LoRA's rank, its scale)
+        self._magnitudes: dict[str, dict[int, torch.Tensor]] = {}  # DoRA: layer -> slot -> magnitude (N,)
+        self.parts: dict[str, LoRAPool] = {}  # component (text encoders) -> the pool of the LoRAs' parts there
+        self.is_part = False  # one of another pool's ``parts``: it holds only the LoRAs with layers there
         self._lock = threading.RLock()
         self._watchers: list[weakref.ref] = []
         self.version = 0  # bumped by every add/remove: assignments resolve names to slots again
@@ -208,6 +207,11 @@ class LoRAPool:
         as a float, alpha / rank times the LoRA's scale). ``UnknownLoRAError`` when the pool holds no ``name``."""
         self.slot(name)
         return self._ranks[name]
+
+    def magnitudes(self, layer_name: str) -> dict[int, torch.Tensor]:
+        """DoRA: slot -> magnitude ``(N,)`` (accumulation precision) of each DoRA LoRA at ``layer_name``; the fused
+        layer turns them into gains against its base weight (``DynamicLoRALayer.pool_gains``)."""
+        return self._magnitudes.get(layer_name, {})
 
     def factors(self, name: str, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, K) or (r, C_in, kh, kw), B (N, r)) of LoRA ``name`` at ``layer_name``, unpadded, as the pool holds
@@ -302,7 +306,10 @@ class LoRAPool:
 
         Allowed while a fusion is attached, between calls (during another thread's call: ``ConcurrentUseError``):
         the fusion takes the new LoRA's layers at once.
-        Raises ``OptionError`` (a name in use; a DoRA layer), ``LoRAShapeError`` (a layer shaped unlike the pool's
+        DoRA layers keep their magnitudes beside the stacks (``magnitudes``). A LoRA's parts for other components (its
+        text encoders') go, under the same name, into that component's pool (``parts``), which a pipeline attach
+        fuses into the component.
+        Raises ``OptionError`` (a name in use), ``LoRAShapeError`` (a layer shaped unlike the pool's
         LoRAs there, e.g. a conv LoRA of another kernel size; a conv B that is not 1x1), ``ModelMismatchError`` (a
         layer the attached model lacks or that does not fit it), ``PoolBudgetError``.
         Nothing changes when it raises.
@@ -311,36 +318,52 @@ class LoRAPool:
             raise OptionError(f"LoRAPool.add: the name must be a non-empty string, got {name!r}")
         if not isinstance(lora, LoRA):
             lora = load_lora(lora)
-        if lora.other_components:
-            warnings.warn(f"LoRAPool.add({name!r}): the pool fuses the denoiser only; the LoRA's parts for "
-                          f"{sorted(lora.other_components)} are left out", UserWarning, stacklevel=2)
         with self._lock:
-            if name in self._slots:
-                raise OptionError(f"LoRAPool.add: a LoRA named {name!r} is in the pool already; remove it first")
-            prepared = self._prepare(name, lora)
-            slot = self._free_slot(name)
-            plan = self._plan(slot, prepared)
-            after = sum(_layer_bytes(rows, rank, shape, self.dtype) for _, shape, rows, rank in plan.values())
-            if self.budget_bytes is not None and after > self.budget_bytes:
-                raise PoolBudgetError(
-                    f"LoRAPool.add({name!r}): the pool would hold {after} bytes, over its budget of "
-                    f"{self.budget_bytes} (it holds {self.nbytes} bytes in {len(self)} LoRAs now; the LoRA has "
-                    f"{len(prepared)} layers); remove a LoRA first or raise budget_bytes")
-            shapes = {layer_name: _weight_shape(a, b) for layer_name, (a, b, _) in prepared.items()}
-            for watcher in self._live_watchers():
-                watcher.owner.check_free(f"LoRAPool.add({name!r})")  # not while another thread runs the model
-                watcher.check_pool_layers(name, shapes)
-            self._commit(slot, plan, prepared)
-            self._slots[name] = slot
-            self._ranks[name] = {layer_name: (a.shape[0], scale) for layer_name, (a, _, scale) in prepared.items()}
-            self.version += 1
-            try:
-                for watcher in self._live_watchers():
-                    watcher.cover_pool_layers(list(prepared))
+            self._add(name, lora)
+            try:  # the LoRA's text-encoder parts, each in its component's pool (same name; same capacity)
+                for component in sorted(set(lora.components) - {lora.component}):
+                    part = self.parts.get(component) or LoRAPool(self.device, self.dtype, max_loras=self.max_loras,
+                                                                 max_rank=self.max_rank)
+                    part.is_part = True
+                    part.add(name, lora.for_component(component))
+                    self.parts[component] = part
             except BaseException:
-                self.remove(name)
+                self.remove(name)  # and its parts added so far
                 raise
         return self
+
+    def _add(self, name: str, lora: LoRA) -> None:
+        """``add`` for this pool's own component (the denoiser, or a part pool's component)."""
+        if name in self._slots:
+            raise OptionError(f"LoRAPool.add: a LoRA named {name!r} is in the pool already; remove it first")
+        prepared = self._prepare(name, lora)
+        slot = self._free_slot(name)
+        plan = self._plan(slot, prepared)
+        after = sum(_layer_bytes(rows, rank, shape, self.dtype) for _, shape, rows, rank in plan.values())
+        if self.budget_bytes is not None and after > self.budget_bytes:
+            raise PoolBudgetError(
+                f"LoRAPool.add({name!r}): the pool would hold {after} bytes, over its budget of "
+                f"{self.budget_bytes} (it holds {self.nbytes} bytes in {len(self)} LoRAs now; the LoRA has "
+                f"{len(prepared)} layers); remove a LoRA first or raise budget_bytes")
+        shapes = {layer_name: _weight_shape(a, b) for layer_name, (a, b, _) in prepared.items()}
+        for watcher in self._live_watchers():
+            watcher.owner.check_free(f"LoRAPool.add({name!r})")  # not while another thread runs the model
+            watcher.check_pool_layers(name, shapes)
+        self._commit(slot, plan, prepared)
+        for layer_name, layer in lora.layers.items():
+            if layer.magnitude is not None:
+                magnitude = layer.magnitude.detach().reshape(-1)
+                self._magnitudes.setdefault(layer_name, {})[slot] = magnitude.to(
+                    device=self.device, dtype=accumulation_dtype(self.dtype))
+        self._slots[name] = slot
+        self._ranks[name] = {layer_name: (a.shape[0], scale) for layer_name, (a, _, scale) in prepared.items()}
+        self.version += 1
+        try:
+            for watcher in self._live_watchers():
+                watcher.cover_pool_layers(list(prepared))
+        except BaseException:
+            self.remove(name)
+            raise
 
     def _commit(self, slot: int, plan, prepared) -> None:
         """Write ``prepared`` into ``slot``; re-allocate only stacks the ``plan`` finds too small (never when fixed)."""
@@ -384,11 +407,15 @@ class LoRAPool:
         (see the module docstring). Returns the pool."""
         with self._lock:
             slot = self.slot(name)
+            for part in self.parts.values():
+                if name in part:
+                    part.remove(name)
             for watcher in self._live_watchers():
                 watcher.owner.check_free(f"LoRAPool.remove({name!r})")
             del self._slots[name]
             adapted = self._ranks.pop(name)
             for layer_name in adapted:
+                self._magnitudes.get(layer_name, {}).pop(slot, None)
                 held = self.layers[layer_name]
                 held.a[slot].zero_()
                 held.b[slot].zero_()

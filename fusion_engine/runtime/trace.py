@@ -1,6 +1,10 @@
-"""The selection record: per step, layer and decision group, the branch taken and both scores.
+"""The selection record: per step, layer and decision group, the position of the LoRA kept, and the scores.
 
-Layers record device tensors during sampling (no sync); ``gather`` moves everything to the host once.
+A position indexes the LoRAs an image names, in its order (a pair: 0 = subject, 1 = style; a pool image
+``("dog", "watercolor")``: 0 = dog, 1 = watercolor); ``-1`` is the base output (no LoRA there), ``-2`` every named
+LoRA mixed (a static policy adding several). A pair's trace shows the subject/style view of these records
+(``SUBJECT``/``STYLE``/``BOTH``/``BASE`` codes, ``score_subject``/``score_style``), the shape ``trace.json`` has
+always had. Layers record device tensors during sampling (no sync); ``gather`` moves everything to the host once.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ def max_records(trace) -> int:
 CHOICE_NAMES = {STYLE: "style", SUBJECT: "subject", BOTH: "both", BASE: "base"}
 
 
+ALL = -2  # position code: every named LoRA mixed (a pair's BOTH)
+_CODE_TO_POSITION = {SUBJECT: 0, STYLE: 1, BOTH: ALL, BASE: -1}
+_POSITION_TO_CODE = torch.tensor([BOTH, BASE, SUBJECT, STYLE], dtype=torch.int8)  # indexed by position + 2
+
+
 def choice_code(subject_weight: float, style_weight: float) -> int:
     if subject_weight and style_weight:
         return BOTH
@@ -40,22 +49,52 @@ def choice_code(subject_weight: float, style_weight: float) -> int:
 
 @dataclass
 class TraceRecord:
+    """One (step, layer) record. ``choice``: ``(groups,)`` positions (int64), or for a pair's view the int8
+    ``SUBJECT``/``STYLE``/``BOTH``/``BASE`` codes; ``scores``: ``(groups, positions)`` float32, FLS only."""
+
     step: int | None
     layer: int
-    choice: torch.Tensor  # (groups,) int8, CHOICE codes
-    score_subject: torch.Tensor | None  # (groups,) float32, FLS only
-    score_style: torch.Tensor | None
+    choice: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    @property
+    def score_subject(self) -> torch.Tensor | None:
+        return None if self.scores is None else self.scores[:, 0]
+
+    @property
+    def score_style(self) -> torch.Tensor | None:
+        return None if self.scores is None else self.scores[:, 1]
+
+
+def _score_table(scores: tuple) -> torch.Tensor | None:
+    """A record's scores as one ``(groups, positions)`` table (a pair's two vectors stacked)."""
+    if not scores:
+        return None
+    return torch.stack(scores, -1) if len(scores) > 1 else scores[0]
+
+
+def _positions(choice) -> torch.Tensor:
+    """A layer's decisions as positions: a pair's bool (True = subject) or int code, or positions as they are."""
+    if not isinstance(choice, torch.Tensor):
+        return torch.tensor([_CODE_TO_POSITION[choice]], dtype=torch.int64)
+    if choice.dtype == torch.bool:
+        return (~choice).long()
+    return choice.long()
 
 
 class Trace:
-    """Decision records; ``max_records`` (None: no bound) keeps only the newest, counting the rest in ``dropped``."""
+    """Decision records; ``max_records`` (None: no bound) keeps only the newest, counting the rest in ``dropped``.
 
-    def __init__(self, layer_names: list[str], policy: str = "", max_records: int | None = None):
+    ``pair``: the trace of a pair (subject at position 0, style at 1): ``gather`` gives its subject/style view.
+    """
+
+    def __init__(self, layer_names: list[str], policy: str = "", max_records: int | None = None, pair: bool = True):
         if max_records is not None and max_records < 1:
             raise OptionError(f"max_records must be >= 1 or None, got {max_records!r}")
         self.layer_names = list(layer_names)
         self.policy = policy
         self.max_records = max_records
+        self.pair = pair
         self.recorded = 0  # records ever made, kept or dropped
         self._pending: deque[tuple] = deque(maxlen=max_records)
         self._records: deque[TraceRecord] = deque(maxlen=max_records)
@@ -65,11 +104,13 @@ class Trace:
         """Records made but no longer held (only with ``max_records``)."""
         return self.recorded - len(self)
 
-    def record(self, step, layer_index, choice, subject_score=None, style_score=None) -> None:
+    def record(self, step, layer_index, choice, *scores) -> None:
+        """``choice``: positions, a pair's bool (True = subject) or a static code; ``scores``: one ``(groups,
+        positions)`` tensor, or one ``(groups,)`` tensor per position (a pair's subject and style), or none."""
         if isinstance(choice, torch.Tensor):
-            choice = choice.detach().to(torch.int8)
-            subject_score, style_score = subject_score.detach(), style_score.detach()
-        self._pending.append((step, layer_index, choice, subject_score, style_score))
+            choice = choice.detach()
+        scores = tuple(score.detach() for score in scores if score is not None)
+        self._pending.append((step, layer_index, choice, scores))
         self.recorded += 1
 
     def clear(self) -> None:
@@ -78,23 +119,25 @@ class Trace:
         self.recorded = 0
 
     def gather(self) -> list[TraceRecord]:
-        """Move pending device tensors to the host (one transfer per dtype) and return all records."""
+        """Move pending device tensors to the host (one transfer per kind) and return all records (a pair's in its
+        subject/style view)."""
         if self._pending:
             device_rows = [p for p in self._pending if isinstance(p[2], torch.Tensor)]
             if device_rows:
                 sizes = [row[2].numel() for row in device_rows]
-                choices = torch.cat([row[2].flatten() for row in device_rows]).cpu().split(sizes)
-                scores = torch.cat([torch.stack([row[3], row[4]]).float() for row in device_rows], 1).cpu()
-                scores = scores.split(sizes, dim=1)
-                host = iter(zip(choices, scores))
-            for step, layer, choice, _, _ in self._pending:
-                if isinstance(choice, torch.Tensor):
-                    c, s = next(host)
-                    self._records.append(TraceRecord(step, layer, c, s[0], s[1]))
-                else:
-                    self._records.append(TraceRecord(step, layer, torch.tensor([choice], dtype=torch.int8), None, None))
+                choices = torch.cat([_positions(row[2].flatten()) for row in device_rows]).cpu().split(sizes)
+                tables = [_score_table(row[3]) for row in device_rows]
+                flat = [t.flatten() for t in tables if t is not None]
+                flat = iter(torch.cat(flat).float().cpu().split([t.numel() for t in flat]) if flat else ())
+                host = iter([(choice, None if t is None else next(flat).reshape(t.shape))
+                             for choice, t in zip(choices, tables)])
+            for step, layer, choice, _ in self._pending:
+                position, scores_row = next(host) if isinstance(choice, torch.Tensor) else (_positions(choice), None)
+                self._records.append(TraceRecord(step, layer, position, scores_row))
             self._pending.clear()
-        return list(self._records)
+        if not self.pair:
+            return list(self._records)
+        return [TraceRecord(r.step, r.layer, _POSITION_TO_CODE[r.choice + 2], r.scores) for r in self._records]
 
     def __len__(self) -> int:
         held = len(self._records) + len(self._pending)
@@ -103,6 +146,21 @@ class Trace:
     @property
     def steps(self) -> list:
         return sorted({r.step for r in self.gather() if r.step is not None})
+
+    def image_summary(self, image: int, names: tuple[str, ...]) -> dict[str, int]:
+        """How many (step, layer) decisions of group ``image`` kept each of its LoRAs (``"base"``: none did; ``"all"``:
+        a static mix of several). Meaningful at granularity ``"image"``, where group ``image`` is that image."""
+        counts = {name: 0 for name in names} | {"base": 0}
+        for record in self._positions():
+            if image < record.choice.numel():
+                position = int(record.choice[image])
+                key = "base" if position == -1 else "all" if position == ALL else names[position]
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _positions(self) -> list[TraceRecord]:
+        self.gather()
+        return list(self._records)
 
     def subject_fraction(self) -> torch.Tensor:
         """(steps, layers) share of decision groups that took the subject (NaN: no record;
@@ -121,7 +179,7 @@ class Trace:
         for r in self.gather():
             row = {"step": r.step, "layer": self.layer_names[r.layer], "groups": r.choice.numel()}
             if r.choice.numel() <= max_groups:
-                row["choice"] = [CHOICE_NAMES[int(c)] for c in r.choice]
+                row["choice"] = [CHOICE_NAMES[int(c)] if self.pair else int(c) for c in r.choice]
                 if r.score_subject is not None:
                     row["score_subject"] = r.score_subject.tolist()
                     row["score_style"] = r.score_style.tolist()
