@@ -122,3 +122,42 @@ def test_describe_lists_one_line_per_layer():
                ("to_k", *bc.choose_backend("fls", 154, 640, 2048, 64, BF16))]
     text = bc.describe(choices)
     assert text.count("\n") == 2 and "to_q: triton - fls mid r<=64 bfloat16 graph" in text and "small_m" in text
+
+
+def test_an_attached_layer_asks_by_its_call_size_and_describe_says_why(monkeypatch):
+    """The wiring: a fused linear under backend="auto" on CUDA hands its call's size class (op, M, N, K, widest
+    rank, dtype, mode) to the choice, and ``describe()`` lists that choice and its reason per layer. No GPU here:
+    the device is only named, and the kernels' availability is stubbed."""
+    import types
+
+    import torch.nn as nn
+
+    import fusion_engine as fe
+    from fusion_engine import ops
+    from fusion_engine.lora import LoRA, LoRALayer
+
+    net = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 24))
+    g = torch.Generator().manual_seed(0)
+
+    def lora(rank):
+        return LoRA({name: LoRALayer(torch.randn(rank, m.in_features, generator=g),
+                                     torch.randn(m.out_features, rank, generator=g), alpha=rank)
+                     for name, m in net.named_children() if isinstance(m, nn.Linear)}, f"<r{rank}>", "peft")
+
+    fusion = fe.attach(net, subject=lora(8), style=lora(40), policy="fls")
+    assert "2 layers not yet called" in fusion.describe()
+    monkeypatch.setattr(ops, "_triton_ops", lambda: types.SimpleNamespace(is_available=lambda: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    rows = types.SimpleNamespace(device=torch.device("cuda"), shape=(8192, 24), dtype=BF16)
+    layer = fusion.layers[0]
+    backend = layer._backend("fls", rows, max(layer.subject_rank, layer.style_rank))
+    assert layer.last_size == dict(op="fls", M=8192, N=40, K=24, rank=40, dtype=BF16, mode="eager")
+    expected, reason = bc.resolve("auto", op="fls", M=8192, N=40, K=24, rank=40, dtype=BF16, mode="eager",
+                                  device_type="cuda", triton_available=True)
+    assert backend == expected and expected == bc.choose_backend("fls", 8192, 40, 24, 40, BF16, mode="eager")[0]
+    text = fusion.describe()
+    assert f"{layer.name}: {backend} - {reason}" in text and "1 layers not yet called" in text
+    fusion.detach()
+    reference = fe.attach(net, subject=lora(8), style=lora(8), backend="reference")
+    assert "backend='reference' on every layer" in reference.describe()
+    reference.detach()

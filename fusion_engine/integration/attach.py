@@ -144,7 +144,7 @@ def _names(entry) -> tuple:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-_FORWARDED = ("context", "policy", "layers", "layer_names", "trace", "attached", "pool", "loras")
+_FORWARDED = ("context", "policy", "layers", "layer_names", "trace", "attached", "pool", "loras", "describe")
 
 
 class PipelineAttachment:

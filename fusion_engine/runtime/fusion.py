@@ -19,7 +19,7 @@ from ..errors import AlreadyAttachedError, AttachError, OptionError, preview
 from ..lora import LoRA, load_lora
 from ..lora.align import align_to_model
 from ..lora.checks import check_scale
-from ..ops import BACKENDS, check_supported
+from ..ops import BACKENDS, backend_choice, check_supported
 from ..policies import divergence_option, make_policy
 from ..utils.deprecation import warn_renamed
 from .components import component_defaults, refuse_unsupported_backend, warn_unapplied_components
@@ -259,6 +259,33 @@ class Fusion:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def describe(self) -> str:
+        """What runs: the fusion, then the backend per layer. With ``backend="auto"`` on CUDA, each layer's
+        choice for the size class of its last call and the measurement (or fallback) behind it.
+
+        Example:
+            >>> fusion = fe.attach(pipe, subject=subject, style=style)
+            >>> pipe(prompt); print(fusion.describe())
+        """
+        head = repr(self)
+        if self.context.backend != "auto":
+            return f"{head}\nbackend={self.context.backend!r} on every layer, as asked"
+        choices, waiting = [], 0
+        for layer in self.layers:
+            size = getattr(layer, "last_size", None)
+            if size is None:
+                waiting += 1
+                continue
+            choices.append((layer.name, *backend_choice.resolve("auto", device_type="cuda",
+                                                                triton_available=True, **size)))
+        lines = [head]
+        if choices:
+            lines.append(backend_choice.describe(choices))
+        if waiting:
+            lines.append(f'backend="auto": {waiting} layers not yet called on CUDA (off CUDA every layer runs the '
+                         "reference ops; LoCon and DoRA layers always do)")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

@@ -68,6 +68,7 @@ class DynamicLoRALayer(nn.Module):
         self.register_buffer("style_gain", style_gain, persistent=False)
         self.context = context
         self._last_choice: dict[tuple, torch.Tensor] = {}
+        self.last_size: dict | None = None  # backend="auto" on CUDA: the last call's size class, for describe()
         self._register_load_state_dict_pre_hook(_keys_into_base)
 
     def __getattr__(self, name: str):
@@ -245,9 +246,21 @@ class DynamicLoRALinear(DynamicLoRALayer):
         self.keep_decisions(choice, subject_score, style_score)
         return out.to(x.dtype)
 
+    def _backend(self, op: str, rows: torch.Tensor, rank: int) -> str:
+        """The concrete backend of this call: ``"auto"`` on CUDA picks by the call's size class on the recorded
+        measurements (``ops/backend_choice.py``), in the mode it runs in (CUDA-graph capture or compile, else eager)."""
+        if self.context.backend != "auto" or rows.device.type != "cuda":
+            return ops.resolve_backend(self.context.backend, rows.device)
+        capturing = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+        size = dict(op=op, M=rows.shape[0], N=self.base.weight.shape[0], K=rows.shape[1], rank=rank,
+                    dtype=rows.dtype, mode="graph" if capturing else "eager")
+        self.last_size = size
+        return ops.resolve_backend("auto", rows.device, size)
+
     def _pooled_forward(self, x: torch.Tensor, rows: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
-        backend = ops.resolve_backend(context.backend, x.device)
+        op = "pooled_fls" if context.policy.uses_divergence else "pooled_mix"
+        backend = self._backend(op, rows, held.a.shape[-2])
         gains = self.pool_gains(held)
         if backend == "triton" and (gains is not None or (torch.is_grad_enabled() and rows.requires_grad)):
             backend = "reference"  # the pooled kernels are forward only and plain LoRA: else the reference (autograd)
@@ -281,7 +294,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
         if self.has_dora:
             out = self._dora_forward(x, rows)
             return out.reshape(*lead, out.shape[-1])
-        backend = ops.resolve_backend(context.backend, x.device)
+        backend = self._backend("fls" if context.policy.uses_divergence else "mix", rows,
+                                max(self.subject_rank, self.style_rank))
         if context.policy.uses_divergence:
             row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
             guess = self._guess(groups, x.device, torch.bool) if backend == "triton" else None
