@@ -3,8 +3,13 @@ codec), then a UNet2DConditionModel and a CLIPTextModel on every base shape x ba
 held-out style excluded). Seeded; CPU. ``--world v2``: the second world (``worlds/toy/v2.py``: 60 of 80
 combinations, a world-sized vocabulary).
 
+Resumable (``training/toy/resume.py``): every checkpoint (``--checkpoint-every``) and the last step write
+``OUT/checkpoint-<step>/resume_state.pt``; ``--resume`` continues the UNet phase from the newest one, with the
+VAE that ``OUT/vae_only/`` holds (a VAE trained and recorded there is reused even before the first UNet state),
+and gives the same weights as a run never stopped (same ``--threads``).
+
     python -m training.toy.train_base --out toy_weights [--world v1|v2] [--steps 1000] [--vae-steps 400]
-        [--batch 32]
+        [--batch 32] [--stop-after N] [--resume]
 """
 from __future__ import annotations
 
@@ -17,10 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fusion_engine.errors import OptionError
 from fusion_engine.worlds.toy import configs
 from fusion_engine.worlds.toy import data as v1
 
+from . import resume as resuming
 from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
+
+PREFIX = "checkpoint-"  # OUT/checkpoint-<step>/: the EMA weights, -raw the raw ones, resume_state.pt
+VAE_RECORD = "train_args.json"  # in OUT/vae_only/, written last: the VAE there is complete, with these settings
 
 
 def train_vae(images: torch.Tensor, steps: int, seed: int, batch: int = 32):
@@ -80,18 +90,45 @@ def save_base(out: Path, vae, unet, text_encoder, recipe: dict | None = None) ->
     (out / "base_config.json").write_text(json.dumps(config, indent=1))
 
 
-def save_vae(out: Path, vae) -> None:
+def save_vae(out: Path, vae, record: dict | None = None) -> None:
+    """``record``: the settings it was trained with (and its time), written last and atomically, so that a resumed
+    run can reuse a complete VAE (``load_vae``)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / VAE_RECORD).unlink(missing_ok=True)
     save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
     (out / "vae_config.json").write_text(json.dumps(dict(configs.VAE, scaling_factor=vae.config.scaling_factor)))
+    if record is not None:
+        (out / f"{VAE_RECORD}.partial").write_text(json.dumps(record))
+        (out / f"{VAE_RECORD}.partial").replace(out / VAE_RECORD)
 
 
-def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: int = 64, lr: float = 1e-3,
-               ema_decay: float = 0.995, checkpoint_every: int = 400, stop_after: int | None = None,
-               recipe: dict | None = None):
-    """``steps`` sets the learning-rate schedule; ``stop_after`` ends the run early (the schedule unchanged)."""
+def load_vae(folder: Path, settings: dict):
+    """(vae, record) from ``folder`` (``save_vae``'s) if it holds a complete VAE trained with ``settings``;
+    ``None`` if it holds none; refused, naming the field, if it holds one trained with other settings."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    if not (folder / VAE_RECORD).is_file():
+        return None
+    record = json.loads((folder / VAE_RECORD).read_text())
+    resuming.check_settings(folder / VAE_RECORD, record["settings"], settings)
+    vae = AutoencoderKL(**configs.VAE)
+    vae.load_state_dict(load_file(str(folder / "vae.safetensors")))
+    vae.register_to_config(scaling_factor=json.loads((folder / "vae_config.json").read_text())["scaling_factor"])
+    return vae.eval().requires_grad_(False), record
+
+
+UNET_LR, UNET_EMA = 1e-3, 0.995
+
+
+def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: int = 64, lr: float = UNET_LR,
+               ema_decay: float = UNET_EMA, checkpoint_every: int = 400, stop_after: int | None = None,
+               recipe: dict | None = None, record: dict | None = None, resume: dict | None = None):
+    """``steps`` sets the learning-rate schedule; ``stop_after`` ends the run early (the schedule unchanged).
+    Each checkpoint and the last step write a resume state with ``record`` in it (``{"settings": ...}``: what a
+    resumed run must repeat); ``resume``, such a state, continues its run."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -114,8 +151,27 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(seed + 1)
     alphas = alphas_cumprod()
-    start, running = time.perf_counter(), None
-    for step in range(min(steps, stop_after or steps)):
+    first, running, before = 0, None, 0.0
+    if resume is not None:
+        for name, model in (("unet", unet), ("text_encoder", text_encoder), ("ema_unet", ema[0]),
+                            ("ema_text_encoder", ema[1])):
+            model.load_state_dict(resume[name])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        resuming.set_rng_states(generator, resume["rng"])
+        first, running, before = resume["step"], resume["running_loss"], resume["seconds"]
+    end = min(steps, stop_after or steps)
+
+    def save_state(done: int) -> None:
+        resuming.save_state(out, PREFIX, done, {
+            "settings": {}, **(record or {}), "step": done, "running_loss": running,
+            "seconds": before + time.perf_counter() - start,
+            "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema_unet": ema[0].state_dict(),
+            "ema_text_encoder": ema[1].state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "rng": resuming.rng_states(generator)})
+
+    start = time.perf_counter()
+    for step in range(first, end):
         index = torch.randint(len(latents), (batch,), generator=generator)
         loss = diffusion_loss(unet, latents[index], text_encoder(ids[index])[0], generator, alphas)
         optimizer.zero_grad()
@@ -133,10 +189,14 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
             adapt_threads()
             log(f"unet step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s, "
                 f"{torch.get_num_threads()} threads)")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < min(steps, stop_after or steps):
-            save_base(out / f"checkpoint-{step + 1}", vae, ema[0], ema[1], recipe)
-            save_base(out / f"checkpoint-{step + 1}-raw", vae, unet, text_encoder, recipe)
-    return unet.eval(), text_encoder.eval(), ema[0].eval(), ema[1].eval(), time.perf_counter() - start
+        if (step + 1) % checkpoint_every == 0 and step + 1 < end:
+            save_base(out / f"{PREFIX}{step + 1}", vae, ema[0], ema[1], recipe)
+            save_base(out / f"{PREFIX}{step + 1}-raw", vae, unet, text_encoder, recipe)
+            save_state(step + 1)
+    if end > first:  # the last step's state: a run stopped by --stop-after goes on from here
+        save_state(end)
+    seconds = before + time.perf_counter() - start
+    return unet.eval(), text_encoder.eval(), ema[0].eval(), ema[1].eval(), seconds
 
 
 def main(argv=None) -> int:
@@ -151,29 +211,64 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--world", choices=["v1", "v2"], default="v1")
     parser.add_argument("--checkpoint-every", type=int, default=400)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest resume state in --out (same arguments; refused otherwise)")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    try:
+        return train(args, out)
+    except OptionError as error:
+        parser.error(str(error))
+
+
+def train(args, out: Path) -> int:
     torch.set_num_threads(args.threads)
     adapt_threads(args.threads)
+    vae_settings = {"vae_steps": args.vae_steps, "seed": args.seed, "world": args.world, "threads": args.threads}
+    settings = resuming.run_settings(args, lr=UNET_LR, ema_decay=UNET_EMA)
+    resume, reused = None, None
+    if args.resume:
+        found = resuming.load_latest(out, PREFIX, settings)
+        reused = load_vae(out / "vae_only", vae_settings)
+        if found is None and reused is None:
+            raise resuming.require_state(out, PREFIX)
+        resume = found and found[1]
+        if resume and resume["step"] > min(args.steps, args.stop_after or args.steps):
+            raise OptionError(f"{found[0]}: the state is at step {resume['step']}, past this run's end "
+                              f"(--stop-after {args.stop_after})")
+    else:
+        resuming.discard_states(out, PREFIX)
     recipe = world_recipe(args.world)
     images, captions = recipe["base_dataset"](seed=args.seed)
     log(f"base data ({args.world}): {len(images)} images, e.g. {captions[-1]!r}")
-    vae, vae_s = train_vae(recipe["autoencoder_dataset"](seed=args.seed + 3), args.vae_steps, args.seed)
-    log(f"vae trained in {vae_s:.0f} s; scaling factor {vae.config.scaling_factor:.4f}")
-    save_vae(out / "vae_only", vae)
+    if reused is None:
+        vae, vae_s = train_vae(recipe["autoencoder_dataset"](seed=args.seed + 3), args.vae_steps, args.seed)
+        log(f"vae trained in {vae_s:.0f} s; scaling factor {vae.config.scaling_factor:.4f}")
+        save_vae(out / "vae_only", vae, {"settings": vae_settings, "seconds": vae_s})
+    else:
+        vae, vae_s = reused[0], reused[1]["seconds"]
+        log(f"vae reused from {out / 'vae_only'} (trained in {vae_s:.0f} s); UNet from step "
+            f"{resume['step'] if resume else 0}")
+    vae_digest = resuming.file_digest(out / "vae_only" / "vae.safetensors")
+    if resume is not None:  # the UNet's latents come from this VAE: it must be the one the state was trained on
+        resuming.check_settings(out / "vae_only" / "vae.safetensors", {"vae_sha256": resume["vae_sha256"]},
+                                {"vae_sha256": vae_digest})
     with torch.no_grad():  # the base model's latents: its own images only
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
     latents = latents * vae.config.scaling_factor
     unet, text_encoder, ema_unet, ema_text, unet_s = train_unet(vae, latents, captions, args.steps, args.seed, out,
                                                                 batch=args.batch, stop_after=args.stop_after,
-                                                                checkpoint_every=args.checkpoint_every, recipe=recipe)
+                                                                checkpoint_every=args.checkpoint_every, recipe=recipe,
+                                                                resume=resume, record={
+                                                                    "settings": settings, "vae_sha256": vae_digest})
     log(f"unet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params) + text encoder trained in "
         f"{unet_s:.0f} s")
     save_base(out / "raw", vae, unet, text_encoder, recipe)
     save_base(out, vae, ema_unet, ema_text, recipe)
     (out / "times_base.json").write_text(json.dumps({"vae_s": round(vae_s), "unet_s": round(unet_s),
                                                      "steps": args.steps, "stop_after": args.stop_after,
-                                                     "vae_steps": args.vae_steps, "world": args.world}))
+                                                     "vae_steps": args.vae_steps, "world": args.world,
+                                                     "resumed_from": resume and resume["step"]}))
     log(f"saved to {out} (EMA weights; the raw last step in {out / 'raw'})")
     return 0
 

@@ -19,8 +19,14 @@ token asks for and leaves the rest of the model (the empty prompt of CFG include
 prior from its 60 seen combinations; the subject's DreamBooth images are the first world's) and ``--alpha A``:
 one alpha for both LoRAs (the first world's roles had their own, 8 and 4 x rank / 8), so one recipe trains both.
 
+Resumable (``training/toy/resume.py``): every ``--checkpoint-every`` steps and at the last one each LoRA writes
+``OUT/checkpoint-<role>-<step>/resume_state.pt``; ``--resume`` continues each role from its newest state (a role
+with none starts), with the same arguments and the same base files, and gives the same LoRA as a run never
+stopped (same ``--threads``).
+
     python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
         [--rank 8] [--targets attention|attention+ff|all] [--cosine] [--ema 0.999] [--world v1|v2] [--alpha A]
+        [--stop-after N] [--checkpoint-every 400] [--resume]
 """
 from __future__ import annotations
 
@@ -35,10 +41,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fusion_engine.errors import OptionError
 from fusion_engine.worlds.toy import data as v1
 from fusion_engine.worlds.toy.world import STYLE_FILE, SUBJECT_FILE, load_toy_world
 
+from . import resume as resuming
 from .common import DEFAULT_OUT, adapt_threads, alphas_cumprod, diffusion_loss, log, token_ids
+
+BASE_FILES = ("unet.safetensors", "text_encoder.safetensors", "vae.safetensors")  # what a LoRA is trained on
 
 
 class LoRAConv2d(nn.Module):
@@ -114,9 +124,12 @@ def encode(world, images, captions):
 
 
 def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, batch=16, prior_share=0.5,
-               cosine=False, ema_decay=0.0):
+               cosine=False, ema_decay=0.0, stop_after=None, checkpoint=None, resume=None):
     """Train one LoRA; ``ema_decay`` > 0 returns the factors' exponential moving average (with the base's
-    warm-up, ``min(decay, (1 + step) / (10 + step))``) instead of the last step's."""
+    warm-up, ``min(decay, (1 + step) / (10 + step))``) instead of the last step's. ``stop_after`` ends the run
+    early (the schedule still the one of ``steps``). ``checkpoint``: ``{"out", "prefix", "every", "record"}``,
+    where and how often resume states are written (and at the last step), ``record`` in each;
+    ``resume``, such a state, continues its run."""
     from fusion_engine.lora import LoRA, LoRALayer
 
     torch.manual_seed(seed)
@@ -131,8 +144,28 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, bat
     n_prior = round(batch * prior_share)
     alphas = alphas_cumprod()
     generator = torch.Generator().manual_seed(seed + 1)
-    start, running = time.perf_counter(), None
-    for step in range(steps):
+    first, running, before = 0, None, 0.0
+    if resume is not None:
+        with torch.no_grad():
+            for param, saved in zip(params, resume["params"]):
+                param.copy_(saved)
+            for shadow, saved in zip(shadows or [], resume["shadows"] or []):
+                shadow.copy_(saved)
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        resuming.set_rng_states(generator, resume["rng"])
+        first, running, before = resume["step"], resume["running_loss"], resume["seconds"]
+    end = min(steps, stop_after or steps)
+
+    def save_state(done: int) -> None:
+        resuming.save_state(checkpoint["out"], checkpoint["prefix"], done, {
+            "settings": {}, **checkpoint["record"], "step": done, "running_loss": running,
+            "seconds": before + time.perf_counter() - start, "params": [p.detach() for p in params],
+            "shadows": shadows, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "rng": resuming.rng_states(generator)})
+
+    start = time.perf_counter()
+    for step in range(first, end):
         index = torch.randint(len(latents), (batch - n_prior,), generator=generator)
         prior_index = torch.randint(len(prior_latents), (n_prior,), generator=generator)
         x0 = torch.cat([latents[index], prior_latents[prior_index]])
@@ -151,15 +184,22 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, bat
         if step % 50 == 0 or step == steps - 1:
             adapt_threads()
             log(f"lora step {step} loss {running:.4f} ({time.perf_counter() - start:.0f} s)")
+        if checkpoint is not None and (step + 1) % checkpoint["every"] == 0 and step + 1 < end:
+            save_state(step + 1)
+    if checkpoint is not None and end > first:  # the last step's: a run stopped by --stop-after goes on from here
+        save_state(end)
     final = iter(shadows if shadows is not None else [p.detach().clone() for p in params])
     factors = {name: LoRALayer(lora_a=next(final), lora_b=next(final), alpha=float(alpha)) for name in layers}
     lora = LoRA(layers=factors, source="<trained>", layout="peft")
-    return lora, time.perf_counter() - start
+    return lora, before + time.perf_counter() - start
+
+
+def prefix(role: str) -> str:
+    """Where a role's resume states go: ``OUT/checkpoint-<role>-<step>/``."""
+    return f"checkpoint-{role}-"
 
 
 def main(argv=None) -> int:
-    from fusion_engine.lora import save_lora
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=8, help="half of it the subject's or style's images, half prior")
@@ -176,9 +216,36 @@ def main(argv=None) -> int:
     parser.add_argument("--world", choices=["v1", "v2"], default="v1")
     parser.add_argument("--alpha", type=float, default=None,
                         help="one alpha for the LoRA(s) trained (default: the first world's per-role alphas)")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end after this many steps, the schedule still the one of --steps")
+    parser.add_argument("--checkpoint-every", type=int, default=400, help="steps between resume states")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each LoRA from its newest resume state in --out (same arguments and base)")
     args = parser.parse_args(argv)
+    try:
+        return train(args, Path(args.out))
+    except OptionError as error:
+        parser.error(str(error))
+
+
+def train(args, out: Path) -> int:
+    from fusion_engine.lora import save_lora
+
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    roles = [role for role in ("subject", "style") if args.only in (None, role)]
+    base = {f"base_{name}_sha256": resuming.file_digest(out / name) for name in BASE_FILES if (out / name).is_file()}
+    states = {}  # role: (settings, the state it resumes or None)
+    for role in roles:
+        settings = resuming.run_settings(args, role=role, **base)
+        found = resuming.load_latest(out, prefix(role), settings) if args.resume else None
+        if found and found[1]["step"] > min(args.steps, args.stop_after or args.steps):
+            raise OptionError(f"{found[0]}: the state is at step {found[1]['step']}, past this run's end "
+                              f"(--stop-after {args.stop_after})")
+        if not args.resume:
+            resuming.discard_states(out, prefix(role))
+        states[role] = (settings, found and found[1])
+    if args.resume and not any(state for _, state in states.values()):
+        raise resuming.require_state(out, prefix(args.only or "<role>"))
     world = load_toy_world(out, require_loras=False)
     if args.world == "v2":
         from fusion_engine.worlds.toy import v2
@@ -187,26 +254,31 @@ def main(argv=None) -> int:
     else:
         base_dataset, style_dataset, prior_per_combo = v1.base_dataset, v1.style_dataset, 8
     prior = encode(world, *base_dataset(per_combo=prior_per_combo, seed=args.seed + 5))
-    roles = {  # role: (dataset, seed offsets of data and training, alpha per 8 of rank, file layout, file name)
+    recipes = {  # role: (dataset, seed offsets of data and training, alpha per 8 of rank, file layout, file name)
         "subject": (v1.subject_dataset, 1, 10, 8.0, "peft", SUBJECT_FILE),
         "style": (style_dataset, 2, 20, 4.0, "kohya", STYLE_FILE),
     }
-    for role, (dataset, data_seed, train_seed, alpha, layout, file) in roles.items():
-        if args.only not in (None, role):
+    for role, (dataset, data_seed, train_seed, alpha, layout, file) in recipes.items():
+        if role not in states:
             continue
+        settings, resume = states[role]
         images, captions = dataset(seed=args.seed + data_seed)
+        checkpoint = {"out": out, "prefix": prefix(role), "every": args.checkpoint_every,
+                      "record": {"settings": settings}}
         lora, seconds = train_lora(world, encode(world, images, captions), prior, rank=args.rank,
                                    alpha=args.alpha if args.alpha is not None else alpha * args.rank / 8,
                                    steps=args.steps, seed=args.seed + train_seed,
                                    lr=args.lr, targets=args.targets, batch=args.batch, prior_share=args.prior_share,
-                                   cosine=args.cosine, ema_decay=args.ema)
+                                   cosine=args.cosine, ema_decay=args.ema, stop_after=args.stop_after,
+                                   checkpoint=checkpoint, resume=resume)
         save_lora(lora, out / file, layout=layout)
         (out / f"times_{role}.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
                                                             "batch": args.batch, "lr": args.lr,
                                                             "prior_share": args.prior_share, "rank": args.rank,
                                                             "targets": args.targets, "cosine": args.cosine,
                                                             "ema": args.ema, "world": args.world,
-                                                            "alpha": lora.alphas()}))
+                                                            "alpha": lora.alphas(), "stop_after": args.stop_after,
+                                                            "resumed_from": resume and resume["step"]}))
         log(f"{role} LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
     return 0
 
