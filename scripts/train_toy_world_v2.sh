@@ -2,8 +2,12 @@
 # Train the second toy world (issue 24; fusion_engine/worlds/toy/v2.py), seeded, CPU, in the order its gates
 # need, then measure the gates fixed before training (training/toy/GATES_V2.md, gates_v2_spec.json).
 #   scripts/train_toy_world_v2.sh OUT [STAGE]     STAGE: all (default), base, loras, gates
-# Each stage only reads what the earlier ones wrote to OUT, so a session that ends mid-way can go on with the
-# next stage (a stage cut short is rerun whole: the trainers do not resume).
+# Each stage only reads what the earlier ones wrote to OUT. Rerunning the script on the same OUT continues where it
+# stopped: the base UNet and each LoRA write a resume state every 400 steps (OUT/checkpoint-<step>/ and
+# OUT/checkpoint-<subject|style>-<step>/resume_state.pt, the newest two kept; training/toy/resume.py), and a stage
+# passes --resume to its trainer when OUT holds one (the base also when OUT/vae_only/ holds a finished VAE), which
+# then ends with the same weights as a run never stopped; judges already trained with these steps are kept. The
+# gates stage is rerun whole. Rerun with the same SMOKE setting: a resume with other arguments is refused.
 #
 # Time, estimated from the first world's measured per-step times on this 2-core CPU (weights/CARD.md: UNet 2.19
 # s/step at batch 32 on 2 threads, a LoRA 0.55 s/step on 1 thread, judges 10 min, VAE 3 min, ~0.8 s of CPU per
@@ -24,6 +28,8 @@ mkdir -p "$out/logs"
 # TOY_TRAIN_FIXED_THREADS: keep each trainer's --threads (two trainers of 2 threads on 2 cores run 10x slower)
 export HF_HUB_OFFLINE=1 TOY_TRAIN_FIXED_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 stamp() { date -u +%FT%TZ; }
+# has PATTERN: OUT holds a file matching PATTERN (a resume state)
+has() { compgen -G "$out/$1" > /dev/null; }
 # SMOKE=1: a few steps of everything (proves the script runs; its files are not a world). The numbers of a real
 # run are the spec's (gates_v2_spec.json) and are not to be changed.
 if [[ ${SMOKE:-0} == 1 ]]; then
@@ -34,11 +40,17 @@ else
 fi
 
 if [[ $stage == all || $stage == base ]]; then
-  echo "$(stamp) base start" >> "$out/logs/times.txt"
+  resume="" tee_flag=""
+  if has "checkpoint-[0-9]*/resume_state.pt" || has "vae_only/train_args.json"; then resume="--resume" tee_flag="-a"; fi
+  echo "$(stamp) base start $resume" >> "$out/logs/times.txt"
   $python -m training.toy.train_base --world v2 --out "$out" --steps $base_steps --vae-steps $vae_steps --batch 32 \
-    --threads 2 2>&1 | tee "$out/logs/base.log"
-  $python -m training.toy.train_judges --world v2 --out "$out" --steps $judge_steps --threads 2 \
-    2>&1 | tee "$out/logs/judges.log"
+    --threads 2 $resume 2>&1 | tee $tee_flag "$out/logs/base.log"
+  if grep -qs "\"steps\": $judge_steps}" "$out/times_judges.json"; then
+    echo "judges already trained ($out/times_judges.json): kept"
+  else
+    $python -m training.toy.train_judges --world v2 --out "$out" --steps $judge_steps --threads 2 \
+      2>&1 | tee "$out/logs/judges.log"
+  fi
   echo "$(stamp) base done" >> "$out/logs/times.txt"
 fi
 
@@ -48,10 +60,16 @@ if [[ $stage == all || $stage == loras ]]; then
   echo "$(stamp) loras start" >> "$out/logs/times.txt"
   lora="$python -m training.toy.train_loras --world v2 --out $out --threads 1 --targets attention+ff --rank 32 \
     --alpha 16 --steps $lora_steps --lr 3e-3 --cosine --ema 0.999 --batch 8 --prior-share 0.25"
-  $lora --only subject > "$out/logs/lora_subject.log" 2>&1 &
-  subject=$!
-  $lora --only style > "$out/logs/lora_style.log" 2>&1 &
-  style=$!
+  # each LoRA resumes from its own newest state, if it has one (its log appended to)
+  for role in subject style; do
+    if has "checkpoint-$role-[0-9]*/resume_state.pt"; then
+      echo "$(stamp) $role resumes" >> "$out/logs/times.txt"
+      $lora --only $role --resume >> "$out/logs/lora_$role.log" 2>&1 &
+    else
+      $lora --only $role > "$out/logs/lora_$role.log" 2>&1 &
+    fi
+    eval "$role=\$!"
+  done
   wait $subject
   wait $style
   $python -m training.toy.lora_norms --weights "$out" --out "$out/lora_norms.json" --markdown "$out/lora_norms.md"
