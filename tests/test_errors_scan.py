@@ -22,13 +22,17 @@ BUILTIN_EXCEPTIONS = frozenset(
 
 # The only built-in raises allowed, each with the reason. Keyed by (file relative to the package, function, class).
 ALLOWED = {
-    # Policy.weights, the method each policy overrides: Python's own protocol for "a subclass must define
-    # this"; it never reaches a user of a shipped policy.
+    # Policy.weights and Policy.image_weights (a pair's and a pool image's static weights), the methods each
+    # static policy overrides: Python's own protocol for "a subclass must define this"; it never reaches a user
+    # of a shipped policy.
     ("policies/base.py", "weights", "NotImplementedError"),
+    ("policies/base.py", "image_weights", "NotImplementedError"),
     # the package's module __getattr__ (its deprecated names): Python's protocol for "no such attribute" is an
     # AttributeError, which hasattr() and getattr(..., default) rely on.
     ("__init__.py", "__getattr__", "AttributeError"),
     ("serve/__init__.py", "__getattr__", "AttributeError"),
+    # PipelineAttachment.__getattr__, which forwards the denoiser Fusion's attributes: the same protocol.
+    ("integration/attach.py", "__getattr__", "AttributeError"),
     # a Ray Serve replica's check_health: Ray's protocol is "any exception marks the replica unhealthy"; Ray
     # catches it, no user sees it.
     ("serve/app.py", "check_health", "RuntimeError"),
