@@ -251,10 +251,12 @@ class DynamicLoRALinear(DynamicLoRALayer):
         measurements (``ops/backend_choice.py``), in the mode it runs in (CUDA-graph capture or compile, else eager)."""
         if self.context.backend != "auto" or rows.device.type != "cuda":
             return ops.resolve_backend(self.context.backend, rows.device)
-        capturing = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+        compiling = torch.compiler.is_compiling()
+        capturing = compiling or torch.cuda.is_current_stream_capturing()
         size = dict(op=op, M=rows.shape[0], N=self.base.weight.shape[0], K=rows.shape[1], rank=rank,
                     dtype=rows.dtype, mode="graph" if capturing else "eager")
-        self.last_size = size
+        if not compiling:  # no module mutation inside a traced graph
+            self.last_size = size
         return ops.resolve_backend("auto", rows.device, size)
 
     def _pooled_forward(self, x: torch.Tensor, rows: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
