@@ -67,6 +67,20 @@ def set_rng_states(generator: torch.Generator, saved: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def loop_state(step: int, running_loss, seconds: float, optimizer, schedule, generator: torch.Generator) -> dict:
+    """The training loop's part of a resume state, the same for every trainer (its weights are the trainer's)."""
+    return {"step": step, "running_loss": running_loss, "seconds": seconds, "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "rng": rng_states(generator)}
+
+
+def restore_loop(state: dict, optimizer, schedule, generator: torch.Generator) -> tuple[int, object, float]:
+    """Put ``loop_state``'s part back; returns (first step, running loss, seconds already spent)."""
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    set_rng_states(generator, state["rng"])
+    return state["step"], state["running_loss"], state["seconds"]
+
+
 def states(out: Path, prefix: str) -> list[tuple[int, Path]]:
     """``[(step, file)]`` of the complete resume states ``OUT/<prefix><step>/resume_state.pt``, oldest first
     (a temporary file of a killed write is not one)."""

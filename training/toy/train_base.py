@@ -156,19 +156,15 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
         for name, model in (("unet", unet), ("text_encoder", text_encoder), ("ema_unet", ema[0]),
                             ("ema_text_encoder", ema[1])):
             model.load_state_dict(resume[name])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        resuming.set_rng_states(generator, resume["rng"])
-        first, running, before = resume["step"], resume["running_loss"], resume["seconds"]
+        first, running, before = resuming.restore_loop(resume, optimizer, schedule, generator)
     end = min(steps, stop_after or steps)
 
     def save_state(done: int) -> None:
         resuming.save_state(out, PREFIX, done, {
-            "settings": {}, **(record or {}), "step": done, "running_loss": running,
-            "seconds": before + time.perf_counter() - start,
+            "settings": {}, **(record or {}),
+            **resuming.loop_state(done, running, before + time.perf_counter() - start, optimizer, schedule, generator),
             "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema_unet": ema[0].state_dict(),
-            "ema_text_encoder": ema[1].state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "rng": resuming.rng_states(generator)})
+            "ema_text_encoder": ema[1].state_dict()})
 
     start = time.perf_counter()
     for step in range(first, end):

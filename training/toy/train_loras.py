@@ -151,18 +151,14 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, bat
                 param.copy_(saved)
             for shadow, saved in zip(shadows or [], resume["shadows"] or []):
                 shadow.copy_(saved)
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        resuming.set_rng_states(generator, resume["rng"])
-        first, running, before = resume["step"], resume["running_loss"], resume["seconds"]
+        first, running, before = resuming.restore_loop(resume, optimizer, schedule, generator)
     end = min(steps, stop_after or steps)
 
     def save_state(done: int) -> None:
         resuming.save_state(checkpoint["out"], checkpoint["prefix"], done, {
-            "settings": {}, **checkpoint["record"], "step": done, "running_loss": running,
-            "seconds": before + time.perf_counter() - start, "params": [p.detach() for p in params],
-            "shadows": shadows, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "rng": resuming.rng_states(generator)})
+            "settings": {}, **checkpoint["record"],
+            **resuming.loop_state(done, running, before + time.perf_counter() - start, optimizer, schedule, generator),
+            "params": [p.detach() for p in params], "shadows": shadows})
 
     start = time.perf_counter()
     for step in range(first, end):
