@@ -12,12 +12,13 @@
 # Time, estimated from the first world's measured per-step times on this 2-core CPU (weights/CARD.md: UNet 2.19
 # s/step at batch 32 on 2 threads, a LoRA 0.55 s/step on 1 thread, judges 10 min, VAE 3 min, ~0.8 s of CPU per
 # 32x32 image sampled and measured), idle -> shared with other sessions (2-3x):
-#   base   judges 10 + VAE 3 + UNet 1200 steps 44 min          ~ 57 min idle   -> 2.0-2.9 h shared
-#   loras  subject and style side by side, 2400 steps each      ~ 22 min idle   -> 45-70 min shared
+#   base   judges 4 + VAE 3 + UNet 4800 steps ~1.4 s/step 112 min   ~ 2 h idle     -> 4-6 h shared
+#   loras  subject and style side by side, 4800 steps each      ~ 36 min idle   -> 1.2-2 h shared
 #   gates  calibration 1600 images, subject composition 200,
 #          the five kept gates 500, fusion at 1:1 300 (+ the
 #          scale grid 800 only if 1:1 reaches no 30%)            ~ 45-60 min idle -> 1.5-3 h shared
-# In all about 2-2.3 h idle, 4-7 h shared: more than one 3-hour session. Start `base` first thing, in the
+# (run 2's steps, gates_v2_spec.json "runs"; run 1 measured 1.4 s per UNet step and 0.45 s per LoRA step idle.)
+# In all about 3.5-4 h idle: more than one 3-hour session, so the stages resume (above). Start `base` first thing, in the
 # background, at normal priority with everything else at nice 19.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ if [[ ${SMOKE:-0} == 1 ]]; then
   base_steps=20 vae_steps=5 judge_steps=3 lora_steps=20 seeds=1 sampler="--steps 4" gate_seeds=2 \
     v2_flags="--subject-seeds 1 --fusion-seeds 1 --steps 2"
 else
-  base_steps=1200 vae_steps=400 judge_steps=600 lora_steps=2400 seeds=20 sampler="" gate_seeds=100 v2_flags=""
+  base_steps=4800 vae_steps=400 judge_steps=600 lora_steps=4800 seeds=20 sampler="" gate_seeds=100 v2_flags=""
 fi
 
 if [[ $stage == all || $stage == base ]]; then
