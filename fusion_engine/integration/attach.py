@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError, OptionTypeError
 from ..lora.weights import DENOISERS
 from ..runtime.context import images_in_batch
-from ..runtime.fusion import Fusion, as_lora, attach_model
+from ..runtime.fusion import Fusion, as_lora, attach_model, install, resolve
 from ..runtime.trace import Trace
 from ..samplers import uses_true_cfg
 from ..utils.deprecation import renamed_option, warn_renamed
@@ -238,7 +238,6 @@ class PipelineAttachment:
             finally:
                 for context, assignment in zip(contexts, before):
                     context.assignment = assignment
-                    context._tables.clear()
 
     def _call(self, original, pipe, args, kwargs):
         signature = inspect.signature(original)
@@ -335,26 +334,29 @@ def check_attachable(pipe) -> str:
 
 def attach_pipeline(pipe, subject=None, style=None, *, pool=None, trace: bool = True, **options) -> PipelineAttachment:
     """Fuse ``pipe``'s denoiser and every other component the bank has layers for (text encoders: a pair's parts, a
-    pool's ``parts``, each with a text encoder's defaults), and follow its calls."""
+    pool's ``parts``, each with a text encoder's defaults), and follow its calls. The LoRAs are coerced once and every
+    component is resolved before any is installed, so a misfit anywhere raises with the pipeline untouched."""
     if pipe in _PIPELINES:
         raise AlreadyAttachedError(
             f"this pipeline already has a fusion attached ({_PIPELINES[pipe]!r}); detach it first"
         )
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
-    bank = {} if pool is None else {"pool": pool}
-    fusion = attach_model(getattr(pipe, name), _part(subject, name), _part(style, name), trace=trace, **bank, **options)
-    components: dict[str, Fusion] = {}
+    specs = {name: resolve(getattr(pipe, name), _part(subject, name), _part(style, name), pool=pool, trace=trace,
+                           **options)}
+    for component, loras, part in _component_banks(pipe, subject, style, pool, name):
+        # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
+        defaults = {} if part is None else {"policy": "direct", "granularity": "sample"}
+        specs[component] = resolve(getattr(pipe, component), *loras, pool=part, backend=options.get("backend", "auto"),
+                                   trace=False, **defaults)
+    fusions: dict[str, Fusion] = {}
     try:
-        for component, loras, part in _component_banks(pipe, subject, style, pool, name):
-            # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
-            defaults = {} if part is None else {"pool": part, "policy": "direct", "granularity": "sample"}
-            components[component] = attach_model(getattr(pipe, component), *loras, backend=options.get("backend",
-                                                 "auto"), trace=False, **defaults)
-        handle = PipelineAttachment(pipe, name, fusion, components, trace)
+        for component, spec in specs.items():
+            fusions[component] = install(getattr(pipe, component), spec)
+        handle = PipelineAttachment(pipe, name, fusions[name], {c: f for c, f in fusions.items() if c != name}, trace)
         handle.install()
     except BaseException:
-        for attached in (*components.values(), fusion):
+        for attached in fusions.values():
             attached.detach()
         raise
     return handle

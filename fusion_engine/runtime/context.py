@@ -2,9 +2,10 @@
 enabled, and which LoRAs each batch row fuses (the assignment).
 
 A pair's assignment is uniform: every row fuses the layer's own two entries (subject, style). A pool's is held by
-name and resolved to pool slots once per (batch shape, layout, pool version, step for step-dependent policies),
-into small device tensors the fused layers of one forward share: the layers index the pool with them on the
-device, with no host sync and no loop over images.
+name. When every image names the same one or two LoRAs (``uniform``, decided once per assignment) the layers run them
+as a pair; otherwise it is resolved to pool slots once per (batch shape, layout, pool version, step for step-dependent
+policies), into small device tensors the fused layers of one forward share: the layers index the pool with them on
+the device, with no host sync and no loop over images.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import warnings
 import torch
 
 from ..errors import BatchLayoutError, OptionError, StepContextError, StepRangeError, UnknownLoRAError, preview
-from .trace import Trace, choice_code
+from .trace import CODE_TO_POSITION, Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
 
@@ -85,9 +86,22 @@ class FusionContext:
         self.lora_scale = 1.0  # diffusers' cross_attention_kwargs={"scale": s}, read per forward
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
         self.pool = pool
-        self.assignment: list[tuple[str, ...]] | None = None
-        self.partial = bool(getattr(pool, "is_part", False))  # a part pool: a name it lacks is no LoRA there, slot -1
         self._tables: dict[tuple, torch.Tensor] = {}
+        self.assignment = None
+        self.partial = bool(getattr(pool, "is_part", False))  # a part pool: a name it lacks is no LoRA there, slot -1
+
+    @property
+    def assignment(self) -> list[tuple[str, ...]] | None:
+        """A pool's LoRA names per image; setting it also decides ``uniform``: every image names the same one or two
+        LoRAs (their names, which the layers run as a pair), else None."""
+        return self._assignment
+
+    @assignment.setter
+    def assignment(self, assignment: list[tuple[str, ...]] | None) -> None:
+        self._assignment = assignment
+        self._tables.clear()
+        same = bool(assignment) and len(assignment[0]) <= 2 and all(names == assignment[0] for names in assignment)
+        self.uniform = assignment[0] if same else None
 
     @property
     def trace(self) -> Trace | None:
@@ -183,14 +197,15 @@ class FusionContext:
         """Static policies: every layer's (w_subject * scale, w_style * scale) for the coming forward, computed on
         the host (the step, the branch, the LoRA scale) and copied into one persistent device table in place.
         Runs before each forward of the attached model, outside any compiled graph."""
-        if self.policy.uses_divergence or not layers or self.pool is not None:
-            return  # a pool's static weights come per image from ``sample_weights``
+        if self.policy.uses_divergence or not layers or (self.pool is not None and self.uniform is None):
+            return  # a mixed pool batch's static weights come per image from ``sample_weights``
         rows = []
         for layer in layers:
-            weights = self.policy.weights(layer, self)
+            layer.load_uniform()
+            weights = self.pair_weights(layer)
             subject_scale, style_scale = layer.lora_scales
             rows.append((weights[0] * subject_scale, weights[1] * style_scale))
-            layer.keep_decisions(choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style))
+            layer.keep_decisions(self.static_choice(layer, weights, device))
         values = torch.tensor(rows, dtype=torch.float32)
         key = str(device)
         table = self.coefficients.get(key)
@@ -198,6 +213,22 @@ class FusionContext:
             self.coefficients[key] = values.to(device)
         else:
             table.copy_(values)
+
+    def pair_weights(self, layer) -> tuple[float, float]:
+        """A static policy's (subject, style) weights at ``layer`` for this call: the pair policy's, or a pool policy's
+        by position over a uniform batch's LoRAs (0 = subject, 1 = style; 0 for a second LoRA not named)."""
+        policy, names = self.policy, self.uniform
+        if self.pool is None:
+            return policy.weights(layer, self)
+        weights = policy.layer_weights(layer.name, names, self) if policy.per_layer else policy.image_weights(
+            len(names), self)
+        return tuple([*weights, 0.0][:2])
+
+    def static_choice(self, layer, weights, device):
+        """What a static policy's ``weights`` keep at ``layer``: a pair's choice code, or for a uniform pool batch each
+        image's position (``CODE_TO_POSITION``), as a mixed batch records it."""
+        code = choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style)
+        return code if self.pool is None else torch.full((len(self.assignment),), CODE_TO_POSITION[code], device=device)
 
     def collect(self, layers) -> None:
         """Move each layer's decisions of the last forward into the trace, at the current step.
@@ -218,7 +249,8 @@ class FusionContext:
         self.assignment = assignment
         self._tables.clear()
 
-    def _images_of_rows(self, batch: int) -> list[int]:
+    def check_images(self, batch: int) -> int:
+        """The images of a ``batch``-row pool forward, which the assignment must name (an error otherwise)."""
         if self.assignment is None:
             raise StepContextError("a pool fusion needs to know which LoRAs each image uses: call "
                                    "fusion.set_loras([(...), ...]) (or pass loras=[...] to the pipeline call)")
@@ -228,7 +260,7 @@ class FusionContext:
                       else f"without a batch layout each of the {batch} batch rows is an image")
             raise BatchLayoutError(f"the LoRA lists (loras=) name LoRAs for {len(self.assignment)} image(s), but "
                                    f"{layout}; give one entry per image")
-        return [row % images for row in range(batch)]
+        return images
 
     def _key(self, kind: str, batch: int, device) -> tuple:
         step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
@@ -237,7 +269,7 @@ class FusionContext:
 
     def sample_slots(self, batch: int, device) -> torch.Tensor:
         """``(batch, L)`` int64 pool slots of each batch row's image, ``-1`` padded (built once per shape)."""
-        return self._table("slots", batch, device, torch.int64, self._image_slots, -1)
+        return self._table("slots", batch, device, torch.int64, self.image_slots, -1)
 
     def sample_weights(self, batch: int, device, layer: str | None = None, scaled: bool = True) -> torch.Tensor:
         """``(batch, L)`` float32 static-policy weights of each row's image, times the call's LoRA scale (``scaled``).
@@ -256,7 +288,8 @@ class FusionContext:
         return self._table(("weights", scaled, layer if per_layer else None), batch, device, torch.float32, per_image,
                            0.0)
 
-    def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
+    def image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
+        """The pool slots of image ``image``'s LoRAs (-1: a name a part pool lacks)."""
         try:
             return [-1 if self.partial and name not in self.pool else self.pool.slot(name) for name in names]
         except UnknownLoRAError as error:
@@ -272,8 +305,7 @@ class FusionContext:
         return self._tables[key]
 
     def _build(self, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
-        rows = self._images_of_rows(batch)
-        width = max(len(names) for names in self.assignment)
+        images, width = self.check_images(batch), max(len(names) for names in self.assignment)
         table = [per_image(image, names) for image, names in enumerate(self.assignment)]
         table = [values + [pad] * (width - len(values)) for values in table]
-        return torch.tensor([table[image] for image in rows], dtype=dtype).to(device)
+        return torch.tensor([table[row % images] for row in range(batch)], dtype=dtype).to(device)

@@ -3,7 +3,8 @@
 A fusion's bank is a pair (subject, style; uniform assignment: every row fuses both) or a ``LoRAPool`` (each image
 names its LoRAs, ``Fusion.set_loras``). ``attach_model`` first resolves the attach into a ``Spec`` (the LoRA parts,
 aligned to the model, or the pool; the defaults; the policy instance; the target names, checked to fit), then
-``install`` builds the context, the trace and the layers from the spec alone and swaps them in.
+``install`` builds the context, the trace and the layers from the spec alone and swaps them in (a pipeline resolves
+every component before it installs any: ``integration/attach.py``).
 """
 from __future__ import annotations
 
@@ -325,9 +326,9 @@ def _check_kernels(model: nn.Module, spec: Spec, ranks) -> None:
 def resolve_pair(model: nn.Module, subject, style, *, policy=None, divergence: str | None = None,
                  granularity: str | None = None, backend: str = "auto", trace: bool | int = True,
                  **policy_options) -> Spec:
-    """A pair attach resolved: inputs coerced once, the component's defaults, the parts aligned to the model and
-    checked to fit, each layer's two entries cast to its base weight, the policy built."""
-    subject, style = as_lora(subject, "subject"), as_lora(style, "style")
+    """A pair attach resolved (``subject``, ``style``: ``LoRA`` objects or None, coerced by the caller): the component's
+    defaults, the parts aligned to the model and checked to fit, each layer's two entries cast to its base weight, the
+    policy built."""
     if subject is None and style is None:
         raise AttachError("attach needs a subject LoRA, a style LoRA, or both")
     _check_backend(backend)
@@ -362,6 +363,20 @@ def resolve_pool(model: nn.Module, pool, *, policy=None, divergence: str | None 
     spec = Spec(names, policy, granularity, backend, max_records(trace), pool=pool)
     _check_kernels(model, spec, lambda name: (pool.layers[name].rank if name in pool.layers else 0,))
     return spec
+
+
+def resolve(model: nn.Module, subject=None, style=None, *, pool=None, **options) -> Spec:
+    """``attach_model``'s first step, which changes nothing: a pair (``LoRA`` objects or None: see ``as_lora``) or a
+    ``pool`` resolved into a ``Spec`` for ``model`` (``options``: ``attach_model``'s), or the error that refuses it."""
+    if pool is None:
+        if model in _ATTACHED:  # before resolving (checked again under the lock in install)
+            raise _already_attached(_ATTACHED[model])
+        return resolve_pair(model, subject, style, **options)
+    if subject is not None or style is not None:
+        raise AttachError("attach takes a subject/style pair or a pool=, not both")
+    if not (hasattr(pool, "layers") and hasattr(pool, "slot")):
+        raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
+    return resolve_pool(model, pool, **options)
 
 
 def _layers(originals: dict[str, nn.Module], factors: dict, context, start: int = 0) -> list[DynamicLoRALayer]:
@@ -438,19 +453,10 @@ def attach_model(
         >>> te = fe.attach(pipe.text_encoder, subject.for_component("text_encoder"),
         ...                style.for_component("text_encoder"))
     """
-    options = dict(policy=policy, divergence=divergence, granularity=granularity, backend=backend, trace=trace,
-                   **policy_options)
-    if pool is not None:
-        if subject is not None or style is not None:
-            raise AttachError("attach takes a subject/style pair or a pool=, not both")
-        if not (hasattr(pool, "layers") and hasattr(pool, "slot")):
-            raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
-        spec = resolve_pool(model, pool, **options)
-    else:
-        if model in _ATTACHED:  # before resolving (checked again under the lock in install)
-            raise _already_attached(_ATTACHED[model])
-        spec = resolve_pair(model, subject, style, **options)
-    return install(model, spec)
+    if pool is None:
+        subject, style = as_lora(subject, "subject"), as_lora(style, "style")
+    return install(model, resolve(model, subject, style, pool=pool, policy=policy, divergence=divergence,
+                                  granularity=granularity, backend=backend, trace=trace, **policy_options))
 
 
 def in_module_order(model: nn.Module, wanted) -> list[str]:
@@ -505,4 +511,5 @@ def detach_all(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "detach_all", "install", "resolve_pair", "resolve_pool"]
+__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "detach_all", "install", "resolve", "resolve_pair",
+           "resolve_pool"]

@@ -3,9 +3,10 @@ untouched inside it, its bank of adapters and the shared context.
 
 The bank: a pair's layer holds its two entries (subject, style: factors cast to the base weight, each with its own
 rank (0 = absent), scale and DoRA gain); a pool's layer reads the pool's stacks for it (``LoRAPool.layer``: every
-slot's factors padded to one rank, with per-slot scales and presence). The assignment is the context's: uniform for a
-pair, which runs the pair ops (two 2-D matmuls: ``ops.fls_linear`` / ``ops.mix_linear``), per image for a pool, which
-runs the pooled ops over the slots each image names. ``DynamicLoRALinear`` and ``DynamicLoRAConv2d`` are siblings.
+slot's factors padded to one rank, with per-slot scales and presence). The assignment is the context's. A uniform one
+(a pair; a pool batch whose images all name the same one or two LoRAs, whose entries the layer then loads from the
+pool) runs the pair ops (two 2-D matmuls: ``ops.fls_linear`` / ``ops.mix_linear``); a mixed pool batch runs the pooled
+ops over the slots each image names. ``DynamicLoRALinear`` and ``DynamicLoRAConv2d`` are siblings.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import LayerAttributeError
-from ..lora.weights import delta_weight
 from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
-from .trace import ALL, choice_code
+from .trace import ALL
 
 
 def absent_factors(base: nn.Module):
@@ -43,6 +43,18 @@ def dora_gain(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     return magnitude.detach().to(base).reshape(-1) / torch.linalg.norm(merged, dim=1)
 
 
+def pool_entry(pool, name: str, base: nn.Module, layer: str):
+    """(lora_a, lora_b, scale, dora_gain) of pool LoRA ``name`` at ``layer``, shaped for ``base`` as
+    ``fit.layer_factors`` gives a pair's (the LoRA's own rank, not the pool's padded one); None where it is absent."""
+    if name not in pool or layer not in pool.lora_layers(name):
+        return None
+    (lora_a, lora_b), scale = pool.factors(name, layer), pool.lora_layers(name)[layer][1]
+    weight, magnitude = base.weight, pool.magnitudes(layer).get(pool.slot(name))
+    gain = absent_factors(base)[3] if magnitude is None else dora_gain(weight, lora_a, lora_b, scale, magnitude)
+    lora_b = lora_b.reshape(*lora_b.shape, *weight.shape[2:] and (1, 1))  # a conv's B: a 1x1 conv
+    return lora_a.reshape(-1, *weight.shape[1:]), lora_b, scale, gain
+
+
 class DynamicLoRALayer(nn.Module):
     """Common part: the base module, both LoRA factor pairs (rank 0 = absent) and the shared context.
 
@@ -52,24 +64,53 @@ class DynamicLoRALayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module, name: str, index: int, subject, style, context):
-        """``subject``, ``style``: a pair's entries at this layer, ``(lora_a, lora_b, scale, dora_gain)`` as
-        ``fit.layer_factors`` resolves them (None: absent, rank 0); a pool layer has neither (its bank is the pool)."""
         super().__init__()
         self.base = base
         self.name, self.index = name, index
-        subject_a, subject_b, self.subject_scale, subject_gain = subject or absent_factors(base)
-        style_a, style_b, self.style_scale, style_gain = style or absent_factors(base)
-        # Non-persistent: an attached model's state_dict stays the base model's plus "base." paths.
-        self.register_buffer("subject_a", subject_a, persistent=False)
-        self.register_buffer("subject_b", subject_b, persistent=False)
-        self.register_buffer("style_a", style_a, persistent=False)
-        self.register_buffer("style_b", style_b, persistent=False)
-        self.register_buffer("subject_gain", subject_gain, persistent=False)  # DoRA: (out,); empty otherwise
-        self.register_buffer("style_gain", style_gain, persistent=False)
+        self.set_entries(subject, style)
         self.context = context
         self._last_choice: dict[tuple, torch.Tensor] = {}
         self.last_size: dict | None = None  # backend="auto" on CUDA: the last call's size class, for describe()
         self._register_load_state_dict_pre_hook(_keys_into_base)
+
+    def set_entries(self, subject, style) -> None:
+        """The pair's entries at this layer, ``(lora_a, lora_b, scale, dora_gain)`` as ``fit.layer_factors`` resolves
+        them (None: absent, rank 0); a pool layer's are a uniform batch's LoRAs (``load_uniform``), absent before."""
+        for role, entry in (("subject", subject), ("style", style)):
+            lora_a, lora_b, scale, gain = entry or absent_factors(self.base)
+            setattr(self, f"{role}_scale", scale)
+            # Non-persistent: an attached model's state_dict stays the base model's plus "base." paths.
+            for part, tensor in (("a", lora_a), ("b", lora_b), ("gain", gain)):  # DoRA gain: (out,); empty otherwise
+                self.register_buffer(f"{role}_{part}", tensor, persistent=False)
+
+    def load_uniform(self) -> None:
+        """A uniform pool batch (``context.uniform``: every image names the same one or two LoRAs): this layer's entries
+        are those LoRAs', as a pair attach resolves them (each LoRA's own rank, scale and DoRA gain), loaded from the
+        pool once per assignment and pool version. A pair's layer keeps its own."""
+        context = self.context
+        key = context.uniform and (context.uniform, context.pool.version)
+        if key and self.__dict__.get("_loaded") != key:
+            context.image_slots(0, context.uniform)  # a LoRA removed since the assignment: the pooled path's error
+            entries = [pool_entry(context.pool, name, self.base, self.name) for name in context.uniform]
+            self.set_entries(*entries, *[None] * (2 - len(entries)))
+            self.__dict__["_loaded"] = key
+
+    def uniform(self, x: torch.Tensor) -> bool:
+        """Whether a pool forward runs the pair path on this layer's entries: its batch is uniform (decided once per
+        assignment by the context), checked against the batch as the pooled path checks it."""
+        if self.context.uniform is None:
+            return False
+        self.context.check_images(x.shape[0] if x.ndim > 1 else 1)
+        self.load_uniform()
+        return True
+
+    def _left_out(self, x: torch.Tensor, out: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+        """A uniform pool batch whose LoRAs leave this layer out: its base output ``out``, as a pair attach leaves the
+        layer; FLS keeps the base position (-1) per group (a static policy's record comes with its coefficients)."""
+        if self.context.policy.uses_divergence:
+            groups = self.context.row_groups(x.shape[0], rows_per_sample, x.device)[1]
+            self.keep_decisions(torch.full((groups,), -1, device=x.device))
+        return out
 
     def __getattr__(self, name: str):
         try:
@@ -131,15 +172,6 @@ class DynamicLoRALayer(nn.Module):
         gain = gain.to(raw_delta.dtype).reshape(-1, *([1] * (raw_delta.ndim - 2)))
         return (gain - 1) * base_out + gain * (scale * raw_delta)
 
-    def delta_weight(self, branch: str) -> torch.Tensor:
-        """Unscaled B @ A of one branch, shaped like the base weight (float32)."""
-        lora_a, lora_b = (self.subject_a, self.subject_b) if branch == "subject" else (self.style_a, self.style_b)
-        return delta_weight(lora_a, lora_b)
-
-    def policy_weights(self) -> tuple[float, float]:
-        """The static policy's (subject, style) weights for this call (the pre-hook already kept the decision)."""
-        return self.context.policy.weights(self, self.context)
-
     def static_coefficients(self, device) -> torch.Tensor:
         """Policy weights times LoRA scales as a (2,) float32 device tensor: this layer's row of the table the
         model's forward pre-hook fills (``FusionContext.update_coefficients``), so no step reaches a graph.
@@ -147,10 +179,16 @@ class DynamicLoRALayer(nn.Module):
         context = self.context
         if context.in_forward:
             return context.coefficients[str(device)][self.index]
-        weights = context.policy.weights(self, context)
-        self.keep_decisions(choice_code(weights[0] * self.has_subject, weights[1] * self.has_style))
+        weights = context.pair_weights(self)
+        self.keep_decisions(context.static_choice(self, weights, device))
         subject_scale, style_scale = self.lora_scales
         return torch.tensor([weights[0] * subject_scale, weights[1] * style_scale], dtype=torch.float32, device=device)
+
+    def keep_selection(self, choice, subject_score, style_score) -> None:
+        """``keep_decisions`` of a pair op's selection; a uniform pool batch naming one LoRA keeps that position's score
+        only (its trace's ``(groups, 1)`` form)."""
+        one = self.context.uniform is not None and len(self.context.uniform) == 1
+        self.keep_decisions(choice, *((subject_score[:, None],) if one else (subject_score, style_score)))
 
     def keep_decisions(self, choice, *scores) -> None:
         """Hold this forward's decisions until the model's forward ends (``FusionContext.collect``); outside the
@@ -236,14 +274,14 @@ class DynamicLoRALinear(DynamicLoRALayer):
         subject_delta = self.branch_delta("subject", base_out, lora_delta(rows, self.subject_a, self.subject_b))
         style_delta = self.branch_delta("style", base_out, lora_delta(rows, self.style_a, self.style_b))
         if not context.policy.uses_divergence:
-            subject_weight, style_weight = self.policy_weights()
+            subject_weight, style_weight = context.pair_weights(self)
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
         row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
         out, subject_score, style_score, choice = fls_select(
             y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject,
             self.has_style,
         )
-        self.keep_decisions(choice, subject_score, style_score)
+        self.keep_selection(choice, subject_score, style_score)
         return out.to(x.dtype)
 
     def _backend(self, op: str, rows: torch.Tensor, rank: int) -> str:
@@ -288,10 +326,12 @@ class DynamicLoRALinear(DynamicLoRALayer):
             return base(x)
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        if context.pool is not None:
+        if context.pool is not None and not self.uniform(x):
             pooled = self.pooled(x)
             out = base(x) if pooled is None else self._pooled_forward(x, rows, *pooled)
             return out if pooled is None else out.reshape(*lead, out.shape[-1])
+        if not (self.has_subject or self.has_style):
+            return self._left_out(x, base(x), rows.shape[0] // max(x.shape[0], 1))
         subject_scale, style_scale = self.lora_scales
         if self.has_dora:
             out = self._dora_forward(x, rows)
@@ -307,7 +347,7 @@ class DynamicLoRALinear(DynamicLoRALayer):
             )
             if guess is not None:
                 guess.copy_(choice)
-            self.keep_decisions(choice, subject_score, style_score)
+            self.keep_selection(choice, subject_score, style_score)
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
@@ -353,8 +393,12 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         if context.pool is not None:
             if x.ndim == 3:  # an unbatched input, as nn.Conv2d takes it
                 return self.forward(x.unsqueeze(0)).squeeze(0)
-            pooled = self.pooled(x)
-            return base(x) if pooled is None else self._pooled_forward(x, *pooled)
+            if not self.uniform(x):
+                pooled = self.pooled(x)
+                return base(x) if pooled is None else self._pooled_forward(x, *pooled)
+            if not (self.has_subject or self.has_style):
+                out = base(x)
+                return self._left_out(x, out, out.shape[-2] * out.shape[-1])
         bias = None if base.bias is None else base.bias.to(dtype)
         y0 = self._conv(x, base.weight.to(dtype), bias).to(accumulation_dtype(dtype))
         if not context.policy.uses_divergence and not self.has_dora:
@@ -369,7 +413,7 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         subject_delta = self.branch_delta("subject", base_out, subject_raw)
         style_delta = self.branch_delta("style", base_out, style_raw)
         if not context.policy.uses_divergence:  # DoRA (plain LoRA returned above)
-            subject_weight, style_weight = self.policy_weights()
+            subject_weight, style_weight = context.pair_weights(self)
             return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(dtype)
         batch, _, height, width = y0.shape
         row_group, groups = context.row_groups(batch, height * width, x.device)
@@ -377,7 +421,7 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
             pixel_rows(y0), pixel_rows(subject_delta), pixel_rows(style_delta), row_group, groups,
             context.policy.divergence, self.has_subject, self.has_style,
         )
-        self.keep_decisions(choice, subject_score, style_score)
+        self.keep_selection(choice, subject_score, style_score)
         return from_pixel_rows(out, batch, height, width).to(dtype)
 
 

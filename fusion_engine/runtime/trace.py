@@ -37,7 +37,7 @@ CHOICE_NAMES = {STYLE: "style", SUBJECT: "subject", BOTH: "both", BASE: "base"}
 
 
 ALL = -2  # position code: every named LoRA mixed (a pair's BOTH)
-_CODE_TO_POSITION = {SUBJECT: 0, STYLE: 1, BOTH: ALL, BASE: -1}
+CODE_TO_POSITION = {SUBJECT: 0, STYLE: 1, BOTH: ALL, BASE: -1}
 _POSITION_TO_CODE = torch.tensor([BOTH, BASE, SUBJECT, STYLE], dtype=torch.int8)  # indexed by position + 2
 
 
@@ -76,7 +76,7 @@ def _score_table(scores: tuple) -> torch.Tensor | None:
 def _positions(choice) -> torch.Tensor:
     """A layer's decisions as positions: a pair's bool (True = subject) or int code, or positions as they are."""
     if not isinstance(choice, torch.Tensor):
-        return torch.tensor([_CODE_TO_POSITION[choice]], dtype=torch.int64)
+        return torch.tensor([CODE_TO_POSITION[choice]], dtype=torch.int64)
     if choice.dtype == torch.bool:
         return (~choice).long()
     return choice.long()
