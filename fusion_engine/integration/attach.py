@@ -342,13 +342,11 @@ def attach_pipeline(pipe, subject=None, style=None, *, pool=None, trace: bool = 
         )
     subject, style = as_lora(subject, "subject"), as_lora(style, "style")
     name = check_attachable(pipe)
-    specs = {name: resolve(getattr(pipe, name), _part(subject, name), _part(style, name), pool=pool, trace=trace,
-                           **options)}
-    for component, loras, part in _component_banks(pipe, subject, style, pool, name):
-        # the component's own defaults (text encoders: "direct", per prompt); see fusion.attach_model
-        defaults = {} if part is None else {"policy": "direct", "granularity": "sample"}
-        specs[component] = resolve(getattr(pipe, component), *loras, pool=part, backend=options.get("backend", "auto"),
-                                   trace=False, **defaults)
+    specs = {}
+    for component, bank in _banks(pipe, subject, style, pool, name).items():
+        own = {**options, "trace": trace} if component == name else {"backend": options.get("backend", "auto"),
+                                                                      "trace": False}
+        specs[component] = resolve(getattr(pipe, component), **bank, **own)
     fusions: dict[str, Fusion] = {}
     try:
         for component, spec in specs.items():
@@ -381,23 +379,22 @@ def _part(lora, component: str):
     return lora.for_component(component)
 
 
-def _component_banks(pipe, subject, style, pool, denoiser: str):
-    """(component, (subject part, style part), None) for each non-denoiser component the LoRAs have layers for (text
-    encoders), when the LoRA objects carry ``components``; with a pool, (component, (), its part pool) for each part
-    the pipeline has."""
+def _banks(pipe, subject, style, pool, denoiser: str) -> dict[str, dict]:
+    """Each component's bank, as ``resolve`` takes it: the denoiser's, then each other component's the LoRAs have layers
+    for (text encoders): a pair's parts, when the LoRA objects carry ``components``, or each part pool the pipeline
+    has, with a text encoder's defaults ("direct", per prompt; a pair's come from its parts: ``component_defaults``)."""
+    banks = {denoiser: {"subject": _part(subject, denoiser), "style": _part(style, denoiser), "pool": pool}}
     if pool is not None:
-        yield from ((component, (), part) for component, part in sorted(pool.parts.items())
-                    if isinstance(getattr(pipe, component, None), nn.Module))
-        return
-    names = set()
-    for lora in (subject, style):
-        names |= set(getattr(lora, "components", None) or ())
-    for component in sorted(names - set(DENOISERS)):
+        return banks | {component: {"pool": part, "policy": "direct", "granularity": "sample"} for component, part
+                        in sorted(pool.parts.items()) if isinstance(getattr(pipe, component, None), nn.Module)}
+    for component in sorted(set().union(*(getattr(lora, "components", None) or () for lora in (subject, style)))
+                            - set(DENOISERS)):
         if not isinstance(getattr(pipe, component, None), nn.Module):
             raise AttachError(f"the LoRAs have layers for {component!r}, which {type(pipe).__name__} does not have")
-        parts = tuple(lora.for_component(component) if lora is not None else None for lora in (subject, style))
+        parts = [lora.for_component(component) if lora is not None else None for lora in (subject, style)]
         if any(part is not None for part in parts):
-            yield component, parts, None
+            banks[component] = {"subject": parts[0], "style": parts[1]}
+    return banks
 
 
 def attached_pipeline(pipe) -> PipelineAttachment | None:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import AttachError, OptionError
 from ..policies import divergence_option, make_policy
 from ..runtime.context import images_in_batch, normalize_assignment
-from ..runtime.fusion import as_lora, attach_model
+from ..runtime.fusion import as_lora, attach_model, check_bank
 from ..runtime.trace import Trace
 from ..samplers import LEAN_PIPELINES, FluxSampler, sampler_for, uses_true_cfg
 from ..utils.deprecation import renamed_option, warn_renamed
@@ -95,10 +95,9 @@ class FusionPipeline:
         self.refine = refine
         self.pool = pool
         self.subject, self.style = as_lora(subject, "subject"), as_lora(style, "style")
-        if pool is not None:
-            self._check_pool(policy, divergence, policy_options)
-        elif self.subject is None and self.style is None:
-            raise AttachError("FusionPipeline needs a subject LoRA, a style LoRA, or both (or a pool=)")
+        check_bank(self.subject, self.style, pool, "FusionPipeline")
+        if pool is not None:  # refused now, not at the call
+            make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))
         if policy == "composite" and pool is None and (self.subject is None or self.style is None):
             raise AttachError("policy 'composite' averages a subject pass and a style pass: it needs both LoRAs")
         self.policy = policy
@@ -108,14 +107,6 @@ class FusionPipeline:
         self._check_denoiser()
         if self.uses_lean_loop:
             self._check_lean_pipeline()
-
-    def _check_pool(self, policy, divergence: str | None, policy_options: dict) -> None:
-        """Refuse, before any call, what a pool FusionPipeline cannot run (the attach's own checks come per call)."""
-        if self.subject is not None or self.style is not None:
-            raise AttachError("FusionPipeline takes a subject/style pair or a pool=, not both")
-        if not (hasattr(self.pool, "layers") and hasattr(self.pool, "slot")):
-            raise AttachError(f"pool must be a fe.LoRAPool, got {type(self.pool).__name__}")
-        make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))  # refused now
 
     def _check_denoiser(self) -> None:
         """Refuse a transformer pipeline of a family this library does not drive (layout, step, CFG unknown)."""

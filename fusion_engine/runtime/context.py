@@ -199,14 +199,7 @@ class FusionContext:
         Runs before each forward of the attached model, outside any compiled graph."""
         if self.policy.uses_divergence or not layers or (self.pool is not None and self.uniform is None):
             return  # a mixed pool batch's static weights come per image from ``sample_weights``
-        rows = []
-        for layer in layers:
-            layer.load_uniform()
-            weights = self.pair_weights(layer)
-            subject_scale, style_scale = layer.lora_scales
-            rows.append((weights[0] * subject_scale, weights[1] * style_scale))
-            layer.keep_decisions(self.static_choice(layer, weights, device))
-        values = torch.tensor(rows, dtype=torch.float32)
+        values = torch.tensor([self.layer_coefficients(layer, device) for layer in layers], dtype=torch.float32)
         key = str(device)
         table = self.coefficients.get(key)
         if table is None or table.shape != values.shape:
@@ -224,11 +217,15 @@ class FusionContext:
             len(names), self)
         return tuple([*weights, 0.0][:2])
 
-    def static_choice(self, layer, weights, device):
-        """What a static policy's ``weights`` keep at ``layer``: a pair's choice code, or for a uniform pool batch each
-        image's position (``CODE_TO_POSITION``), as a mixed batch records it."""
+    def layer_coefficients(self, layer, device) -> tuple[float, float]:
+        """A static policy's ``(w_subject * scale, w_style * scale)`` at ``layer`` for this call (``pair_weights``),
+        its decision kept: a pair's choice code, or a uniform pool batch's position per image, as a mixed one's."""
+        layer.uniform()
+        weights, (subject_scale, style_scale) = self.pair_weights(layer), layer.lora_scales
         code = choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style)
-        return code if self.pool is None else torch.full((len(self.assignment),), CODE_TO_POSITION[code], device=device)
+        layer.keep_decisions(code if self.pool is None else torch.full((len(self.assignment),), CODE_TO_POSITION[code],
+                                                                       device=device))
+        return weights[0] * subject_scale, weights[1] * style_scale
 
     def collect(self, layers) -> None:
         """Move each layer's decisions of the last forward into the trace, at the current step.
@@ -247,7 +244,6 @@ class FusionContext:
         for names in assignment:
             self.policy.check_named(len(names))
         self.assignment = assignment
-        self._tables.clear()
 
     def check_images(self, batch: int) -> int:
         """The images of a ``batch``-row pool forward, which the assignment must name (an error otherwise)."""

@@ -176,13 +176,15 @@ def check_fit(model: nn.Module, names: list[str], loras: dict) -> None:
     found = sum(module is not None for module in modules.values())
     summaries = [line for role, lora in loras.items() if lora is not None
                  for line in [_summary(model, role, lora, modules, problems)] if line]
-    listed = list(problems.values())[:_LISTED_PROBLEMS]
-    more = len(problems) - len(listed)
-    raise ModelMismatchError(
-        f"cannot attach: {len(problems)} of {len(names)} LoRA targets do not fit this model "
-        f"({found} resolve to modules):\n  " + "\n  ".join(summaries + listed)
-        + (f"\n  ... (+{more} more)" if more else "")
-    )
+    _refuse(f"cannot attach: {len(problems)} of {len(names)} LoRA targets do not fit this model ({found} resolve to "
+            "modules)", list(problems.values()), summaries)
+
+
+def _refuse(head: str, problems: list[str], summaries=()) -> None:
+    """A ``ModelMismatchError``: ``head``, the ``summaries``, then the first ``_LISTED_PROBLEMS`` problems."""
+    more = len(problems) - _LISTED_PROBLEMS
+    raise ModelMismatchError(f"{head}:\n  " + "\n  ".join([*summaries, *problems[:_LISTED_PROBLEMS]])
+                             + (f"\n  ... (+{more} more)" if more > 0 else ""))
 
 
 def _pool_shape_problem(name: str, module: nn.Module, shape: tuple[int, ...]) -> str | None:
@@ -219,6 +221,4 @@ def check_pool_fit(model: nn.Module, pool, shapes: dict[str, tuple[int, ...]], w
                        f"is {pool.dtype} on {pool.device}: make the pool with the model's device and dtype")
         problems += [problem] if problem else []
     if problems:
-        raise ModelMismatchError(f"{what}: {len(problems)} layer(s) do not fit this model:\n  "
-                                 + "\n  ".join(problems[:10]) + (f"\n  ... (+{len(problems) - 10} more)"
-                                                                 if len(problems) > 10 else ""))
+        _refuse(f"{what}: {len(problems)} layer(s) do not fit this model", problems)

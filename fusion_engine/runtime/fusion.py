@@ -310,73 +310,53 @@ class Spec:
     pool: object = None  # a pool's bank
 
 
-def _check_backend(backend: str) -> None:
+def check_bank(subject, style, pool, what: str = "attach") -> None:
+    """An ``AttachError`` unless ``what`` gets a bank: a subject and/or a style, or a ``fe.LoRAPool`` alone."""
+    if pool is None and subject is None and style is None:
+        raise AttachError(f"{what} needs a subject LoRA, a style LoRA, or both (or a pool=)")
+    if pool is not None and (subject is not None or style is not None):
+        raise AttachError(f"{what} takes a subject/style pair or a pool=, not both")
+    if pool is not None and not (hasattr(pool, "layers") and hasattr(pool, "slot")):
+        raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
+
+
+def resolve(model: nn.Module, subject=None, style=None, *, pool=None, policy=None, divergence: str | None = None,
+            granularity: str | None = None, backend: str = "auto", trace: bool | int = True, targets=(),
+            **policy_options) -> Spec:
+    """``attach_model``'s first step, which changes nothing: its bank resolved for ``model`` into a ``Spec``, or the
+    error that refuses it. A pair (``LoRA`` objects or None: ``as_lora`` coerces): the component's defaults, the parts
+    aligned to the model and checked to fit, each layer's two entries cast to its base weight. A pool: the target names
+    (its layers and ``targets``) checked to fit. Either: the policy built, the backend's kernels checked."""
+    check_bank(subject, style, pool)
     if backend not in BACKENDS:
         raise AttachError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-
-
-def _check_kernels(model: nn.Module, spec: Spec, ranks) -> None:
-    """What the backend declines fails at attach, not at its first launch mid-sampling (``ranks``: name -> ranks)."""
-    for name in spec.names:
-        weight = model.get_submodule(name).weight
-        kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
-        check_supported(spec.backend, kind, weight.dtype, ranks(name), device=weight.device, layer=name)
-
-
-def resolve_pair(model: nn.Module, subject, style, *, policy=None, divergence: str | None = None,
-                 granularity: str | None = None, backend: str = "auto", trace: bool | int = True,
-                 **policy_options) -> Spec:
-    """A pair attach resolved (``subject``, ``style``: ``LoRA`` objects or None, coerced by the caller): the component's
-    defaults, the parts aligned to the model and checked to fit, each layer's two entries cast to its base weight, the
-    policy built."""
-    if subject is None and style is None:
-        raise AttachError("attach needs a subject LoRA, a style LoRA, or both")
-    _check_backend(backend)
-    policy, granularity = component_defaults(subject, style, policy, granularity)
-    refuse_unsupported_backend(subject, style, backend)
-    warn_unapplied_components(subject, style)
-    subject, style = align_to_model(subject, model), align_to_model(style, model)
-    policy = make_policy(policy, **policy_options, **divergence_option(policy, divergence))
-    names = in_module_order(model, set(subject.layers if subject else ()) | set(style.layers if style else ()))
-    check_fit(model, names, {"subject": subject, "style": style})
-    _refuse_fused_projections(model)
-    factors = {}
-    for name in names:
-        base = model.get_submodule(name)
-        factors[name] = (layer_factors(subject, name, base), layer_factors(style, name, base))
-    spec = Spec(names, policy, granularity, backend, max_records(trace), subject, style, factors)
-    _check_kernels(model, spec, lambda name: tuple(0 if f is None else f[0].shape[0] for f in factors[name]))
-    return spec
-
-
-def resolve_pool(model: nn.Module, pool, *, policy=None, divergence: str | None = None, granularity: str | None = None,
-                 backend: str = "auto", trace: bool | int = True, targets=(), **policy_options) -> Spec:
-    """A pool attach resolved: the pool policy, the target names (the pool's layers and ``targets``) checked to fit."""
-    _check_backend(backend)
-    granularity = granularity or "image"
-    policy = make_policy(policy, pool=True, **policy_options, **divergence_option(policy, divergence))
-    names = in_module_order(model, set(pool.layers) | set(targets))
-    check_fit(model, names, {})
-    shapes = {name: pool.layers[name].shape if name in pool.layers else
-              tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
-    check_pool_fit(model, pool, shapes, "cannot attach the pool")
-    spec = Spec(names, policy, granularity, backend, max_records(trace), pool=pool)
-    _check_kernels(model, spec, lambda name: (pool.layers[name].rank if name in pool.layers else 0,))
-    return spec
-
-
-def resolve(model: nn.Module, subject=None, style=None, *, pool=None, **options) -> Spec:
-    """``attach_model``'s first step, which changes nothing: a pair (``LoRA`` objects or None: see ``as_lora``) or a
-    ``pool`` resolved into a ``Spec`` for ``model`` (``options``: ``attach_model``'s), or the error that refuses it."""
     if pool is None:
         if model in _ATTACHED:  # before resolving (checked again under the lock in install)
             raise _already_attached(_ATTACHED[model])
-        return resolve_pair(model, subject, style, **options)
-    if subject is not None or style is not None:
-        raise AttachError("attach takes a subject/style pair or a pool=, not both")
-    if not (hasattr(pool, "layers") and hasattr(pool, "slot")):
-        raise AttachError(f"pool must be a fe.LoRAPool, got {type(pool).__name__}")
-    return resolve_pool(model, pool, **options)
+        policy, granularity = component_defaults(subject, style, policy, granularity)
+        refuse_unsupported_backend(subject, style, backend)
+        warn_unapplied_components(subject, style)
+        subject, style = align_to_model(subject, model), align_to_model(style, model)
+    policy = make_policy(policy, pool=pool is not None, **policy_options, **divergence_option(policy, divergence))
+    if pool is None:
+        names = in_module_order(model, set(subject.layers if subject else ()) | set(style.layers if style else ()))
+        check_fit(model, names, {"subject": subject, "style": style})
+        _refuse_fused_projections(model)
+        factors = {name: (layer_factors(subject, name, model.get_submodule(name)),
+                          layer_factors(style, name, model.get_submodule(name))) for name in names}
+        ranks = {name: tuple(0 if f is None else f[0].shape[0] for f in factors[name]) for name in names}
+    else:
+        names, factors = in_module_order(model, set(pool.layers) | set(targets)), {}
+        check_fit(model, names, {})
+        shapes = {name: pool.layers[name].shape if name in pool.layers else
+                  tuple(getattr(find_module(model, name), "weight", None).shape) for name in names}
+        check_pool_fit(model, pool, shapes, "cannot attach the pool")
+        ranks = {name: (pool.layers[name].rank if name in pool.layers else 0,) for name in names}
+    for name in names:  # what the backend declines fails here, not at its first launch mid-sampling
+        weight = model.get_submodule(name).weight
+        kind = "linear" if weight.ndim == 2 else "conv2d"  # conv2d: the reference ops on every backend
+        check_supported(backend, kind, weight.dtype, ranks[name], device=weight.device, layer=name)
+    return Spec(names, policy, granularity or "image", backend, max_records(trace), subject, style, factors, pool)
 
 
 def _layers(originals: dict[str, nn.Module], factors: dict, context, start: int = 0) -> list[DynamicLoRALayer]:
@@ -511,5 +491,4 @@ def detach_all(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "detach_all", "install", "resolve", "resolve_pair",
-           "resolve_pool"]
+__all__ = ["Fusion", "Spec", "attach_model", "attached_fusion", "check_bank", "detach_all", "install", "resolve"]

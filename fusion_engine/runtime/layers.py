@@ -75,7 +75,7 @@ class DynamicLoRALayer(nn.Module):
 
     def set_entries(self, subject, style) -> None:
         """The pair's entries at this layer, ``(lora_a, lora_b, scale, dora_gain)`` as ``fit.layer_factors`` resolves
-        them (None: absent, rank 0); a pool layer's are a uniform batch's LoRAs (``load_uniform``), absent before."""
+        them (None: absent, rank 0); a pool layer's are a uniform batch's LoRAs (``uniform``), absent before."""
         for role, entry in (("subject", subject), ("style", style)):
             lora_a, lora_b, scale, gain = entry or absent_factors(self.base)
             setattr(self, f"{role}_scale", scale)
@@ -83,34 +83,56 @@ class DynamicLoRALayer(nn.Module):
             for part, tensor in (("a", lora_a), ("b", lora_b), ("gain", gain)):  # DoRA gain: (out,); empty otherwise
                 self.register_buffer(f"{role}_{part}", tensor, persistent=False)
 
-    def load_uniform(self) -> None:
-        """A uniform pool batch (``context.uniform``: every image names the same one or two LoRAs): this layer's entries
-        are those LoRAs', as a pair attach resolves them (each LoRA's own rank, scale and DoRA gain), loaded from the
-        pool once per assignment and pool version. A pair's layer keeps its own."""
+    def uniform(self, batch: int | None = None) -> bool:
+        """Whether a pool forward (of ``batch`` rows, checked as the pooled path checks them) runs the pair path: every
+        image names the same one or two LoRAs (``context.uniform``, decided once per assignment). This layer's entries
+        are then those LoRAs', as a pair attach resolves them, loaded from the pool once per assignment and version."""
         context = self.context
-        key = context.uniform and (context.uniform, context.pool.version)
-        if key and self.__dict__.get("_loaded") != key:
+        if context.uniform is None:
+            return False
+        if batch is not None:
+            context.check_images(batch)
+        if self.__dict__.get("_loaded") != (context.uniform, context.pool.version):
             context.image_slots(0, context.uniform)  # a LoRA removed since the assignment: the pooled path's error
             entries = [pool_entry(context.pool, name, self.base, self.name) for name in context.uniform]
             self.set_entries(*entries, *[None] * (2 - len(entries)))
-            self.__dict__["_loaded"] = key
-
-    def uniform(self, x: torch.Tensor) -> bool:
-        """Whether a pool forward runs the pair path on this layer's entries: its batch is uniform (decided once per
-        assignment by the context), checked against the batch as the pooled path checks it."""
-        if self.context.uniform is None:
-            return False
-        self.context.check_images(x.shape[0] if x.ndim > 1 else 1)
-        self.load_uniform()
+            self.__dict__["_loaded"] = (context.uniform, context.pool.version)
         return True
 
-    def _left_out(self, x: torch.Tensor, out: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
-        """A uniform pool batch whose LoRAs leave this layer out: its base output ``out``, as a pair attach leaves the
-        layer; FLS keeps the base position (-1) per group (a static policy's record comes with its coefficients)."""
+    def _pool_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A pool forward's output, None where it runs the pair path (``uniform``): the pooled ops for a mixed batch,
+        the base layer where no pool LoRA (of a uniform batch: neither) adapts the layer, as a pair attach leaves it
+        (a uniform batch's FLS keeps the base position, -1, per group)."""
+        batch = x.shape[0] if x.ndim > 1 else 1
+        held = self.context.pool.layer(self.name)
+        if not self.uniform(batch):
+            return self.base(x) if held is None else self._pooled_forward(x, held, self.context.sample_slots(
+                batch, x.device))
+        if self.has_subject or self.has_style:
+            return None
+        out = self.base(x)
         if self.context.policy.uses_divergence:
-            groups = self.context.row_groups(x.shape[0], rows_per_sample, x.device)[1]
+            groups = self.context.row_groups(x.shape[0], out[0].numel() // self.base.weight.shape[0], x.device)[1]
             self.keep_decisions(torch.full((groups,), -1, device=x.device))
         return out
+
+    def _select(self, x: torch.Tensor, y0: torch.Tensor, subject_raw: torch.Tensor, style_raw: torch.Tensor,
+                rows_per_sample: int, to_rows=lambda t: t, from_rows=lambda t: t) -> torch.Tensor:
+        """The reference rule on the base output ``y0`` and both raw deltas, DoRA applied (``branch_delta``): a static
+        policy's weighted sum, or FLS's choice per group on rows (``to_rows``/``from_rows``: a conv's pixels)."""
+        context, bias = self.context, self.base.bias
+        base_out = y0 if bias is None or not self.has_dora else y0 - bias.to(y0.dtype).reshape(-1, *[1] * (y0.ndim - 2))
+        subject_delta = self.branch_delta("subject", base_out, subject_raw)
+        style_delta = self.branch_delta("style", base_out, style_raw)
+        if not context.policy.uses_divergence:  # (a conv's plain LoRA runs its own static path)
+            subject_weight, style_weight = context.pair_weights(self)
+            return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
+        row_group, groups = context.row_groups(x.shape[0], rows_per_sample, x.device)
+        out, subject_score, style_score, choice = fls_select(
+            to_rows(y0), to_rows(subject_delta), to_rows(style_delta), row_group, groups, context.policy.divergence,
+            self.has_subject, self.has_style)
+        self.keep_decisions(choice, subject_score, style_score)
+        return from_rows(out).to(x.dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -179,23 +201,16 @@ class DynamicLoRALayer(nn.Module):
         context = self.context
         if context.in_forward:
             return context.coefficients[str(device)][self.index]
-        weights = context.pair_weights(self)
-        self.keep_decisions(context.static_choice(self, weights, device))
-        subject_scale, style_scale = self.lora_scales
-        return torch.tensor([weights[0] * subject_scale, weights[1] * style_scale], dtype=torch.float32, device=device)
-
-    def keep_selection(self, choice, subject_score, style_score) -> None:
-        """``keep_decisions`` of a pair op's selection; a uniform pool batch naming one LoRA keeps that position's score
-        only (its trace's ``(groups, 1)`` form)."""
-        one = self.context.uniform is not None and len(self.context.uniform) == 1
-        self.keep_decisions(choice, *((subject_score[:, None],) if one else (subject_score, style_score)))
+        return torch.tensor(context.layer_coefficients(self, device), dtype=torch.float32, device=device)
 
     def keep_decisions(self, choice, *scores) -> None:
         """Hold this forward's decisions until the model's forward ends (``FusionContext.collect``); outside the
-        attached model's forward, record them at once."""
+        attached model's forward, record them at once. A uniform pool batch naming one LoRA keeps its score only."""
         context = self.context
         if not context.tracing:
             return
+        if len(scores) == 2 and context.uniform is not None and len(context.uniform) == 1:
+            scores = (scores[0][:, None],)  # the pool trace's (groups, 1) form
         if context.in_forward:  # into __dict__ directly (what collect pops): nn.Module.__setattr__ costs per call
             self.__dict__["kept_decisions"] = (choice, *scores)
         else:
@@ -246,13 +261,6 @@ class DynamicLoRALayer(nn.Module):
             self.keep_decisions(positions[: len(context.assignment)])
         return scales, weights
 
-    def pooled(self, x: torch.Tensor):
-        """(the pool's stacks for this layer, each batch row's slots) when a pool assignment drives this forward,
-        else None (a pair, or a layer no pool LoRA adapts any more: its base layer)."""
-        pool = self.context.pool
-        held = pool.layer(self.name) if pool is not None else None
-        return None if held is None else (held, self.context.sample_slots(x.shape[0] if x.ndim > 1 else 1, x.device))
-
     def extra_repr(self) -> str:
         if self.context.pool is not None:
             held = self.context.pool.layer(self.name)
@@ -265,24 +273,6 @@ class DynamicLoRALinear(DynamicLoRALayer):
     """A Linear layer. Triton backend: the pair kernels (``fls_linear`` / ``mix_linear``) for a pair, the pooled ones
     for a pool, each speculating on this layer's previous decisions; elsewhere, DoRA, and in a pool forward that
     carries a gradient to ``x`` (the pooled kernels are forward only), the reference ops."""
-
-    def _dora_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """A layer with a DoRA branch: the reference path (the fused kernels take plain LoRA only)."""
-        context, base = self.context, self.base
-        y0 = base_linear(rows, base.weight, base.bias)
-        base_out = y0 if base.bias is None else y0 - base.bias.to(y0.dtype)
-        subject_delta = self.branch_delta("subject", base_out, lora_delta(rows, self.subject_a, self.subject_b))
-        style_delta = self.branch_delta("style", base_out, lora_delta(rows, self.style_a, self.style_b))
-        if not context.policy.uses_divergence:
-            subject_weight, style_weight = context.pair_weights(self)
-            return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(x.dtype)
-        row_group, groups = context.row_groups(x.shape[0], rows.shape[0] // max(x.shape[0], 1), x.device)
-        out, subject_score, style_score, choice = fls_select(
-            y0, subject_delta, style_delta, row_group, groups, context.policy.divergence, self.has_subject,
-            self.has_style,
-        )
-        self.keep_selection(choice, subject_score, style_score)
-        return out.to(x.dtype)
 
     def _backend(self, op: str, rows: torch.Tensor, rank: int) -> str:
         """The concrete backend of this call: ``"auto"`` on CUDA picks by the call's size class on the recorded
@@ -297,8 +287,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
             self.last_size = size
         return ops.resolve_backend("auto", rows.device, size)
 
-    def _pooled_forward(self, x: torch.Tensor, rows: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
-        context, base = self.context, self.base
+    def _pooled_forward(self, x: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
+        context, base, rows = self.context, self.base, x.reshape(-1, x.shape[-1])
         op = "pooled_fls" if context.policy.uses_divergence else "pooled_mix"
         backend = self._backend(op, rows, held.a.shape[-2])
         gains = self.pool_gains(held)
@@ -307,8 +297,9 @@ class DynamicLoRALinear(DynamicLoRALayer):
         dora = {} if gains is None else {"gains": gains}
         if not context.policy.uses_divergence:
             scales, weights = self._static(held, slots, x.device, gains)
-            return ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, scales, slots, weights,
-                                         backend=backend, **dora)
+            out = ops.pooled_mix_linear(rows, base.weight, base.bias, held.a, held.b, scales, slots, weights,
+                                        backend=backend, **dora)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         row_group, groups = context.row_groups(slots.shape[0], rows.shape[0] // slots.shape[0], x.device)
         guess = self._guess(groups, x.device, torch.int64) if backend == "triton" else None
         out, scores, choice = ops.pooled_fls_linear(
@@ -318,23 +309,20 @@ class DynamicLoRALinear(DynamicLoRALayer):
         if guess is not None:
             guess.copy_(choice)
         self.keep_decisions(choice, scores)
-        return out
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context, base = self.context, self.base
         if not context.enabled:
             return base(x)
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, x.shape[-1])
-        if context.pool is not None and not self.uniform(x):
-            pooled = self.pooled(x)
-            out = base(x) if pooled is None else self._pooled_forward(x, rows, *pooled)
-            return out if pooled is None else out.reshape(*lead, out.shape[-1])
-        if not (self.has_subject or self.has_style):
-            return self._left_out(x, base(x), rows.shape[0] // max(x.shape[0], 1))
+        if context.pool is not None and (out := self._pool_forward(x)) is not None:
+            return out
+        lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
         subject_scale, style_scale = self.lora_scales
-        if self.has_dora:
-            out = self._dora_forward(x, rows)
+        if self.has_dora:  # the reference path: the fused kernels take plain LoRA only
+            out = self._select(x, base_linear(rows, base.weight, base.bias), lora_delta(rows, self.subject_a,
+                               self.subject_b), lora_delta(rows, self.style_a, self.style_b), rows.shape[0] // max(
+                               x.shape[0], 1))
             return out.reshape(*lead, out.shape[-1])
         backend = self._backend("fls" if context.policy.uses_divergence else "mix", rows,
                                 max(self.subject_rank, self.style_rank))
@@ -347,7 +335,7 @@ class DynamicLoRALinear(DynamicLoRALayer):
             )
             if guess is not None:
                 guess.copy_(choice)
-            self.keep_selection(choice, subject_score, style_score)
+            self.keep_decisions(choice, subject_score, style_score)
         else:
             coef = self.static_coefficients(x.device)
             out = ops.mix_linear(
@@ -393,12 +381,8 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
         if context.pool is not None:
             if x.ndim == 3:  # an unbatched input, as nn.Conv2d takes it
                 return self.forward(x.unsqueeze(0)).squeeze(0)
-            if not self.uniform(x):
-                pooled = self.pooled(x)
-                return base(x) if pooled is None else self._pooled_forward(x, *pooled)
-            if not (self.has_subject or self.has_style):
-                out = base(x)
-                return self._left_out(x, out, out.shape[-2] * out.shape[-1])
+            if (out := self._pool_forward(x)) is not None:
+                return out
         bias = None if base.bias is None else base.bias.to(dtype)
         y0 = self._conv(x, base.weight.to(dtype), bias).to(accumulation_dtype(dtype))
         if not context.policy.uses_divergence and not self.has_dora:
@@ -407,22 +391,9 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
                 if lora_a.shape[0] > 0:  # an absent LoRA adds nothing (its zeros are not materialised)
                     out = out + coef[index] * self._raw_delta(x, y0, lora_a, lora_b)
             return out.to(dtype)
-        subject_raw = self._raw_delta(x, y0, self.subject_a, self.subject_b)
-        style_raw = self._raw_delta(x, y0, self.style_a, self.style_b)
-        base_out = y0 if base.bias is None or not self.has_dora else y0 - base.bias.to(y0.dtype).reshape(-1, 1, 1)
-        subject_delta = self.branch_delta("subject", base_out, subject_raw)
-        style_delta = self.branch_delta("style", base_out, style_raw)
-        if not context.policy.uses_divergence:  # DoRA (plain LoRA returned above)
-            subject_weight, style_weight = context.pair_weights(self)
-            return (y0 + subject_weight * subject_delta + style_weight * style_delta).to(dtype)
-        batch, _, height, width = y0.shape
-        row_group, groups = context.row_groups(batch, height * width, x.device)
-        out, subject_score, style_score, choice = fls_select(
-            pixel_rows(y0), pixel_rows(subject_delta), pixel_rows(style_delta), row_group, groups,
-            context.policy.divergence, self.has_subject, self.has_style,
-        )
-        self.keep_selection(choice, subject_score, style_score)
-        return from_pixel_rows(out, batch, height, width).to(dtype)
+        return self._select(x, y0, self._raw_delta(x, y0, self.subject_a, self.subject_b), self._raw_delta(
+            x, y0, self.style_a, self.style_b), y0.shape[2] * y0.shape[3], pixel_rows,
+            lambda rows: from_pixel_rows(rows, y0.shape[0], *y0.shape[2:]))
 
 
 def _keys_into_base(state_dict, prefix, *args) -> None:
