@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..errors import AlreadyAttachedError, AttachError, BatchLayoutError, OptionError, OptionTypeError
 from ..lora.weights import DENOISERS
-from ..runtime.context import images_in_batch
+from ..runtime.context import images_in_batch, normalize_assignment
 from ..runtime.fusion import Fusion, as_lora, attach_model, install, resolve
 from ..runtime.trace import Trace
 from ..samplers import uses_true_cfg
@@ -133,15 +133,11 @@ def _per_prompt(per_image: list, images_per_prompt: int) -> list:
     once for all of them)."""
     prompts = [per_image[i:i + images_per_prompt] for i in range(0, len(per_image), images_per_prompt)]
     for index, entries in enumerate(prompts):
-        if any(_names(entry) != _names(entries[0]) for entry in entries):
+        if any(entry != entries[0] for entry in entries):
             raise BatchLayoutError(f"prompt {index}: its {images_per_prompt} images name different LoRAs "
                                    f"({entries!r:.120}), but the LoRAs' text-encoder parts encode a prompt once for "
                                    "all its images; give the LoRAs per prompt")
     return [entries[0] for entries in prompts]
-
-
-def _names(entry) -> tuple:
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 _FORWARDED = ("context", "policy", "layers", "layer_names", "trace", "attached", "pool", "loras", "describe")
@@ -226,7 +222,7 @@ class PipelineAttachment:
             return self._call(original, pipe, args, kwargs)
         bound = inspect.signature(original).bind(pipe, *args, **kwargs)
         bound.apply_defaults()
-        per_image = loras_per_image(loras, bound.arguments)
+        per_image = normalize_assignment(loras_per_image(loras, bound.arguments), None)
         contexts = [self.fusion.context, *(fusion.context for fusion in self.components.values())]
         with self.fusion.owner.hold(f"a {type(pipe).__name__} call"):  # another thread cannot swap the assignment
             before = [context.assignment for context in contexts]

@@ -234,8 +234,6 @@ class FusionPipeline:
         if loras is None:
             raise OptionError("this FusionPipeline fuses a LoRA pool: pass loras=[...] with the prompts, one entry "
                               "per prompt or per image (a LoRA name or a tuple of names)")
-        if isinstance(loras, (str, bytes)) or not hasattr(loras, "__iter__"):
-            raise OptionError(f"loras must be a list with one entry per prompt or per image, got {loras!r:.80}")
         with_defaults = {"num_images_per_prompt": 1, **kwargs}
         return normalize_assignment(loras_per_image(loras, with_defaults), self.pool)
 

@@ -196,7 +196,10 @@ class FusionContext:
     def update_coefficients(self, layers, device) -> None:
         """Static policies: every layer's (w_subject * scale, w_style * scale) for the coming forward, computed on
         the host (the step, the branch, the LoRA scale) and copied into one persistent device table in place.
-        Runs before each forward of the attached model, outside any compiled graph."""
+        Runs before each forward of the attached model, outside any compiled graph, where a uniform pool batch's layers
+        load their entries too (``uniform``)."""
+        for layer in layers if self.uniform is not None else ():
+            layer.uniform()
         if self.policy.uses_divergence or not layers or (self.pool is not None and self.uniform is None):
             return  # a mixed pool batch's static weights come per image from ``sample_weights``
         values = torch.tensor([self.layer_coefficients(layer, device) for layer in layers], dtype=torch.float32)
@@ -210,17 +213,18 @@ class FusionContext:
     def pair_weights(self, layer) -> tuple[float, float]:
         """A static policy's (subject, style) weights at ``layer`` for this call: the pair policy's, or a pool policy's
         by position over a uniform batch's LoRAs (0 = subject, 1 = style; 0 for a second LoRA not named)."""
-        policy, names = self.policy, self.uniform
         if self.pool is None:
-            return policy.weights(layer, self)
-        weights = policy.layer_weights(layer.name, names, self) if policy.per_layer else policy.image_weights(
-            len(names), self)
-        return tuple([*weights, 0.0][:2])
+            return self.policy.weights(layer, self)
+        return tuple([*self.position_weights(layer.name, self.uniform), 0.0][:2])
+
+    def position_weights(self, layer: str | None, names: tuple[str, ...]) -> list[float]:
+        """A pool policy's static weight per position for an image naming ``names`` (at ``layer``: ``per_layer``)."""
+        policy = self.policy
+        return policy.layer_weights(layer, names, self) if policy.per_layer else policy.image_weights(len(names), self)
 
     def layer_coefficients(self, layer, device) -> tuple[float, float]:
         """A static policy's ``(w_subject * scale, w_style * scale)`` at ``layer`` for this call (``pair_weights``),
         its decision kept: a pair's choice code, or a uniform pool batch's position per image, as a mixed one's."""
-        layer.uniform()
         weights, (subject_scale, style_scale) = self.pair_weights(layer), layer.lora_scales
         code = choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style)
         layer.keep_decisions(code if self.pool is None else torch.full((len(self.assignment),), CODE_TO_POSITION[code],
@@ -258,11 +262,6 @@ class FusionContext:
                                    f"{layout}; give one entry per image")
         return images
 
-    def _key(self, kind: str, batch: int, device) -> tuple:
-        step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
-        return (kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale,
-                self.branch)
-
     def sample_slots(self, batch: int, device) -> torch.Tensor:
         """``(batch, L)`` int64 pool slots of each batch row's image, ``-1`` padded (built once per shape)."""
         return self._table("slots", batch, device, torch.int64, self.image_slots, -1)
@@ -274,15 +273,9 @@ class FusionContext:
             layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``, ``blora``) gets one
                 table per layer.
         """
-        scale, per_layer = (self.lora_scale if scaled else 1.0), self.policy.per_layer
-
-        def per_image(image, names):
-            policy = self.policy
-            weights = policy.layer_weights(layer, names, self) if per_layer else policy.image_weights(len(names), self)
-            return [w * scale for w in weights]
-
-        return self._table(("weights", scaled, layer if per_layer else None), batch, device, torch.float32, per_image,
-                           0.0)
+        scale = self.lora_scale if scaled else 1.0
+        return self._table(("weights", scaled, layer if self.policy.per_layer else None), batch, device, torch.float32,
+                           lambda image, names: [w * scale for w in self.position_weights(layer, names)], 0.0)
 
     def image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
         """The pool slots of image ``image``'s LoRAs (-1: a name a part pool lacks)."""
@@ -292,16 +285,16 @@ class FusionContext:
             raise UnknownLoRAError(f"image {image}: {error} (removed since the assignment was set?)") from None
 
     def _table(self, kind, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
-        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image."""
-        key = self._key(kind, batch, device)
-        if key not in self._tables:
-            if len(self._tables) >= 4096:  # a long-lived attach meets many steps, shapes and layers: keep the newest
-                self._tables.clear()
-            self._tables[key] = self._build(batch, device, dtype, per_image, pad)
-        return self._tables[key]
-
-    def _build(self, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
+        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image; built once
+        per (shape, layout, pool version, step for step-dependent policies, scale, branch)."""
+        step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
+        key = kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale, self.branch
+        if key in self._tables:
+            return self._tables[key]
+        if len(self._tables) >= 4096:  # a long-lived attach meets many steps, shapes and layers: keep the newest
+            self._tables.clear()
         images, width = self.check_images(batch), max(len(names) for names in self.assignment)
         table = [per_image(image, names) for image, names in enumerate(self.assignment)]
         table = [values + [pad] * (width - len(values)) for values in table]
-        return torch.tensor([table[row % images] for row in range(batch)], dtype=dtype).to(device)
+        self._tables[key] = torch.tensor([table[row % images] for row in range(batch)], dtype=dtype).to(device)
+        return self._tables[key]

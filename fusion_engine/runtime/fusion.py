@@ -81,20 +81,16 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
-    """Put every original back where it is not in place: also the layer whose swap raised half-way."""
-    for name, original in originals.items():
-        if find_module(model, name) is not original:
-            _set_module(model, name, original)
-
-
 def _swap_in(model: nn.Module, layers: list[DynamicLoRALayer], originals: dict[str, nn.Module]) -> None:
-    """Swap every fused layer in, or (on any exception, KeyboardInterrupt included) none of them."""
+    """Swap every fused layer in, or (on any exception, KeyboardInterrupt included) none of them: every original goes
+    back where it is not in place, also the layer whose swap raised half-way."""
     try:
         for layer in layers:
             _set_module(model, layer.name, layer)
     except BaseException:
-        _restore(model, originals)
+        for name, original in originals.items():
+            if find_module(model, name) is not original:
+                _set_module(model, name, original)
         raise
 
 
@@ -384,19 +380,9 @@ def install(model: nn.Module, spec: Spec) -> Fusion:
     return fusion
 
 
-def attach_model(
-    model: nn.Module,
-    subject=None,
-    style=None,
-    *,
-    pool=None,
-    policy=None,
-    divergence: str | None = None,
-    granularity: str | None = None,
-    backend: str = "auto",
-    trace: bool | int = True,
-    **policy_options,
-) -> Fusion:
+def attach_model(model: nn.Module, subject=None, style=None, *, pool=None, policy=None, divergence: str | None = None,
+                 granularity: str | None = None, backend: str = "auto", trace: bool | int = True,
+                 **policy_options) -> Fusion:
     """Fuse a bank of LoRAs into ``model`` (any diffusers UNet, text encoder or nn.Module): a ``subject`` and
     ``style`` pair (every row fuses both), or a ``pool`` (each image fuses the LoRAs it names: ``set_loras``).
 
@@ -415,8 +401,9 @@ def attach_model(
             policy (it would be ignored).
         granularity: which rows decide together: ``"image"`` (default; ``"sample"`` on a text encoder),
             ``"sample"``, ``"token"``, ``"batch"`` (a pool's images then decide each position together).
-        backend: ``"auto"``, ``"reference"``, ``"triton"``. On triton a pair runs the pair kernels, a pool the pooled
-            ones (forward only: a pool forward carrying a gradient to the layer's input runs the reference ops).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``. On triton a pair (and a pool batch whose images all name
+            the same LoRAs) runs the pair kernels, a mixed pool batch the pooled ones (forward only: one carrying a
+            gradient to the layer's input runs the reference ops).
             Conv (LoCon) layers run the reference ops on every backend.
         trace: record decisions: ``True`` keeps the last ``DEFAULT_MAX_RECORDS`` records (a model that stays
             attached never grows without bound), an int keeps that many, ``False`` records nothing.

@@ -270,9 +270,9 @@ class DynamicLoRALayer(nn.Module):
 
 
 class DynamicLoRALinear(DynamicLoRALayer):
-    """A Linear layer. Triton backend: the pair kernels (``fls_linear`` / ``mix_linear``) for a pair, the pooled ones
-    for a pool, each speculating on this layer's previous decisions; elsewhere, DoRA, and in a pool forward that
-    carries a gradient to ``x`` (the pooled kernels are forward only), the reference ops."""
+    """A Linear layer. Triton backend: the pair kernels (``fls_linear`` / ``mix_linear``) for a pair or a uniform pool
+    batch, the pooled ones for a mixed one, each speculating on this layer's previous decisions; elsewhere, DoRA, and
+    in a pooled forward that carries a gradient to ``x`` (the pooled kernels are forward only), the reference ops."""
 
     def _backend(self, op: str, rows: torch.Tensor, rank: int) -> str:
         """The concrete backend of this call: ``"auto"`` on CUDA picks by the call's size class on the recorded
@@ -347,8 +347,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
 
 class DynamicLoRAConv2d(DynamicLoRALayer):
     """LoCon layers: the same rule with the channel dimension per pixel, the reference ops on every backend (there is
-    no Triton conv kernel). A pool's runs the pooled conv ops (grouped convolutions over the samples, the base
-    layer's stride, padding, dilation and padding mode)."""
+    no Triton conv kernel). A mixed pool batch runs the pooled conv ops (grouped convolutions over the samples, the
+    base layer's stride, padding, dilation and padding mode)."""
 
     def _pooled_forward(self, x: torch.Tensor, held, slots: torch.Tensor) -> torch.Tensor:
         context, base, batch = self.context, self.base, x.shape[0]
