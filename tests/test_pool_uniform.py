@@ -164,6 +164,23 @@ def test_a_uniform_batch_follows_the_pool_and_the_layout(world):
             assert torch.equal(got, net(x))
 
 
+def test_a_uniform_pipeline_call_with_text_encoder_parts_is_the_pairs_bitwise(tiny_pipe, calls):
+    """``pipe(prompts, loras=[same pair] * n)`` on a pool: denoiser and text encoder run the pair ops, so its images are
+    bitwise those of ``fe.attach(pipe, subject, style)``."""
+    from test_text_encoder import lora_with_text_parts
+
+    subject, style = lora_with_text_parts(tiny_pipe, seed=3), lora_with_text_parts(tiny_pipe, seed=9)
+    pool = fe.LoRAPool().add("a", subject).add("b", style).add("c", lora_with_text_parts(tiny_pipe, seed=21))
+    prompts, options = ["a sbu dog", "a szn cat"], dict(num_inference_steps=2, guidance_scale=5.0, output_type="pt")
+    with fe.attach(tiny_pipe, pool=pool, backend="reference") as attached:
+        assert set(attached.components) == {"text_encoder"}
+        got = tiny_pipe(prompts, loras=[("a", "b")] * 2, generator=torch.Generator().manual_seed(5), **options).images
+    assert calls["pooled_fls_linear"] == calls["pooled_mix_linear"] == 0 and calls["mix_linear"] > 0
+    with fe.attach(tiny_pipe, subject, style, backend="reference"):
+        expected = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **options).images
+    assert torch.equal(got, expected)
+
+
 # -- a pipeline attach resolves every component before it installs any ---------------------------------------------
 def _misfit_text_part(pipe, seed=3):
     """A LoRA with UNet and text-encoder parts whose text-encoder part has one layer of the wrong width."""
