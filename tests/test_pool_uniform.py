@@ -130,6 +130,36 @@ def test_a_pool_batch_naming_one_lora_is_the_pair_with_the_other_absent(world, c
 
 
 @pytest.mark.parametrize("policy", ["fls", "direct"])
+def test_a_uniform_pool_batch_runs_the_pair_kernel_on_triton(calls, monkeypatch, policy):
+    """backend="triton" (interpreted on CPU): a uniform batch launches the pair kernel, as the pair attach does, with
+    the same outputs and choices."""
+    pytest.importorskip("triton")
+    backends = []
+    for name in ("fls_linear", "mix_linear"):
+        counted = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _op=counted, **kwargs: backends.append(kwargs["backend"]) or _op(
+            *args, **kwargs))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24))
+    subject, style = make_lora(net, 1, 4), make_lora(net, 2, 8)
+    pool = fe.LoRAPool().add("s", subject).add("t", style).add("u", make_lora(net, 3, 16))
+    x = torch.randn(4, 9, 24, generator=torch.Generator().manual_seed(1))
+    results = []
+    for bank in ({"pool": pool}, {"subject": subject, "style": style}):
+        with fe.attach(net, **bank, policy=policy, backend="triton") as fusion, torch.no_grad():
+            fusion.set_batch_layout(2, 2)
+            if "pool" in bank:
+                fusion.set_loras([("s", "t")] * 2)
+            results.append((net(x), [r.choice for r in fusion.trace.gather()]))
+    assert backends == ["triton"] * 4 and calls["pooled_fls_linear"] == calls["pooled_mix_linear"] == 0
+    (out, choices), (expected, pair_choices) = results
+    assert torch.equal(out, expected)
+    for mine, pair in zip(choices, pair_choices):
+        positions = torch.tensor([CODE_TO_POSITION[int(code)] for code in pair])
+        assert torch.equal(mine, positions.expand_as(mine))
+
+
+@pytest.mark.parametrize("policy", ["fls", "direct"])
 def test_a_mixed_pool_batch_runs_the_pooled_ops(world, calls, policy):
     net, _, pool, x = world
     with fe.attach(net, pool=pool, policy=policy, backend="reference") as fusion:
