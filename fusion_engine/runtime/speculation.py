@@ -1,8 +1,8 @@
 """Force the Triton kernels' speculation guess wrong, to bound the cost of the fix-up pass (benchmarks, tests).
 
 How the guess is kept: every fused layer on the triton backend holds its decisions of its previous call with the
-same number of groups in a persistent device buffer (``DynamicLoRALinear._guess``: (G,) bool for a pair, True =
-subject; (G,) int64 for a pool, the chosen position, -1 = base). The fused kernel writes
+same number of groups in a persistent device buffer (``DynamicLoRALinear._guess``: (G,) bool for the pair kernel,
+True = subject; (G,) int64 for a mixed pool batch, the chosen position, -1 = base). The fused kernel writes
 y0 + d_guess and the fix-up pass recomputes only the tiles whose group decided otherwise; the layer then copies
 this call's decisions into the buffer. The guess changes the time of a call, never its result.
 
