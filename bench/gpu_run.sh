@@ -10,16 +10,18 @@
 # to bench/results/ here and commit at once: raw logs lost with a machine are lost for good); without $OUT they go
 # to bench/results/<date>-<card>/.
 #
-# Time limits (seconds, override by environment): INSTALL_S=60, E2E_S=200 (gpu_e2e stops starting rows 45 s before
-# it), TABLE_S=75 (gpu_table's layer tables; cut short, its printed rows stay), POOL_S=60 (gpu_table's pool table:
+# Time limits (seconds, override by environment): INSTALL_S=60, E2E_S=170 (gpu_e2e stops starting rows 45 s before
+# it), TABLE_S=75 (gpu_table's layer tables; cut short, its printed rows stay), POOL_S=55 (gpu_table's pool table:
 # the pooled kernels' variants, hoisted shrink with the fused and the cuBLAS base, per-slot ranks, pooled mix, beside
-# the pair kernel and the merged F.linear): 6.6 min at most, so a 15-minute loan holds the start, this run and a
-# rerun. Each step runs whatever the one before did.
+# the pair kernel and the merged F.linear), INDUCTOR_S=50 (gpu_table's Inductor table: the reference op compiled per
+# shape beside the fused ops; it starts no shape past 30 s): 6.8 min at most, so a 15-minute loan holds the start,
+# this run and a rerun. Each step runs whatever the one before did.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 INSTALL_S="${INSTALL_S:-60}"
-E2E_S="${E2E_S:-200}"
-POOL_S="${POOL_S:-60}"
+E2E_S="${E2E_S:-170}"
+POOL_S="${POOL_S:-55}"
+INDUCTOR_S="${INDUCTOR_S:-50}"
 TABLE_S="${TABLE_S:-75}"
 PY="${PY:-python}"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' /' '--')
@@ -61,4 +63,9 @@ echo "gpu_table exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_table.txt"
 echo "== gpu_table.py --tables pool (timeout ${POOL_S}s)"
 timeout "$POOL_S" "$PY" bench/gpu_table.py --tables pool 2>&1 | tee "$DEST/gpu_pool.txt"
 echo "gpu_table pool exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_pool.txt"
+
+echo "== gpu_table.py --tables inductor (timeout ${INDUCTOR_S}s)"
+timeout "$INDUCTOR_S" "$PY" bench/gpu_table.py --tables inductor --inductor-budget-s $((INDUCTOR_S - 20)) 2>&1 \
+  | tee "$DEST/gpu_inductor.txt"
+echo "gpu_table inductor exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_inductor.txt"
 ls -la "$DEST"
