@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ..errors import BatchLayoutError, OptionError, StepContextError, StepRangeError, UnknownLoRAError, preview
-from .trace import Trace, choice_code
+from .trace import ALL, Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
 
@@ -246,15 +246,30 @@ class FusionContext:
             layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``, ``blora``) gets one
                 table per layer.
         """
-        scale, per_layer = (self.lora_scale if scaled else 1.0), self.policy.per_layer
+        return self._table(("weights", scaled, layer if self.policy.per_layer else None), batch, device,
+                           torch.float32, lambda image, names: self._image_weights(names, layer, scaled), 0.0)
+
+    def _image_weights(self, names: tuple[str, ...], layer: str | None, scaled: bool) -> list[float]:
+        policy, scale = self.policy, (self.lora_scale if scaled else 1.0)
+        weights = policy.layer_weights(layer, names, self) if policy.per_layer else \
+            policy.image_weights(len(names), self)
+        return [w * scale for w in weights]
+
+    def sample_positions(self, batch: int, device, layer: str, present: torch.Tensor, scaled: bool = True):
+        """``(images,)`` int64, for the trace of a static policy: the position each image keeps at ``layer``, the one
+        LoRA weighted (``sample_weights``) and adapting the layer (``present``, per slot), ``ALL`` for several, ``-1``
+        for none. Built on the host once per table key, so a forward pays no tensor op for it."""
+        adapts = []  # present on the host, read only when the table is built (a device sync on CUDA)
 
         def per_image(image, names):
-            policy = self.policy
-            weights = policy.layer_weights(layer, names, self) if per_layer else policy.image_weights(len(names), self)
-            return [w * scale for w in weights]
+            adapts[:] = adapts or present.tolist()
+            live = [i for i, (weight, slot) in enumerate(zip(self._image_weights(names, layer, scaled),
+                                                              self._image_slots(image, names)))
+                    if weight != 0 and slot >= 0 and adapts[slot]]
+            return [live[0] if len(live) == 1 else (ALL if live else -1)]
 
-        return self._table(("weights", scaled, layer if per_layer else None), batch, device, torch.float32, per_image,
-                           0.0)
+        table = self._table(("positions", scaled, layer), batch, device, torch.int64, per_image, -1)
+        return table[: len(self.assignment), 0]
 
     def _image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
         try:
