@@ -28,8 +28,23 @@ of compile per setup do not fit the loan.
 
 Per row: ms per call, images/s, peak memory (GiB allocated), ratio to merged (same mode, per image). Rows go to
 ``<out-dir>/e2e.jsonl`` and ``e2e.csv`` as each finishes. Before the rows, a roofline floor per targeted linear shape
-(FLOPs, bytes, exps of FLS's softmaxes) from the card's peak rates. FLS+LLR is not measured here: LLR needs the
-whole pipeline (VAE decode, CLIP/DINO encoders and their gradients), which a denoiser-only benchmark does not have.
+(FLOPs, bytes, exps of FLS's softmaxes) from the card's peak rates.
+
+FLS+LLR per image (issue 22, item 2), last, after every model's denoiser rows, on a budget of its own
+(``--llr-budget-s``, from the end of ``--budget-s``): per model, one whole ``fe.FusionPipeline`` call for one image at
+the run's resolution with ``--llr-steps`` steps (default 4; a 1-step warm-up call first), "fe fls (pipeline, 1 image)"
+then "fe fls + LLR (pipeline, 1 image)" (``refine=fe.Refiner(clip, dino, m=10, compile=False)``, references generated
+from subject/style prompts: two single-LoRA samplings, guided passes on the reference backend, the Refiner's default).
+The pipeline (``StableDiffusionXLPipeline`` / ``FluxPipeline``) wraps the benchmark's denoiser (same config, depth and
+seed) with a VAE and text encoders (SDXL: CLIP ViT-L + bigG text; FLUX: CLIP ViT-L text + T5-XXL) built from the real
+configs with random weights, fed by synthetic tokenizers (no vocabulary files offline; the encoders still run on
+full-length sequences); LLR's CLIP (ViT-L/14 image tower) and DINO (ViT-B/16) are transformers models of the real
+sizes with random weights in the library's ``ImageEncoder`` (open_clip and timm are not on the GPU image). Eager only:
+LLR takes gradients, which no CUDA graph replays. Each row: ms per image, peak memory; the LLR row's note gives its
+time and peak as multiples of fls alone. An LLR call that runs out of memory is measured again with gradient
+checkpointing, and its note says so. ``--smoke`` runs the same code with tiny widths at 64x64, 1 step, no warm-up.
+Estimated cost on an H100, both models: 20-30 s (about 1.4 PFLOP of UNet/transformer, VAE and encoder passes by
+torch's FLOP counter on the real configs, backward as 2x forward, plus the parts' random init and eager launch cost).
 """
 from __future__ import annotations
 
@@ -44,6 +59,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -540,8 +556,6 @@ class SyntheticTokenizer:
         return text.split()
 
     def __call__(self, text, padding=None, max_length=None, return_tensors="pt", **_):
-        from transformers import BatchEncoding
-
         texts = [text] if isinstance(text, str) else list(text)
         length = max_length or self.model_max_length
         rows = []
@@ -551,7 +565,7 @@ class SyntheticTokenizer:
             rows.append(ids + [0] * (length - len(ids)) if padding == "max_length" else ids)
         width = max(map(len, rows))
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        return BatchEncoding({"input_ids": ids, "attention_mask": (ids != 0).long()})
+        return SimpleNamespace(input_ids=ids, attention_mask=(ids != 0).long())  # what the pipelines read
 
     def batch_decode(self, ids, **_) -> list[str]:
         return [" ".join(map(str, row.tolist())) for row in ids]
@@ -671,7 +685,7 @@ class PipelineRows:
         clip, dino = build_encoders(self.smoke, self.device, self.dtype)
         refiner = fe.Refiner(clip, dino, m=10.0, compile=False)
         warm_up = "no warm-up" if self.smoke else "warm-up call: 1 step"
-        self.rec.emit(f"## {self.name} pipeline rows: {self.resolution}x{self.resolution}, {self.steps} steps "
+        self.rec.emit(f"## {self.name} pipeline rows: {self.resolution}x{self.resolution}, {self.steps} step(s) "
                       f"({warm_up}), 1 image, fls on {self.backend}; LLR: m=10, guided passes on the reference "
                       f"backend (Refiner's default), score eager (compile=False), references generated from "
                       f"subject/style prompts (2 single-LoRA samplings); built in {time.time() - t:.1f} s")
@@ -698,7 +712,8 @@ class PipelineRows:
                             width=self.resolution, generator=torch.Generator("cpu").manual_seed(0),
                             output_type="pt", progress=False, **extra)
 
-        refiner, note = pipeline.refine, f"{self.steps} steps, eager only (LLR takes gradients: no CUDA graph)"
+        steps = f"{self.steps} step{'s' if self.steps > 1 else ''}"
+        refiner, note = pipeline.refine, f"{steps}, eager only (LLR takes gradients: no CUDA graph)"
         try:
             try:
                 ms, peak = self.timed(call)
