@@ -40,8 +40,9 @@ seed) with a VAE and text encoders (SDXL: CLIP ViT-L + bigG text; FLUX: CLIP ViT
 configs with random weights, fed by synthetic tokenizers (no vocabulary files offline; the encoders still run on
 full-length sequences); LLR's CLIP (ViT-L/14 image tower) and DINO (ViT-B/16) are transformers models of the real
 sizes with random weights in the library's ``ImageEncoder`` (open_clip and timm are not on the GPU image). Eager only:
-LLR takes gradients, which no CUDA graph replays. Each row: ms per image, peak memory; the LLR row's note gives its
-time and peak as multiples of fls alone. An LLR call that runs out of memory is measured again with gradient
+LLR takes gradients, which no CUDA graph replays. Each row: ms per image, peak memory (fls alone runs before LLR's
+encoders are built, so its peak holds none of theirs); the LLR row's note gives its time and peak as multiples of fls
+alone. An LLR call that runs out of memory is measured again with gradient
 checkpointing, and its note says so. ``--smoke`` runs the same code with tiny widths at 64x64, 1 step, no warm-up.
 Estimated cost on an H100, both models: 20-30 s (about 1.4 PFLOP of UNet/transformer, VAE and encoder passes by
 torch's FLOP counter on the real configs, backward as 2x forward, plus the parts' random init and eager launch cost).
@@ -648,6 +649,10 @@ def build_encoders(smoke: bool, device, dtype):
                          "dino[ViT-B/16 config]").to(device))
 
 
+def millions(module: nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.0f}"
+
+
 class PipelineRows:
     """Last rows of a run: one whole ``fe.FusionPipeline`` call for one image, fls alone and fls + LLR (``refine=``),
     around the benchmark's denoiser (rebuilt: same config, depth and seed) with a VAE, text encoders and LLR's
@@ -682,21 +687,18 @@ class PipelineRows:
         pair = [fe_lora(random_factors(model, names, self.args.rank, LORA_B_STD[i], seed=1 + i), self.args.rank,
                         component) for i in range(2)]
         pipe = build_pipeline(self.name, model, self.smoke, self.device, self.dtype)
-        clip, dino = build_encoders(self.smoke, self.device, self.dtype)
-        refiner = fe.Refiner(clip, dino, m=10.0, compile=False)
         warm_up = "no warm-up" if self.smoke else "warm-up call: 1 step"
         self.rec.emit(f"## {self.name} pipeline rows: {self.resolution}x{self.resolution}, {self.steps} step(s) "
                       f"({warm_up}), 1 image, fls on {self.backend}; LLR: m=10, guided passes on the reference "
                       f"backend (Refiner's default), score eager (compile=False), references generated from "
                       f"subject/style prompts (2 single-LoRA samplings); built in {time.time() - t:.1f} s")
-        self.rec.emit(f"parts: VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.0f}M, text encoders "
-                      f"{sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.0f}M + "
-                      f"{sum(p.numel() for p in pipe.text_encoder_2.parameters()) / 1e6:.0f}M (synthetic tokenizers), "
-                      f"CLIP {sum(p.numel() for p in clip.parameters()) / 1e6:.0f}M, "
-                      f"DINO {sum(p.numel() for p in dino.parameters()) / 1e6:.0f}M parameters, random weights")
-        fls = fe.FusionPipeline(pipe, *pair, policy="fls", backend=self.backend, trace=False)
-        llr = fe.FusionPipeline(pipe, *pair, policy="fls", backend=self.backend, trace=False, refine=refiner)
-        self.measure(setups[0], fls, {})
+        self.rec.emit(f"parts: VAE {millions(pipe.vae)}M, text encoders {millions(pipe.text_encoder)}M + "
+                      f"{millions(pipe.text_encoder_2)}M parameters (synthetic tokenizers), random weights")
+        self.measure(setups[0], fe.FusionPipeline(pipe, *pair, policy="fls", backend=self.backend, trace=False), {})
+        clip, dino = build_encoders(self.smoke, self.device, self.dtype)  # after fls alone: not in its peak
+        self.rec.emit(f"LLR encoders: CLIP {millions(clip)}M, DINO {millions(dino)}M parameters, random weights")
+        llr = fe.FusionPipeline(pipe, *pair, policy="fls", backend=self.backend, trace=False,
+                                refine=fe.Refiner(clip, dino, m=10.0, compile=False))
         self.measure(setups[1], llr, {k: v for k, v in LLR_PROMPTS.items() if k != "prompt"})
 
     def measure(self, setup: str, pipeline, extra: dict) -> None:
