@@ -716,19 +716,25 @@ class PipelineRows:
 
         steps = f"{self.steps} step{'s' if self.steps > 1 else ''}"
         refiner, note = pipeline.refine, f"{steps}, eager only (LLR takes gradients: no CUDA graph)"
+        ms = peak = failed = None
         try:
+            ms, peak = self.timed(call)
+        except torch.cuda.OutOfMemoryError as e:
+            failed = e if refiner is None or refiner.gradient_checkpointing else None
+            if failed is None:
+                self.rec.emit(f"{setup}: out of memory ({str(e)[:120]}); again with gradient checkpointing")
+        except Exception as e:  # noqa: BLE001 - one failed row must not end the run
+            failed = e
+        if ms is None and failed is None:  # out of memory: outside the except block, its frames' tensors are freed
+            free_cuda(self.args)
+            refiner.gradient_checkpointing = True
+            note += "; gradient checkpointing (out of memory without)"
             try:
                 ms, peak = self.timed(call)
-            except torch.cuda.OutOfMemoryError as e:
-                if refiner is None or refiner.gradient_checkpointing:
-                    raise
-                self.rec.emit(f"{setup}: out of memory ({str(e)[:120]}); again with gradient checkpointing")
-                free_cuda(self.args)
-                refiner.gradient_checkpointing = True
-                note += "; gradient checkpointing (out of memory without)"
-                ms, peak = self.timed(call)
-        except Exception as e:  # noqa: BLE001 - one failed row must not end the run
-            self.rec.write({**base, "note": f"failed: {type(e).__name__}: {str(e)[:200]}"})
+            except Exception as e:  # noqa: BLE001
+                failed = e
+        if failed is not None:
+            self.rec.write({**base, "note": f"failed: {type(failed).__name__}: {str(failed)[:200]}"})
             return
         if refiner is None:
             self.ms_fls, self.peak_fls = ms, peak

@@ -58,3 +58,33 @@ def test_gpu_e2e_pipeline_rows_skipped_over_budget(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     assert [r["setup"] for r in rows] == list(PIPELINE_ROWS)
     assert all(r["ms_per_call"] is None and r["note"] == "skipped: over --llr-budget-s" for r in rows)
+
+
+@pytest.mark.parametrize("memory_with_checkpointing", [True, False])
+def test_gpu_e2e_llr_row_out_of_memory_retries_with_checkpointing(tmp_path, monkeypatch, memory_with_checkpointing):
+    """An LLR call that runs out of memory is measured again with gradient checkpointing (the note says so); out of
+    memory again, the row says it failed."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_e2e
+    import torch
+
+    calls = []
+
+    class Pipeline:  # stands in for a FusionPipeline with refine=
+        refine = type("Refiner", (), {"gradient_checkpointing": False})()
+
+        def __call__(self, *args, **kwargs):
+            calls.append(self.refine.gradient_checkpointing)
+            if not (self.refine.gradient_checkpointing and memory_with_checkpointing):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    rows = gpu_e2e.PipelineRows(gpu_e2e.parse_args(["--smoke"]), "sdxl", gpu_e2e.Recorder(tmp_path, budget_s=1e9))
+    rows.ms_fls = 1e-3
+    rows.measure(PIPELINE_ROWS[1], Pipeline(), {})
+    (row,) = [json.loads(line) for line in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert calls == [False, True]
+    if memory_with_checkpointing:
+        assert row["ms_per_call"] > 0 and "gradient checkpointing (out of memory without)" in row["note"]
+        assert "time x fls pipeline" in row["note"]
+    else:
+        assert row["ms_per_call"] is None and row["note"].startswith("failed: OutOfMemoryError")
