@@ -42,8 +42,8 @@ full-length sequences); LLR's CLIP (ViT-L/14 image tower) and DINO (ViT-B/16) ar
 sizes with random weights in the library's ``ImageEncoder`` (open_clip and timm are not on the GPU image). Eager only:
 LLR takes gradients, which no CUDA graph replays. Each row: ms per image, peak memory (fls alone runs before LLR's
 encoders are built, so its peak holds none of theirs); the LLR row's note gives its time and peak as multiples of fls
-alone. An LLR call that runs out of memory is measured again with gradient
-checkpointing, and its note says so. ``--smoke`` runs the same code with tiny widths at 64x64, 1 step, no warm-up.
+alone. An LLR call that runs out of memory is measured again with gradient checkpointing, and its note says so.
+``--smoke`` runs the same code with tiny widths at 64x64, 1 step, no warm-up.
 Estimated cost on an H100, both models: 20-30 s (about 1.4 PFLOP of UNet/transformer, VAE and encoder passes by
 torch's FLOP counter on the real configs, backward as 2x forward, plus the parts' random init and eager launch cost).
 """
