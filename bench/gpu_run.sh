@@ -10,16 +10,19 @@
 # to bench/results/ here and commit at once: raw logs lost with a machine are lost for good); without $OUT they go
 # to bench/results/<date>-<card>/.
 #
-# Time limits (seconds, override by environment): INSTALL_S=60, E2E_S=170 (gpu_e2e stops starting rows 45 s before
-# it), TABLE_S=75 (gpu_table's layer tables; cut short, its printed rows stay), POOL_S=55 (gpu_table's pool table:
-# the pooled kernels' variants, hoisted shrink with the fused and the cuBLAS base, per-slot ranks, pooled mix, beside
-# the pair kernel and the merged F.linear), INDUCTOR_S=50 (gpu_table's Inductor table: the reference op compiled per
-# shape beside the fused ops; it starts no shape past 30 s): 6.8 min at most, so a 15-minute loan holds the start,
-# this run and a rerun. Each step runs whatever the one before did.
+# Time limits (seconds, override by environment): INSTALL_S=60, LLR_S=40 (gpu_e2e's last rows: one whole
+# FusionPipeline call per model, fls alone and fls + LLR; 0 skips them), E2E_S=170+LLR_S (gpu_e2e stops starting
+# denoiser rows 45 + LLR_S s before it and pipeline rows 45 s before it), TABLE_S=75 (gpu_table's layer tables; cut
+# short, its printed rows stay), POOL_S=55 (gpu_table's pool table: the pooled kernels' variants, hoisted shrink with
+# the fused and the cuBLAS base, per-slot ranks, pooled mix, beside the pair kernel and the merged F.linear),
+# INDUCTOR_S=50 (gpu_table's Inductor table: the reference op compiled per shape beside the fused ops; it starts no
+# shape past 30 s): 7.5 min at most (6.8 with LLR_S=0), so a 15-minute loan holds the start, this run and a rerun
+# only with less (e.g. LLR_S=0 or a lower E2E_S on the rerun). Each step runs whatever the one before did.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 INSTALL_S="${INSTALL_S:-60}"
-E2E_S="${E2E_S:-170}"
+LLR_S="${LLR_S:-40}"
+E2E_S="${E2E_S:-$((170 + LLR_S))}"
 POOL_S="${POOL_S:-55}"
 INDUCTOR_S="${INDUCTOR_S:-50}"
 TABLE_S="${TABLE_S:-75}"
@@ -53,7 +56,8 @@ fi
 
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 echo "== gpu_e2e.py (timeout ${E2E_S}s)"
-timeout "$E2E_S" "$PY" bench/gpu_e2e.py --out-dir "$DEST" --budget-s $((E2E_S - 45)) --reps 3 2>&1 | tee "$DEST/gpu_e2e.txt"
+timeout "$E2E_S" "$PY" bench/gpu_e2e.py --out-dir "$DEST" --budget-s $((E2E_S - 45 - LLR_S)) \
+  --llr-budget-s "$LLR_S" --reps 3 2>&1 | tee "$DEST/gpu_e2e.txt"
 echo "gpu_e2e exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_e2e.txt"
 
 echo "== gpu_table.py --tables sdxl flux (timeout ${TABLE_S}s)"
