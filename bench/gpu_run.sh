@@ -11,21 +11,22 @@
 # to bench/results/<date>-<card>/.
 #
 # Time limits (seconds, override by environment): INSTALL_S=60, LLR_S=40 (gpu_e2e's last rows: one whole
-# FusionPipeline call per model, fls alone and fls + LLR; 0 skips them), E2E_S=170+LLR_S (gpu_e2e stops starting
-# denoiser rows 45 + LLR_S s before it and pipeline rows 45 s before it), TABLE_S=75 (gpu_table's layer tables; cut
-# short, its printed rows stay), POOL_S=55 (gpu_table's pool table: the pooled kernels' variants, hoisted shrink with
+# FusionPipeline call per model, fls alone and fls + LLR; 0 skips them), E2E_S=150+LLR_S (gpu_e2e stops starting
+# denoiser rows 45 + LLR_S s before it and pipeline rows 45 s before it), TABLE_S=70 (gpu_table's layer tables; cut
+# short, its printed rows stay), POOL_S=50 (gpu_table's pool table: the pooled kernels' variants, hoisted shrink with
 # the fused and the cuBLAS base, per-slot ranks, pooled mix, beside the pair kernel and the merged F.linear),
-# INDUCTOR_S=50 (gpu_table's Inductor table: the reference op compiled per shape beside the fused ops; it starts no
-# shape past 30 s): 7.5 min at most (6.8 with LLR_S=0), so a 15-minute loan holds the start, this run and a rerun
-# only with less (e.g. LLR_S=0 or a lower E2E_S on the rerun). Each step runs whatever the one before did.
+# INDUCTOR_S=45 (gpu_table's Inductor table: the reference op compiled per shape beside the fused ops; it starts no
+# shape past 25 s): 6.9 min at most, so a 15-minute loan holds the start (2-3 min), this run and a rerun. Rows are in
+# order of value within each step, so what a short limit cuts is the least needed. Each step runs whatever the one
+# before did.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 INSTALL_S="${INSTALL_S:-60}"
 LLR_S="${LLR_S:-40}"
-E2E_S="${E2E_S:-$((170 + LLR_S))}"
-POOL_S="${POOL_S:-55}"
-INDUCTOR_S="${INDUCTOR_S:-50}"
-TABLE_S="${TABLE_S:-75}"
+E2E_S="${E2E_S:-$((150 + LLR_S))}"
+POOL_S="${POOL_S:-50}"
+INDUCTOR_S="${INDUCTOR_S:-45}"
+TABLE_S="${TABLE_S:-70}"
 PY="${PY:-python}"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' /' '--')
 stamp="$(date -u +%Y-%m-%d-%H%M)-${card:-nogpu}"
