@@ -530,9 +530,9 @@ class forced_base:
     Triton kernel; "cublas": the split variant) instead of its size-class choice (``fls_base_config``)."""
 
     def __init__(self, base: str):
-        self.module = importlib.import_module("csrc_triton.fls_linear")
+        self.module = importlib.import_module("fusion_engine.kernels.fls_linear")
         if not hasattr(self.module, "fls_base_config"):
-            raise AttributeError("csrc_triton.fls_linear has no fls_base_config to override any more")
+            raise AttributeError("fusion_engine.kernels.fls_linear has no fls_base_config to override any more")
         self.base, self.saved = base, None
 
     def __enter__(self):

@@ -110,7 +110,7 @@ RUN = types.SimpleNamespace(smoke=False, device="cuda", triton=None, reference=N
 
 
 def import_ops():
-    """(fusion_engine.ops.reference, fusion_engine.ops.triton_ops, csrc_triton.testing) with torch
+    """(fusion_engine.ops.reference, fusion_engine.ops.triton_ops, fusion_engine.kernels.testing) with torch
     and triton only: fusion_engine/__init__.py (which pulls diffusers) is bypassed by registering a
     bare package module for ``fusion_engine`` first, so only its ``ops`` subpackage (torch,
     triton, fusion_engine/errors.py) is imported. A full import made earlier is used as it is."""
@@ -120,7 +120,7 @@ def import_ops():
         package = types.ModuleType("fusion_engine")
         package.__path__ = [str(REPO / "fusion_engine")]
         sys.modules["fusion_engine"] = package
-    from csrc_triton import testing
+    from fusion_engine.kernels import testing
     from fusion_engine.ops import reference, triton_ops
 
     return reference, triton_ops, testing

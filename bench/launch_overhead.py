@@ -15,7 +15,7 @@ in the same run, real CPU compute included):
   per-forward hooks); its baseline is the same model with plain ``nn.Linear`` layers
   (the merged-weight model).
 * ``op``: the ``fusion_engine.ops`` call alone, as the module makes it; ``launcher``: the
-  ``csrc_triton`` launcher alone (no torch.library dispatch).
+  ``fusion_engine.kernels`` launcher alone (no torch.library dispatch).
 * ``reference`` rows run the pure-torch path on the CPU, real compute included (the GPU-less user's
   path); ``reference compiled``: the same model under ``torch.compile`` (Inductor, CPU), skipped
   with ``--no-compile`` and in ``--smoke``.
@@ -106,15 +106,14 @@ class StandInDriver:
 
 driver.set_active(StandInDriver())
 
-import csrc_triton  # noqa: E402
-import csrc_triton.utils as kernel_utils  # noqa: E402
 import fusion_engine as fe  # noqa: E402
-from fusion_engine import ops  # noqa: E402
+import fusion_engine.kernels.utils as kernel_utils  # noqa: E402
+from fusion_engine import kernels, ops  # noqa: E402
 
 # The ops refuse CPU tensors unless the kernels are interpreted; here they are compiled for sm_90 and launched
 # by the stand-in driver, so let the device check pass for CPU tensors (the kernels' tile configs still come
-# from the real GPU table: csrc_triton.utils.INTERPRET stays False).
-csrc_triton.INTERPRET = True
+# from the real GPU table: fusion_engine.kernels.utils.INTERPRET stays False).
+kernels.INTERPRET = True
 assert not kernel_utils.INTERPRET
 
 # the phase-one names; an older tree (run for a before/after table) has prev_choose and set_assignment instead
@@ -150,14 +149,14 @@ def verify_replays(cases) -> int | None:
     its plan; both must make the same launches: the same compiled kernels, grids and scalar arguments, the same
     input tensors in the same argument slots. Returns the number of launches compared (None for launchers without
     plans, e.g. this script run on an older tree for a before/after table)."""
-    if not all(hasattr(getattr(csrc_triton, module), "_PLANS") for module in _PLAN_MODULES):
+    if not all(hasattr(getattr(kernels, module), "_PLANS") for module in _PLAN_MODULES):
         return None
     compared = 0
     for name, call, inputs in cases:
         for module in _PLAN_MODULES:
-            getattr(csrc_triton, module)._PLANS.clear()
+            getattr(kernels, module)._PLANS.clear()
         jit = _launches(call, inputs)
-        if not any(getattr(csrc_triton, module)._PLANS for module in _PLAN_MODULES):
+        if not any(getattr(kernels, module)._PLANS for module in _PLAN_MODULES):
             raise AssertionError(f"{name}: the call kept no plan, so nothing would be replayed")
         replay = _launches(call, inputs)
         if not jit or jit != replay:
@@ -321,7 +320,7 @@ class Bench:
                                       base=base, **{_PREV_CHOICE: guess})
 
             def launcher():
-                return csrc_triton.fls_linear_fwd(rows, weight, bias, factors[0], factors[1], subject_scale,
+                return kernels.fls_linear_fwd(rows, weight, bias, factors[0], factors[1], subject_scale,
                                                   factors[2], factors[3], style_scale, row_group, groups, "kl",
                                                   guess, base)
         else:
@@ -331,7 +330,7 @@ class Bench:
                 return ops.mix_linear(rows, weight, bias, *factors, coef, backend="triton")
 
             def launcher():
-                return csrc_triton.mix_linear_fwd(rows, weight, bias, *factors, coef)
+                return kernels.mix_linear_fwd(rows, weight, bias, *factors, coef)
         self.add(name, "op", self.measure(op), "F.linear")
         self.add(name, "launcher", self.measure(launcher), "F.linear")
         self.replay_cases.append((name, launcher, (rows, weight, bias, *factors)))
@@ -354,7 +353,7 @@ class Bench:
                                                  row_group, groups, "kl", backend="triton", prev_choice=guess)
 
                 def launcher():
-                    return csrc_triton.pooled_fls_linear_fwd(rows, weight, bias, held.a, held.b, scales, held.present,
+                    return kernels.pooled_fls_linear_fwd(rows, weight, bias, held.a, held.b, scales, held.present,
                                                              slots, row_group, groups, "kl", guess)
             else:
                 weights = context.sample_weights(self.images, rows.device, layer.name)
@@ -364,7 +363,7 @@ class Bench:
                                                  backend="triton")
 
                 def launcher():
-                    return csrc_triton.pooled_mix_linear_fwd(rows, weight, bias, held.a, held.b, held.scales, slots,
+                    return kernels.pooled_mix_linear_fwd(rows, weight, bias, held.a, held.b, held.scales, slots,
                                                              weights)
             self.add(name, "op", self.measure(op), "F.linear")
             self.add(name, "launcher", self.measure(launcher), "F.linear")
