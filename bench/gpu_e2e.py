@@ -461,16 +461,10 @@ class Bench:
     def split_rows(self) -> None:
         """fls on triton with the base GEMM forced into the kernel ("fused") and into cuBLAS ("cublas", the split
         variant) at every layer, beside the size-class choice of the rows above. fe.attach has no base= option, so
-        the launcher's size-class function is overridden for the row (``forced_base``)."""
+        the launchers' size-class table is overridden for the row (``forced_base``)."""
         for base in ("cublas", "fused"):
-            setup = f"fe fls triton, base forced {base!r} at every layer"
-            try:
-                force = forced_base(base)
-            except AttributeError as e:
-                self.skip(setup, str(e))
-                continue
-            with force, self.attach("fls", "triton"):
-                self.row(setup, self.call())
+            with forced_base(base), self.attach("fls", "triton"):
+                self.row(f"fe fls triton, base forced {base!r} at every layer", self.call())
 
     def pool_rows(self, backend: str) -> None:
         import fusion_engine as fe
@@ -526,22 +520,30 @@ class Bench:
 
 
 class forced_base:
-    """Within the block, the fused FLS launcher puts every layer's base GEMM where ``base`` says ("fused": in the
-    Triton kernel; "cublas": the split variant) instead of its size-class choice (``fls_base_config``)."""
+    """Within the block, the FLS launchers put every layer's base GEMM where ``base`` says ("fused": in the Triton
+    kernel; "cublas": the split variant) instead of their size-class choice (``fusion_engine.kernels.utils.
+    fls_base_config``, read from its table at each plan miss); the launchers' plans, which keep the mode they were
+    made with, are dropped on entry and exit."""
 
     def __init__(self, base: str):
-        self.module = importlib.import_module("fusion_engine.kernels.fls_linear")
-        if not hasattr(self.module, "fls_base_config"):
-            raise AttributeError("fusion_engine.kernels.fls_linear has no fls_base_config to override any more")
+        self.utils = importlib.import_module("fusion_engine.kernels.utils")
+        self.plans = [importlib.import_module(f"fusion_engine.kernels.{name}")._PLANS
+                      for name in ("fls_linear", "pooled_fls_linear", "pooled_mix_linear")]
         self.base, self.saved = base, None
 
+    def _reset(self, table: dict) -> None:
+        self.utils._FLS_BASE_TABLE.clear()
+        self.utils._FLS_BASE_TABLE.update(table)
+        for plans in self.plans:
+            plans.clear()
+
     def __enter__(self):
-        self.saved = self.module.fls_base_config
-        self.module.fls_base_config = lambda M, N, K: self.base
+        self.saved = dict(self.utils._FLS_BASE_TABLE)
+        self._reset(dict.fromkeys(self.saved, self.base))
         return self
 
     def __exit__(self, *exc):
-        self.module.fls_base_config = self.saved
+        self._reset(self.saved)
 
 
 # ----------------------------------------------------------------------------- whole pipeline: FLS and FLS+LLR
