@@ -28,8 +28,24 @@ of compile per setup do not fit the loan.
 
 Per row: ms per call, images/s, peak memory (GiB allocated), ratio to merged (same mode, per image). Rows go to
 ``<out-dir>/e2e.jsonl`` and ``e2e.csv`` as each finishes. Before the rows, a roofline floor per targeted linear shape
-(FLOPs, bytes, exps of FLS's softmaxes) from the card's peak rates. FLS+LLR is not measured here: LLR needs the
-whole pipeline (VAE decode, CLIP/DINO encoders and their gradients), which a denoiser-only benchmark does not have.
+(FLOPs, bytes, exps of FLS's softmaxes) from the card's peak rates.
+
+FLS+LLR per image (issue 22, item 2), last, after every model's denoiser rows, on a budget of its own
+(``--llr-budget-s``, from the end of ``--budget-s``): per model, one whole ``fe.FusionPipeline`` call for one image at
+the run's resolution with ``--llr-steps`` steps (default 4; a 1-step warm-up call first), "fe fls (pipeline, 1 image)"
+then "fe fls + LLR (pipeline, 1 image)" (``refine=fe.Refiner(clip, dino, m=10, compile=False)``, references generated
+from subject/style prompts: two single-LoRA samplings, guided passes on the reference backend, the Refiner's default).
+The pipeline (``StableDiffusionXLPipeline`` / ``FluxPipeline``) wraps the benchmark's denoiser (same config, depth and
+seed) with a VAE and text encoders (SDXL: CLIP ViT-L + bigG text; FLUX: CLIP ViT-L text + T5-XXL) built from the real
+configs with random weights, fed by synthetic tokenizers (no vocabulary files offline; the encoders still run on
+full-length sequences); LLR's CLIP (ViT-L/14 image tower) and DINO (ViT-B/16) are transformers models of the real
+sizes with random weights in the library's ``ImageEncoder`` (open_clip and timm are not on the GPU image). Eager only:
+LLR takes gradients, which no CUDA graph replays. Each row: ms per image, peak memory (fls alone runs before LLR's
+encoders are built, so its peak holds none of theirs); the LLR row's note gives its time and peak as multiples of fls
+alone. An LLR call that runs out of memory is measured again with gradient checkpointing, and its note says so.
+``--smoke`` runs the same code with tiny widths at 64x64, 1 step, no warm-up.
+Estimated cost on an H100, both models: 20-30 s (about 1.4 PFLOP of UNet/transformer, VAE and encoder passes by
+torch's FLOP counter on the real configs, backward as 2x forward, plus the parts' random init and eager launch cost).
 """
 from __future__ import annotations
 
@@ -44,6 +60,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -89,6 +106,41 @@ FLS_EXPS_PER_ELEMENT = 3  # softmax of y0 and y1, and q = softmax(y1) reused: 2-
 
 CSV_FIELDS = ["model", "depth", "setup", "mode", "ms_per_call", "images_per_call", "images_per_s", "peak_gib",
               "ratio_to_merged", "observed_flip_rate", "note"]
+
+# FLS+LLR rows: one whole FusionPipeline call (text encoders, sampling, VAE decode; LLR: reference images, CLIP/DINO)
+LLR_STEPS = 4  # sampling steps per measured call (the warm-up call runs 1)
+LLR_BUDGET_S = 40  # --llr-budget-s: the pipeline rows' own time, after --budget-s
+LLR_PROMPTS = {"prompt": "a sbu dog in szn style", "subject_prompt": "a photo of sbu dog",
+               "style_prompt": "a painting in szn style"}
+VAE_CONFIG = dict(  # the SDXL VAE's config (madebyollin/sdxl-vae-fp16-fix, stabilityai's sdxl vae): 4 levels, x8
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
+FLUX_VAE = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False)  # FLUX.1-dev vae/config.json: the same blocks, 16 latent channels
+VAE_SMOKE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,  # SDXL, FLUX
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                   bos_token_id=0, eos_token_id=2, pad_token_id=1)
+CLIP_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,  # SDXL's 2nd
+                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                   bos_token_id=0, eos_token_id=2, pad_token_id=1)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,  # FLUX's 2nd
+              feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+TEXT_SMOKE = {  # widths the smoke denoisers take: SDXL context 16 + 16 = 32, pooled 16; FLUX context 32, pooled 16
+    "clip_l": dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   projection_dim=16),
+    "clip_g": dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   projection_dim=16),
+    "t5": dict(vocab_size=1000, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1),
+}
+CLIP_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,  # ViT-L/14
+                   patch_size=14, image_size=224, projection_dim=768, hidden_act="quick_gelu")
+DINO_VIT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,  # ViT-B/16
+                patch_size=16, image_size=224, layer_norm_eps=1e-6)  # DINO ViT-B/16, docs/EVALUATION.md's
+ENCODER_SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                     image_size=32)
 
 
 # ----------------------------------------------------------------------------- models and inputs
@@ -275,9 +327,10 @@ class Recorder:
     def over_budget(self) -> bool:
         return time.time() > self.deadline
 
-    def share_budget(self, models_left: int) -> None:
-        """The next model gets an equal share of the time left (a slow first model cannot starve the second)."""
-        left = self.t0 + self.budget_s - time.time()
+    def share_budget(self, models_left: int, end: float | None = None) -> None:
+        """The next model gets an equal share of the time left until ``end`` (default: the start plus --budget-s),
+        so a slow first model cannot starve the second."""
+        left = (self.t0 + self.budget_s if end is None else end) - time.time()
         self.deadline = time.time() + max(left, 0) / max(models_left, 1)
 
     def write(self, row: dict) -> None:
@@ -408,16 +461,10 @@ class Bench:
     def split_rows(self) -> None:
         """fls on triton with the base GEMM forced into the kernel ("fused") and into cuBLAS ("cublas", the split
         variant) at every layer, beside the size-class choice of the rows above. fe.attach has no base= option, so
-        the launcher's size-class function is overridden for the row (``forced_base``)."""
+        the launchers' size-class table is overridden for the row (``forced_base``)."""
         for base in ("cublas", "fused"):
-            setup = f"fe fls triton, base forced {base!r} at every layer"
-            try:
-                force = forced_base(base)
-            except AttributeError as e:
-                self.skip(setup, str(e))
-                continue
-            with force, self.attach("fls", "triton"):
-                self.row(setup, self.call())
+            with forced_base(base), self.attach("fls", "triton"):
+                self.row(f"fe fls triton, base forced {base!r} at every layer", self.call())
 
     def pool_rows(self, backend: str) -> None:
         import fusion_engine as fe
@@ -465,8 +512,6 @@ class Bench:
                 self.row(f"fe {policy} reference", self.call())
         if not cuda:
             self.pool_rows("reference")
-        self.skip("FLS+LLR per image", "LLR needs the whole pipeline (VAE, CLIP/DINO encoders and gradients): "
-                  "not in a denoiser-only benchmark")
 
     def depth_words(self) -> str:
         if self.name == "sdxl":
@@ -475,22 +520,242 @@ class Bench:
 
 
 class forced_base:
-    """Within the block, the fused FLS launcher puts every layer's base GEMM where ``base`` says ("fused": in the
-    Triton kernel; "cublas": the split variant) instead of its size-class choice (``fls_base_config``)."""
+    """Within the block, the FLS launchers put every layer's base GEMM where ``base`` says ("fused": in the Triton
+    kernel; "cublas": the split variant) instead of their size-class choice (``fusion_engine.kernels.utils.
+    fls_base_config``, read from its table at each plan miss); the launchers' plans, which keep the mode they were
+    made with, are dropped on entry and exit."""
 
     def __init__(self, base: str):
-        self.module = importlib.import_module("csrc_triton.fls_linear")
-        if not hasattr(self.module, "fls_base_config"):
-            raise AttributeError("csrc_triton.fls_linear has no fls_base_config to override any more")
+        self.utils = importlib.import_module("fusion_engine.kernels.utils")
+        self.plans = [importlib.import_module(f"fusion_engine.kernels.{name}")._PLANS
+                      for name in ("fls_linear", "pooled_fls_linear", "pooled_mix_linear")]
         self.base, self.saved = base, None
 
+    def _reset(self, table: dict) -> None:
+        self.utils._FLS_BASE_TABLE.clear()
+        self.utils._FLS_BASE_TABLE.update(table)
+        for plans in self.plans:
+            plans.clear()
+
     def __enter__(self):
-        self.saved = self.module.fls_base_config
-        self.module.fls_base_config = lambda M, N, K: self.base
+        self.saved = dict(self.utils._FLS_BASE_TABLE)
+        self._reset(dict.fromkeys(self.saved, self.base))
         return self
 
     def __exit__(self, *exc):
-        self.module.fls_base_config = self.saved
+        self._reset(self.saved)
+
+
+# ----------------------------------------------------------------------------- whole pipeline: FLS and FLS+LLR
+
+class SyntheticTokenizer:
+    """Stands in for a tokenizer (no vocabulary files offline): every text becomes ``model_max_length`` ids drawn
+    from its words (begin, words, end, padding), so the real-size text encoders run on full-length sequences."""
+
+    def __init__(self, model_max_length: int, vocab_size: int):
+        self.model_max_length, self.vocab_size, self.added_tokens_encoder = model_max_length, vocab_size, {}
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def __call__(self, text, padding=None, max_length=None, return_tensors="pt", **_):
+        texts = [text] if isinstance(text, str) else list(text)
+        length = max_length or self.model_max_length
+        rows = []
+        for t in texts:
+            words = [3 + sum(map(ord, w)) % (self.vocab_size - 5) for w in t.split()][:length - 2]
+            ids = [self.vocab_size - 2, *words, self.vocab_size - 1]  # begin, words, end (the largest id, as CLIP's)
+            rows.append(ids + [0] * (length - len(ids)) if padding == "max_length" else ids)
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        return SimpleNamespace(input_ids=ids, attention_mask=(ids != 0).long())  # what the pipelines read
+
+    def batch_decode(self, ids, **_) -> list[str]:
+        return [" ".join(map(str, row.tolist())) for row in ids]
+
+
+def build_pipeline(name: str, denoiser: nn.Module, smoke: bool, device, dtype):
+    """The model's diffusers pipeline around ``denoiser``: its VAE and text encoders from the real configs (smoke:
+    tiny widths), random weights, built on ``device`` in ``dtype``; synthetic tokenizers; the default scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def text(key, config):
+        return {**config, **(TEXT_SMOKE[key] if smoke else {})}
+
+    vae = {**VAE_CONFIG, **(FLUX_VAE if name == "flux" else {}), **(VAE_SMOKE if smoke else {})}
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            parts = {"vae": AutoencoderKL(**vae), "text_encoder": CLIPTextModel(CLIPTextConfig(**text("clip_l",
+                                                                                                    CLIP_L_TEXT)))}
+            if name == "sdxl":
+                parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text("clip_g", CLIP_G_TEXT)))
+            else:
+                parts["text_encoder_2"] = T5EncoderModel(T5Config(**text("t5", T5_XXL)))
+    finally:
+        torch.set_default_dtype(default)
+    for part in parts.values():
+        part.to(device, dtype).eval().requires_grad_(False)
+    clip_vocab = parts["text_encoder"].config.vocab_size
+    if name == "sdxl":
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           steps_offset=1, timestep_spacing="leading")  # SDXL base's scheduler
+        return StableDiffusionXLPipeline(unet=denoiser, scheduler=scheduler, add_watermarker=False, **parts,
+                                         tokenizer=SyntheticTokenizer(77, clip_vocab),
+                                         tokenizer_2=SyntheticTokenizer(77, clip_vocab))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1-dev's
+    return FluxPipeline(transformer=denoiser, scheduler=scheduler, tokenizer=SyntheticTokenizer(77, clip_vocab),
+                        tokenizer_2=SyntheticTokenizer(FLUX_TEXT, parts["text_encoder_2"].config.vocab_size), **parts)
+
+
+class VisionTower(nn.Module):
+    """A transformers vision model as an ``ImageEncoder`` backbone: pixels -> CLIP's projected image embedding, or
+    the final-norm CLS token (DINO's, as timm's ``num_classes=0`` ViT gives it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels)
+        return out.image_embeds if hasattr(out, "image_embeds") else out.last_hidden_state[:, 0]
+
+
+def build_encoders(smoke: bool, device, dtype):
+    """LLR's CLIP (ViT-L/14 image tower + projection) and DINO (ViT-B/16) at real size, random weights, built with
+    transformers (the GPU image has no open_clip/timm: both need torchvision) and wrapped in the library's
+    ``ImageEncoder`` (its preprocessing, differentiable); smoke: tiny widths, the same classes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
+
+    from fusion_engine.scoring.encoders import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, ImageEncoder
+
+    clip_config = {**CLIP_VISION, **(ENCODER_SMOKE if smoke else {}), **({"projection_dim": 16} if smoke else {})}
+    dino_config = {**DINO_VIT, **(ENCODER_SMOKE if smoke else {})}
+    torch.manual_seed(0)
+    with torch.device(device):
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_config))
+        dino = ViTModel(ViTConfig(**dino_config), add_pooling_layer=False)
+    return (ImageEncoder(VisionTower(clip.to(dtype)), clip_config["image_size"], OPENAI_MEAN, OPENAI_STD,
+                         "clip[ViT-L/14 config]").to(device),
+            ImageEncoder(VisionTower(dino.to(dtype)), dino_config["image_size"], IMAGENET_MEAN, IMAGENET_STD,
+                         "dino[ViT-B/16 config]").to(device))
+
+
+def millions(module: nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.0f}"
+
+
+class PipelineRows:
+    """Last rows of a run: one whole ``fe.FusionPipeline`` call for one image, fls alone and fls + LLR (``refine=``),
+    around the benchmark's denoiser (rebuilt: same config, depth and seed) with a VAE, text encoders and LLR's
+    CLIP/DINO encoders at real size. Eager only: LLR's guided steps take gradients, which no CUDA graph replays."""
+
+    def __init__(self, args, name: str, rec: Recorder):
+        self.args, self.name, self.rec = args, name, rec
+        self.smoke = args.smoke
+        self.device = "cpu" if self.smoke else "cuda"
+        self.dtype = torch.float32 if self.smoke else torch.bfloat16
+        self.depth = args.depth if args.depth is not None else (1 if self.smoke else DEFAULT_DEPTH[name])
+        self.resolution = 64 if self.smoke else args.resolution
+        self.steps = 1 if self.smoke else args.llr_steps  # smoke: 1 step and no warm-up call (the code path only)
+        self.backend = "reference" if self.smoke else "triton"
+        self.timer = Timer(self.device, 1, warmup=0)  # one timed call after a 1-step warm-up call (measure)
+        self.ms_fls = self.peak_fls = None
+
+    def base(self, setup: str) -> dict:
+        return {"model": self.name, "depth": self.depth, "setup": setup, "mode": "eager", "images_per_call": 1}
+
+    def run(self) -> None:
+        import fusion_engine as fe
+
+        setups = ("fe fls (pipeline, 1 image)", "fe fls + LLR (pipeline, 1 image)")
+        if self.rec.over_budget():
+            for setup in setups:
+                self.rec.write({**self.base(setup), "note": "skipped: over --llr-budget-s"})
+            return
+        t = time.time()
+        model = build_model(self.name, self.depth, self.smoke, self.device, self.dtype)
+        names, component = target_names(self.name, model), "unet" if self.name == "sdxl" else "transformer"
+        pair = [fe_lora(random_factors(model, names, self.args.rank, LORA_B_STD[i], seed=1 + i), self.args.rank,
+                        component) for i in range(2)]
+        pipe = build_pipeline(self.name, model, self.smoke, self.device, self.dtype)
+        warm_up = "no warm-up" if self.smoke else "warm-up call: 1 step"
+        self.rec.emit(f"## {self.name} pipeline rows: {self.resolution}x{self.resolution}, {self.steps} step(s) "
+                      f"({warm_up}), 1 image, fls on {self.backend}; LLR: m=10, guided passes on the reference "
+                      f"backend (Refiner's default), score eager (compile=False), references generated from "
+                      f"subject/style prompts (2 single-LoRA samplings); built in {time.time() - t:.1f} s")
+        self.rec.emit(f"parts: VAE {millions(pipe.vae)}M, text encoders {millions(pipe.text_encoder)}M + "
+                      f"{millions(pipe.text_encoder_2)}M parameters (synthetic tokenizers), random weights")
+        self.measure(setups[0], fe.FusionPipeline(pipe, *pair, policy="fls", backend=self.backend, trace=False), {})
+        clip, dino = build_encoders(self.smoke, self.device, self.dtype)  # after fls alone: not in its peak
+        self.rec.emit(f"LLR encoders: CLIP {millions(clip)}M, DINO {millions(dino)}M parameters, random weights")
+        llr = fe.FusionPipeline(pipe, *pair, policy="fls", backend=self.backend, trace=False,
+                                refine=fe.Refiner(clip, dino, m=10.0, compile=False))
+        self.measure(setups[1], llr, {k: v for k, v in LLR_PROMPTS.items() if k != "prompt"})
+
+    def measure(self, setup: str, pipeline, extra: dict) -> None:
+        """One row: a warm-up call of 1 step, then one timed call of ``self.steps`` steps, peak memory from a reset
+        before it. An LLR call that runs out of memory is measured again with gradient checkpointing."""
+        base = self.base(setup)
+        if self.rec.over_budget():
+            self.rec.write({**base, "note": "skipped: over --llr-budget-s"})
+            return
+
+        def call(steps: int):
+            return pipeline(LLR_PROMPTS["prompt"], num_inference_steps=steps, height=self.resolution,
+                            width=self.resolution, generator=torch.Generator("cpu").manual_seed(0),
+                            output_type="pt", progress=False, **extra)
+
+        steps = f"{self.steps} step{'s' if self.steps > 1 else ''}"
+        refiner, note = pipeline.refine, f"{steps}, eager only (LLR takes gradients: no CUDA graph)"
+        ms = peak = failed = None
+        try:
+            ms, peak = self.timed(call)
+        except torch.cuda.OutOfMemoryError as e:
+            failed = e if refiner is None or refiner.gradient_checkpointing else None
+            if failed is None:
+                self.rec.emit(f"{setup}: out of memory ({str(e)[:120]}); again with gradient checkpointing")
+        except Exception as e:  # noqa: BLE001 - one failed row must not end the run
+            failed = e
+        if ms is None and failed is None:  # out of memory: outside the except block, its frames' tensors are freed
+            free_cuda(self.args)
+            refiner.gradient_checkpointing = True
+            note += "; gradient checkpointing (out of memory without)"
+            try:
+                ms, peak = self.timed(call)
+            except Exception as e:  # noqa: BLE001
+                failed = e
+        if failed is not None:
+            self.rec.write({**base, "note": f"failed: {type(failed).__name__}: {str(failed)[:200]}"})
+            return
+        if refiner is None:
+            self.ms_fls, self.peak_fls = ms, peak
+            note += "; the whole call: text encoders, sampling, VAE decode"
+        elif self.ms_fls is not None:
+            ratios = f"time x fls pipeline {ms / self.ms_fls:.2f}"
+            if peak is not None and self.peak_fls:
+                ratios += f", peak x fls pipeline {peak / self.peak_fls:.2f}"
+            note = f"{ratios}; {note}"
+        self.rec.write({**base, "ms_per_call": ms, "images_per_s": 1e3 / ms, "peak_gib": peak, "note": note})
+
+    def timed(self, call) -> tuple[float, float | None]:
+        if not self.smoke:
+            call(1)  # warm-up: every path once (Triton compiles, cuDNN plans, the allocator's pools)
+        if self.timer.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ms = self.timer.eager(lambda: call(self.steps))
+        return ms, torch.cuda.max_memory_allocated() / 2 ** 30 if self.timer.cuda else None
 
 
 # ----------------------------------------------------------------------------- main
@@ -504,6 +769,10 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--reps", type=int, default=5, help="timed calls per row (after 2 warm-up calls; smoke: 1)")
     p.add_argument("--budget-s", type=float, default=540, help="rows starting after this many seconds are skipped")
+    p.add_argument("--llr-budget-s", type=float, default=LLR_BUDGET_S,
+                   help="the whole-pipeline rows (fls, fls + LLR) run last, until --budget-s + this many seconds "
+                   "from the start (0: skipped)")
+    p.add_argument("--llr-steps", type=int, default=LLR_STEPS, help="sampling steps of the whole-pipeline rows")
     p.add_argument("--out-dir", type=Path, help="where e2e.jsonl / e2e.csv / e2e.md go "
                    "(default bench/results/<date>-<card>/)")
     args = p.parse_args(argv)
@@ -511,6 +780,14 @@ def parse_args(argv=None):
         args.rank = min(args.rank, 4)
         args.reps = min(args.reps, 2)
     return args
+
+
+def free_cuda(args) -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and not args.smoke:
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -533,8 +810,12 @@ def main(argv=None) -> int:
         bench = Bench(args, name, rec)
         bench.run()
         del bench
-        if torch.cuda.is_available() and not args.smoke:
-            torch.cuda.empty_cache()
+        free_cuda(args)
+    end = rec.t0 + args.budget_s + args.llr_budget_s  # the least valuable rows, last, on a budget of their own
+    for i, name in enumerate(args.models):
+        rec.share_budget(len(args.models) - i, end)
+        PipelineRows(args, name, rec).run()
+        free_cuda(args)
     rec.emit(f"total {time.time() - rec.t0:.0f} s; rows in {out_dir}")
     with open(out_dir / "e2e.md", "a") as f:
         f.write("\n".join(rec.lines) + "\n")

@@ -10,17 +10,23 @@
 # to bench/results/ here and commit at once: raw logs lost with a machine are lost for good); without $OUT they go
 # to bench/results/<date>-<card>/.
 #
-# Time limits (seconds, override by environment): INSTALL_S=60, E2E_S=200 (gpu_e2e stops starting rows 45 s before
-# it), TABLE_S=75 (gpu_table's layer tables; cut short, its printed rows stay), POOL_S=60 (gpu_table's pool table:
-# the pooled kernels' variants, hoisted shrink with the fused and the cuBLAS base, per-slot ranks, pooled mix, beside
-# the pair kernel and the merged F.linear): 6.6 min at most, so a 15-minute loan holds the start, this run and a
-# rerun. Each step runs whatever the one before did.
+# Time limits (seconds, override by environment): INSTALL_S=60, LLR_S=40 (gpu_e2e's last rows: one whole
+# FusionPipeline call per model, fls alone and fls + LLR; 0 skips them), E2E_S=150+LLR_S (gpu_e2e stops starting
+# denoiser rows 45 + LLR_S s before it and pipeline rows 45 s before it), TABLE_S=70 (gpu_table's layer tables; cut
+# short, its printed rows stay), POOL_S=50 (gpu_table's pool table: the pooled kernels' variants, hoisted shrink with
+# the fused and the cuBLAS base, per-slot ranks, pooled mix, beside the pair kernel and the merged F.linear),
+# INDUCTOR_S=45 (gpu_table's Inductor table: the reference op compiled per shape beside the fused ops; it starts no
+# shape past 25 s): 6.9 min at most, so a 15-minute loan holds the start (2-3 min), this run and a rerun. Rows are in
+# order of value within each step, so what a short limit cuts is the least needed. Each step runs whatever the one
+# before did.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 INSTALL_S="${INSTALL_S:-60}"
-E2E_S="${E2E_S:-200}"
-POOL_S="${POOL_S:-60}"
-TABLE_S="${TABLE_S:-75}"
+LLR_S="${LLR_S:-40}"
+E2E_S="${E2E_S:-$((150 + LLR_S))}"
+POOL_S="${POOL_S:-50}"
+INDUCTOR_S="${INDUCTOR_S:-45}"
+TABLE_S="${TABLE_S:-70}"
 PY="${PY:-python}"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' /' '--')
 stamp="$(date -u +%Y-%m-%d-%H%M)-${card:-nogpu}"
@@ -51,7 +57,8 @@ fi
 
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 echo "== gpu_e2e.py (timeout ${E2E_S}s)"
-timeout "$E2E_S" "$PY" bench/gpu_e2e.py --out-dir "$DEST" --budget-s $((E2E_S - 45)) --reps 3 2>&1 | tee "$DEST/gpu_e2e.txt"
+timeout "$E2E_S" "$PY" bench/gpu_e2e.py --out-dir "$DEST" --budget-s $((E2E_S - 45 - LLR_S)) \
+  --llr-budget-s "$LLR_S" --reps 3 2>&1 | tee "$DEST/gpu_e2e.txt"
 echo "gpu_e2e exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_e2e.txt"
 
 echo "== gpu_table.py --tables sdxl flux (timeout ${TABLE_S}s)"
@@ -61,4 +68,9 @@ echo "gpu_table exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_table.txt"
 echo "== gpu_table.py --tables pool (timeout ${POOL_S}s)"
 timeout "$POOL_S" "$PY" bench/gpu_table.py --tables pool 2>&1 | tee "$DEST/gpu_pool.txt"
 echo "gpu_table pool exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_pool.txt"
+
+echo "== gpu_table.py --tables inductor (timeout ${INDUCTOR_S}s)"
+timeout "$INDUCTOR_S" "$PY" bench/gpu_table.py --tables inductor --inductor-budget-s $((INDUCTOR_S - 20)) 2>&1 \
+  | tee "$DEST/gpu_inductor.txt"
+echo "gpu_table inductor exit ${PIPESTATUS[0]}" | tee -a "$DEST/gpu_inductor.txt"
 ls -la "$DEST"

@@ -57,6 +57,14 @@
    single-pair check (near-tie decisions that differ from float64's are counted); then, for information, how many
    (layer, image) decisions of the last pooled step equal the last per-request steps'. Smoke: one block per
    resolution, P = 2, rank 8, fp32.
+7. Inductor table (issue 22: the fused op must beat the Inductor-compiled reference at every shape, or that one is
+   the default there; bf16, rank 64, a short list of SDXL and FLUX shapes in order of value, each compiled for its own
+   shape, so the table has a time budget of its own, ``--inductor-budget-s``, and starts no shape past it): the
+   reference FLS op (fusion_engine.ops.reference.fls_linear, what backend="reference" runs) eager and under
+   ``torch.compile`` (Inductor, static shapes), beside the merged-weight linear and the fused and split FLS ops, eager
+   calls then CUDA-graph replays (a compiled function that cannot be captured reads n/a). The compiled reference's
+   output is compared with the eager one first. Smoke: one tiny shape compiled with ``backend="aot_eager"`` (no C++
+   compile on the CPU), for the logic only.
 """
 from __future__ import annotations
 
@@ -102,7 +110,7 @@ RUN = types.SimpleNamespace(smoke=False, device="cuda", triton=None, reference=N
 
 
 def import_ops():
-    """(fusion_engine.ops.reference, fusion_engine.ops.triton_ops, csrc_triton.testing) with torch
+    """(fusion_engine.ops.reference, fusion_engine.ops.triton_ops, fusion_engine.kernels.testing) with torch
     and triton only: fusion_engine/__init__.py (which pulls diffusers) is bypassed by registering a
     bare package module for ``fusion_engine`` first, so only its ``ops`` subpackage (torch,
     triton, fusion_engine/errors.py) is imported. A full import made earlier is used as it is."""
@@ -112,7 +120,7 @@ def import_ops():
         package = types.ModuleType("fusion_engine")
         package.__path__ = [str(REPO / "fusion_engine")]
         sys.modules["fusion_engine"] = package
-    from csrc_triton import testing
+    from fusion_engine.kernels import testing
     from fusion_engine.ops import reference, triton_ops
 
     return reference, triton_ops, testing
@@ -779,15 +787,84 @@ def emit_pool_step_times(times: dict, images: int) -> None:
     emit()
 
 
+# ----------------------------------------------------------------------------- Inductor table
+
+INDUCTOR_SHAPES = [("SDXL", 8192, 640, 640), ("SDXL", 2048, 1280, 1280), ("FLUX attn", FLUX_TOKENS, 3072, 3072),
+                   ("FLUX ff up", FLUX_TOKENS, 3072, 12288)]  # in order of value: rows stop at the budget
+INDUCTOR_RANK = 64
+INDUCTOR_METHODS = [("merged", "merged (floor)"), ("reference", "reference eager"),
+                    ("compiled", "reference, Inductor"), ("fused", "fused FLS"), ("split", "split FLS")]
+
+
+def inductor_times(fns: dict, mode: str, tag: str) -> dict:
+    """{method: median ms or None}: eager calls, or CUDA-graph replays (None where a method cannot be captured)."""
+    times = {}
+    for key, _ in INDUCTOR_METHODS:
+        if mode == "eager":
+            times[key] = bench(fns[key])
+            continue
+        try:
+            graph = capture(fns[key])
+        except Exception as error:  # a graph break or a host sync in the compiled function
+            print(f"{tag} {key}: no CUDA graph ({type(error).__name__}: {error})", file=sys.stderr)
+            times[key] = None
+            continue
+        times[key] = bench(graph.replay)
+        del graph
+    return times
+
+
+def inductor_row(tag: str, L: Layer, modes) -> str:
+    """One shape: the compiled reference compared with the eager one, then each method's times per mode."""
+    compiled = torch.compile(L.reference, backend="aot_eager" if RUN.smoke else "inductor", dynamic=False)
+    fns = {"merged": L.merged, "reference": L.reference, "compiled": compiled,
+           "fused": lambda: L.fused(base="fused"), "split": lambda: L.fused(base="cublas")}
+    with torch.no_grad():
+        error = (compiled().float() - L.reference().float()).abs().max().item()
+        cells = []
+        for mode in modes:
+            times = inductor_times(fns, mode, tag)
+            floor = times["merged"]
+            cells += [f"{floor * 1e3:.1f} us"] + ["n/a" if times[k] is None else f"{times[k] / floor:.2f}x"
+                                                  for k, _ in INDUCTOR_METHODS[1:]]
+    return f"| {tag} | {error:.1e} | " + " | ".join(cells) + " |"
+
+
+def inductor_table(budget_s: float) -> None:
+    shapes = [("tiny", 48, 32, 64)] if RUN.smoke else INDUCTOR_SHAPES
+    rank, dtype = (4, torch.float32) if RUN.smoke else (INDUCTOR_RANK, torch.bfloat16)
+    modes = ["eager"] if RUN.smoke else ["eager", "graph"]
+    emit(f"## The reference FLS op under torch.compile (Inductor) beside the fused kernels: rank {rank}, "
+         f"{dtype_name(dtype)}, kl; x = ratio to the merged-weight linear, eager calls"
+         + ("" if RUN.smoke else ", then CUDA-graph replays"))
+    emit()
+    emit("| shape | compiled - eager reference (max abs) | "
+         + " | ".join(f"{name}, {mode}" for mode in modes for _, name in INDUCTOR_METHODS) + " |")
+    emit("|---|---|" + "---|" * (len(INDUCTOR_METHODS) * len(modes)))
+    start = time.time()
+    for name, M, K, N in shapes:
+        tag = f"{name} M={M} K={K} N={N} r={rank}"
+        if time.time() - start > budget_s:
+            emit(f"| {tag} | not started: the table's budget of {budget_s:.0f} s is spent |")
+            continue
+        L = Layer(M, K, N, rank, dtype, seed=M + K + N)
+        emit(inductor_row(tag, L, modes))
+        del L
+        torch._dynamo.reset()  # this shape's compiled graphs go with it
+    emit()
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (logic check only)")
     p.add_argument("--out", type=Path, help="append the markdown tables to this file")
-    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step", "pool", "pool_step"],
-                   default=["sdxl", "flux", "step", "pool", "pool_step"],
+    p.add_argument("--tables", nargs="+", choices=["sdxl", "flux", "step", "pool", "pool_step", "inductor"],
+                   default=["sdxl", "flux", "step", "pool", "pool_step", "inductor"],
                    help="which tables to run (default: all)")
+    p.add_argument("--inductor-budget-s", type=float, default=40.0,
+                   help="the Inductor table starts no shape past this many seconds (each shape compiles anew)")
     p.add_argument("--step-ranks", type=int, nargs="+", default=[64], help="LoRA ranks of the step table")
     return p.parse_args(argv)
 
@@ -821,6 +898,8 @@ def main(argv=None) -> int:
     if "pool_step" in args.tables:
         pool_step_table(2 if args.smoke else POOL_STEP_IMAGES, 8 if args.smoke else POOL_RANK,
                         torch.float32 if args.smoke else torch.bfloat16)
+    if "inductor" in args.tables:
+        inductor_table(args.inductor_budget_s)
     emit(f"total {time.time() - t0:.0f} s; verification failures: {RUN.failures or 'none'}")
     if args.out:
         with open(args.out, "a") as f:

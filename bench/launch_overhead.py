@@ -15,7 +15,7 @@ in the same run, real CPU compute included):
   per-forward hooks); its baseline is the same model with plain ``nn.Linear`` layers
   (the merged-weight model).
 * ``op``: the ``fusion_engine.ops`` call alone, as the module makes it; ``launcher``: the
-  ``csrc_triton`` launcher alone (no torch.library dispatch).
+  ``fusion_engine.kernels`` launcher alone (no torch.library dispatch).
 * ``reference`` rows run the pure-torch path on the CPU, real compute included (the GPU-less user's
   path); ``reference compiled``: the same model under ``torch.compile`` (Inductor, CPU), skipped
   with ``--no-compile`` and in ``--smoke``.
@@ -106,15 +106,14 @@ class StandInDriver:
 
 driver.set_active(StandInDriver())
 
-import csrc_triton  # noqa: E402
-import csrc_triton.utils as kernel_utils  # noqa: E402
 import fusion_engine as fe  # noqa: E402
-from fusion_engine import ops  # noqa: E402
+import fusion_engine.kernels.utils as kernel_utils  # noqa: E402
+from fusion_engine import kernels, ops  # noqa: E402
 
 # The ops refuse CPU tensors unless the kernels are interpreted; here they are compiled for sm_90 and launched
 # by the stand-in driver, so let the device check pass for CPU tensors (the kernels' tile configs still come
-# from the real GPU table: csrc_triton.utils.INTERPRET stays False).
-csrc_triton.INTERPRET = True
+# from the real GPU table: fusion_engine.kernels.utils.INTERPRET stays False).
+kernels.INTERPRET = True
 assert not kernel_utils.INTERPRET
 
 # the phase-one names; an older tree (run for a before/after table) has prev_choose and set_assignment instead
@@ -150,20 +149,41 @@ def verify_replays(cases) -> int | None:
     its plan; both must make the same launches: the same compiled kernels, grids and scalar arguments, the same
     input tensors in the same argument slots. Returns the number of launches compared (None for launchers without
     plans, e.g. this script run on an older tree for a before/after table)."""
-    if not all(hasattr(getattr(csrc_triton, module), "_PLANS") for module in _PLAN_MODULES):
+    if not all(hasattr(getattr(kernels, module), "_PLANS") for module in _PLAN_MODULES):
         return None
     compared = 0
     for name, call, inputs in cases:
         for module in _PLAN_MODULES:
-            getattr(csrc_triton, module)._PLANS.clear()
+            getattr(kernels, module)._PLANS.clear()
         jit = _launches(call, inputs)
-        if not any(getattr(csrc_triton, module)._PLANS for module in _PLAN_MODULES):
+        if not any(getattr(kernels, module)._PLANS for module in _PLAN_MODULES):
             raise AssertionError(f"{name}: the call kept no plan, so nothing would be replayed")
         replay = _launches(call, inputs)
         if not jit or jit != replay:
             raise AssertionError(f"{name}: the planned launches differ from the JIT's:\n{jit}\n{replay}")
         compared += len(jit)
     return compared
+
+
+def stand_in_cost(cases, repeats: int = 2000) -> dict:
+    """{launcher row name: (launches per call, microseconds per call the stand-in launcher itself spends)}: the
+    launcher rows include the stand-in's Python loop over the arguments, which Triton's CUDA launcher runs in C, so
+    this is what a reader may subtract from them (an upper bound on what the real launcher costs for it)."""
+    global RECORDED
+    costs = {}
+    for name, call, _ in cases:
+        RECORDED = []
+        try:
+            call()
+            recorded = RECORDED
+        finally:
+            RECORDED = None
+        start = time.process_time()
+        for _ in range(repeats):
+            for launcher, grid, stream, packed, args in recorded:
+                launcher(*grid, stream, None, packed, None, None, None, *args)
+        costs[name] = (len(recorded), (time.process_time() - start) / repeats * 1e6)
+    return costs
 
 
 class LayerStack(nn.Module):
@@ -250,10 +270,16 @@ class Bench:
 
     def attached(self, pool: bool = False, **options):
         model, subject, style = copy.deepcopy(self.model), self.subject, self.style
-        if pool:
-            lora_pool = fe.LoRAPool(dtype=self.dtype).add("s", subject).add("t", style)
+        if pool:  # every image its own pair (a uniform assignment would run the pair ops)
+            lora_pool = fe.LoRAPool(dtype=self.dtype)
+            assignment = []
+            for image in range(self.images):
+                names = (f"s{image}", f"t{image}")
+                lora_pool.add(names[0], subject if image == 0 else make_lora(self.model, self.rank, 10 + 2 * image))
+                lora_pool.add(names[1], style if image == 0 else make_lora(self.model, self.rank, 11 + 2 * image))
+                assignment.append(names)
             fusion = fe.attach(model, pool=lora_pool, **options)
-            (getattr(fusion, "set_loras", None) or fusion.set_assignment)([("s", "t")] * self.images)
+            (getattr(fusion, "set_loras", None) or fusion.set_assignment)(assignment)
         else:
             fusion = fe.attach(model, subject, style, **options)
         fusion.set_batch_layout(images=self.images, copies=1)
@@ -294,7 +320,7 @@ class Bench:
                                       base=base, **{_PREV_CHOICE: guess})
 
             def launcher():
-                return csrc_triton.fls_linear_fwd(rows, weight, bias, factors[0], factors[1], subject_scale,
+                return kernels.fls_linear_fwd(rows, weight, bias, factors[0], factors[1], subject_scale,
                                                   factors[2], factors[3], style_scale, row_group, groups, "kl",
                                                   guess, base)
         else:
@@ -304,7 +330,7 @@ class Bench:
                 return ops.mix_linear(rows, weight, bias, *factors, coef, backend="triton")
 
             def launcher():
-                return csrc_triton.mix_linear_fwd(rows, weight, bias, *factors, coef)
+                return kernels.mix_linear_fwd(rows, weight, bias, *factors, coef)
         self.add(name, "op", self.measure(op), "F.linear")
         self.add(name, "launcher", self.measure(launcher), "F.linear")
         self.replay_cases.append((name, launcher, (rows, weight, bias, *factors)))
@@ -327,7 +353,7 @@ class Bench:
                                                  row_group, groups, "kl", backend="triton", prev_choice=guess)
 
                 def launcher():
-                    return csrc_triton.pooled_fls_linear_fwd(rows, weight, bias, held.a, held.b, scales, held.present,
+                    return kernels.pooled_fls_linear_fwd(rows, weight, bias, held.a, held.b, scales, held.present,
                                                              slots, row_group, groups, "kl", guess)
             else:
                 weights = context.sample_weights(self.images, rows.device, layer.name)
@@ -337,7 +363,7 @@ class Bench:
                                                  backend="triton")
 
                 def launcher():
-                    return csrc_triton.pooled_mix_linear_fwd(rows, weight, bias, held.a, held.b, held.scales, slots,
+                    return kernels.pooled_mix_linear_fwd(rows, weight, bias, held.a, held.b, held.scales, slots,
                                                              weights)
             self.add(name, "op", self.measure(op), "F.linear")
             self.add(name, "launcher", self.measure(launcher), "F.linear")
@@ -381,6 +407,7 @@ class Bench:
         self.pool_case("pooled mix (direct)", "direct")
         self.reference_cases(compiled=not args.no_compile)
         self.replays_verified = verify_replays(self.replay_cases)
+        self.stand_in = stand_in_cost(self.replay_cases, 50 if args.smoke else 2000)
         base = {row["name"]: row["us"] for row in self.rows_out if row["name"] == row["baseline"]}
         for row in self.rows_out:
             row["ratio"] = row["us"] / base[row["baseline"]]
@@ -435,8 +462,12 @@ def main(argv=None) -> int:
         print(f"planned launches identical to the JIT's: {bench.replays_verified} launches of "
               f"{len(bench.replay_cases)} launchers")
     print(table(rows))
+    print("the stand-in launcher's own Python per launcher call (inside the launcher rows above; Triton's CUDA "
+          "launcher does this in C): " + ", ".join(f"{name} {launches} launches {us:.1f} us"
+                                                   for name, (launches, us) in bench.stand_in.items()))
     if args.json:
-        report = {"setup": setup, "rows": rows}
+        report = {"setup": setup, "rows": rows, "stand_in_launcher_us": {
+            name: {"launches": launches, "us": us} for name, (launches, us) in bench.stand_in.items()}}
         if hasattr(bench, "compile_s"):
             report["compile"] = {"first_call_s": bench.compile_s, "graph_breaks": bench.graph_breaks}
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -36,7 +36,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from gpu_table import RUN, Layer, bench, capture, emit  # noqa: E402
 
-from csrc_triton.utils import _linear_tile, dot_precision  # noqa: E402
+from fusion_engine.kernels.utils import _linear_tile, dot_precision  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 GEMM_CANDIDATES = [
@@ -92,7 +92,7 @@ def kernel_time(fn) -> float:
 def use(gemm=None, shrink=None):
     """Make the launchers use these configs (module attributes the launchers look up per call)."""
     # by sys.modules: the package re-exports a function named lora_shrink over its module
-    fls_module, shrink_module, mix_module = (sys.modules[f"csrc_triton.{name}"]
+    fls_module, shrink_module, mix_module = (sys.modules[f"fusion_engine.kernels.{name}"]
                                              for name in ("fls_linear", "lora_shrink", "mix_linear"))
 
     if gemm is not None:
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or use --smoke for a CPU logic check")
     gpu_table.setup(args.smoke)
-    RUN.ops_shrink = sys.modules["csrc_triton.lora_shrink"].lora_shrink
+    RUN.ops_shrink = sys.modules["fusion_engine.kernels.lora_shrink"].lora_shrink
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     gemm = [c for c in GEMM_CANDIDATES if c[0] <= 64 and c[1] <= 64][:2] if args.smoke else GEMM_CANDIDATES
     shrink = SHRINK_CANDIDATES[:2] if args.smoke else SHRINK_CANDIDATES

@@ -45,7 +45,7 @@ Where y0 comes from (the ``BASE`` constexpr of both kernels; one code path, two 
   the split variant meets the same per-dtype tolerance (tests/test_kernels.py checks fp32 and bf16);
   its statistics see the rounded y0, as eager FLS would. fp32 y0 follows torch's matmul settings like
   the merged layer (``torch.backends.cuda.matmul.allow_tf32``, False by default: full fp32).
-  ``csrc_triton.utils.fls_base_config`` picks the mode by size class; ``base=`` overrides it.
+  ``fusion_engine.kernels.utils.fls_base_config`` picks the mode by size class; ``base=`` overrides it.
 
 JS divergence needs the row's LSEs before its second sweep; it stays on the reference path
 (see fusion_engine/ops/triton_ops.py).
@@ -514,7 +514,7 @@ def fls_linear_fwd(x, weight, bias, subject_a, subject_b, subject_scale, style_a
             this layer; used only as the speculation guess (a wrong guess costs time, never accuracy).
         base: where y0 comes from: "fused" (the kernels' own GEMM), "cublas" (the split variant:
             ``F.linear`` into a y0 buffer the kernels read; see the module docstring), or None for the
-            size-class default of ``csrc_triton.utils.fls_base_config``.
+            size-class default of ``fusion_engine.kernels.utils.fls_base_config``.
 
     Returns:
         (out, subject_score, style_score, choice): out (M, N) in x.dtype, scores float32 (G,),

@@ -460,7 +460,7 @@ def pooled_fls_linear_fwd(x, weight, bias, a_stack, b_stack, scales, present, sa
             from the stacks on the device (``lora_shrink.stack_ranks``, kept while the stacks are unchanged).
         base: where y0 comes from: "fused" (the kernels' own GEMM), "cublas" (``F.linear`` into a y0 buffer the
             kernels read: the split variant of ``fls_linear``), or None for the size-class default of
-            ``csrc_triton.utils.fls_base_config``.
+            ``fusion_engine.kernels.utils.fls_base_config``.
 
     Returns:
         (out, scores, choice): out (M, N) in x.dtype, scores (G, L) float32, choice (G,) int64 (-1 = base).

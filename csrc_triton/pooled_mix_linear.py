@@ -143,7 +143,7 @@ def pooled_mix_linear_fwd(x, weight, bias, a_stack, b_stack, scales, sample_slot
         slot_ranks: optional (S,) int32/int64 device tensor, each slot's own rank (the pool knows them); None: read
             from the stacks on the device (``lora_shrink.stack_ranks``, kept while the stacks are unchanged).
         base: where y0 comes from: "fused" (the kernel's own GEMM), "cublas" (``F.linear`` first, the kernel adds
-            the LoRAs), or None for the size-class default of ``csrc_triton.utils.fls_base_config``.
+            the LoRAs), or None for the size-class default of ``fusion_engine.kernels.utils.fls_base_config``.
 
     Returns:
         (M, N) tensor in x.dtype.

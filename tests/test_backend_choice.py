@@ -85,7 +85,7 @@ def test_resolve_backend_takes_the_size_only_where_auto_meets_the_kernels(monkey
 
 
 def test_size_classes_are_the_kernels_tuned_table_classes():
-    utils = pytest.importorskip("csrc_triton.utils")
+    utils = pytest.importorskip("fusion_engine.kernels.utils")
     bounds = bc.load_measurements()["size_classes"]
     for M, N, K in [(154, 1280, 2048), (256, 640, 640), (257, 640, 640), (8192, 640, 640), (4608, 3072, 3072),
                     (4096, 3072, 3072), (4095, 3072, 3072), (1024, 640, 8192), (4608, 3072, 12288)]:

@@ -34,6 +34,7 @@ def _one_error_line(capsys, argv, *fragments):
     (["--steps", "two"], ["--steps", "'two' is not an integer"]),
     (["--guidance", "-3"], ["--guidance", "-3 is not >= 0"]),
     (["--guidance", "nan"], ["--guidance", "not a finite number"]),
+    (["--guidance", "1e20"], ["--guidance", "1e+20 is above 50"]),
     (["--height", "60"], ["--height", "60 is not a positive multiple of 8"]),
     (["--width", "7"], ["--width", "multiple of 8"]),
     (["--num-images", "0"], ["--num-images", "not >= 1"]),
@@ -117,6 +118,7 @@ def test_version(capsys):
     (["--height", "7"], "--height: 7 is not a positive multiple of 8"),
     (["--steps", "0"], "--steps: 0 is not >= 1"),
     (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"),
+    (["--guidance", "51"], "--guidance: 51 is above 50"),
     (["--resume-anyway", "--restart"], "not allowed with argument"),
 ])
 def test_eval_flag_mistakes(tmp_path, capsys, extra, fragment):

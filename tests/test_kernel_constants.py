@@ -1,6 +1,6 @@
 """The kernel modules share their constants by importing them, never by defining a name twice: a constant name defined
-in two modules of csrc_triton must mean the same value in both (issue 22: ``_GROUP_ROWS`` and ``_STAT_Y0_SQNORM`` once
-named different slots of the pair and pooled kernels' buffers)."""
+in two modules of fusion_engine.kernels (source folder csrc_triton/) must mean the same value in both (issue 22:
+``_GROUP_ROWS`` and ``_STAT_Y0_SQNORM`` once named different slots of the pair and pooled kernels' buffers)."""
 from __future__ import annotations
 
 import importlib
@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # as the other kernel tests: must precede 
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-csrc_triton = pytest.importorskip("csrc_triton")
+kernels = pytest.importorskip("fusion_engine.kernels")
 import triton.language as tl  # noqa: E402
 
 _PLAIN = (int, float, str, bool)
@@ -46,12 +46,13 @@ def clashes(modules) -> dict[str, dict[str, object]]:
 
 
 def _kernel_modules():
-    return [importlib.import_module(f"csrc_triton.{info.name}") for info in pkgutil.iter_modules(csrc_triton.__path__)]
+    return [importlib.import_module(f"{kernels.__name__}.{info.name}")
+            for info in pkgutil.iter_modules(kernels.__path__)]
 
 
 def test_no_constant_name_means_two_values_across_kernel_modules():
     modules = _kernel_modules()
-    assert {"csrc_triton.fls_linear", "csrc_triton.pooled_fls_linear", "csrc_triton.utils"} <= {
+    assert {f"fusion_engine.kernels.{name}" for name in ("fls_linear", "pooled_fls_linear", "utils")} <= {
         m.__name__ for m in modules}
     assert clashes(modules) == {}
 
@@ -66,4 +67,4 @@ def test_the_check_finds_a_clash():
     pair._SAME, pool._SAME = (1, 2), (1, 2)
     assert clashes([pair, pool]) == {"_GROUP_ROWS": {"pair": ("constexpr", 2), "pool": ("constexpr", 0)}}
     seen = constants_by_name(_kernel_modules())["_DIVERGENCE_KL"]
-    assert {"csrc_triton.fls_linear", "csrc_triton.pooled_fls_linear"} <= set(seen)
+    assert {"fusion_engine.kernels.fls_linear", "fusion_engine.kernels.pooled_fls_linear"} <= set(seen)

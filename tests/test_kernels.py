@@ -1,9 +1,10 @@
-"""Triton kernels (csrc_triton) against a float64 run of the reference, under the Triton interpreter.
+"""Triton kernels (fusion_engine.kernels, source folder csrc_triton/) against a float64 run of the reference, under the
+Triton interpreter.
 
 The interpreter is switched on here, before triton is imported. Its tl.dot gets bf16 wrong, so the
 full matrices cover fp32 and fp16, and the bf16 tests (fused FLS, mix and the split variant) run with the
-interpreter's dot patched (csrc_triton.testing.interpreter_bf16_dot); bf16 at real shapes is checked on a GPU
-by bench/gpu_table.py.
+interpreter's dot patched (fusion_engine.kernels.testing.interpreter_bf16_dot); bf16 at real shapes is checked on a
+GPU by bench/gpu_table.py.
 
 Tolerance (FlashAttention's rule): the kernel's max error against the float64 reference must be at
 most twice the error of the same computation done eagerly by torch in the input dtype (F.linear
@@ -27,12 +28,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-csrc_triton = pytest.importorskip("csrc_triton")
-if not csrc_triton.INTERPRET:  # pragma: no cover - another module imported it first
-    pytest.skip("csrc_triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+kernels = pytest.importorskip("fusion_engine.kernels")
+if not kernels.INTERPRET:  # pragma: no cover - another module imported it first
+    pytest.skip("fusion_engine.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-from csrc_triton import testing as kt  # noqa: E402
 from fusion_engine import ops  # noqa: E402
+from fusion_engine.kernels import testing as kt  # noqa: E402
 from fusion_engine.ops import reference as R  # noqa: E402
 from fusion_engine.ops import triton_ops  # noqa: E402
 
@@ -176,7 +177,7 @@ def test_split_variant_speculation_is_exact():
 
 def test_base_mode_is_picked_by_size_class():
     """FLUX-sized GEMMs take the base from cuBLAS; SDXL's and cross-attention's keep the fused kernel."""
-    from csrc_triton.utils import fls_base_config
+    from fusion_engine.kernels.utils import fls_base_config
 
     assert fls_base_config(4608, 3072, 3072) == "cublas"
     assert fls_base_config(4608, 12288, 3072) == "cublas"
@@ -253,9 +254,9 @@ def test_launchers_name_the_tensor_that_breaks_the_contract():
     }
     for change, message in bad.values():
         with pytest.raises(ValueError, match=re.escape(message)):
-            csrc_triton.fls_linear_fwd(**{**a, **change})
+            kernels.fls_linear_fwd(**{**a, **change})
     with pytest.raises(ValueError, match=re.escape("coef must be (2,)")):
-        csrc_triton.mix_linear_fwd(**kt.mix_inputs(a, torch.ones(3)))
+        kernels.mix_linear_fwd(**kt.mix_inputs(a, torch.ones(3)))
 
 
 def _with_rank(lora, name, rank, seed=0):
@@ -279,10 +280,10 @@ def test_attach_refuses_what_the_triton_kernels_decline(tiny_pipe, loras):
     unet = tiny_pipe.unet
     subject, style = loras
     name = next(n for n in subject.layers if isinstance(unet.get_submodule(n), torch.nn.Linear))
-    big = _with_rank(subject, name, csrc_triton.MAX_RANK + 1)
+    big = _with_rank(subject, name, kernels.MAX_RANK + 1)
     before = dict(unet.named_modules())
-    with pytest.raises(AttachError, match=re.escape(f"layer {name!r}: LoRA rank {csrc_triton.MAX_RANK + 1} exceeds "
-                                                    f"the Triton kernels' limit of {csrc_triton.MAX_RANK}")):
+    with pytest.raises(AttachError, match=re.escape(f"layer {name!r}: LoRA rank {kernels.MAX_RANK + 1} exceeds "
+                                                    f"the Triton kernels' limit of {kernels.MAX_RANK}")):
         fe.attach(unet, big, style, backend="triton")
     assert dict(unet.named_modules()) == before and attached_fusion(unet) is None
     with fe.attach(unet, big, style, backend="reference"):  # the reference takes any rank
@@ -298,7 +299,7 @@ def test_attach_refuses_what_the_triton_kernels_decline(tiny_pipe, loras):
 def test_check_supported_reads_auto_as_the_backend_it_picks(monkeypatch):
     from fusion_engine.errors import AttachError, OptionError
 
-    limit = csrc_triton.MAX_RANK
+    limit = kernels.MAX_RANK
     ops.check_supported("triton", "linear", torch.bfloat16, (limit, 0), layer="to_q")  # at the limit: fine
     ops.check_supported("triton", "conv2d", torch.float64, (4 * limit,), layer="conv")  # convs run the reference
     ops.check_supported("auto", "linear", torch.float16, (limit + 1,), device="cuda")  # auto -> reference here
@@ -408,11 +409,11 @@ _run = jit.JITFunction.run
 jit.JITFunction.run = lambda self, *a, grid, warmup, **k: _run(self, *a, grid=grid, warmup=True, **k)
 
 import importlib, inspect, types
-from csrc_triton import fls_linear_fwd, mix_linear_fwd, pooled_fls_linear_fwd, pooled_mix_linear_fwd
+from fusion_engine.kernels import fls_linear_fwd, mix_linear_fwd, pooled_fls_linear_fwd, pooled_mix_linear_fwd
 
 # split variants (base="cublas"): their y0 = F.linear(...) (utils.cublas_linear, every launcher's) would run on the
 # CPU here; a stand-in of the right shape
-_utils = importlib.import_module("csrc_triton.utils")
+_utils = importlib.import_module("fusion_engine.kernels.utils")
 _utils.F = types.SimpleNamespace(linear=lambda x, w, b=None: torch.empty(x.shape[0], w.shape[0], dtype=x.dtype))
 E, bf, fp16, fp32 = torch.empty, torch.bfloat16, torch.float16, torch.float32
 n = 0

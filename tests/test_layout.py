@@ -1,22 +1,27 @@
 """Imports go one way, down this table, and never in a circle:
 
-    csrc_triton (kernels) <- errors, utils <- ops <- lora, policies, scoring, samplers <- runtime
+    kernels <- errors, utils <- ops <- lora, policies, scoring, samplers <- runtime
     <- integration, refine <- api (the package's front door) <- eval <- cli;  worlds beside (they use the API)
 
 Every ``import`` of every module is read from its source (lazy imports inside functions included) and checked
 against the layer table below; a module the table does not place fails the test too. The same imports, as a graph,
-must hold no circle (a module importing, through others, itself).
+must hold no circle (a module importing, through others, itself). The kernels' source folder ``csrc_triton/`` is read
+as what a wheel installs it as, the package ``fusion_engine.kernels``.
 """
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fusion_engine", "csrc_triton")
+PACKAGE = "fusion_engine"
+# module name -> its source folder (pyproject.toml's [tool.setuptools.package-dir])
+SOURCES = {PACKAGE: ROOT / "fusion_engine", "fusion_engine.kernels": ROOT / "csrc_triton"}
+# the source checkout's stand-in, which loads csrc_triton/__init__.py in its place (it is not installed)
+STAND_IN = ROOT / "fusion_engine" / "kernels" / "__init__.py"
 WORLDS = "worlds"  # beside the engine: a world imports the engine; only the CLI (and worlds) import worlds
 
 # module or package -> layer; a module may import its own layer and the layers below it.
 LAYERS = {
-    "csrc_triton": 0,  # the Triton kernels
+    "fusion_engine.kernels": 0,  # the Triton kernels (source folder csrc_triton/)
     "fusion_engine.errors": 1,  # every error the library raises on purpose
     "fusion_engine.utils": 1,  # crash-safe writes, dtype names, images, deprecated names (no engine imports)
     "fusion_engine.ops": 2,  # ops/reference.py is the kernels' written contract; ops/__init__ picks the backend
@@ -37,17 +42,17 @@ LAYERS = {
     "fusion_engine.worlds": WORLDS,
 }
 HIGHEST_FOR_WORLDS = LAYERS["fusion_engine.api"]  # worlds import the engine up to the API, never eval or the CLI
-EXCEPTIONS = {("csrc_triton", "fusion_engine.ops.reference")}  # the kernels' tests read the contract
+EXCEPTIONS = {("fusion_engine.kernels", "fusion_engine.ops.reference")}  # the kernels' tests read the contract
 
 
 def layer_of(name: str):
     """The table's entry for ``name`` (the longest matching prefix; the bare package only exactly), else None."""
-    keys = [k for k in LAYERS if name == k or (name.startswith(k + ".") and k not in PACKAGES[:1])]
+    keys = [k for k in LAYERS if name == k or (name.startswith(k + ".") and k != PACKAGE)]
     return LAYERS[max(keys, key=len)] if keys else None
 
 
 def allowed(importer: str, imported: str) -> bool:
-    if any(importer.split(".")[0] == a and imported.startswith(b) for a, b in EXCEPTIONS):
+    if any((importer == a or importer.startswith(a + ".")) and imported.startswith(b) for a, b in EXCEPTIONS):
         return True
     mine, theirs = layer_of(importer), layer_of(imported)
     if theirs == WORLDS:
@@ -58,12 +63,17 @@ def allowed(importer: str, imported: str) -> bool:
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    prefix = max((p for p, folder in SOURCES.items() if path.is_relative_to(folder)), key=len)
+    folder = SOURCES[prefix]
+    parts = prefix.split(".") + list(path.relative_to(folder).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def is_module(name: str) -> bool:
-    path = ROOT.joinpath(*name.split("."))
+    prefix = max((p for p in SOURCES if name == p or name.startswith(p + ".")), key=len, default=None)
+    if prefix is None:
+        return False
+    path = SOURCES[prefix].joinpath(*name[len(prefix):].split(".")[1:])
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
@@ -83,14 +93,15 @@ def imports(source: str, module: str, is_package: bool) -> set[str]:
             names = [f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base for alias in node.names]
         else:
             continue
-        found.update(name for name in names if name.split(".")[0] in PACKAGES)
+        found.update(name for name in names if name.split(".")[0] == PACKAGE)
     return found
 
 
 def project_modules():
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            yield module_name(path), path
+    for folder in SOURCES.values():
+        for path in sorted(folder.rglob("*.py")):
+            if path != STAND_IN:
+                yield module_name(path), path
 
 
 def wrong_imports(module: str, source: str, is_package: bool = False) -> list[str]:
@@ -171,12 +182,26 @@ def test_the_check_catches_wrong_imports():
         "fusion_engine.integration.pipeline imports fusion_engine.worlds.toy.world"]
     assert wrong_imports("fusion_engine.worlds.random", "from ..cli import main\n") == [
         "fusion_engine.worlds.random imports fusion_engine.cli.main"]
-    assert wrong_imports("csrc_triton.fls_linear", "from fusion_engine.runtime.layers import DynamicLoRALayer\n") == [
-        "csrc_triton.fls_linear imports fusion_engine.runtime.layers"]
+    assert wrong_imports("fusion_engine.kernels.fls_linear", "from ..runtime.layers import DynamicLoRALayer\n") == [
+        "fusion_engine.kernels.fls_linear imports fusion_engine.runtime.layers"]
     assert wrong_imports("fusion_engine.policies", "from . import base\n", is_package=True) == []
-    assert wrong_imports("csrc_triton.utils", "from fusion_engine.ops.reference import fls_reference\n") == []
+    assert wrong_imports("fusion_engine.kernels.utils", "from fusion_engine.ops.reference import fls_reference\n") == []
+    assert wrong_imports("fusion_engine.kernels.testing", "from ..ops import reference\n") == []
+    assert wrong_imports("fusion_engine.kernels.utils", "from fusion_engine.ops import pooled\n") == [
+        "fusion_engine.kernels.utils imports fusion_engine.ops.pooled"]
     assert wrong_imports("fusion_engine.cli.main", "from fusion_engine.worlds import load_world\n") == []
     assert wrong_imports("fusion_engine.api", "from .integration.pipeline import FusionPipeline\n") == []
+
+
+def test_the_kernels_folder_is_read_as_fusion_engine_kernels():
+    """csrc_triton/'s files are the modules fusion_engine.kernels.*, at layer 0; relative imports resolve there."""
+    modules = dict(project_modules())
+    assert modules["fusion_engine.kernels"] == ROOT / "csrc_triton" / "__init__.py"
+    assert modules["fusion_engine.kernels.fls_linear"] == ROOT / "csrc_triton" / "fls_linear.py"
+    assert not any(name.startswith("csrc_triton") for name in modules)
+    assert layer_of("fusion_engine.kernels.utils") == 0
+    assert imports("from .utils import MAX_RANK\n", "fusion_engine.kernels.fls_linear", False) == {
+        "fusion_engine.kernels.utils"}
 
 
 def test_the_check_catches_circles():

@@ -6,7 +6,8 @@ slot 1 (a tie), slot 4 has a zero B (its delta is zero: never live), slot 5 is n
 is aligned with the base weight (its delta points along y0, so under ``dot`` it scores below a zero delta: the
 liveness rule decides). Images name 1, 2 and 3 LoRAs, with one or two CFG copies (then a group spans two samples).
 Shapes are odd (T=9 rows per sample: a partial row tile; K=37, N=45: two column tiles) and aligned; groups per image
-and per token. fp32, fp16 and bf16 (bf16 with the interpreter's dot patched: csrc_triton.testing.interpreter_bf16_dot).
+and per token. fp32, fp16 and bf16 (bf16 with the interpreter's dot patched:
+fusion_engine.kernels.testing.interpreter_bf16_dot).
 Tolerance (tests/test_kernels.py's rule): 2x the error of the same computation done eagerly by torch in the input
 dtype, plus ``ATOL``; choices identical to the float64 reference's."""
 from __future__ import annotations
@@ -20,12 +21,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-csrc_triton = pytest.importorskip("csrc_triton")
-if not csrc_triton.INTERPRET:  # pragma: no cover - another module imported it first
-    pytest.skip("csrc_triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+kernels = pytest.importorskip("fusion_engine.kernels")
+if not kernels.INTERPRET:  # pragma: no cover - another module imported it first
+    pytest.skip("fusion_engine.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-from csrc_triton import testing as kt  # noqa: E402
-from csrc_triton.pooled_fls_linear import pooled_fls_linear_fwd  # noqa: E402
+from fusion_engine.kernels import testing as kt  # noqa: E402
+from fusion_engine.kernels.pooled_fls_linear import pooled_fls_linear_fwd  # noqa: E402
 from fusion_engine.ops import pooled  # noqa: E402
 from fusion_engine.ops.reference import group_mean, row_divergence  # noqa: E402
 

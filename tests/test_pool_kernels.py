@@ -13,13 +13,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-csrc_triton = pytest.importorskip("csrc_triton")
-if not csrc_triton.INTERPRET:  # pragma: no cover - another module imported it first
-    pytest.skip("csrc_triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+kernels = pytest.importorskip("fusion_engine.kernels")
+if not kernels.INTERPRET:  # pragma: no cover - another module imported it first
+    pytest.skip("fusion_engine.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-from csrc_triton import testing as kt  # noqa: E402
-from csrc_triton.pooled_fls_linear import pooled_fls_linear_fwd  # noqa: E402
-from csrc_triton.pooled_mix_linear import pooled_mix_linear_fwd  # noqa: E402
+from fusion_engine.kernels import testing as kt  # noqa: E402
+from fusion_engine.kernels.pooled_fls_linear import pooled_fls_linear_fwd  # noqa: E402
+from fusion_engine.kernels.pooled_mix_linear import pooled_mix_linear_fwd  # noqa: E402
 from fusion_engine.ops.pooled import pooled_mix_linear  # noqa: E402
 
 # (samples B, rows per sample T, K, N)
@@ -116,7 +116,8 @@ def test_stack_ranks_follow_in_place_writes_of_the_stacks(monkeypatch):
     graph is captured (a replay after a pool change must recompute)."""
     import importlib
 
-    shrink_module = importlib.import_module("csrc_triton.lora_shrink")  # the package exports a function of that name
+    # the package exports a function of that name
+    shrink_module = importlib.import_module("fusion_engine.kernels.lora_shrink")
     stack_ranks = shrink_module.stack_ranks
 
     a_stack = torch.zeros(4, 40, 7)
@@ -187,7 +188,7 @@ def _run_pool(model, pool, x, backend, **options):
 def test_pool_attach_runs_the_kernel_for_static_policies(policy, options, monkeypatch):
     """``fe.attach(model, pool=, backend="triton")``: the same images as the reference backend."""
     launches = []
-    monkeypatch.setattr(csrc_triton, "pooled_mix_linear_fwd",
+    monkeypatch.setattr(kernels, "pooled_mix_linear_fwd",
                         lambda *args: launches.append(1) or pooled_mix_linear_fwd(*args))
     model, pool, x = _small_pool_model()
     outputs = {backend: _run_pool(model, pool, x, backend, policy=policy, **options)[0]
@@ -214,7 +215,7 @@ def test_pool_attach_runs_the_fls_kernel(divergence, monkeypatch):
     the same output and per-layer choices as the reference backend; a second call speculates on the first's
     choices and gives the same again."""
     launches = []
-    monkeypatch.setattr(csrc_triton, "pooled_fls_linear_fwd",
+    monkeypatch.setattr(kernels, "pooled_fls_linear_fwd",
                         lambda *args: launches.append(args[11].clone()) or pooled_fls_linear_fwd(*args))
     model, pool, x = _small_pool_model()
     ref_out, ref_records = _run_pool(model, pool, x, "reference", divergence=divergence)

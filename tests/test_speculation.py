@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 pytest.importorskip("triton")
-csrc_triton = pytest.importorskip("csrc_triton")
-if not csrc_triton.INTERPRET:  # pragma: no cover - another module imported triton first
-    pytest.skip("csrc_triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+kernels = pytest.importorskip("fusion_engine.kernels")
+if not kernels.INTERPRET:  # pragma: no cover - another module imported triton first
+    pytest.skip("fusion_engine.kernels was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 import fusion_engine as fe  # noqa: E402
 from fusion_engine import ops  # noqa: E402

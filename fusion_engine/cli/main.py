@@ -72,6 +72,18 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+MAX_GUIDANCE = 50.0  # the service's bound on "guidance" too (serve/schema.py): beyond it an image only saturates
+
+
+def guidance_scale(text: str) -> float:
+    """A CFG / guidance scale: a finite number in [0, MAX_GUIDANCE]."""
+    value = non_negative_float(text)
+    if value > MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"{value:g} is above {MAX_GUIDANCE:g} (CFG scales are single digits; "
+                                         "larger ones only saturate the image)")
+    return value
+
+
 def scale_pairs(text: str) -> list[tuple[float, float]]:
     """``1:1,1:0.7,0.7:1``: (subject, style) LoRA strengths, each a finite number >= 0."""
     pairs = []
@@ -581,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None, help="on FLUX only with --true-cfg")
     gen.add_argument("--steps", type=step_count, default=50)
-    gen.add_argument("--guidance", type=non_negative_float, default=None,
+    gen.add_argument("--guidance", type=guidance_scale, default=None,
                      help="CFG scale (default 5 on SD 1.x/2.x, SDXL and SD3; <= 1 turns CFG off); on FLUX the "
                           "distilled guidance embedding (default 3.5, FluxPipeline's own)")
     gen.add_argument("--true-cfg", type=true_cfg_scale, default=None,
@@ -618,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--steps", type=step_count, default=20)
     demo.add_argument("--images", type=positive_int, default=4)
-    demo.add_argument("--guidance", type=non_negative_float, default=5.0)
+    demo.add_argument("--guidance", type=guidance_scale, default=5.0)
     demo.add_argument("--seed", type=seed_int, default=0)
     demo.add_argument("--backend", default="auto", choices=BACKENDS)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -722,7 +734,7 @@ def _eval_flags(parser) -> None:
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="default: float16 on CUDA, float32 on CPU")
     parser.add_argument("--steps", type=step_count, default=50)
-    parser.add_argument("--guidance", type=non_negative_float, default=5.0)
+    parser.add_argument("--guidance", type=guidance_scale, default=5.0)
     parser.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 8")
     parser.add_argument("--width", type=image_size, default=None)
     parser.add_argument("--backend", default="auto", choices=BACKENDS)

@@ -1,7 +1,7 @@
 """Fused LoRA ops with backend dispatch.
 
 ``reference``: pure torch (``reference.py``), any device; the oracle.
-``triton``: the kernels in ``csrc_triton`` via ``triton_ops`` (CUDA, or CPU under TRITON_INTERPRET=1).
+``triton``: the kernels of ``fusion_engine.kernels`` via ``triton_ops`` (CUDA, or CPU under TRITON_INTERPRET=1).
 ``auto``: triton for CUDA tensors when it imports, else reference; given the layer's size (``resolve_backend``'s
 ``size``), the fastest backend for its size class on the GPU measurements recorded in the repository
 (``backend_choice``).

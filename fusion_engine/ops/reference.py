@@ -1,6 +1,7 @@
 """Pure-torch reference of the fused LoRA ops: the CPU path and the oracle for the Triton kernels.
 
-Contract shared with ``csrc_triton`` (both must agree on every point):
+Contract shared with the kernels of ``fusion_engine.kernels`` (source folder ``csrc_triton/``; both must agree on
+every point):
 
 * ``x`` is ``(M, K)``; ``weight`` ``(N, K)``; ``bias`` ``(N,)`` or ``None``.
 * A LoRA is ``a`` ``(r, K)`` and ``b`` ``(N, r)``; an absent LoRA has ``r == 0``.

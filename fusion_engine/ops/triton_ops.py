@@ -1,4 +1,4 @@
-"""torch.library registration of the Triton kernels in ``csrc_triton``.
+"""torch.library registration of the Triton kernels of ``fusion_engine.kernels`` (source folder ``csrc_triton/``).
 
 The ops are ``torch.library.custom_op``s with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces a model through them as single graph nodes (and a
@@ -28,7 +28,7 @@ from . import pooled, reference
 try:
     import triton  # noqa: F401
 
-    import csrc_triton as _kernels
+    from .. import kernels as _kernels
 
     _IMPORT_ERROR: Exception | None = None
 except Exception as exc:  # pragma: no cover - depends on the install
@@ -46,7 +46,7 @@ def is_available() -> bool:
 def unsupported(dtype: torch.dtype, ranks) -> str:
     """Why the kernels cannot run a linear layer with this weight dtype and these LoRA ranks ("" if they can)."""
     if _kernels is None:
-        return f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}"
+        return f"backend='triton' needs triton and fusion_engine.kernels importable: {_IMPORT_ERROR!r}"
     if dtype not in _kernels.SUPPORTED_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in _kernels.SUPPORTED_DTYPES)
         return f"dtype {str(dtype).replace('torch.', '')} is not one the Triton kernels take ({names})"
@@ -58,10 +58,11 @@ def unsupported(dtype: torch.dtype, ranks) -> str:
 
 def _check_device(x: Tensor) -> None:
     if _kernels is None:
-        raise BackendError(f"backend='triton' needs triton and csrc_triton importable: {_IMPORT_ERROR!r}")
+        raise BackendError(f"backend='triton' needs triton and fusion_engine.kernels importable: {_IMPORT_ERROR!r}")
     if x.device.type == "cuda":
         if _kernels.INTERPRET:
-            raise BackendError("csrc_triton was imported with TRITON_INTERPRET=1: kernels only take CPU tensors now")
+            raise BackendError("fusion_engine.kernels was imported with TRITON_INTERPRET=1: kernels only take CPU "
+                               "tensors now")
         return
     if x.device.type == "cpu":
         if _kernels.INTERPRET:

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from ..errors import BatchLayoutError, OptionError, StepContextError, StepRangeError, UnknownLoRAError, preview
-from .trace import CODE_TO_POSITION, Trace, choice_code
+from .trace import ALL, CODE_TO_POSITION, Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
 
@@ -215,20 +215,19 @@ class FusionContext:
         by position over a uniform batch's LoRAs (0 = subject, 1 = style; 0 for a second LoRA not named)."""
         if self.pool is None:
             return self.policy.weights(layer, self)
-        return tuple([*self.position_weights(layer.name, self.uniform), 0.0][:2])
-
-    def position_weights(self, layer: str | None, names: tuple[str, ...]) -> list[float]:
-        """A pool policy's static weight per position for an image naming ``names`` (at ``layer``: ``per_layer``)."""
-        policy = self.policy
-        return policy.layer_weights(layer, names, self) if policy.per_layer else policy.image_weights(len(names), self)
+        return tuple([*self._image_weights(self.uniform, layer.name, scaled=False), 0.0][:2])
 
     def layer_coefficients(self, layer, device) -> tuple[float, float]:
         """A static policy's ``(w_subject * scale, w_style * scale)`` at ``layer`` for this call (``pair_weights``),
         its decision kept: a pair's choice code, or a uniform pool batch's position per image, as a mixed one's."""
         weights, (subject_scale, style_scale) = self.pair_weights(layer), layer.lora_scales
         code = choice_code(weights[0] * layer.has_subject, weights[1] * layer.has_style)
-        layer.keep_decisions(code if self.pool is None else torch.full((len(self.assignment),), CODE_TO_POSITION[code],
-                                                                       device=device))
+        if self.pool is not None:  # each image's position: one tensor per code and assignment, no op per forward
+            if ("uniform", code, str(device)) not in self._tables:
+                self._tables["uniform", code, str(device)] = torch.full((len(self.assignment),), CODE_TO_POSITION[code],
+                                                                        device=device)
+            code = self._tables["uniform", code, str(device)]
+        layer.keep_decisions(code)
         return weights[0] * subject_scale, weights[1] * style_scale
 
     def collect(self, layers) -> None:
@@ -273,9 +272,30 @@ class FusionContext:
             layer: the layer asking; a policy whose weights depend on it (``per_layer``: ``klora``, ``blora``) gets one
                 table per layer.
         """
-        scale = self.lora_scale if scaled else 1.0
-        return self._table(("weights", scaled, layer if self.policy.per_layer else None), batch, device, torch.float32,
-                           lambda image, names: [w * scale for w in self.position_weights(layer, names)], 0.0)
+        return self._table(("weights", scaled, layer if self.policy.per_layer else None), batch, device,
+                           torch.float32, lambda image, names: self._image_weights(names, layer, scaled), 0.0)
+
+    def _image_weights(self, names: tuple[str, ...], layer: str | None, scaled: bool) -> list[float]:
+        policy, scale = self.policy, (self.lora_scale if scaled else 1.0)
+        weights = policy.layer_weights(layer, names, self) if policy.per_layer else \
+            policy.image_weights(len(names), self)
+        return [w * scale for w in weights]
+
+    def sample_positions(self, batch: int, device, layer: str, present: torch.Tensor, scaled: bool = True):
+        """``(images,)`` int64, for the trace of a static policy: the position each image keeps at ``layer``, the one
+        LoRA weighted (``sample_weights``) and adapting the layer (``present``, per slot), ``ALL`` for several, ``-1``
+        for none. Built on the host once per table key, so a forward pays no tensor op for it."""
+        adapts = []  # present on the host, read only when the table is built (a device sync on CUDA)
+
+        def per_image(image, names):
+            adapts[:] = adapts or present.tolist()
+            live = [i for i, (weight, slot) in enumerate(zip(self._image_weights(names, layer, scaled),
+                                                              self.image_slots(image, names)))
+                    if weight != 0 and slot >= 0 and adapts[slot]]
+            return [live[0] if len(live) == 1 else (ALL if live else -1)]
+
+        table = self._table(("positions", scaled, layer), batch, device, torch.int64, per_image, -1)
+        return table[: len(self.assignment), 0]
 
     def image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
         """The pool slots of image ``image``'s LoRAs (-1: a name a part pool lacks)."""

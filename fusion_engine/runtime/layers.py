@@ -18,7 +18,6 @@ from .. import ops
 from ..errors import LayerAttributeError
 from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
-from .trace import ALL
 
 
 def absent_factors(base: nn.Module):
@@ -254,11 +253,8 @@ class DynamicLoRALayer(nn.Module):
             scales = held.scales * context.lora_scale
             weights = context.sample_weights(slots.shape[0], device, self.name, scaled=False)
         if context.tracing:
-            valid = slots >= 0
-            live = (weights != 0) & valid & held.present[torch.where(valid, slots, -1)]
-            count, first = live.sum(-1), live.to(torch.int8).argmax(-1)
-            positions = torch.where(count == 1, first, torch.where(count > 1, ALL, -1))
-            self.keep_decisions(positions[: len(context.assignment)])
+            self.keep_decisions(context.sample_positions(slots.shape[0], device, self.name, held.present,
+                                                         scaled=gains is None))
         return scales, weights
 
     def extra_repr(self) -> str:
