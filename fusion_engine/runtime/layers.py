@@ -316,9 +316,8 @@ class DynamicLoRALinear(DynamicLoRALayer):
         lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
         subject_scale, style_scale = self.lora_scales
         if self.has_dora:  # the reference path: the fused kernels take plain LoRA only
-            out = self._select(x, base_linear(rows, base.weight, base.bias), lora_delta(rows, self.subject_a,
-                               self.subject_b), lora_delta(rows, self.style_a, self.style_b), rows.shape[0] // max(
-                               x.shape[0], 1))
+            raw = [lora_delta(rows, a, b) for a, b in ((self.subject_a, self.subject_b), (self.style_a, self.style_b))]
+            out = self._select(x, base_linear(rows, base.weight, base.bias), *raw, rows.shape[0] // max(x.shape[0], 1))
             return out.reshape(*lead, out.shape[-1])
         backend = self._backend("fls" if context.policy.uses_divergence else "mix", rows,
                                 max(self.subject_rank, self.style_rank))
@@ -381,15 +380,16 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
                 return out
         bias = None if base.bias is None else base.bias.to(dtype)
         y0 = self._conv(x, base.weight.to(dtype), bias).to(accumulation_dtype(dtype))
+        factors = ((self.subject_a, self.subject_b), (self.style_a, self.style_b))
         if not context.policy.uses_divergence and not self.has_dora:
             coef, out = self.static_coefficients(x.device).to(y0.dtype), y0
-            for index, (lora_a, lora_b) in enumerate(((self.subject_a, self.subject_b), (self.style_a, self.style_b))):
+            for index, (lora_a, lora_b) in enumerate(factors):
                 if lora_a.shape[0] > 0:  # an absent LoRA adds nothing (its zeros are not materialised)
                     out = out + coef[index] * self._raw_delta(x, y0, lora_a, lora_b)
             return out.to(dtype)
-        return self._select(x, y0, self._raw_delta(x, y0, self.subject_a, self.subject_b), self._raw_delta(
-            x, y0, self.style_a, self.style_b), y0.shape[2] * y0.shape[3], pixel_rows,
-            lambda rows: from_pixel_rows(rows, y0.shape[0], *y0.shape[2:]))
+        raw = [self._raw_delta(x, y0, lora_a, lora_b) for lora_a, lora_b in factors]
+        return self._select(x, y0, *raw, y0.shape[2] * y0.shape[3], pixel_rows,
+                            lambda rows: from_pixel_rows(rows, y0.shape[0], *y0.shape[2:]))
 
 
 def _keys_into_base(state_dict, prefix, *args) -> None:
