@@ -36,6 +36,9 @@ ALLOWED = {
     # a Ray Serve replica's check_health: Ray's protocol is "any exception marks the replica unhealthy"; Ray
     # catches it, no user sees it.
     ("serve/app.py", "check_health", "RuntimeError"),
+    # the kernels' source-checkout stand-in (fusion_engine/kernels/__init__.py) when csrc_triton/ is missing: an
+    # import that cannot be satisfied is an ImportError, which the import system and optional-import code expect.
+    ("kernels/__init__.py", "<module>", "ImportError"),
 }
 # `raise SystemExit(main())` under `if __name__ == "__main__":` is a script's exit status, not an error.
 SCRIPT_EXIT = "SystemExit"
@@ -85,8 +88,12 @@ def test_the_allow_list_names_raises_that_exist():
     """A stale allow-list entry would silently allow a future raise in the same place."""
     for file, function, name in ALLOWED:
         tree = ast.parse((PACKAGE / file).read_text())
-        raises = [node for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name == function
-                  for node in ast.walk(fn) if isinstance(node, ast.Raise) and node.exc is not None]
+        scopes = [tree] if function == "<module>" else [  # "<module>": the module's own statements
+            fn for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name == function]
+        in_functions = {id(node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and function == "<module>"
+                        for node in ast.walk(fn)}
+        raises = [node for scope in scopes for node in ast.walk(scope)
+                  if isinstance(node, ast.Raise) and node.exc is not None and id(node) not in in_functions]
         assert any(_raised_class(node) == name for node in raises), (file, function, name)
 
 
