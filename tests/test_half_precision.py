@@ -185,7 +185,7 @@ class Case:
                 weights = None
                 if self.policy != "fls":
                     weights = (fused.context.sample_weights(x.shape[0], x.device) if self.pool else
-                               torch.tensor([fused.policy_weights()]).expand(x.shape[0], 2))
+                               torch.tensor([fused.context.pair_weights(fused)]).expand(x.shape[0], 2))
         scores = choice = None
         if self.policy == "fls":
             choice, scores = kept[-1]
@@ -303,8 +303,8 @@ def test_gradient_through_a_half_precision_layer_matches_float64(shape, dtype, d
         x = x.clone().requires_grad_()
         with case.attach(model) as fusion:
             fused = fusion.layers[0]
-            out = static_out(eager_pair(fused, x), torch.tensor([fused.policy_weights()]).expand(x.shape[0], 2)) \
-                if eager else rows(model(x))
+            weights = torch.tensor([fused.context.pair_weights(fused)]).expand(x.shape[0], 2)
+            out = static_out(eager_pair(fused, x), weights) if eager else rows(model(x))
             direction = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             (out.double() * direction).sum().backward()
         grads.append(x.grad)
