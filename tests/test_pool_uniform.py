@@ -271,3 +271,18 @@ def test_a_pipeline_attach_coerces_each_lora_once(tiny_pipe, tmp_path, monkeypat
     with fe.attach(tiny_pipe, *paths) as attached:
         assert set(attached.components) == {"text_encoder"}
     assert sorted(coerced) == ["style", "subject"]
+
+
+def test_a_mixed_batch_after_a_uniform_one_holds_no_copies_of_its_loras(world, calls):
+    """The uniform batch's entries (B and DoRA gains are copies) go when the batch turns mixed, and the mixed batch runs
+    the pooled ops; back to uniform, the pair entries come back, the same as before."""
+    net, _, pool, x = world
+    with fe.attach(net, pool=pool, policy="fls", backend="reference") as fusion:
+        uniform_out, _ = run(fusion, net, x, "fls", "image", [("s", "t")] * IMAGES)
+        assert any(layer.subject_b.numel() for layer in fusion.layers)
+        assert calls["pooled_fls_linear"] == 0
+        run(fusion, net, x, "fls", "image", [("s", "t"), ("t", "wide")])
+        assert calls["pooled_fls_linear"] > 0
+        assert all(layer.subject_b.numel() == layer.style_b.numel() == 0 for layer in fusion.layers)
+        again, _ = run(fusion, net, x, "fls", "image", [("s", "t")] * IMAGES)
+    assert all(torch.equal(a, b) for a, b in zip(uniform_out, again))

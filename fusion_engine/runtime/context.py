@@ -198,8 +198,8 @@ class FusionContext:
         the host (the step, the branch, the LoRA scale) and copied into one persistent device table in place.
         Runs before each forward of the attached model, outside any compiled graph, where a uniform pool batch's layers
         load their entries too (``uniform``)."""
-        for layer in layers if self.uniform is not None else ():
-            layer.uniform()
+        for layer in layers if self.pool is not None else ():  # a mixed batch's layers drop a uniform one's copies
+            layer.uniform() if self.uniform is not None else layer.drop_uniform()
         if self.policy.uses_divergence or not layers or (self.pool is not None and self.uniform is None):
             return  # a mixed pool batch's static weights come per image from ``sample_weights``
         values = torch.tensor([self.layer_coefficients(layer, device) for layer in layers], dtype=torch.float32)

@@ -98,6 +98,12 @@ class DynamicLoRALayer(nn.Module):
             self.__dict__["_loaded"] = (context.uniform, context.pool.version)
         return True
 
+    def drop_uniform(self) -> None:
+        """Back to a pool layer's empty entries once the batch is mixed (the pre-hook calls it): the uniform batch's
+        LoRAs (their B factors and DoRA gains are copies) are not held past it."""
+        if self.__dict__.pop("_loaded", None) is not None:
+            self.set_entries(None, None)
+
     def _pool_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """A pool forward's output, None where it runs the pair path (``uniform``): the pooled ops for a mixed batch,
         the base layer where no pool LoRA (of a uniform batch: neither) adapts the layer, as a pair attach leaves it
