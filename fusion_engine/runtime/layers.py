@@ -81,6 +81,11 @@ class DynamicLoRALayer(nn.Module):
             # Non-persistent: an attached model's state_dict stays the base model's plus "base." paths.
             for part, tensor in (("a", lora_a), ("b", lora_b), ("gain", gain)):  # DoRA gain: (out,); empty otherwise
                 self.register_buffer(f"{role}_{part}", tensor, persistent=False)
+        # what every call reads, as plain attributes (a buffer is an nn.Module.__getattr__ lookup per read)
+        subject_rank, style_rank = self.subject_a.shape[0], self.style_a.shape[0]
+        self.__dict__.update(subject_rank=subject_rank, style_rank=style_rank, has_subject=subject_rank > 0,
+                             has_style=style_rank > 0,
+                             has_dora=self.subject_gain.numel() > 0 or self.style_gain.numel() > 0)
 
     def uniform(self, batch: int | None = None) -> bool:
         """Whether a pool forward (of ``batch`` rows, checked as the pooled path checks them) runs the pair path: every
@@ -163,26 +168,6 @@ class DynamicLoRALayer(nn.Module):
         """(subject, style) scales of this forward: each LoRA's own times ``cross_attention_kwargs["scale"]``."""
         scale = self.context.lora_scale
         return self.subject_scale * scale, self.style_scale * scale
-
-    @property
-    def subject_rank(self) -> int:
-        return self.subject_a.shape[0]
-
-    @property
-    def style_rank(self) -> int:
-        return self.style_a.shape[0]
-
-    @property
-    def has_subject(self) -> bool:
-        return self.subject_rank > 0
-
-    @property
-    def has_style(self) -> bool:
-        return self.style_rank > 0
-
-    @property
-    def has_dora(self) -> bool:
-        return self.subject_gain.numel() > 0 or self.style_gain.numel() > 0
 
     def branch_delta(self, branch: str, base_out: torch.Tensor, raw_delta: torch.Tensor) -> torch.Tensor:
         """What one branch adds to the base output, at ``raw_delta``'s precision.
