@@ -241,12 +241,18 @@ class DynamicLoRALayer(nn.Module):
         if gains is None:
             scales, weights = held.scales, context.sample_weights(slots.shape[0], device, self.name)
         else:
-            scales = held.scales * context.lora_scale
+            scales = self.slot_scales(held)
             weights = context.sample_weights(slots.shape[0], device, self.name, scaled=False)
         if context.tracing:
             self.keep_decisions(context.sample_positions(slots.shape[0], device, self.name, held.present,
                                                          scaled=gains is None))
         return scales, weights
+
+    def slot_scales(self, held) -> torch.Tensor:
+        """The pool slots' scales times the call's LoRA scale (``cross_attention_kwargs["scale"]``); the stack itself at
+        the usual scale 1, so a call pays no tensor op (on a GPU, no launch) for it."""
+        scale = self.context.lora_scale
+        return held.scales if scale == 1.0 else held.scales * scale
 
     def extra_repr(self) -> str:
         if self.context.pool is not None:
@@ -290,7 +296,7 @@ class DynamicLoRALinear(DynamicLoRALayer):
         row_group, groups = context.row_groups(slots.shape[0], rows.shape[0] // slots.shape[0], x.device)
         guess = self._guess(groups, x.device, torch.int64) if backend == "triton" else None
         out, scores, choice = ops.pooled_fls_linear(
-            rows, base.weight, base.bias, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            rows, base.weight, base.bias, held.a, held.b, self.slot_scales(held), held.present, slots,
             row_group, groups, context.policy.divergence, backend=backend, prev_choice=guess, **dora,
         )
         if guess is not None:
@@ -343,7 +349,7 @@ class DynamicLoRAConv2d(DynamicLoRALayer):
             scales, weights = self._static(held, slots, x.device, gains)
             return pooled_mix_conv2d(x, base, held.a, held.b, scales, slots, weights, gains=gains)
         out, scores, choice = pooled_fls_conv2d(
-            x, base, held.a, held.b, held.scales * context.lora_scale, held.present, slots,
+            x, base, held.a, held.b, self.slot_scales(held), held.present, slots,
             lambda pixels: context.row_groups(batch, pixels, x.device), context.policy.divergence, gains=gains,
         )
         self.keep_decisions(choice, scores)
