@@ -27,6 +27,10 @@ class Policy:
     def setup(self, layers) -> None:
         """Called once at attach with the fused layers (precompute anything static here)."""
 
+    def prepare(self, assignment, pool) -> None:
+        """A pool: called before each forward with the images' LoRA names, outside any compiled graph (compute and
+        cache here what ``layer_weights`` / ``image_weights`` read, so the forward only looks it up)."""
+
     def weights(self, layer, context) -> tuple[float, float]:
         raise NotImplementedError(f"{type(self).__name__} does not define static weights")
 

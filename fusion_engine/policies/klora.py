@@ -157,6 +157,10 @@ class PoolKLoRA(KLoRAPolicy):
     def setup(self, layers) -> None:
         """Scores come per image from the pool (``image_scores``), not from the fused layers."""
 
+    def prepare(self, assignment, pool) -> None:
+        for names in dict.fromkeys(assignment):  # each image's scores, hashed and computed here, not in a forward
+            self.image_scores(names, pool)
+
     def image_scores(self, names: tuple[str, ...], pool) -> dict:
         """``{"layers": layer -> (candidate positions, S per candidate), "gamma": per position}``, cached per
         names and pool version."""

@@ -17,6 +17,7 @@ from ..errors import BatchLayoutError, OptionError, StepContextError, StepRangeE
 from .trace import ALL, CODE_TO_POSITION, Trace, choice_code
 
 GRANULARITIES = ("image", "sample", "token", "batch")
+STATIC_POSITIONS = "static positions"  # what a static pool layer keeps: its positions come after the forward
 
 
 def images_in_batch(prompts: list, num_images_per_prompt: int, negative_prompt=None) -> int:
@@ -87,6 +88,9 @@ class FusionContext:
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
         self.pool = pool
         self._tables: dict[tuple, torch.Tensor] = {}
+        self._live: dict[tuple, tuple] = {}  # a step-dependent table's key -> how to build it again
+        self._steps: dict[tuple, tuple] = {}  # ... and the step its values are of
+        self._positions: dict[tuple, torch.Tensor] = {}  # a static pool layer's kept positions (sample_positions)
         self.assignment = None
         self.partial = bool(getattr(pool, "is_part", False))  # a part pool: a name it lacks is no LoRA there, slot -1
 
@@ -100,6 +104,9 @@ class FusionContext:
     def assignment(self, assignment: list[tuple[str, ...]] | None) -> None:
         self._assignment = assignment
         self._tables.clear()
+        self._live.clear()
+        self._steps.clear()
+        self._positions.clear()
         same = bool(assignment) and len(assignment[0]) <= 2 and all(names == assignment[0] for names in assignment)
         self.uniform = assignment[0] if same else None
 
@@ -200,6 +207,9 @@ class FusionContext:
         load their entries too (``uniform``)."""
         for layer in layers if self.pool is not None else ():  # a mixed batch's layers drop a uniform one's copies
             layer.uniform() if self.uniform is not None else layer.drop_uniform()
+        if self.pool is not None and self.uniform is None and self.assignment is not None:
+            self.policy.prepare(self.assignment, self.pool)
+            self.refresh_tables()
         if self.policy.uses_divergence or not layers or (self.pool is not None and self.uniform is None):
             return  # a mixed pool batch's static weights come per image from ``sample_weights``
         values = torch.tensor([self.layer_coefficients(layer, device) for layer in layers], dtype=torch.float32)
@@ -239,7 +249,14 @@ class FusionContext:
         for layer in layers:
             kept = layer.__dict__.pop("kept_decisions", None)
             if kept is not None and self._trace is not None:
-                self._trace.record(self.step, layer.index, *kept)
+                self._trace.record(self.step, layer.index, *self.resolve_kept(layer, kept))
+
+    def resolve_kept(self, layer, kept: tuple) -> tuple:
+        """A layer's kept decisions as the trace records them: a static pool layer keeps only ``STATIC_POSITIONS`` and
+        whether its weights were scaled, and its positions are built here, on the host (``sample_positions``)."""
+        if kept[0] is not STATIC_POSITIONS:
+            return kept
+        return (self.sample_positions(layer.name, scaled=kept[1]),)
 
     # -- a pool's assignment ----------------------------------------------------------------------
     def set_loras(self, entries) -> None:
@@ -281,21 +298,25 @@ class FusionContext:
             policy.image_weights(len(names), self)
         return [w * scale for w in weights]
 
-    def sample_positions(self, batch: int, device, layer: str, present: torch.Tensor, scaled: bool = True):
+    def sample_positions(self, layer: str, scaled: bool = True) -> torch.Tensor:
         """``(images,)`` int64, for the trace of a static policy: the position each image keeps at ``layer``, the one
-        LoRA weighted (``sample_weights``) and adapting the layer (``present``, per slot), ``ALL`` for several, ``-1``
-        for none. Built on the host once per table key, so a forward pays no tensor op for it."""
-        adapts = []  # present on the host, read only when the table is built (a device sync on CUDA)
-
-        def per_image(image, names):
-            adapts[:] = adapts or present.tolist()
-            live = [i for i, (weight, slot) in enumerate(zip(self._image_weights(names, layer, scaled),
-                                                              self.image_slots(image, names)))
-                    if weight != 0 and slot >= 0 and adapts[slot]]
-            return [live[0] if len(live) == 1 else (ALL if live else -1)]
-
-        table = self._table(("positions", scaled, layer), batch, device, torch.int64, per_image, -1)
-        return table[: len(self.assignment), 0]
+        LoRA weighted (``sample_weights``) and adapting the layer, ``ALL`` for several, ``-1`` for none. Built on the
+        host from the pool's record of each LoRA's layers, after the forward (``collect``): no op reaches a graph.
+        Cached until the assignment, the pool, the scale, the branch or (a step-dependent policy) the step change."""
+        step = (self.step, self.num_steps) if self.policy.needs_step else None
+        key = layer, scaled, self.pool.version, step, self.lora_scale, self.branch
+        if key in self._positions:
+            return self._positions[key]
+        if len(self._positions) >= 4096:
+            self._positions.clear()
+        positions = []
+        for image, names in enumerate(self.assignment):
+            live = [i for i, (weight, slot, name) in enumerate(zip(self._image_weights(names, layer, scaled),
+                                                                    self.image_slots(image, names), names))
+                    if weight != 0 and slot >= 0 and layer in self.pool.lora_layers(name)]
+            positions.append(live[0] if len(live) == 1 else (ALL if live else -1))
+        self._positions[key] = torch.tensor(positions, dtype=torch.int64)
+        return self._positions[key]
 
     def image_slots(self, image: int, names: tuple[str, ...]) -> list[int]:
         """The pool slots of image ``image``'s LoRAs (-1: a name a part pool lacks)."""
@@ -305,16 +326,36 @@ class FusionContext:
             raise UnknownLoRAError(f"image {image}: {error} (removed since the assignment was set?)") from None
 
     def _table(self, kind, batch: int, device, dtype, per_image, pad) -> torch.Tensor:
-        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image; built once
-        per (shape, layout, pool version, step for step-dependent policies, scale, branch)."""
-        step = (self.step, self.num_steps) if kind != "slots" and self.policy.needs_step else None
-        key = kind, batch, str(device), self.images, self.copies, self.pool.version, step, self.lora_scale, self.branch
-        if key in self._tables:
-            return self._tables[key]
-        if len(self._tables) >= 4096:  # a long-lived attach meets many steps, shapes and layers: keep the newest
+        """One row per batch row: ``per_image(image, names)`` of the row's image, padded to the widest image; one
+        tensor per (shape, layout, pool version, scale, branch). A step-dependent policy's tables hold the values of
+        one step and are refreshed in place (``refresh_tables``, before each forward), so a compiled forward reads the
+        same tensor at every step instead of a new one per step."""
+        key = kind, batch, str(device), self.images, self.copies, self.pool.version, self.lora_scale, self.branch
+        table = self._tables.get(key)
+        stepped = kind != "slots" and self.policy.needs_step
+        if table is not None and (not stepped or self.in_forward or self._steps[key] == (self.step, self.num_steps)):
+            return table
+        if len(self._tables) >= 4096:  # a long-lived attach meets many shapes and layers: keep the newest
             self._tables.clear()
+            self._live.clear()
+            self._steps.clear()
         images, width = self.check_images(batch), max(len(names) for names in self.assignment)
-        table = [per_image(image, names) for image, names in enumerate(self.assignment)]
-        table = [values + [pad] * (width - len(values)) for values in table]
-        self._tables[key] = torch.tensor([table[row % images] for row in range(batch)], dtype=dtype).to(device)
-        return self._tables[key]
+        rows = [per_image(image, names) for image, names in enumerate(self.assignment)]
+        rows = [values + [pad] * (width - len(values)) for values in rows]
+        values = torch.tensor([rows[row % images] for row in range(batch)], dtype=dtype)
+        if table is None:
+            self._tables[key] = table = values.to(device)
+        else:
+            table.copy_(values)
+        if stepped:
+            self._steps[key] = (self.step, self.num_steps)
+            self._live[key] = (kind, batch, device, dtype, per_image, pad)
+        return table
+
+    def refresh_tables(self) -> None:
+        """Before a forward (the pre-hook, outside any compiled graph): every step-dependent table of the current
+        layout, pool, scale and branch takes this step's values, in place."""
+        now = (self.images, self.copies, self.pool.version, self.lora_scale, self.branch)
+        for key, (kind, batch, device, dtype, per_image, pad) in list(self._live.items()):
+            if key in self._tables and key[3:] == now and self._steps[key] != (self.step, self.num_steps):
+                self._table(kind, batch, device, dtype, per_image, pad)

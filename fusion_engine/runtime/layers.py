@@ -18,6 +18,7 @@ from .. import ops
 from ..errors import LayerAttributeError
 from ..ops.pooled import pooled_fls_conv2d, pooled_mix_conv2d
 from ..ops.reference import accumulation_dtype, base_linear, fls_select, from_pixel_rows, lora_delta, pixel_rows
+from .context import STATIC_POSITIONS
 
 
 def absent_factors(base: nn.Module):
@@ -204,7 +205,7 @@ class DynamicLoRALayer(nn.Module):
         if context.in_forward:  # into __dict__ directly (what collect pops): nn.Module.__setattr__ costs per call
             self.__dict__["kept_decisions"] = (choice, *scores)
         else:
-            context.trace.record(context.step, self.index, choice, *scores)
+            context.trace.record(context.step, self.index, *context.resolve_kept(self, (choice, *scores)))
 
     def _guess(self, groups: int, device, dtype: torch.dtype) -> torch.Tensor:
         """This layer's decisions at its previous call with this many groups (the subject, position 0, at first): the
@@ -243,9 +244,8 @@ class DynamicLoRALayer(nn.Module):
         else:
             scales = self.slot_scales(held)
             weights = context.sample_weights(slots.shape[0], device, self.name, scaled=False)
-        if context.tracing:
-            self.keep_decisions(context.sample_positions(slots.shape[0], device, self.name, held.present,
-                                                         scaled=gains is None))
+        if context.tracing:  # the positions kept are built on the host after the forward (FusionContext.collect)
+            self.keep_decisions(STATIC_POSITIONS, gains is None)
         return scales, weights
 
     def slot_scales(self, held) -> torch.Tensor:
