@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib
 import json
 import os
 import statistics
@@ -461,9 +460,11 @@ class Bench:
     def split_rows(self) -> None:
         """fls on triton with the base GEMM forced into the kernel ("fused") and into cuBLAS ("cublas", the split
         variant) at every layer, beside the size-class choice of the rows above. fe.attach has no base= option, so
-        the launchers' size-class table is overridden for the row (``forced_base``)."""
+        the launchers' size-class table is overridden for the row (``fusion_engine.kernels.testing.forced_base``)."""
+        from fusion_engine.kernels import testing
+
         for base in ("cublas", "fused"):
-            with forced_base(base), self.attach("fls", "triton"):
+            with testing.forced_base(base), self.attach("fls", "triton"):
                 self.row(f"fe fls triton, base forced {base!r} at every layer", self.call())
 
     def pool_rows(self, backend: str) -> None:
@@ -517,33 +518,6 @@ class Bench:
         if self.name == "sdxl":
             return f"transformer layers per block {self.model.config.transformer_layers_per_block} of (1, 2, 10)"
         return f"{self.model.config.num_layers}/19 double + {self.model.config.num_single_layers}/38 single blocks"
-
-
-class forced_base:
-    """Within the block, the FLS launchers put every layer's base GEMM where ``base`` says ("fused": in the Triton
-    kernel; "cublas": the split variant) instead of their size-class choice (``fusion_engine.kernels.utils.
-    fls_base_config``, read from its table at each plan miss); the launchers' plans, which keep the mode they were
-    made with, are dropped on entry and exit."""
-
-    def __init__(self, base: str):
-        self.utils = importlib.import_module("fusion_engine.kernels.utils")
-        self.plans = [importlib.import_module(f"fusion_engine.kernels.{name}")._PLANS
-                      for name in ("fls_linear", "pooled_fls_linear", "pooled_mix_linear")]
-        self.base, self.saved = base, None
-
-    def _reset(self, table: dict) -> None:
-        self.utils._FLS_BASE_TABLE.clear()
-        self.utils._FLS_BASE_TABLE.update(table)
-        for plans in self.plans:
-            plans.clear()
-
-    def __enter__(self):
-        self.saved = dict(self.utils._FLS_BASE_TABLE)
-        self._reset(dict.fromkeys(self.saved, self.base))
-        return self
-
-    def __exit__(self, *exc):
-        self._reset(self.saved)
 
 
 # ----------------------------------------------------------------------------- whole pipeline: FLS and FLS+LLR

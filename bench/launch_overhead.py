@@ -34,6 +34,7 @@ spread over them (an SDXL UNet spreads them over 560-700 layers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -107,6 +108,7 @@ class StandInDriver:
 driver.set_active(StandInDriver())
 
 import fusion_engine as fe  # noqa: E402
+import fusion_engine.kernels.testing as kernel_testing  # noqa: E402
 import fusion_engine.kernels.utils as kernel_utils  # noqa: E402
 from fusion_engine import kernels, ops  # noqa: E402
 
@@ -293,18 +295,14 @@ class Bench:
             self.add_module(name, model)
 
     def pair_case(self, name: str, policy: str, base: str | None = None):
-        saved = dict(kernel_utils._FLS_BASE_TABLE)
-        if base is not None:  # force the split / fused variant for every size class
-            kernel_utils._FLS_BASE_TABLE.update(dict.fromkeys(saved, base))
-        try:
+        # base: the split / fused variant forced for every size class, the module rows included (their calls pass no
+        # base=); the plans of the other variant dropped, so no module row replays one
+        with kernel_testing.forced_base(base) if base is not None else contextlib.nullcontext():
             self.add_attached(name, policy=policy, backend="triton")
             model, fusion = self.attached(policy=policy, backend="triton")
             with fusion:
                 layer = model.layers[0]
                 self.pair_op_rows(name, layer, policy, base)
-        finally:
-            kernel_utils._FLS_BASE_TABLE.clear()
-            kernel_utils._FLS_BASE_TABLE.update(saved)
 
     def pair_op_rows(self, name: str, layer, policy: str, base: str | None):
         rows, weight, bias = self.rows, layer.base.weight, layer.base.bias

@@ -71,6 +71,28 @@ def interpreter_bf16_dot():
 
 
 @contextlib.contextmanager
+def forced_base(base: str):
+    """While the block runs, the FLS launchers put every layer's base GEMM where ``base`` says ("fused": in the Triton
+    kernel; "cublas": the split variant) instead of their size-class choice (``utils.fls_base_config``, read from its
+    table at each plan miss). The launchers' plans, which keep the mode they were made with, are dropped on entry and
+    exit, so a call with ``base=None`` cannot replay a plan of the other mode (benchmarks compare the two)."""
+    from . import fls_linear, pooled_fls_linear, pooled_mix_linear
+
+    def reset(table: dict) -> None:
+        utils._FLS_BASE_TABLE.clear()
+        utils._FLS_BASE_TABLE.update(table)
+        for module in (fls_linear, pooled_fls_linear, pooled_mix_linear):
+            module._PLANS.clear()
+
+    saved = dict(utils._FLS_BASE_TABLE)
+    reset(dict.fromkeys(saved, base))
+    try:
+        yield
+    finally:
+        reset(saved)
+
+
+@contextlib.contextmanager
 def poisoned_outputs():
     """NaN-fill (0x5A for integers) every buffer the launchers allocate while the block runs."""
     before = utils.POISON_OUTPUTS

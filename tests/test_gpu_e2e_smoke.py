@@ -89,21 +89,3 @@ def test_gpu_e2e_llr_row_out_of_memory_retries_with_checkpointing(tmp_path, monk
     else:
         assert row["ms_per_call"] is None and row["note"].startswith("failed: OutOfMemoryError")
 
-
-def test_gpu_e2e_forced_base_overrides_the_size_class_choice_and_restores_it(monkeypatch):
-    """The split rows' override reaches the launchers' choice (base_mode with base=None) and their plans, and undoes
-    both (on main it looked for fls_base_config in the wrong module, so a GPU run skipped both rows)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import gpu_e2e
-
-    from fusion_engine.kernels import fls_linear, utils
-
-    shapes = [(8192, 640, 640), (4608, 3072, 3072)]
-    before = [utils.base_mode(None, *shape, "test") for shape in shapes]
-    assert set(before) == {"fused", "cublas"}  # the size classes choose differently, so the override shows
-    fls_linear._PLANS["stale"] = object()
-    for base in ("fused", "cublas"):
-        with gpu_e2e.forced_base(base):
-            assert [utils.base_mode(None, *shape, "test") for shape in shapes] == [base, base]
-            assert not fls_linear._PLANS  # a plan made with the old mode would replay it
-        assert [utils.base_mode(None, *shape, "test") for shape in shapes] == before

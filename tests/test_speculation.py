@@ -67,3 +67,22 @@ def test_forced_wrong_guesses_reach_the_kernel_and_leave_the_output_bitwise_equa
             assert all(torch.equal(guess, choice) for (guess, _), choice in zip(calls, decisions))
             buffers = [b for layer in fusion.layers for b in guess_buffers(layer)]
             assert len(buffers) == 2 and all(torch.equal(b, c) for b, c in zip(buffers, decisions))
+
+
+def test_forced_base_overrides_the_size_class_choice_and_drops_the_plans():
+    """kernels.testing.forced_base, which the benchmarks' forced-base rows use: inside it every size class takes the
+    forced base (what a call with base=None gets) and no plan of the other mode is left to replay; after it, the
+    choice and no stale plan."""
+    from fusion_engine.kernels import fls_linear, pooled_fls_linear, testing, utils
+
+    shapes = [(8192, 640, 640), (4608, 3072, 3072)]
+    before = [utils.base_mode(None, *shape, "test") for shape in shapes]
+    assert set(before) == {"fused", "cublas"}  # the size classes choose differently, so the override shows
+    for base in ("fused", "cublas"):
+        fls_linear._PLANS["stale"] = pooled_fls_linear._PLANS["stale"] = object()
+        with testing.forced_base(base):
+            assert [utils.base_mode(None, *shape, "test") for shape in shapes] == [base, base]
+            assert not fls_linear._PLANS and not pooled_fls_linear._PLANS
+            fls_linear._PLANS["made inside"] = object()
+        assert [utils.base_mode(None, *shape, "test") for shape in shapes] == before
+        assert not fls_linear._PLANS
