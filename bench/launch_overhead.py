@@ -125,16 +125,22 @@ _PREV_CHOICE = "prev_choice" if "prev_choice" in inspect.signature(ops.fls_linea
 _PLAN_MODULES = ("fls_linear", "mix_linear", "pooled_fls_linear", "pooled_mix_linear")
 
 
-def _launches(call, inputs) -> list:
-    """The launches ``call()`` makes, each as (launcher, grid, stream, metadata, args) with every tensor argument
-    written as (shape, stride, dtype, which input it is or "scratch/output")."""
+def _recorded(call) -> list:
+    """The launches ``call()`` makes, as the stand-in launcher received them: (launcher, grid, stream, metadata,
+    args)."""
     global RECORDED
     RECORDED = []
     try:
         call()
-        launches = RECORDED
+        return RECORDED
     finally:
         RECORDED = None
+
+
+def _launches(call, inputs) -> list:
+    """The launches ``call()`` makes (``_recorded``) with every tensor argument written as (shape, stride, dtype,
+    which input it is or "scratch/output")."""
+    launches = _recorded(call)
     by_pointer = {t.data_ptr(): i for i, t in enumerate(inputs)}
 
     def describe(arg):
@@ -171,15 +177,9 @@ def stand_in_cost(cases, repeats: int = 2000) -> dict:
     """{launcher row name: (launches per call, microseconds per call the stand-in launcher itself spends)}: the
     launcher rows include the stand-in's Python loop over the arguments, which Triton's CUDA launcher runs in C, so
     this is what a reader may subtract from them (an upper bound on what the real launcher costs for it)."""
-    global RECORDED
     costs = {}
     for name, call, _ in cases:
-        RECORDED = []
-        try:
-            call()
-            recorded = RECORDED
-        finally:
-            RECORDED = None
+        recorded = _recorded(call)
         start = time.process_time()
         for _ in range(repeats):
             for launcher, grid, stream, packed, args in recorded:
