@@ -7,7 +7,9 @@
 # OUT/checkpoint-<subject|style>-<step>/resume_state.pt, the newest two kept; training/toy/resume.py), and a stage
 # passes --resume to its trainer when OUT holds one (the base also when OUT/vae_only/ holds a finished VAE), which
 # then ends with the same weights as a run never stopped; judges already trained with these steps are kept. The
-# gates stage is rerun whole. Rerun with the same SMOKE setting: a resume with other arguments is refused.
+# gates stage keeps each calibration and the kept gates' JSON written after the weights, and gate 8's eval rows
+# (OUT/fusion_gate); gate 7 is sampled again. Rerun with the same SMOKE setting: a resume with other arguments is
+# refused.
 #
 # Time, estimated from the first world's measured per-step times on this 2-core CPU (weights/CARD.md: UNet 2.19
 # s/step at batch 32 on 2 threads, a LoRA 0.55 s/step on 1 thread, judges 10 min, VAE 3 min, ~0.8 s of CPU per
@@ -79,14 +81,22 @@ fi
 
 if [[ $stage == all || $stage == gates ]]; then
   echo "$(stamp) gates start" >> "$out/logs/times.txt"
+  # done FILE: FILE was written (each tool writes its JSON last) after the weights it measures, so a gates stage
+  # stopped by the end of a session keeps its finished steps when rerun
+  done_() { [[ -s $out/$1 && $out/$1 -nt $out/unet.safetensors && $out/$1 -nt $out/style_zzt_kohya.safetensors \
+             && $out/$1 -nt $out/subject_sks_mushroom_peft.safetensors ]]; }
   # 1. calibration on the base's own images of seen combinations, then the held-out ones (base composition)
   for combos in seen held; do
+    if done_ "calibration_$combos.json"; then echo "$(stamp) calibration_$combos.json kept" >> "$out/logs/times.txt"
+      continue; fi
     $python -m training.toy.calibrate --world v2 --weights "$out" --combos $combos --seeds $seeds $sampler \
       --threads 2 --out "$out/calibration_$combos.json" 2>&1 | tee "$out/logs/calibration_$combos.log"
   done
   # 2. the five kept gates (their measure_gates run; the base under the subject and style prompts too)
-  $python -m training.toy.measure_gates --weights "$out" --seeds $gate_seeds --all-base --threads 2 \
-    2>&1 | tee "$out/logs/gates.log" || true
+  if done_ gates.json; then echo "$(stamp) gates.json kept" >> "$out/logs/times.txt"; else
+    $python -m training.toy.measure_gates --weights "$out" --seeds $gate_seeds --all-base --threads 2 \
+      2>&1 | tee "$out/logs/gates.log" || true
+  fi
   # 3. the new gates: base and subject composition, fusion reachable (full strength; the spec's scale grid only
   #    if no policy reaches 30%; the best cell again on fresh seeds), symmetric LoRAs -> OUT/gates_v2.json
   $python -m training.toy.measure_gates_v2 --weights "$out" $v2_flags --threads 2 2>&1 | tee "$out/logs/gates_v2.log" \

@@ -40,7 +40,7 @@ def same(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def unet_run(out: Path, resume=None, stop_after=None):
+def unet_run(out: Path, resume=None, stop_after=None, noise_offset=0.0):
     from diffusers import AutoencoderKL
 
     from fusion_engine.worlds.toy import configs
@@ -52,7 +52,8 @@ def unet_run(out: Path, resume=None, stop_after=None):
     vae = AutoencoderKL(**configs.VAE)
     record = {"settings": {"steps": 4, "batch": 2}, "vae_sha256": "-"}
     models = train_base.train_unet(vae, latents, captions, 4, 0, out, batch=2, checkpoint_every=2,
-                                   stop_after=stop_after, recipe=recipe, record=record, resume=resume)
+                                   stop_after=stop_after, recipe=recipe, record=record, resume=resume,
+                                   noise_offset=noise_offset)
     names = ("unet", "text_encoder", "ema_unet", "ema_text_encoder")
     return {f"{name}.{k}": v.clone() for name, model in zip(names, models[:4]) for k, v in model.state_dict().items()}
 
@@ -77,6 +78,73 @@ def test_unet_phase_resumed_after_a_checkpoint_or_a_stop_gives_the_same_weights_
     _, state = resuming.load_latest(tmp_path / "stopped", train_base.PREFIX, {"steps": 4, "batch": 2})
     scramble_rngs()
     assert same(straight, unet_run(tmp_path / "stopped", resume=state)) == []
+
+
+def test_a_branched_run_starts_from_the_parent_state_with_its_own_settings_and_resumes_bitwise(tmp_path):
+    """Run 3 of the second world branches from run 2's state with offset noise: the branch differs from the parent
+    carried on, and a branch stopped and resumed from its own state ends as the branch run straight."""
+    parent = unet_run(tmp_path / "parent")
+    path = resuming.states(tmp_path / "parent", train_base.PREFIX)[0][1]
+
+    def fork():  # loaded afresh for each run, as each process does (a run steps its optimizer state in place)
+        return torch.load(path, weights_only=True)
+
+    assert fork()["step"] == 2
+    branch = unet_run(tmp_path / "branch", resume=fork(), noise_offset=0.1)
+    assert same(parent, branch)  # offset noise from step 2 on: other weights
+    assert same(parent, unet_run(tmp_path / "carried", resume=fork())) == []  # the fork itself is the parent's
+    stopped = unet_run(tmp_path / "stopped", resume=fork(), stop_after=3, noise_offset=0.1)
+    assert same(branch, stopped)
+    _, own = resuming.load_latest(tmp_path / "stopped", train_base.PREFIX, {"steps": 4, "batch": 2})
+    assert own["step"] == 3
+    scramble_rngs()
+    assert same(branch, unet_run(tmp_path / "stopped", resume=own, noise_offset=0.1)) == []
+
+
+def test_offset_noise_adds_one_mean_per_image_and_channel_and_draws_nothing_when_off():
+    from types import SimpleNamespace
+
+    common = importlib.import_module("training.toy.common")
+    seen = []
+
+    class Echo(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            seen.append(x)
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    alphas, x0 = torch.zeros(1000), torch.zeros(256, 4, 16, 16)  # alpha-bar 0: the model sees the noise alone
+    for offset in (0.0, 0.5):
+        common.diffusion_loss(Echo(), x0, None, torch.Generator().manual_seed(0), alphas, min_snr=None,
+                              noise_offset=offset)
+    plain, offset = seen
+    assert torch.equal(plain, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))  # the old stream
+    shift = offset - plain
+    means = shift[..., :1, :1]
+    assert torch.allclose(shift, means.expand_as(shift), atol=1e-6)  # one constant per image and channel
+    assert 0.4 < float(means.std()) < 0.6
+
+
+def test_branch_from_is_refused_without_its_state_or_the_parent_vae(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / resuming.STATE_FILE
+    for argv, expected in (([*BASE_ARGS, "--branch-from", str(missing)], str(missing)),):
+        with pytest.raises(SystemExit):
+            train_base.main([*argv, "--out", str(tmp_path / "run")])
+        assert expected in capsys.readouterr().err
+    resuming.save_state(tmp_path / "parent", train_base.PREFIX, 4, {"step": 4, "settings": {}})
+    state = tmp_path / "parent" / "checkpoint-4" / resuming.STATE_FILE
+    with pytest.raises(SystemExit):
+        train_base.main([*BASE_ARGS, "--branch-from", str(state), "--out", str(tmp_path / "run")])
+    assert str(tmp_path / "run" / "vae_only") in capsys.readouterr().err
+
+
+def test_a_setting_added_later_is_left_out_at_its_default_so_older_states_still_resume(monkeypatch, tmp_path):
+    captured = {}
+    monkeypatch.setattr(train_base, "train", lambda args, _out: captured.setdefault("args", args) and 0)
+    train_base.main([*BASE_ARGS, "--out", str(tmp_path)])
+    assert "noise_offset" not in resuming.run_settings(captured["args"])
+    captured.clear()
+    train_base.main([*BASE_ARGS, "--out", str(tmp_path), "--noise-offset", "0.1"])
+    assert resuming.run_settings(captured["args"])["noise_offset"] == 0.1
 
 
 def lora_run(world, out: Path, resume=None, stop_after=None):

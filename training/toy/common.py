@@ -35,10 +35,18 @@ def alphas_cumprod() -> torch.Tensor:
     return DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "timestep_spacing"}).alphas_cumprod
 
 
-def diffusion_loss(unet, x0, context, generator, alphas, min_snr: float | None = 5.0) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniform random timesteps, optionally Min-SNR-gamma weighted (Hang et al. 2023)."""
+def diffusion_loss(unet, x0, context, generator, alphas, min_snr: float | None = 5.0,
+                   noise_offset: float = 0.0) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniform random timesteps, optionally Min-SNR-gamma weighted (Hang et al. 2023).
+
+    ``noise_offset`` > 0 adds ``noise_offset * N(0, 1)`` per image and channel to the noise (offset noise, as
+    diffusers' ``--noise_offset`` and SDXL's training): the noise then carries a random per-channel mean, so the
+    model stops reading an image's mean colour from the starting noise's mean and takes it from the prompt. With
+    0 nothing extra is drawn, so earlier runs' random streams are unchanged."""
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=generator)
     t = torch.randint(0, len(alphas), (batch,), generator=generator)
     a = alphas[t].view(-1, 1, 1, 1)
     prediction = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample

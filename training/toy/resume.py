@@ -30,12 +30,16 @@ STATE_FILE = "resume_state.pt"
 KEEP = 2  # resume states kept per prefix (the newest ones)
 # Settings a run may change when it resumes: where it stops, how often it checkpoints, the folder, the role filter.
 NOT_COMPARED = ("resume", "out", "stop_after", "checkpoint_every", "only")
+# Settings added after states were written: left out of the record at their default, so those states still resume.
+ADDED_LATER = {"noise_offset": 0.0, "branch_from": None}
 
 
 def run_settings(args, **extra) -> dict:
     """The settings a resume state records and a resumed run must repeat: the command line's, less
-    ``NOT_COMPARED``, and ``extra`` (what the trainer fixes in code: learning rate, EMA decay, role)."""
-    return {**{k: v for k, v in sorted(vars(args).items()) if k not in NOT_COMPARED}, **extra}
+    ``NOT_COMPARED`` and any ``ADDED_LATER`` at its default, and ``extra`` (what the trainer fixes in code:
+    learning rate, EMA decay, role)."""
+    return {**{k: v for k, v in sorted(vars(args).items())
+               if k not in NOT_COMPARED and not (k in ADDED_LATER and v == ADDED_LATER[k])}, **extra}
 
 
 def file_digest(path: Path) -> str:

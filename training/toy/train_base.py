@@ -6,10 +6,12 @@ combinations, a world-sized vocabulary).
 Resumable (``training/toy/resume.py``): every checkpoint (``--checkpoint-every``) and the last step write
 ``OUT/checkpoint-<step>/resume_state.pt``; ``--resume`` continues the UNet phase from the newest one, with the
 VAE that ``OUT/vae_only/`` holds (a VAE trained and recorded there is reused even before the first UNet state),
-and gives the same weights as a run never stopped (same ``--threads``).
+and gives the same weights as a run never stopped (same ``--threads``). ``--branch-from STATE`` starts a new run
+from another run's state instead (run 3 of the second world: run 2's step-2000 state, with offset noise), and
+every state and ``times_base.json`` record where it branched.
 
     python -m training.toy.train_base --out toy_weights [--world v1|v2] [--steps 1000] [--vae-steps 400]
-        [--batch 32] [--stop-after N] [--resume]
+        [--batch 32] [--stop-after N] [--resume] [--noise-offset 0.1] [--branch-from STATE]
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fusion_engine.errors import OptionError
+from fusion_engine.errors import InputFileNotFoundError, OptionError
 from fusion_engine.worlds.toy import configs
 from fusion_engine.worlds.toy import data as v1
 
@@ -125,10 +127,12 @@ UNET_LR, UNET_EMA = 1e-3, 0.995
 
 def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: int = 64, lr: float = UNET_LR,
                ema_decay: float = UNET_EMA, checkpoint_every: int = 400, stop_after: int | None = None,
-               recipe: dict | None = None, record: dict | None = None, resume: dict | None = None):
+               recipe: dict | None = None, record: dict | None = None, resume: dict | None = None,
+               noise_offset: float = 0.0):
     """``steps`` sets the learning-rate schedule; ``stop_after`` ends the run early (the schedule unchanged).
     Each checkpoint and the last step write a resume state with ``record`` in it (``{"settings": ...}``: what a
-    resumed run must repeat); ``resume``, such a state, continues its run."""
+    resumed run must repeat); ``resume``, such a state, continues its run (or, branched, another run's).
+    ``noise_offset``: ``common.diffusion_loss``'s."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -169,7 +173,8 @@ def train_unet(vae, latents, captions, steps: int, seed: int, out: Path, batch: 
     start = time.perf_counter()
     for step in range(first, end):
         index = torch.randint(len(latents), (batch,), generator=generator)
-        loss = diffusion_loss(unet, latents[index], text_encoder(ids[index])[0], generator, alphas)
+        loss = diffusion_loss(unet, latents[index], text_encoder(ids[index])[0], generator, alphas,
+                              noise_offset=noise_offset)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -209,12 +214,36 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=400)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest resume state in --out (same arguments; refused otherwise)")
+    parser.add_argument("--noise-offset", type=float, default=0.0,
+                        help="offset noise (common.diffusion_loss): 0 off; diffusers' --noise_offset suggests 0.1")
+    parser.add_argument("--branch-from", default=None, metavar="STATE",
+                        help="start the UNet phase from another run's resume state (its weights, EMA, optimizer, "
+                             "schedule, step and RNG) with this run's settings; --out must hold that run's "
+                             "vae_only/. Recorded in every state and in times_base.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         return train(args, out)
     except OptionError as error:
         parser.error(str(error))
+
+
+def branch_state(path: Path, args, out: Path, vae_settings: dict) -> tuple[dict, dict]:
+    """Another run's resume state, to start this run's UNet phase from (``--branch-from``), and the record of it:
+    ``{"state", "step", "sha256", "settings"}`` (the parent's settings, so that what changed stays visible)."""
+    if not path.is_file():
+        raise InputFileNotFoundError(f"{path}: --branch-from names no resume state")
+    if load_vae(out / "vae_only", vae_settings) is None:
+        raise OptionError(f"{out / 'vae_only'}: --branch-from needs the parent run's finished VAE there (copy its "
+                          "vae_only/ folder)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["step"] >= args.steps:
+        raise OptionError(f"{path}: the state is at step {state['step']}, not before this run's end ({args.steps})")
+    changed = {k: [state["settings"].get(k), v] for k, v in resuming.run_settings(args).items()
+               if state["settings"].get(k) != v and k != "branch_from"}
+    log(f"branching from {path} (step {state['step']}); settings changed (there, here): {changed}")
+    return state, {"state": str(path), "step": state["step"], "sha256": resuming.file_digest(path),
+                   "settings": state["settings"]}
 
 
 def train(args, out: Path) -> int:
@@ -234,6 +263,10 @@ def train(args, out: Path) -> int:
                               f"(--stop-after {args.stop_after})")
     else:
         resuming.discard_states(out, PREFIX)
+    branched = None
+    if resume is None and args.branch_from:
+        resume, branched = branch_state(Path(args.branch_from), args, out, vae_settings)
+        reused = load_vae(out / "vae_only", vae_settings)
     recipe = world_recipe(args.world)
     images, captions = recipe["base_dataset"](seed=args.seed)
     log(f"base data ({args.world}): {len(images)} images, e.g. {captions[-1]!r}")
@@ -255,8 +288,10 @@ def train(args, out: Path) -> int:
     unet, text_encoder, ema_unet, ema_text, unet_s = train_unet(vae, latents, captions, args.steps, args.seed, out,
                                                                 batch=args.batch, stop_after=args.stop_after,
                                                                 checkpoint_every=args.checkpoint_every, recipe=recipe,
-                                                                resume=resume, record={
-                                                                    "settings": settings, "vae_sha256": vae_digest})
+                                                                resume=resume, noise_offset=args.noise_offset,
+                                                                record={"settings": settings, "vae_sha256": vae_digest,
+                                                                        "branched_from": branched or (
+                                                                            resume or {}).get("branched_from")})
     log(f"unet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params) + text encoder trained in "
         f"{unet_s:.0f} s")
     save_base(out / "raw", vae, unet, text_encoder, recipe)
@@ -264,6 +299,8 @@ def train(args, out: Path) -> int:
     (out / "times_base.json").write_text(json.dumps({"vae_s": round(vae_s), "unet_s": round(unet_s),
                                                      "steps": args.steps, "stop_after": args.stop_after,
                                                      "vae_steps": args.vae_steps, "world": args.world,
+                                                     "noise_offset": args.noise_offset,
+                                                     "branched_from": branched or (resume or {}).get("branched_from"),
                                                      "resumed_from": resume and resume["step"]}))
     log(f"saved to {out} (EMA weights; the raw last step in {out / 'raw'})")
     return 0

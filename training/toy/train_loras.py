@@ -26,7 +26,7 @@ stopped (same ``--threads``).
 
     python -m training.toy.train_loras --out toy_weights [--steps 500] [--batch 8] [--lr 2e-3] [--only subject|style]
         [--rank 8] [--targets attention|attention+ff|all] [--cosine] [--ema 0.999] [--world v1|v2] [--alpha A]
-        [--stop-after N] [--checkpoint-every 400] [--resume]
+        [--stop-after N] [--checkpoint-every 400] [--resume] [--noise-offset 0.1]
 """
 from __future__ import annotations
 
@@ -124,12 +124,12 @@ def encode(world, images, captions):
 
 
 def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, batch=16, prior_share=0.5,
-               cosine=False, ema_decay=0.0, stop_after=None, checkpoint=None, resume=None):
+               cosine=False, ema_decay=0.0, stop_after=None, checkpoint=None, resume=None, noise_offset=0.0):
     """Train one LoRA; ``ema_decay`` > 0 returns the factors' exponential moving average (with the base's
     warm-up, ``min(decay, (1 + step) / (10 + step))``) instead of the last step's. ``stop_after`` ends the run
     early (the schedule still the one of ``steps``). ``checkpoint``: ``{"out", "prefix", "every", "record"}``,
     where and how often resume states are written (and at the last step), ``record`` in each;
-    ``resume``, such a state, continues its run."""
+    ``resume``, such a state, continues its run. ``noise_offset``: ``common.diffusion_loss``'s."""
     from fusion_engine.lora import LoRA, LoRALayer
 
     torch.manual_seed(seed)
@@ -166,7 +166,7 @@ def train_lora(world, data, prior, *, rank, alpha, steps, seed, lr, targets, bat
         prior_index = torch.randint(len(prior_latents), (n_prior,), generator=generator)
         x0 = torch.cat([latents[index], prior_latents[prior_index]])
         ctx = torch.cat([context[index], prior_context[prior_index]])
-        loss = diffusion_loss(unet, x0, ctx, generator, alphas, min_snr=None)
+        loss = diffusion_loss(unet, x0, ctx, generator, alphas, min_snr=None, noise_offset=noise_offset)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=400, help="steps between resume states")
     parser.add_argument("--resume", action="store_true",
                         help="continue each LoRA from its newest resume state in --out (same arguments and base)")
+    parser.add_argument("--noise-offset", type=float, default=0.0,
+                        help="offset noise (common.diffusion_loss), as the base was trained with")
     args = parser.parse_args(argv)
     try:
         return train(args, Path(args.out))
@@ -266,13 +268,14 @@ def train(args, out: Path) -> int:
                                    steps=args.steps, seed=args.seed + train_seed,
                                    lr=args.lr, targets=args.targets, batch=args.batch, prior_share=args.prior_share,
                                    cosine=args.cosine, ema_decay=args.ema, stop_after=args.stop_after,
-                                   checkpoint=checkpoint, resume=resume)
+                                   checkpoint=checkpoint, resume=resume, noise_offset=args.noise_offset)
         save_lora(lora, out / file, layout=layout)
         (out / f"times_{role}.json").write_text(json.dumps({"seconds": round(seconds), "steps": args.steps,
                                                             "batch": args.batch, "lr": args.lr,
                                                             "prior_share": args.prior_share, "rank": args.rank,
                                                             "targets": args.targets, "cosine": args.cosine,
                                                             "ema": args.ema, "world": args.world,
+                                                            "noise_offset": args.noise_offset,
                                                             "alpha": lora.alphas(), "stop_after": args.stop_after,
                                                             "resumed_from": resume and resume["step"]}))
         log(f"{role} LoRA: {len(images)} images, {args.steps} steps, {seconds:.0f} s")
