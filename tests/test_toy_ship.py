@@ -34,10 +34,10 @@ def fake_out(folder: Path) -> Path:
     folder.mkdir()
     for index, name in enumerate(ship.WEIGHT_FILES):
         _weights(folder / name, index)
-    kept = {gate["id"]: _gate(0.9) for gate in SPEC["gates"] if gate.get("kept_from") == "v1"}
-    gates = {gate["id"]: _gate([0.5, 0.4, 0.6]) for gate in SPEC["gates"]}
-    gates.update(kept, judges_agree=_gate({"clip": {"subject": True, "style": True}, "dino": {"subject": True,
-                                                                                               "style": True}}))
+        (folder / name).chmod(0o600)  # as the trainers' files are
+    gates = {gate["id"]: _gate(0.9 if gate.get("kept_from") else [0.5, 0.4, 0.6]) for gate in SPEC["gates"]}
+    gates["judges_agree"] = _gate({"clip": {"subject": True, "style": True}, "dino": {"subject": True, "style": True}})
+    kept = {gate["id"]: gates[gate["id"]] for gate in SPEC["gates"] if gate.get("kept_from") == "v1"}
     gates["fusion_reachable"].update(value={"best": {"pair": "sks-mushroom_zzt@1x1", "policy": "klora",
                                                      "joint": [0.42, 0.3, 0.56],
                                                      "confirmed_on_fresh_seeds": [0.38, 0.26, 0.5]}},
@@ -108,6 +108,10 @@ def test_ships_exactly_the_shippable_files_and_a_card_written_from_them(tmp_path
                  "| `unet.safetensors` | 0.00 M | F16/F32 |"):
         assert text in card, text
     assert "checkpoint" not in " ".join(p.name for p in dest.iterdir())
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~mask  # not the staging folder's 0700
+    assert {p.stat().st_mode & 0o777 for p in dest.iterdir()} == {0o666 & ~mask}  # not a trainer's 0600
     assert "shipped" in capsys.readouterr().out
 
 
@@ -138,7 +142,7 @@ def test_refused_unless_every_fixed_gate_passed(tmp_path, capsys, edit):
         del result["gates"]["fusion_reachable"]
     else:
         kept = json.loads((out / "gates.json").read_text())
-        kept["gates"]["style_only_carries_style"]["pass"] = False
+        kept["gates"]["style_only_carries_style"]["value"] = 0.85  # measured on other files than gates_v2.json's
         (out / "gates.json").write_text(json.dumps(kept))
     (out / "gates_v2.json").write_text(json.dumps(result))
     assert ship.main([str(out), "--dest", str(dest), "--run", str(RUN["run"])]) == 2
@@ -210,7 +214,7 @@ def test_a_failure_mid_copy_leaves_the_old_destination_intact(tmp_path):
         if len(copied) == 3:
             raise OSError(28, "No space left on device")
         copied.append(target)
-        return ship.shutil.copy2(source, target)
+        return ship.shutil.copyfile(source, target)
 
     with pytest.raises(OSError, match="No space"):
         ship.install(out, dest, card, copy=failing_copy)

@@ -1,7 +1,12 @@
 """The trained toy world: its transparent measures behave as defined on renders, it loads from the shipped
 files, the shipped validity gates file is consistent (whatever its verdicts) and a small recomputation
-reproduces its per-seed numbers."""
+reproduces its per-seed numbers. Either world may be shipped: the first (v1) or the second (v2, whose
+base_config.json says so); the second ships only with every gate of gates_v2.json passed, which is checked here
+against the shipped files (training/toy/ship.py is the one way it gets there)."""
+import importlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +25,19 @@ from fusion_engine.worlds.toy.data import (
     render,
     silhouette,
 )
-from fusion_engine.worlds.toy.world import GATES_FILE, WEIGHTS, toy_weights_present
+from fusion_engine.worlds.toy.world import GATES_FILE, WEIGHTS, toy_weights_present, world_measures
 
+ROOT = Path(__file__).resolve().parents[1]
 shipped = pytest.mark.skipif(not toy_weights_present(), reason="toy world weights not in the package")
+
+
+def _shipped_world() -> str:
+    config = WEIGHTS / "base_config.json"
+    return json.loads(config.read_text()).get("world", "v1") if config.is_file() else "v1"
+
+
+shipped_v2 = pytest.mark.skipif(not toy_weights_present() or _shipped_world() != "v2",
+                                reason="the second toy world is not the one in the package")
 
 
 # -- transparent measures on renders ----------------------------------------------------------------------
@@ -68,10 +83,14 @@ def test_world_loads_from_the_shipped_files():
     assert subject.layout == "peft" and style.layout == "kohya"
     targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # the trainer's attention+ff
     assert len(subject.layers) == 100 and all(name.endswith(targets) for name in subject.layers)
-    convs = set(style.layers) - set(subject.layers)  # the style's --targets all: and every resnet's conv1/conv2
-    assert set(subject.layers) < set(style.layers) and len(convs) == 22
-    assert all(".resnets." in name and name.endswith(("conv1", "conv2")) and style.layers[name].is_conv
-               for name in convs)
+    if _shipped_world() == "v2":  # one recipe for both LoRAs (gate 9): the same rank on the same 100 layers
+        assert set(style.layers) == set(subject.layers) and subject.ranks() == style.ranks()
+        assert len(world.pipe.tokenizer) == world.pipe.text_encoder.config.vocab_size < 1000  # world vocabulary
+    else:
+        convs = set(style.layers) - set(subject.layers)  # the style's --targets all: and every resnet's conv1/conv2
+        assert set(subject.layers) < set(style.layers) and len(convs) == 22
+        assert all(".resnets." in name and name.endswith(("conv1", "conv2")) and style.layers[name].is_conv
+                   for name in convs)
     clip, dino = load_judges()
     image = torch.from_numpy(render(SUBJECT_SHAPE, HELD_STYLE)).permute(2, 0, 1)[None]
     assert clip(image).shape[0] == 1 and dino(image).shape[0] == 1
@@ -120,17 +139,20 @@ def test_a_small_recomputation_reproduces_the_shipped_per_seed_scores():
             np.testing.assert_allclose(scores[metric], per_seed[name][metric][:4], atol=0.05, err_msg=name)
         shipped_iou = np.array(per_seed[name]["subject_iou"][:4])
         clear = np.abs(shipped_iou - measures.SUBJECT_THRESHOLD) > 0.05
-        recognised = measures.recognised_as_subject(images)
+        recognised = world_measures().recognised_as_subject(images)  # the shipped world's rivals
         assert (recognised[clear] == np.array(per_seed[name]["recognised"][:4], bool)[clear]).all(), name
 
 
-def _measure_gates(seeds):
-    import importlib
-    import sys
-    from pathlib import Path
+def _training(module):
+    sys.path.insert(0, str(ROOT))  # training/ lives beside the package
+    return importlib.import_module(f"training.toy.{module}")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ lives beside the package
-    return importlib.import_module("training.toy.measure_gates").measure(WEIGHTS, seeds)
+
+def _measure_gates(seeds):
+    """measure_gates on the shipped weights, with the base sets the shipped gates.json has (the second world's
+    script measures the base under all three prompts, --all-base)."""
+    all_base = "base_subject_prompt" in _gates()["per_seed"]
+    return _training("measure_gates").measure(WEIGHTS, seeds, all_base=all_base)
 
 
 @shipped
@@ -157,6 +179,71 @@ def test_full_gates_recomputed_match_the_shipped_verdicts():
     shipped_gates = _gates()["gates"]
     for name, gate in result["gates"].items():
         assert gate["pass"] == shipped_gates[name]["pass"], (name, gate, shipped_gates[name])
+
+
+def _gates_v2():
+    return json.loads((WEIGHTS / "gates_v2.json").read_text())
+
+
+@shipped_v2
+def test_shipped_second_world_passes_every_fixed_gate_and_its_verdicts_follow_from_the_shipped_files():
+    """The rule fixed before training: the second world ships only if all nine gates pass. The verdicts of the
+    gates that need no sampling are recomputed here by training/toy/measure_gates_v2.py's own code from the
+    shipped calibration, gates.json, recipes and LoRA files (the delta norms of gate 9 from the weights)."""
+    from fusion_engine.worlds.toy.world import load_toy_world
+
+    gates_v2, spec = _gates_v2(), json.loads((ROOT / "training" / "toy" / "gates_v2_spec.json").read_text())
+    got = gates_v2["gates"]
+    assert [(g["id"], g["need"]) for g in gates_v2["spec"]["gates"]] == [(g["id"], g["need"]) for g in spec["gates"]]
+    assert list(got) == [g["id"] for g in spec["gates"]]
+    assert gates_v2["all_pass"] is True and all(gate["pass"] is True for gate in got.values())
+    v2_gates, norms = _training("measure_gates_v2"), _training("lora_norms")
+    assert v2_gates.kept_gates(WEIGHTS) == {name: got[name] for name in v2_gates.KEPT}
+    assert _gates()["all_pass"] is True
+    assert v2_gates.base_composition(WEIGHTS) == got["base_composition"]
+    assert v2_gates.symmetric_loras(WEIGHTS) == got["symmetric_loras"]
+    calibration = json.loads((WEIGHTS / "calibration_seen.json").read_text())
+    need = v2_gates.SUBJECT_COMPOSITION * calibration["rates"]["style_decision"][0]
+    assert got["subject_composition"]["need"].endswith(f"= {need:.4f}, R_style > 0") and need > 0
+    assert got["subject_composition"]["value"][0] >= need
+    best = got["fusion_reachable"]["value"]["best"]
+    assert best["joint"][0] >= v2_gates.FUSION and best["confirmed_on_fresh_seeds"][0] >= v2_gates.FUSION
+    world = load_toy_world()
+    recomputed = norms.compare(norms.delta_norms(world.subject()), norms.delta_norms(world.style()))["summary"]
+    shipped_norms = json.loads((WEIGHTS / "lora_norms.json").read_text())["summary"]
+    assert recomputed["layers"] == shipped_norms["layers"]
+    for role in ("subject", "style"):
+        assert recomputed["total_norm"][role] == pytest.approx(shipped_norms["total_norm"][role], rel=1e-3)
+
+
+@shipped_v2
+def test_shipped_second_world_card_describes_these_files():
+    """CARD.md is training/toy/ship.py's, written from the shipped JSONs: its file table's hashes are the files'."""
+    import hashlib
+
+    card = (WEIGHTS / "CARD.md").read_text()
+    assert "passes every gate fixed before training" in card and "(these files)" in card
+    for name in ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors",
+                 "subject_sks_mushroom_peft.safetensors", "style_zzt_kohya.safetensors"):
+        digest = hashlib.sha256((WEIGHTS / name).read_bytes()).hexdigest()[:16]
+        assert f"| `{name}` |" in card and f"`{digest}`" in card, name
+
+
+@pytest.mark.slow
+@shipped_v2
+def test_subject_composition_recomputed_matches_the_shipped_gate():
+    """Gate 7 sampled again in full (8 styles x 25 seeds): its joint rate within a tolerance for another
+    machine's float sums, and the same verdict where the shipped rate is clear of the need."""
+    from fusion_engine.worlds.toy.world import load_toy_world
+
+    shipped_gate, v2_gates = _gates_v2()["gates"]["subject_composition"], _training("measure_gates_v2")
+    result = v2_gates.subject_composition(load_toy_world(), WEIGHTS, 25, 20)
+    assert result["need"] == shipped_gate["need"]
+    assert result["value"][0] == pytest.approx(shipped_gate["value"][0], abs=0.05)
+    calibration = json.loads((WEIGHTS / "calibration_seen.json").read_text())
+    need = v2_gates.SUBJECT_COMPOSITION * calibration["rates"]["style_decision"][0]
+    if abs(shipped_gate["value"][0] - need) > 0.05:
+        assert result["pass"] == shipped_gate["pass"]
 
 
 @shipped

@@ -96,10 +96,10 @@ def check_gates(out: Path, jsons: dict, spec: dict) -> None:
                           + ". The second world ships only if every gate passes (training/toy/GATES_V2.md); "
                           "nothing was written")
     kept = jsons["gates.json"]
-    for name, gate in kept.get("gates", {}).items():
-        if name in gates and gates[name].get("pass") != gate.get("pass"):
-            raise OptionError(f"{out / 'gates.json'}: gate {name} says pass={gate.get('pass')}, gates_v2.json "
-                              f"says {gates[name].get('pass')}: measured on other files?")
+    for name, gate in kept.get("gates", {}).items():  # measure_gates_v2 copies the five kept gates verbatim
+        if name in gates and gates[name] != gate:
+            raise OptionError(f"{out / 'gates.json'}: gate {name} is {json.dumps(gate)}, gates_v2.json has "
+                              f"{json.dumps(gates[name])}: measured on other files?")
     if kept.get("all_pass") is not True:
         raise OptionError(f"{out / 'gates.json'}: \"all_pass\" is {json.dumps(kept.get('all_pass'))}")
 
@@ -176,6 +176,13 @@ def _ci(value) -> str:
     if isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
         return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]"
     return _num(value)
+
+
+def _short(value) -> str:
+    """A recorded setting in a few words (a --branch-from record: its state and step)."""
+    if isinstance(value, dict):
+        return f"{value.get('state')} (step {value.get('step')})"
+    return str(value)
 
 
 def _gate_value(name: str, gate: dict) -> str:
@@ -271,10 +278,13 @@ def write_card(out: Path, jsons: dict, spec: dict, run: dict) -> str:
         "",
         "## Recipe and wall times (`times_*.json`)",
         f"Base: VAE {base.get('vae_steps')} steps ({base.get('vae_s')} s), UNet + text encoder {base.get('steps')} "
-        f"steps ({base.get('unet_s')} s; the shipped weights are the EMA); noise offset "
-        f"{base.get('noise_offset', 0.0)}, resumed from step {base.get('resumed_from')}, branched from "
-        f"{base.get('branched_from')}. Judges: {judges.get('steps')} steps each (CLIP slot {judges.get('clip_s')} s, "
-        f"DINO slot {judges.get('dino_s')} s).",
+        f"steps ({base.get('unet_s')} s, summed over resumed sessions; the shipped weights are the EMA)"
+        + "".join(f"; {label} {_short(base[key])}" for key, label in (("noise_offset", "noise offset"),
+                                                                     ("resumed_from", "last resumed from step"),
+                                                                     ("branched_from", "branched from"))
+                  if base.get(key))
+        + f". Judges: {judges.get('steps')} steps each (CLIP slot {judges.get('clip_s')} s, DINO slot "
+        f"{judges.get('dino_s')} s).",
         "",
         "The two LoRAs, one recipe (gate 9; their data and seeds differ: "
         f"{spec.get('lora_recipe', {}).get('subject_data', '')}; {spec.get('lora_recipe', {}).get('style_data', '')}):",
@@ -341,15 +351,23 @@ def write_card(out: Path, jsons: dict, spec: dict, run: dict) -> str:
 
 
 # -- the swap ----------------------------------------------------------------------------------------------
-def install(out: Path, dest: Path, card: str, copy=shutil.copy2) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def install(out: Path, dest: Path, card: str, copy=shutil.copyfile) -> None:
     """Replace ``dest`` by a folder holding exactly ``SHIPPED`` from ``out`` and the card: staged beside ``dest``,
-    checked, then swapped in; ``dest`` is as it was if anything fails before the swap."""
+    checked, then swapped in; ``dest`` is as it was if anything fails before the swap. The folder and files get
+    ordinary modes (0777 / 0666 less the umask), not the temporary folder's 0700 or a trainer's 0600."""
     dest = Path(os.path.abspath(dest))
     if not dest.parent.is_dir():
         raise InputFileNotFoundError(f"{dest.parent}: the destination's parent folder does not exist")
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
     old = None
     try:
+        os.chmod(staging, 0o777 & ~_umask())
         for name in SHIPPED:
             copy(out / name, staging / name)
             if (staging / name).stat().st_size != (out / name).stat().st_size:
