@@ -7,8 +7,8 @@ Resumable (``training/toy/resume.py``): every checkpoint (``--checkpoint-every``
 ``OUT/checkpoint-<step>/resume_state.pt``; ``--resume`` continues the UNet phase from the newest one, with the
 VAE that ``OUT/vae_only/`` holds (a VAE trained and recorded there is reused even before the first UNet state),
 and gives the same weights as a run never stopped (same ``--threads``). ``--branch-from STATE`` starts a new run
-from another run's state instead (run 3 of the second world: run 2's step-2000 state, with offset noise), and
-every state and ``times_base.json`` record where it branched.
+from another run's state instead (the offset-noise pilots of ``runs/v2_run2/PILOT_OFFSET_NOISE.md`` branched from
+run 2's step-2000 state), and every state and ``times_base.json`` record where it branched.
 
     python -m training.toy.train_base --out toy_weights [--world v1|v2] [--steps 1000] [--vae-steps 400]
         [--batch 32] [--stop-after N] [--resume] [--noise-offset 0.1] [--branch-from STATE]
