@@ -23,19 +23,21 @@ leaves the destination as it was. Nothing else of OUT ships (checkpoints, logs, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import math
 import os
 import platform
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
-from fusion_engine.errors import InputFileNotFoundError, OptionError
+from fusion_engine.errors import InputFileNotFoundError, LoRAFileError, OptionError
+from fusion_engine.lora.safetensors_header import check_safetensors_file
 from fusion_engine.worlds.toy import data, v2
 from fusion_engine.worlds.toy.world import BASE_FILES, CLIP_FILE, DINO_FILE, STYLE_FILE, SUBJECT_FILE, WEIGHTS
+
+from .resume import file_digest
 
 SPEC = Path(__file__).with_name("gates_v2_spec.json")
 WEIGHT_FILES = (*(f for f in BASE_FILES if f.endswith(".safetensors")), SUBJECT_FILE, STYLE_FILE, CLIP_FILE,
@@ -141,30 +143,14 @@ def check_size(out: Path, card: str = "") -> int:
 
 # -- the card ----------------------------------------------------------------------------------------------
 def safetensors_summary(path: Path) -> tuple[int, str]:
-    """(parameter count, dtypes) from a safetensors header, without loading the tensors."""
+    """(parameter count, dtypes) from a safetensors header, checked and read without loading the tensors
+    (``fusion_engine.lora.safetensors_header``)."""
     try:
-        with path.open("rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length))
-    except (OSError, ValueError, struct.error) as error:
-        raise OptionError(f"{path}: not a safetensors file ({error})") from error
-    count, dtypes = 0, set()
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        size = 1
-        for dim in entry["shape"]:
-            size *= dim
-        count, dtypes = count + size, dtypes | {entry["dtype"]}
-    return count, "/".join(sorted(dtypes))
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        header = check_safetensors_file(path)
+    except (LoRAFileError, OSError) as error:
+        raise OptionError(str(error)) from error
+    entries = [entry for name, entry in header.items() if name != "__metadata__"]
+    return sum(math.prod(entry["shape"]) for entry in entries), "/".join(sorted({entry["dtype"] for entry in entries}))
 
 
 def _num(value) -> str:
@@ -253,9 +239,9 @@ def write_card(out: Path, jsons: dict, spec: dict, run: dict) -> str:
         "",
         "## Files",
         *_table(["file", "parameters", "dtype", "MiB", "sha256"],
-                [[f"`{name}`", f"{safetensors_summary(out / name)[0] / 1e6:.2f} M", safetensors_summary(out / name)[1],
-                  f"{(out / name).stat().st_size / 2**20:.2f}", f"`{sha256(out / name)[:16]}`"]
-                 for name in WEIGHT_FILES]),
+                [[f"`{name}`", f"{count / 1e6:.2f} M", dtypes, f"{(out / name).stat().st_size / 2**20:.2f}",
+                  f"`{file_digest(out / name)[:16]}`"]
+                 for name in WEIGHT_FILES for count, dtypes in [safetensors_summary(out / name)]]),
         "",
         f"Beside them: `base_config.json` (the architectures, the scheduler, the vocabulary, `\"world\": \"v2\"`), "
         "`gates.json` (the five kept gates, every seed), `gates_v2.json` (all nine gates), `calibration_seen.json` "
