@@ -228,12 +228,14 @@ def main(argv=None) -> int:
         parser.error(str(error))
 
 
-def branch_state(path: Path, args, out: Path, vae_settings: dict) -> tuple[dict, dict]:
-    """Another run's resume state, to start this run's UNet phase from (``--branch-from``), and the record of it:
-    ``{"state", "step", "sha256", "settings"}`` (the parent's settings, so that what changed stays visible)."""
+def branch_state(path: Path, args, out: Path, vae_settings: dict) -> tuple[dict, dict, tuple]:
+    """Another run's resume state, to start this run's UNet phase from (``--branch-from``), the record of it
+    (``{"state", "step", "sha256", "settings"}``: the parent's settings, so that what changed stays visible), and
+    ``load_vae``'s answer for the parent's VAE in ``out/vae_only``."""
     if not path.is_file():
         raise InputFileNotFoundError(f"{path}: --branch-from names no resume state")
-    if load_vae(out / "vae_only", vae_settings) is None:
+    vae = load_vae(out / "vae_only", vae_settings)
+    if vae is None:
         raise OptionError(f"{out / 'vae_only'}: --branch-from needs the parent run's finished VAE there (copy its "
                           "vae_only/ folder)")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -243,7 +245,7 @@ def branch_state(path: Path, args, out: Path, vae_settings: dict) -> tuple[dict,
                if state["settings"].get(k) != v and k != "branch_from"}
     log(f"branching from {path} (step {state['step']}); settings changed (there, here): {changed}")
     return state, {"state": str(path), "step": state["step"], "sha256": resuming.file_digest(path),
-                   "settings": state["settings"]}
+                   "settings": state["settings"]}, vae
 
 
 def train(args, out: Path) -> int:
@@ -263,10 +265,10 @@ def train(args, out: Path) -> int:
                               f"(--stop-after {args.stop_after})")
     else:
         resuming.discard_states(out, PREFIX)
-    branched = None
     if resume is None and args.branch_from:
-        resume, branched = branch_state(Path(args.branch_from), args, out, vae_settings)
-        reused = load_vae(out / "vae_only", vae_settings)
+        resume, branched, reused = branch_state(Path(args.branch_from), args, out, vae_settings)
+    else:  # a resumed branch keeps its record
+        branched = (resume or {}).get("branched_from")
     recipe = world_recipe(args.world)
     images, captions = recipe["base_dataset"](seed=args.seed)
     log(f"base data ({args.world}): {len(images)} images, e.g. {captions[-1]!r}")
@@ -290,8 +292,7 @@ def train(args, out: Path) -> int:
                                                                 checkpoint_every=args.checkpoint_every, recipe=recipe,
                                                                 resume=resume, noise_offset=args.noise_offset,
                                                                 record={"settings": settings, "vae_sha256": vae_digest,
-                                                                        "branched_from": branched or (
-                                                                            resume or {}).get("branched_from")})
+                                                                        "branched_from": branched})
     log(f"unet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params) + text encoder trained in "
         f"{unet_s:.0f} s")
     save_base(out / "raw", vae, unet, text_encoder, recipe)
@@ -300,7 +301,7 @@ def train(args, out: Path) -> int:
                                                      "steps": args.steps, "stop_after": args.stop_after,
                                                      "vae_steps": args.vae_steps, "world": args.world,
                                                      "noise_offset": args.noise_offset,
-                                                     "branched_from": branched or (resume or {}).get("branched_from"),
+                                                     "branched_from": branched,
                                                      "resumed_from": resume and resume["step"]}))
     log(f"saved to {out} (EMA weights; the raw last step in {out / 'raw'})")
     return 0
