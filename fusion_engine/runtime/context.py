@@ -88,8 +88,8 @@ class FusionContext:
         self.enabled = True  # False: every fused layer is its base layer (disable_lora)
         self.pool = pool
         self._tables: dict[tuple, torch.Tensor] = {}
-        self._live: dict[tuple, tuple] = {}  # a step-dependent table's key -> how to build it again
-        self._steps: dict[tuple, tuple] = {}  # ... and the step its values are of
+        self._stepped: dict[tuple, tuple] = {}  # a step-dependent table's key -> (the step its values are of, how
+        # to build it again)
         self._positions: dict[tuple, torch.Tensor] = {}  # a static pool layer's kept positions (sample_positions)
         self.assignment = None
         self.partial = bool(getattr(pool, "is_part", False))  # a part pool: a name it lacks is no LoRA there, slot -1
@@ -104,8 +104,7 @@ class FusionContext:
     def assignment(self, assignment: list[tuple[str, ...]] | None) -> None:
         self._assignment = assignment
         self._tables.clear()
-        self._live.clear()
-        self._steps.clear()
+        self._stepped.clear()
         self._positions.clear()
         same = bool(assignment) and len(assignment[0]) <= 2 and all(names == assignment[0] for names in assignment)
         self.uniform = assignment[0] if same else None
@@ -332,13 +331,12 @@ class FusionContext:
         same tensor at every step instead of a new one per step."""
         key = kind, batch, str(device), self.images, self.copies, self.pool.version, self.lora_scale, self.branch
         table = self._tables.get(key)
-        stepped = kind != "slots" and self.policy.needs_step
-        if table is not None and (not stepped or self.in_forward or self._steps[key] == (self.step, self.num_steps)):
+        stepped, now = kind != "slots" and self.policy.needs_step, (self.step, self.num_steps)
+        if table is not None and (not stepped or self.in_forward or self._stepped[key][0] == now):
             return table
         if len(self._tables) >= 4096:  # a long-lived attach meets many shapes and layers: keep the newest
             self._tables.clear()
-            self._live.clear()
-            self._steps.clear()
+            self._stepped.clear()
         images, width = self.check_images(batch), max(len(names) for names in self.assignment)
         rows = [per_image(image, names) for image, names in enumerate(self.assignment)]
         rows = [values + [pad] * (width - len(values)) for values in rows]
@@ -348,14 +346,13 @@ class FusionContext:
         else:
             table.copy_(values)
         if stepped:
-            self._steps[key] = (self.step, self.num_steps)
-            self._live[key] = (kind, batch, device, dtype, per_image, pad)
+            self._stepped[key] = now, (kind, batch, device, dtype, per_image, pad)
         return table
 
     def refresh_tables(self) -> None:
         """Before a forward (the pre-hook, outside any compiled graph): every step-dependent table of the current
         layout, pool, scale and branch takes this step's values, in place."""
         now = (self.images, self.copies, self.pool.version, self.lora_scale, self.branch)
-        for key, (kind, batch, device, dtype, per_image, pad) in list(self._live.items()):
-            if key in self._tables and key[3:] == now and self._steps[key] != (self.step, self.num_steps):
-                self._table(kind, batch, device, dtype, per_image, pad)
+        for key, (step, build) in list(self._stepped.items()):
+            if key in self._tables and key[3:] == now and step != (self.step, self.num_steps):
+                self._table(*build)
