@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from fusion_engine.scoring.stats import bootstrap_ci, excludes_zero, paired_difference_ci
-from fusion_engine.worlds.toy import measures
-from fusion_engine.worlds.toy.data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT, style_dataset, subject_dataset
+from fusion_engine.worlds.toy import data, measures, v2
+from fusion_engine.worlds.toy.data import FUSED_PROMPT, STYLE_PROMPT, SUBJECT_PROMPT
 from fusion_engine.worlds.toy.sampling import sample
 from fusion_engine.worlds.toy.world import (
     DEMO_GUIDANCE,
@@ -109,8 +109,10 @@ def measure(folder: Path, seeds: int, steps: int = DEMO_STEPS, guidance: float =
         log(f"{name}: recognised {recognised.mean():.2f}, carries style {carries.mean():.2f}, "
             f"Subject IoU {scores['subject_iou'].mean():.3f}, Style Fid {scores['style_fid'].mean():.3f} "
             f"({times[name]} s)")
-    references = {"subject": [((t.permute(1, 2, 0).numpy() + 1) / 2) for t in subject_dataset()[0]],
-                  "style": [((t.permute(1, 2, 0).numpy() + 1) / 2) for t in style_dataset()[0]]}
+    # the judges' references: the world's own LoRA data (the second world's subject on its varied grounds)
+    datasets = decide if decide is v2 else data
+    references = {"subject": [((t.permute(1, 2, 0).numpy() + 1) / 2) for t in datasets.subject_dataset()[0]],
+                  "style": [((t.permute(1, 2, 0).numpy() + 1) / 2) for t in datasets.style_dataset()[0]]}
     clip, dino = load_judges(folder)
     judges = {}
     for judge_name, judge in (("clip", clip), ("dino", dino)):

@@ -11,7 +11,9 @@ Both are saved as safetensors that ``fusion_engine.scoring.encoders.load_opencli
 
     python -m training.toy.train_judges --out toy_weights [--steps 600] [--world v1|v2]
 
-``--world v2``: the second world's 11 shapes x 10 looks (``worlds/toy/v2.py``), same architectures.
+``--world v2``: the second world's 11 shapes x 10 looks (``worlds/toy/v2.py``), same architectures; the
+subject's own look on the varied grounds of its DreamBooth images (``v2.subject_ground``, from run 3), so a
+judge's subject embedding is not its ground's.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_engine.worlds.toy import configs
-from fusion_engine.worlds.toy.data import LOOKS, SHAPES, caption, render
+from fusion_engine.worlds.toy.data import LOOKS, SHAPES, SUBJECT_LOOK, caption, render
 from fusion_engine.worlds.toy.world import CLIP_FILE, DINO_FILE
 
 from .common import DEFAULT_OUT, log
@@ -38,13 +40,14 @@ IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
-def world_tables(world: str) -> tuple[tuple, tuple, tuple]:
-    """(words, shapes, looks) of ``world``: what the judges' text tower and classifier heads cover."""
+def world_tables(world: str) -> tuple[tuple, tuple, tuple, object]:
+    """(words, shapes, looks, own_ground) of ``world``: what the judges' text tower and classifier heads cover,
+    and how the subject's own look draws its ground (None: the first world's black; else ``rng -> RGB``)."""
     if world == "v1":
-        return WORDS, SHAPES, LOOKS
+        return WORDS, SHAPES, LOOKS, None
     from fusion_engine.worlds.toy import v2
 
-    return ("a", "an", "image", "in", "style", *v2.SHAPES, *v2.LOOKS), v2.SHAPES, v2.LOOKS
+    return ("a", "an", "image", "in", "style", *v2.SHAPES, *v2.LOOKS), v2.SHAPES, v2.LOOKS, v2.subject_ground
 
 
 def tokenize(text: str, words=WORDS) -> torch.Tensor:
@@ -53,10 +56,12 @@ def tokenize(text: str, words=WORDS) -> torch.Tensor:
     return torch.tensor(ids + [PAD] * (length - len(ids)))
 
 
-def batch(rng: np.random.Generator, size: int, shape_names=SHAPES, look_names=LOOKS):
+def batch(rng: np.random.Generator, size: int, shape_names=SHAPES, look_names=LOOKS, own_ground=None):
     shapes = rng.integers(len(shape_names), size=size)
     looks = rng.integers(len(look_names), size=size)
-    images = [render(shape_names[a], look_names[b], rng) for a, b in zip(shapes, looks)]
+    images = [render(shape_names[a], look_names[b], rng,
+                     ground=own_ground(rng) if own_ground and look_names[b] == SUBJECT_LOOK else None)
+              for a, b in zip(shapes, looks)]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return pixels, torch.from_numpy(shapes), torch.from_numpy(looks)
 
@@ -64,14 +69,14 @@ def batch(rng: np.random.Generator, size: int, shape_names=SHAPES, look_names=LO
 def train_clip(steps: int, seed: int, size: int = 128, world: str = "v1"):
     import open_clip
 
-    words, shape_names, look_names = world_tables(world)
+    words, shape_names, look_names, own_ground = world_tables(world)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = open_clip.CLIP(**configs.CLIP)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     start = time.perf_counter()
     for step in range(steps):
-        pixels, shapes, looks = batch(rng, size, shape_names, look_names)
+        pixels, shapes, looks = batch(rng, size, shape_names, look_names, own_ground)
         key = shapes * len(look_names) + looks
         texts = torch.stack([tokenize(caption(shape_names[a], look_names[b]), words) for a, b in zip(shapes, looks)])
         image_features, text_features, scale = model((pixels - OPENAI_MEAN) / OPENAI_STD, texts)
@@ -91,7 +96,7 @@ def train_clip(steps: int, seed: int, size: int = 128, world: str = "v1"):
 def train_dino(steps: int, seed: int, size: int = 128, world: str = "v1"):
     import timm
 
-    _, shape_names, look_names = world_tables(world)
+    _, shape_names, look_names, own_ground = world_tables(world)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     model = timm.create_model(configs.DINO_NAME, pretrained=False, num_classes=len(shape_names) + len(look_names),
@@ -99,7 +104,7 @@ def train_dino(steps: int, seed: int, size: int = 128, world: str = "v1"):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     start = time.perf_counter()
     for step in range(steps):
-        pixels, shapes, looks = batch(rng, size, shape_names, look_names)
+        pixels, shapes, looks = batch(rng, size, shape_names, look_names, own_ground)
         logits = model((pixels - IMAGENET_MEAN) / IMAGENET_STD)
         shape_logits, look_logits = logits[:, :len(shape_names)], logits[:, len(shape_names):]
         loss = F.cross_entropy(shape_logits, shapes) + F.cross_entropy(look_logits, looks)

@@ -16,7 +16,7 @@ images and captions (rendered, not sampled: this world's prior is known exactly)
 token asks for and leaves the rest of the model (the empty prompt of CFG included) close to the base.
 
 ``--world v2`` (issue 24): the second world's data (``worlds/toy/v2.py``: the style on its 10 base shapes, the
-prior from its 60 seen combinations; the subject's DreamBooth images are the first world's) and ``--alpha A``:
+prior from its 60 seen combinations, the subject's DreamBooth images on varied grounds) and ``--alpha A``:
 one alpha for both LoRAs (the first world's roles had their own, 8 and 4 x rank / 8), so one recipe trains both.
 
 Resumable (``training/toy/resume.py``): every ``--checkpoint-every`` steps and at the last one each LoRA writes
@@ -248,12 +248,14 @@ def train(args, out: Path) -> int:
     if args.world == "v2":
         from fusion_engine.worlds.toy import v2
 
-        base_dataset, style_dataset, prior_per_combo = v2.base_dataset, v2.style_dataset, 4
+        base_dataset, subject_dataset, style_dataset, prior_per_combo = (v2.base_dataset, v2.subject_dataset,
+                                                                          v2.style_dataset, 4)
     else:
-        base_dataset, style_dataset, prior_per_combo = v1.base_dataset, v1.style_dataset, 8
+        base_dataset, subject_dataset, style_dataset, prior_per_combo = (v1.base_dataset, v1.subject_dataset,
+                                                                          v1.style_dataset, 8)
     prior = encode(world, *base_dataset(per_combo=prior_per_combo, seed=args.seed + 5))
     recipes = {  # role: (dataset, seed offsets of data and training, alpha per 8 of rank, file layout, file name)
-        "subject": (v1.subject_dataset, 1, 10, 8.0, "peft", SUBJECT_FILE),
+        "subject": (subject_dataset, 1, 10, 8.0, "peft", SUBJECT_FILE),
         "style": (style_dataset, 2, 20, 4.0, "kohya", STYLE_FILE),
     }
     for role, (dataset, data_seed, train_seed, alpha, layout, file) in recipes.items():

@@ -133,10 +133,13 @@ def texture(kind: str, phase: int = 0) -> np.ndarray:
     raise OptionError(f"unknown texture {kind!r}")
 
 
-def render(shape: str, look: str, rng: np.random.Generator | None = None) -> np.ndarray:
+def render(shape: str, look: str, rng: np.random.Generator | None = None, ground=None) -> np.ndarray:
     """(32, 32, 3) float32 in [0, 1]. ``look`` is a style name or ``"own"`` (the subject's part colours; any
     other shape in the cap's red). ``rng`` jitters position (+-2 px), size (x0.9-1.1), texture phase, and adds
-    a little pixel noise."""
+    a little pixel noise. ``ground``: the plain ground's RGB for the ``"own"`` look (default the subject's
+    black, ``SUBJECT_BACKGROUND``); a style brings its own ground, so any other look refuses it."""
+    if ground is not None and look != SUBJECT_LOOK:
+        raise OptionError(f"render: ground= is for the {SUBJECT_LOOK!r} look; the {look!r} style has its own ground")
     if rng is None:
         cx = cy = SIZE / 2
         r, phase, noise = RADIUS, 0, 0.0
@@ -145,7 +148,7 @@ def render(shape: str, look: str, rng: np.random.Generator | None = None) -> np.
         r, phase, noise = RADIUS * float(rng.uniform(0.9, 1.1)), int(rng.integers(0, 6)), 0.02
     pieces = parts(shape, cx, cy, r)
     if look == SUBJECT_LOOK:
-        image = np.broadcast_to(np.array(SUBJECT_BACKGROUND), (SIZE, SIZE, 3)).copy()
+        image = np.broadcast_to(np.array(SUBJECT_BACKGROUND if ground is None else ground), (SIZE, SIZE, 3)).copy()
         for name, mask in pieces.items():
             image[mask] = SUBJECT_COLOURS.get(name, SUBJECT_COLOURS["cap"])
     else:

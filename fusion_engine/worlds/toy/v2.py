@@ -54,6 +54,30 @@ def autoencoder_dataset(per_combo: int = 6, seed: int = 3):
     return to_tensor([render(shape, look, rng) for shape in SHAPES for look in LOOKS for _ in range(per_combo)])
 
 
+SUBJECT_GROUND_MARGIN = 0.35  # RGB distance (images in [0, 1]) a subject's ground keeps from the colours it avoids
+
+
+def subject_ground(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A plain ground for the subject's own look: uniform in RGB, drawn again while it lies within
+    ``SUBJECT_GROUND_MARGIN`` of a colour of the subject (cap, spots, stem: the mushroom stays visible on it) or of
+    the held-out style (its ground and two colours: the subject's data shows nothing of zzt)."""
+    avoid = np.array([*data.SUBJECT_COLOURS.values(), *data.STYLES[HELD_STYLE][:3]])
+    while True:
+        colour = rng.uniform(0.0, 1.0, 3)
+        if np.linalg.norm(avoid - colour, axis=1).min() >= SUBJECT_GROUND_MARGIN:
+            return tuple(float(v) for v in colour)
+
+
+def subject_dataset(count: int = 12, seed: int = 1):
+    """DreamBooth images, "a sks mushroom": the first world's ``count`` jittered renders of the mushroom in its own
+    colours (the same positions and sizes), each on a plain ground of its own (``subject_ground``), as real
+    DreamBooth photos have varied backgrounds. From run 3 (training/toy/gates_v2_spec.json "runs"): run 2's
+    subject, all on black, composed only with dark-ground styles (training/toy/runs/v2_run2/REPORT.md, gate 7)."""
+    shapes, grounds = np.random.default_rng(seed), np.random.default_rng(seed + 1000)
+    images = [render(SUBJECT_SHAPE, data.SUBJECT_LOOK, shapes, ground=subject_ground(grounds)) for _ in range(count)]
+    return to_tensor(images), [data.SUBJECT_PROMPT] * count
+
+
 def style_dataset(per_shape: int = 4, seed: int = 2):
     """The held-out style on this world's 10 base shapes (40 images), captioned as ``data.style_dataset``'s."""
     return data.style_dataset(per_shape, seed, shapes=BASE_SHAPES)
