@@ -102,3 +102,24 @@ def test_a_new_layout_after_stepped_tables_runs_as_on_a_fresh_attach(tiny_pipe):
     with fe.attach(unet, pool=pool, policy="switch", tau=1, backend="reference") as fresh:
         fresh.set_loras([("s0", "t0"), ("s1", "t1")])
         assert torch.equal(forward(fresh, 1, copies=1), got)
+
+
+def test_a_step_table_refreshed_when_the_cache_is_full_stays_the_cached_tensor(tiny_pipe, monkeypatch):
+    """At the cache's limit the table being refreshed for a new step is written in place and cached again: the
+    next lookup is that tensor (a compiled forward keeps reading it), holding the new step's values."""
+    unet = tiny_pipe.unet
+    with fe.attach(unet, pool=mixed_pool(unet), policy="switch", tau=1, backend="reference") as fusion:
+        fusion.set_loras([("s0", "t0"), ("s1", "t1")])
+        fusion.set_batch_layout(images=2, copies=2)
+        context = fusion.context
+        fusion.set_step(0, 3)
+        table = context.sample_weights(4, "cpu")
+        first = table.clone()
+        monkeypatch.setattr(context, "CACHE_LIMIT", len(context._tables))  # full: the refresh clears the cache
+        fusion.set_step(1, 3)
+        context.refresh_tables()
+        assert context.sample_weights(4, "cpu") is table
+        assert not torch.equal(table, first)
+        fusion.set_step(0, 3)
+        context.refresh_tables()
+        assert context.sample_weights(4, "cpu") is table and torch.equal(table, first)

@@ -68,6 +68,8 @@ class FusionContext:
     assignment is uniform.
     """
 
+    CACHE_LIMIT = 4096  # tables (and trace positions) kept at most; past it the cache starts again, newest first
+
     def __init__(self, policy, granularity: str, backend: str, trace: Trace | None, pool=None):
         if granularity not in GRANULARITIES:
             raise BatchLayoutError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
@@ -306,7 +308,7 @@ class FusionContext:
         key = layer, scaled, self.pool.version, step, self.lora_scale, self.branch
         if key in self._positions:
             return self._positions[key]
-        if len(self._positions) >= 4096:
+        if len(self._positions) >= self.CACHE_LIMIT:
             self._positions.clear()
         positions = []
         for image, names in enumerate(self.assignment):
@@ -334,17 +336,18 @@ class FusionContext:
         stepped, now = kind != "slots" and self.policy.needs_step, (self.step, self.num_steps)
         if table is not None and (not stepped or self.in_forward or self._stepped[key][0] == now):
             return table
-        if len(self._tables) >= 4096:  # a long-lived attach meets many shapes and layers: keep the newest
-            self._tables.clear()
+        if len(self._tables) >= self.CACHE_LIMIT:  # a long-lived attach meets many shapes and layers: keep the
+            self._tables.clear()  # newest
             self._stepped.clear()
         images, width = self.check_images(batch), max(len(names) for names in self.assignment)
         rows = [per_image(image, names) for image, names in enumerate(self.assignment)]
         rows = [values + [pad] * (width - len(values)) for values in rows]
         values = torch.tensor([rows[row % images] for row in range(batch)], dtype=dtype)
         if table is None:
-            self._tables[key] = table = values.to(device)
+            table = values.to(device)
         else:
-            table.copy_(values)
+            table.copy_(values)  # in place: a compiled forward goes on reading this tensor
+        self._tables[key] = table  # again, where the limit's clear above dropped the table being refreshed
         if stepped:
             self._stepped[key] = now, (kind, batch, device, dtype, per_image, pad)
         return table
