@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fusion_engine.errors import OptionError
 from fusion_engine.eval.pairs import Pair, scaled_pairs
 from fusion_engine.eval.report import CI_HEADING, JOINT_HEADING, PAIRED_HEADING, write_report
 from fusion_engine.worlds.toy import data, measures, v2
@@ -126,6 +127,55 @@ def test_v2_shapes_and_styles_are_told_apart_on_renders():
     for style in v2.STYLES:
         assert measures.carries([data.render(shape, style, rng) for shape in v2.SHAPES[::3]], style,
                                 v2.STYLES).all(), style
+
+
+def test_v2_subject_images_are_the_first_worlds_mushrooms_on_grounds_of_their_own():
+    """Run 3's subject data: each image is the first world's mushroom, pixel for pixel where the mushroom is, on a
+    plain ground that keeps its margin from the subject's colours and zzt's; the grounds differ, light and dark."""
+    images, captions = v2.subject_dataset()
+    first, first_captions = data.subject_dataset()
+    assert captions == first_captions == [data.SUBJECT_PROMPT] * 12
+    pixels, before = [(x.permute(0, 2, 3, 1).numpy() + 1) / 2 for x in (images, first)]
+    avoid = np.array([*data.SUBJECT_COLOURS.values(), *data.STYLES[data.HELD_STYLE][:3]])
+    grounds = []
+    for image, was in zip(pixels, before):
+        mushroom = measures.foreground_mask(was)  # the first world's ground is black
+        assert 0.1 < mushroom.mean() < 0.6
+        np.testing.assert_array_equal(image[mushroom], was[mushroom])
+        ground = image[~mushroom].mean(axis=0)  # the pixel noise averages out
+        assert np.linalg.norm(avoid - ground, axis=1).min() >= v2.SUBJECT_GROUND_MARGIN - 0.02
+        grounds.append(ground)
+    grounds = np.array(grounds)
+    assert len({tuple(g.round(2)) for g in grounds}) == 12
+    assert grounds.mean(axis=1).max() > 0.5 and grounds.mean(axis=1).min() < 0.3
+    assert measures.recognised_as(list(pixels), data.SUBJECT_SHAPE, v2.SHAPES).all()
+    assert (v2.subject_dataset()[0] == images).all()  # seeded
+
+
+def test_subject_grounds_keep_their_margin_and_only_the_subjects_look_takes_a_ground():
+    rng = np.random.default_rng(0)
+    avoid = np.array([*data.SUBJECT_COLOURS.values(), *data.STYLES[data.HELD_STYLE][:3]])
+    grounds = np.array([v2.subject_ground(rng) for _ in range(500)])
+    assert np.linalg.norm(grounds[:, None] - avoid[None], axis=-1).min() >= v2.SUBJECT_GROUND_MARGIN
+    assert (grounds.min(axis=0) < 0.05).all() and (grounds.max(axis=0) > 0.95).all()  # the whole cube
+    image = data.render("circle", data.SUBJECT_LOOK, ground=(0.2, 0.4, 0.6))
+    assert np.allclose(image[0, 0], (0.2, 0.4, 0.6))
+    np.testing.assert_array_equal(data.render("circle", data.SUBJECT_LOOK, ground=None),
+                                  data.render("circle", data.SUBJECT_LOOK))
+    with pytest.raises(OptionError, match="'stripes' style has its own ground"):
+        data.render("circle", "stripes", ground=(0.2, 0.4, 0.6))
+
+
+def test_second_world_judges_see_the_subjects_look_on_varied_grounds():
+    from training.toy.train_judges import batch, world_tables
+
+    _, shapes, looks, own_ground = world_tables("v2")
+    assert world_tables("v1")[3] is None
+    pixels, _, look = batch(np.random.default_rng(0), 256, shapes, looks, own_ground)
+    corners = pixels[:, :, 0, 0]
+    own, styled = corners[look == looks.index(data.SUBJECT_LOOK)], corners[look == looks.index("stripes")]
+    assert len(own) > 5 and own.std(dim=0).min() > 0.15  # a ground of its own per image
+    assert styled.std(dim=0).max() < 0.05  # a style's ground is the style's
 
 
 def test_world_vocabulary_makes_every_word_one_token_and_a_small_table():
