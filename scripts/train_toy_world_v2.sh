@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Train the second toy world (issue 24; fusion_engine/worlds/toy/v2.py), seeded, CPU, in the order its gates
 # need, then measure the gates fixed before training (training/toy/GATES_V2.md, gates_v2_spec.json).
-#   scripts/train_toy_world_v2.sh OUT [STAGE]     STAGE: all (default), base, loras, gates
-# Each stage only reads what the earlier ones wrote to OUT. Rerunning the script on the same OUT continues where it
+#   scripts/train_toy_world_v2.sh OUT [STAGE]   STAGE: all (default: the five in order), base, judges, calibration,
+#                                               loras, gates
+# Each stage only reads what the earlier ones wrote to OUT; the base's calibration needs only the base, so it runs
+# before the LoRAs. A base already trained with these steps (OUT/times_base.json: copied in, or from an earlier
+# call) is kept, and so are judges trained with these steps. Rerunning the script on the same OUT continues where it
 # stopped: the base UNet and each LoRA write a resume state every 400 steps (OUT/checkpoint-<step>/ and
 # OUT/checkpoint-<subject|style>-<step>/resume_state.pt, the newest two kept; training/toy/resume.py), and a stage
 # passes --resume to its trainer when OUT holds one (the base also when OUT/vae_only/ holds a finished VAE), which
-# then ends with the same weights as a run never stopped; judges already trained with these steps are kept. The
-# gates stage keeps each calibration and the kept gates' JSON written after the weights, and gate 8's eval rows
-# (OUT/fusion_gate); gate 7 is sampled again. Rerun with the same SMOKE setting: a resume with other arguments is
+# then ends with the same weights as a run never stopped. Each calibration written after the base, the kept gates'
+# JSON written after the base and LoRAs, and gate 8's eval rows (OUT/fusion_gate) are kept; gate 7 is sampled again. Rerun with the same SMOKE setting: a resume with other arguments is
 # refused.
 #
 # Time, estimated from the first world's measured per-step times on this 2-core CPU (weights/CARD.md: UNet 2.19
@@ -26,6 +28,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/train_toy_world_v2.sh OUT [all|base|loras|gates]}
 stage=${2:-all}
+case $stage in all|base|judges|calibration|loras|gates) ;;
+  *) echo "unknown stage '$stage': all, base, judges, calibration, loras or gates" >&2; exit 2 ;; esac
 python=${PYTHON:-python}
 mkdir -p "$out/logs"
 # TOY_TRAIN_FIXED_THREADS: keep each trainer's --threads (two trainers of 2 threads on 2 cores run 10x slower)
@@ -42,19 +46,49 @@ else
   base_steps=4800 vae_steps=400 judge_steps=600 lora_steps=4800 seeds=20 sampler="" gate_seeds=100 v2_flags=""
 fi
 
+# done FILE: FILE was written (each tool writes its JSON last) after the base, or with LORAS after the LoRAs too, so a
+# stage stopped by the end of a session keeps its finished steps when rerun
+done_() {
+  local file=$out/$1 weights=(unet.safetensors text_encoder.safetensors vae.safetensors)
+  [[ ${2:-} == loras ]] && weights+=(style_zzt_kohya.safetensors subject_sks_mushroom_peft.safetensors)
+  [[ -s $file ]] || return 1
+  for weight in "${weights[@]}"; do [[ $file -nt $out/$weight ]] || return 1; done
+}
+
 if [[ $stage == all || $stage == base ]]; then
-  resume="" tee_flag=""
-  if has "checkpoint-[0-9]*/resume_state.pt" || has "vae_only/train_args.json"; then resume="--resume" tee_flag="-a"; fi
-  echo "$(stamp) base start $resume" >> "$out/logs/times.txt"
-  $python -m training.toy.train_base --world v2 --out "$out" --steps $base_steps --vae-steps $vae_steps --batch 32 \
-    --threads 2 $resume 2>&1 | tee $tee_flag "$out/logs/base.log"
+  if grep -qs "\"steps\": $base_steps, \"stop_after\": null" "$out/times_base.json"; then
+    echo "$(stamp) base already trained ($out/times_base.json): kept" >> "$out/logs/times.txt"
+  else
+    resume="" tee_flag=""
+    if has "checkpoint-[0-9]*/resume_state.pt" || has "vae_only/train_args.json"; then resume="--resume" tee_flag="-a"; fi
+    echo "$(stamp) base start $resume" >> "$out/logs/times.txt"
+    $python -m training.toy.train_base --world v2 --out "$out" --steps $base_steps --vae-steps $vae_steps --batch 32 \
+      --threads 2 $resume 2>&1 | tee $tee_flag "$out/logs/base.log"
+    echo "$(stamp) base done" >> "$out/logs/times.txt"
+  fi
+fi
+
+if [[ $stage == all || $stage == judges ]]; then
   if grep -qs "\"steps\": $judge_steps}" "$out/times_judges.json"; then
     echo "judges already trained ($out/times_judges.json): kept"
   else
+    echo "$(stamp) judges start" >> "$out/logs/times.txt"
     $python -m training.toy.train_judges --world v2 --out "$out" --steps $judge_steps --threads 2 \
       2>&1 | tee "$out/logs/judges.log"
+    echo "$(stamp) judges done" >> "$out/logs/times.txt"
   fi
-  echo "$(stamp) base done" >> "$out/logs/times.txt"
+fi
+
+if [[ $stage == all || $stage == calibration ]]; then
+  # the base alone on its own images of seen combinations, then of the held-out ones (base composition)
+  for combos in seen held; do
+    if done_ "calibration_$combos.json"; then echo "$(stamp) calibration_$combos.json kept" >> "$out/logs/times.txt"
+      continue; fi
+    echo "$(stamp) calibration $combos start" >> "$out/logs/times.txt"
+    $python -m training.toy.calibrate --world v2 --weights "$out" --combos $combos --seeds $seeds $sampler \
+      --threads 2 --out "$out/calibration_$combos.json" 2>&1 | tee "$out/logs/calibration_$combos.log"
+  done
+  echo "$(stamp) calibration done" >> "$out/logs/times.txt"
 fi
 
 if [[ $stage == all || $stage == loras ]]; then
@@ -81,23 +115,16 @@ fi
 
 if [[ $stage == all || $stage == gates ]]; then
   echo "$(stamp) gates start" >> "$out/logs/times.txt"
-  # done FILE: FILE was written (each tool writes its JSON last) after the weights it measures, so a gates stage
-  # stopped by the end of a session keeps its finished steps when rerun
-  done_() { [[ -s $out/$1 && $out/$1 -nt $out/unet.safetensors && $out/$1 -nt $out/style_zzt_kohya.safetensors \
-             && $out/$1 -nt $out/subject_sks_mushroom_peft.safetensors ]]; }
-  # 1. calibration on the base's own images of seen combinations, then the held-out ones (base composition)
-  for combos in seen held; do
-    if done_ "calibration_$combos.json"; then echo "$(stamp) calibration_$combos.json kept" >> "$out/logs/times.txt"
-      continue; fi
-    $python -m training.toy.calibrate --world v2 --weights "$out" --combos $combos --seeds $seeds $sampler \
-      --threads 2 --out "$out/calibration_$combos.json" 2>&1 | tee "$out/logs/calibration_$combos.log"
+  for combos in seen held; do  # gates 6 and 7 read the calibration
+    done_ "calibration_$combos.json" || { echo "no calibration_$combos.json newer than the base in $out: run the" \
+      "calibration stage first" >&2; exit 2; }
   done
-  # 2. the five kept gates (their measure_gates run; the base under the subject and style prompts too)
-  if done_ gates.json; then echo "$(stamp) gates.json kept" >> "$out/logs/times.txt"; else
+  # 1. the five kept gates (their measure_gates run; the base under the subject and style prompts too)
+  if done_ gates.json loras; then echo "$(stamp) gates.json kept" >> "$out/logs/times.txt"; else
     $python -m training.toy.measure_gates --weights "$out" --seeds $gate_seeds --all-base --threads 2 \
       2>&1 | tee "$out/logs/gates.log" || true
   fi
-  # 3. the new gates: base and subject composition, fusion reachable (full strength; the spec's scale grid only
+  # 2. the new gates: base and subject composition, fusion reachable (full strength; the spec's scale grid only
   #    if no policy reaches 30%; the best cell again on fresh seeds), symmetric LoRAs -> OUT/gates_v2.json
   $python -m training.toy.measure_gates_v2 --weights "$out" $v2_flags --threads 2 2>&1 | tee "$out/logs/gates_v2.log" \
     || true
