@@ -336,8 +336,8 @@ class FusionContext:
         stepped, now = kind != "slots" and self.policy.needs_step, (self.step, self.num_steps)
         if table is not None and (not stepped or self.in_forward or self._stepped[key][0] == now):
             return table
-        if len(self._tables) >= self.CACHE_LIMIT:  # a long-lived attach meets many shapes and layers: keep the
-            self._tables.clear()  # newest
+        if len(self._tables) >= self.CACHE_LIMIT:  # a long-lived attach meets many shapes and layers
+            self._tables.clear()
             self._stepped.clear()
         images, width = self.check_images(batch), max(len(names) for names in self.assignment)
         rows = [per_image(image, names) for image, names in enumerate(self.assignment)]

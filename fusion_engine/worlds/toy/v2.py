@@ -73,8 +73,8 @@ def subject_dataset(count: int = 12, seed: int = 1):
     colours (the same positions and sizes), each on a plain ground of its own (``subject_ground``), as real
     DreamBooth photos have varied backgrounds. From run 3 (training/toy/gates_v2_spec.json "runs"): run 2's
     subject, all on black, composed only with dark-ground styles (training/toy/runs/v2_run2/REPORT.md, gate 7)."""
-    shapes, grounds = np.random.default_rng(seed), np.random.default_rng(seed + 1000)
-    images = [render(SUBJECT_SHAPE, data.SUBJECT_LOOK, shapes, ground=subject_ground(grounds)) for _ in range(count)]
+    jitter, grounds = np.random.default_rng(seed), np.random.default_rng(seed + 1000)
+    images = [render(SUBJECT_SHAPE, data.SUBJECT_LOOK, jitter, ground=subject_ground(grounds)) for _ in range(count)]
     return to_tensor(images), [data.SUBJECT_PROMPT] * count
 
 
