@@ -10,8 +10,8 @@
 # OUT/checkpoint-<subject|style>-<step>/resume_state.pt, the newest two kept; training/toy/resume.py), and a stage
 # passes --resume to its trainer when OUT holds one (the base also when OUT/vae_only/ holds a finished VAE), which
 # then ends with the same weights as a run never stopped. Each calibration written after the base, the kept gates'
-# JSON written after the base and LoRAs, and gate 8's eval rows (OUT/fusion_gate) are kept; gate 7 is sampled again. Rerun with the same SMOKE setting: a resume with other arguments is
-# refused.
+# JSON written after the base and LoRAs, and gate 8's eval rows (OUT/fusion_gate) are kept; gate 7 is sampled
+# again. Rerun with the same SMOKE setting: a resume with other arguments is refused.
 #
 # Time, estimated from the first world's measured per-step times on this 2-core CPU (weights/CARD.md: UNet 2.19
 # s/step at batch 32 on 2 threads, a LoRA 0.55 s/step on 1 thread, judges 10 min, VAE 3 min, ~0.8 s of CPU per
@@ -26,7 +26,7 @@
 # background, at normal priority with everything else at nice 19.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: scripts/train_toy_world_v2.sh OUT [all|base|loras|gates]}
+out=${1:?usage: scripts/train_toy_world_v2.sh OUT [all|base|judges|calibration|loras|gates]}
 stage=${2:-all}
 case $stage in all|base|judges|calibration|loras|gates) ;;
   *) echo "unknown stage '$stage': all, base, judges, calibration, loras or gates" >&2; exit 2 ;; esac
@@ -60,7 +60,9 @@ if [[ $stage == all || $stage == base ]]; then
     echo "$(stamp) base already trained ($out/times_base.json): kept" >> "$out/logs/times.txt"
   else
     resume="" tee_flag=""
-    if has "checkpoint-[0-9]*/resume_state.pt" || has "vae_only/train_args.json"; then resume="--resume" tee_flag="-a"; fi
+    if has "checkpoint-[0-9]*/resume_state.pt" || has "vae_only/train_args.json"; then
+      resume="--resume" tee_flag="-a"
+    fi
     echo "$(stamp) base start $resume" >> "$out/logs/times.txt"
     $python -m training.toy.train_base --world v2 --out "$out" --steps $base_steps --vae-steps $vae_steps --batch 32 \
       --threads 2 $resume 2>&1 | tee $tee_flag "$out/logs/base.log"

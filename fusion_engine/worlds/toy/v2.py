@@ -55,16 +55,16 @@ def autoencoder_dataset(per_combo: int = 6, seed: int = 3):
 
 
 SUBJECT_GROUND_MARGIN = 0.35  # RGB distance (images in [0, 1]) a subject's ground keeps from the colours it avoids
+_GROUND_AVOIDS = np.array([*data.SUBJECT_COLOURS.values(), *data.STYLES[HELD_STYLE][:3]])  # (6, 3) RGB
 
 
 def subject_ground(rng: np.random.Generator) -> tuple[float, float, float]:
     """A plain ground for the subject's own look: uniform in RGB, drawn again while it lies within
     ``SUBJECT_GROUND_MARGIN`` of a colour of the subject (cap, spots, stem: the mushroom stays visible on it) or of
     the held-out style (its ground and two colours: the subject's data shows nothing of zzt)."""
-    avoid = np.array([*data.SUBJECT_COLOURS.values(), *data.STYLES[HELD_STYLE][:3]])
     while True:
         colour = rng.uniform(0.0, 1.0, 3)
-        if np.linalg.norm(avoid - colour, axis=1).min() >= SUBJECT_GROUND_MARGIN:
+        if np.linalg.norm(_GROUND_AVOIDS - colour, axis=1).min() >= SUBJECT_GROUND_MARGIN:
             return tuple(float(v) for v in colour)
 
 
